@@ -1,0 +1,123 @@
+"""The eager API: :func:`video_sparse_attention` and :func:`select_blocks`."""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import Tensor
+
+from . import ops  # noqa: F401  (registers the custom ops)
+from .layout import TileLayout, check_grid_and_tile, from_tiles, tile_layout, to_tiles
+from .selection import BlockSelection, select_video_tiles
+
+#: dtypes the op accepts (float64 only on CPU, where it is the reference's precision).
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+
+def check_sparsity(sparsity) -> float:
+    if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real) or not (0.0 <= float(sparsity) < 1.0):
+        raise ValueError(f"sparsity must be a number in [0, 1) (the fraction of KV tiles skipped), got {sparsity!r}")
+    return float(sparsity)
+
+
+def _check_tensors(names_and_tensors) -> None:
+    first_name, first = names_and_tensors[0]
+    for name, t in names_and_tensors:
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of shape [B, H, N, D], got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have 4 dims [B, H, N, D], got shape {tuple(t.shape)}")
+        if t.shape != first.shape:
+            raise ValueError(
+                f"{name} has shape {tuple(t.shape)} but {first_name} has {tuple(first.shape)}; "
+                "q, k and v must have the same [B, H, N, D] (self-attention over the same tokens)"
+            )
+        if t.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"{name} is on device {t.device}; accepted devices are 'cpu' and 'cuda'")
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; put them on one device")
+        allowed = SUPPORTED_DTYPES + ((torch.float64,) if t.device.type == "cpu" else ())
+        if t.dtype not in allowed:
+            raise TypeError(f"{name} has dtype {t.dtype}; accepted dtypes on {t.device.type} are "
+                            + ", ".join(str(d) for d in allowed))
+        if t.dtype != first.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but {first_name} has {first.dtype}; use one dtype")
+    D = first.shape[-1]
+    if not 1 <= D <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim (last dim of q) must be in [1, {MAX_HEAD_DIM}], got {D}")
+
+
+def _prepare(q: Tensor, k: Tensor, grid, tile, sparsity, scale) -> tuple[TileLayout, float, float]:
+    grid, tile = check_grid_and_tile(grid, tile)
+    sparsity = check_sparsity(sparsity)
+    N = q.shape[2]
+    if N != math.prod(grid):
+        raise ValueError(f"q has N={N} tokens but grid {grid} holds T*H*W={math.prod(grid)}; "
+                         "N must equal T*H*W (tokens in raster order)")
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a positive finite number or None (1/sqrt(D)), got {scale!r}")
+    return tile_layout(grid, tile, q.device), float(scale), sparsity
+
+
+def _select(q_tiles: Tensor, k_tiles: Tensor, layout: TileLayout, sparsity: float, scale: float) -> BlockSelection:
+    kv_num_blocks, kv_indices = select_video_tiles(
+        q_tiles, k_tiles, layout.counts, layout.block_size, sparsity, scale
+    )
+    return BlockSelection(kv_num_blocks, kv_indices, layout.counts, layout.block_size, layout.grid, layout.tile)
+
+
+def select_blocks(q: Tensor, k: Tensor, grid, *, sparsity: float = 0.875, tile=(4, 4, 4),
+                  scale: float | None = None) -> BlockSelection:
+    """The tile selection :func:`video_sparse_attention` uses for these ``q`` and ``k``.
+
+    Args:
+        q, k: ``[B, H, N, D]`` in raster token order over ``grid``.
+        grid: ``(T, H, W)`` with ``T * H * W == N``.
+        sparsity: fraction of KV tiles skipped, in ``[0, 1)``; each query tile keeps
+            ``max(1, ceil((1 - sparsity) * num_tiles))`` tiles.
+        tile: tile shape ``(t, h, w)``; border tiles of a non-dividing grid are partial.
+        scale: softmax scale, default ``1 / sqrt(D)``.
+
+    Returns:
+        A :class:`BlockSelection` (query-major ``kv_num_blocks`` / ``kv_indices`` over tiles in
+        ``(t, h, w)`` order, plus the per-tile valid counts).
+    """
+    _check_tensors([("q", q), ("k", k)])
+    layout, scale, sparsity = _prepare(q, k, grid, tile, sparsity, scale)
+    with torch.no_grad():
+        return _select(to_tiles(q, layout), to_tiles(k, layout), layout, sparsity, scale)
+
+
+def video_sparse_attention(q: Tensor, k: Tensor, v: Tensor, grid, *, sparsity: float = 0.875,
+                           tile=(4, 4, 4), scale: float | None = None) -> Tensor:
+    """Block-sparse self-attention over 3D video tokens (VSA-style coarse select + fine attention).
+
+    Each query tile attends exactly (softmax over the kept tokens only) to the KV tiles with
+    the highest mean-pooled scores ``mean(q) · mean(k) * scale``. At ``sparsity=0`` this is
+    ``F.scaled_dot_product_attention(q, k, v, scale=scale)``.
+
+    Args:
+        q, k, v: ``[B, H, N, D]`` tensors in raster token order over ``grid`` (w fastest);
+            float16, bfloat16 or float32 (float64 too on CPU); CPU or CUDA.
+        grid: ``(T, H, W)`` of the video tokens, ``T * H * W == N``.
+        sparsity: fraction of KV tiles skipped, in ``[0, 1)``.
+        tile: tile shape ``(t, h, w)``, default VSA's ``(4, 4, 4)`` (at most 256 tokens).
+        scale: softmax scale, default ``1 / sqrt(D)``.
+
+    Returns:
+        ``[B, H, N, D]`` in the same token order; differentiable in ``q``, ``k`` and ``v``.
+    """
+    _check_tensors([("q", q), ("k", k), ("v", v)])
+    layout, scale, sparsity = _prepare(q, k, grid, tile, sparsity, scale)
+    q_tiles, k_tiles, v_tiles = (to_tiles(x, layout) for x in (q, k, v))
+    with torch.no_grad():
+        selection = _select(q_tiles, k_tiles, layout, sparsity, scale)
+    out_tiles, _ = torch.ops.sparse_inductor.block_sparse_attn_fwd(
+        q_tiles, k_tiles, v_tiles, layout.counts, layout.counts,
+        selection.kv_num_blocks, selection.kv_indices, scale,
+    )
+    return from_tiles(out_tiles, layout)

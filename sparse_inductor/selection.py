@@ -1,0 +1,86 @@
+"""The coarse stage (DESIGN.md §3.2): mean-pool Q and K per tile, score tiles, keep the top k.
+
+Plain torch ops, so Inductor compiles them when they sit inside a compiled graph.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+def num_selected(sparsity: float, num_kv_tiles: int) -> int:
+    """``k = max(1, ceil((1 - sparsity) * num_kv_tiles))``.
+
+    The product is rounded to 9 decimals first so that float noise (``(1 - 0.7) * 10 =
+    3.0000000000000004``) does not add a tile.
+    """
+    return max(1, math.ceil(round((1.0 - sparsity) * num_kv_tiles, 9)))
+
+
+def pool_tiles(x_tiles: Tensor, counts: Tensor, block_size: int) -> Tensor:
+    """Mean over the valid tokens of each tile: ``[B, H, M * block, D] -> [B, H, M, D]``.
+
+    Padding slots are excluded with ``where`` (not a multiply), so whatever they hold,
+    NaN included, cannot leak into the mean. Accumulates in fp32 (fp64 for fp64 input).
+    """
+    B, H, N, D = x_tiles.shape
+    M = N // block_size
+    dtype = torch.float64 if x_tiles.dtype == torch.float64 else torch.float32
+    valid = torch.arange(block_size, device=x_tiles.device) < counts.view(M, 1)
+    x = torch.where(valid.view(1, 1, M, block_size, 1), x_tiles.view(B, H, M, block_size, D).to(dtype), 0)
+    return x.sum(3) / counts.view(1, 1, M, 1).to(dtype)
+
+
+def top_k_tiles(scores: Tensor, k: int) -> Tensor:
+    """Indices of the ``k`` highest scores along the last dim, ties to the lower index,
+    returned in increasing index order (int32)."""
+    # A stable descending sort keeps equal scores in index order: deterministic ties.
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+    return torch.sort(order, dim=-1).values.to(torch.int32)
+
+
+@dataclass(frozen=True)
+class BlockSelection:
+    """Which KV tiles each query tile attends to (FlexAttention's query-major convention).
+
+    Attributes:
+        kv_num_blocks: int32 ``[B, H, Mq]``, how many KV tiles each query tile keeps.
+        kv_indices: int32 ``[B, H, Mq, K]``, the kept KV tiles in increasing order (the first
+            ``kv_num_blocks`` entries of each row are meaningful).
+        counts: int32 ``[M]``, valid tokens per tile (tiles are shared by Q and KV).
+        block_size: slots per tile in the tile-major layout.
+        grid: the video grid ``(T, H, W)``.
+        tile: the tile shape.
+    """
+
+    kv_num_blocks: Tensor
+    kv_indices: Tensor
+    counts: Tensor
+    block_size: int
+    grid: tuple[int, int, int]
+    tile: tuple[int, int, int]
+
+    def dense_mask(self) -> Tensor:
+        """The selection as a bool ``[B, H, Mq, Mk]`` block mask."""
+        B, H, Mq, K = self.kv_indices.shape
+        listed = torch.arange(K, device=self.kv_indices.device) < self.kv_num_blocks.unsqueeze(-1)
+        mask = torch.zeros((B, H, Mq, self.counts.shape[-1]), dtype=torch.int32, device=self.kv_indices.device)
+        mask.scatter_add_(-1, torch.where(listed, self.kv_indices, 0).long(), listed.to(torch.int32))
+        return mask > 0
+
+
+def select_video_tiles(q_tiles: Tensor, k_tiles: Tensor, counts: Tensor, block_size: int,
+                       sparsity: float, scale: float) -> tuple[Tensor, Tensor]:
+    """Top-k KV tiles per query tile by pooled score. Returns ``(kv_num_blocks, kv_indices)``."""
+    q_mean = pool_tiles(q_tiles, counts, block_size)
+    k_mean = pool_tiles(k_tiles, counts, block_size)
+    scores = (q_mean @ k_mean.transpose(-1, -2)) * scale
+    M = counts.shape[0]
+    k = num_selected(sparsity, M)
+    kv_indices = top_k_tiles(scores, k).contiguous()
+    B, H = q_tiles.shape[:2]
+    kv_num_blocks = torch.full((B, H, M), k, dtype=torch.int32, device=q_tiles.device)
+    return kv_num_blocks, kv_indices
