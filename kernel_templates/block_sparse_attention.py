@@ -139,7 +139,8 @@ def block_sparse_attn_bwd_dq_kernel(
         valid = row_valid[:, None] & (offs_n < kv_count)[None, :]
         p = tl.where(valid, tl.math.exp2(s - lse2[:, None]), 0.0)
         dp = _dot(do, tl.trans(v), UPCAST, IEEE)
-        ds = p * (dp - delta[:, None])
+        # where, not a multiply: delta of a padding row may be anything (0 * NaN = NaN).
+        ds = tl.where(valid, p * (dp - delta[:, None]), 0.0)
         dq += _dot(ds.to(k.dtype), k, UPCAST, IEEE)
 
     dq = dq * sm_scale
@@ -195,7 +196,7 @@ def block_sparse_attn_bwd_dkdv_kernel(
         p_t = tl.where(valid, tl.math.exp2(s_t - lse2[None, :]), 0.0)
         dv += _dot(p_t.to(do.dtype), do, UPCAST, IEEE)
         dp_t = _dot(v, tl.trans(do), UPCAST, IEEE)
-        ds_t = p_t * (dp_t - delta[None, :])
+        ds_t = tl.where(valid, p_t * (dp_t - delta[None, :]), 0.0)
         dk += _dot(ds_t.to(q.dtype), q, UPCAST, IEEE)
 
     dk = dk * sm_scale

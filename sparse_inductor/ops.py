@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from . import triton_launch
+from .selection import lists_from_mask, mask_from_lists
 
 
 # --------------------------------------------------------------------------------------------
@@ -21,17 +22,9 @@ def transpose_block_lists(kv_num_blocks: Tensor, kv_indices: Tensor, num_kv_bloc
     """Query-major ``(kv_num_blocks[B,H,Mq], kv_indices[B,H,Mq,K])`` -> kv-major
     ``(q_num_blocks[B,H,Mk], q_indices[B,H,Mk,Mq])``, query blocks in increasing order.
 
-    Built with a scatter-add of integer flags and a stable sort: no atomics, deterministic.
+    Built from integer flags and a stable sort: no atomics, deterministic.
     """
-    B, H, Mq, K = kv_indices.shape
-    listed = torch.arange(K, device=kv_indices.device) < kv_num_blocks.unsqueeze(-1)
-    index = torch.where(listed, kv_indices, 0).long()
-    hits = torch.zeros((B, H, Mq, num_kv_blocks), dtype=torch.int32, device=kv_indices.device)
-    hits.scatter_add_(-1, index, listed.to(torch.int32))
-    selected = (hits > 0).transpose(-1, -2)  # [B, H, Mk, Mq]
-    q_num_blocks = selected.sum(-1, dtype=torch.int32)
-    q_indices = torch.sort((~selected).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32)
-    return q_num_blocks, q_indices.contiguous()
+    return lists_from_mask(mask_from_lists(kv_num_blocks, kv_indices, num_kv_blocks).transpose(-1, -2))
 
 
 # --------------------------------------------------------------------------------------------
@@ -92,8 +85,9 @@ def _torch_bwd(grad_out, q, k, v, lse, delta, q_counts, kv_counts, kv_num_blocks
     lse = lse.reshape(B, H, Mq, S, 1).to(qb.dtype)
     delta = delta.reshape(B, H, Mq, S, 1).to(qb.dtype)
     s = (qb @ k_sel.transpose(-1, -2)) * scale
-    p = torch.where(col_valid & row_valid, torch.exp(s - lse), 0)
-    ds = p * (do @ v_sel.transpose(-1, -2) - delta)
+    valid = col_valid & row_valid
+    p = torch.where(valid, torch.exp(s - lse), 0)
+    ds = torch.where(valid, p * (do @ v_sel.transpose(-1, -2) - delta), 0)
     dq = (ds @ k_sel) * scale
     K = idx.shape[-1]
     dk_sel = ((ds.transpose(-1, -2) @ qb) * scale).reshape(B, H, Mq * K, S, D)

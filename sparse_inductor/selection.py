@@ -65,11 +65,25 @@ class BlockSelection:
 
     def dense_mask(self) -> Tensor:
         """The selection as a bool ``[B, H, Mq, Mk]`` block mask."""
-        B, H, Mq, K = self.kv_indices.shape
-        listed = torch.arange(K, device=self.kv_indices.device) < self.kv_num_blocks.unsqueeze(-1)
-        mask = torch.zeros((B, H, Mq, self.counts.shape[-1]), dtype=torch.int32, device=self.kv_indices.device)
-        mask.scatter_add_(-1, torch.where(listed, self.kv_indices, 0).long(), listed.to(torch.int32))
-        return mask > 0
+        return mask_from_lists(self.kv_num_blocks, self.kv_indices, self.counts.shape[-1])
+
+
+def mask_from_lists(num: Tensor, indices: Tensor, num_cols: int) -> Tensor:
+    """``(num [B, H, R], indices [B, H, R, K])`` -> bool block mask ``[B, H, R, num_cols]``.
+    Integer scatter-add of flags: deterministic, whatever the padding entries hold."""
+    B, H, R, K = indices.shape
+    listed = torch.arange(K, device=indices.device) < num.unsqueeze(-1)
+    hits = torch.zeros((B, H, R, num_cols), dtype=torch.int32, device=indices.device)
+    hits.scatter_add_(-1, torch.where(listed, indices, 0).long(), listed.to(torch.int32))
+    return hits > 0
+
+
+def lists_from_mask(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Bool block mask ``[B, H, R, C]`` -> ``(num [B, H, R], indices [B, H, R, C])`` int32,
+    each row's kept columns first in increasing order (a stable sort, so deterministic)."""
+    num = mask.sum(-1, dtype=torch.int32)
+    indices = torch.sort((~mask).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32)
+    return num, indices.contiguous()
 
 
 def select_video_tiles(q_tiles: Tensor, k_tiles: Tensor, counts: Tensor, block_size: int,

@@ -1,0 +1,25 @@
+"""Test setup: without CUDA the Triton kernels run under the interpreter on CPU tensors.
+
+TRITON_INTERPRET must be set before ``kernel_templates`` is imported (``triton.jit`` reads it
+when the kernels are defined).
+"""
+import os
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# CI (2 CPU cores) runs few examples per property; the GPU machine runs more.
+settings.register_profile(
+    "cpu", max_examples=12, deadline=None, derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "gpu", max_examples=40, deadline=None, derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "gpu" if HAS_CUDA else "cpu"))

@@ -1,0 +1,88 @@
+"""(b) The Triton kernels against the float64 reference on the same selection.
+
+On CPU the kernels run under TRITON_INTERPRET=1 (set in conftest.py); on CUDA natively. The
+selection is the reference's (float64), handed to the kernels as block lists, so the test
+checks the fine stage and the layout, not rounding-dependent tile choices.
+"""
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from helpers import HAS_TRITON, KERNEL_DEVICE, REL_TOL, assert_close_rel, grids, kernel_dtypes, sparsities, tiles
+from sparse_inductor import triton_launch
+from sparse_inductor.layout import from_tiles, tile_layout, to_tiles
+from sparse_inductor.ops import transpose_block_lists
+from sparse_inductor.reference import reference_attention, reference_selection, token_mask
+from sparse_inductor.selection import lists_from_mask
+
+pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+
+
+def run_kernels(q, k, v, grad, grid, tile, selected, scale):
+    """Forward and backward kernels on raster inputs; results back in raster order."""
+    layout = tile_layout(grid, tile, q.device)
+    tq, tk, tv, tg = (to_tiles(x, layout) for x in (q, k, v, grad))
+    kv_num, kv_idx = lists_from_mask(selected.to(q.device))
+    out, lse = triton_launch.block_sparse_fwd(tq, tk, tv, layout.counts, layout.counts, kv_num, kv_idx, scale)
+    delta = (out.float() * tg.float()).sum(-1)
+    q_num, q_idx = transpose_block_lists(kv_num, kv_idx, layout.num_tiles)
+    dq, dk, dv = triton_launch.block_sparse_bwd(
+        tg, tq, tk, tv, lse, delta, layout.counts, layout.counts, kv_num, kv_idx, q_num, q_idx, scale)
+    back = [from_tiles(x, layout) for x in (out, lse.unsqueeze(-1), dq, dk, dv)]
+    back[1] = back[1].squeeze(-1)
+    return back
+
+
+def check_against_reference(grid, tile, sparsity, dtype, B, H, D, seed):
+    g = torch.Generator().manual_seed(seed)
+    N = math.prod(grid)
+    q, k, v, grad = (torch.randn(B, H, N, D, generator=g).to(dtype) for _ in range(4))
+    scale = 1.0 / math.sqrt(D)
+    selected = reference_selection(q, k, grid, sparsity, tile)
+    out, lse, dq, dk, dv = run_kernels(*(x.to(KERNEL_DEVICE) for x in (q, k, v, grad)), grid, tile, selected, scale)
+    q64, k64, v64 = (x.double().requires_grad_() for x in (q, k, v))
+    ref, ref_lse = reference_attention(q64, k64, v64, token_mask(selected, grid, tile), scale)
+    rq, rk, rv = torch.autograd.grad(ref, (q64, k64, v64), grad.double())
+    tol = REL_TOL[dtype]
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert_close_rel(out, ref, tol["out"], "out")
+    assert_close_rel(lse, ref_lse, tol["lse"], "lse")
+    for name, got, want in (("dq", dq, rq), ("dk", dk, rk), ("dv", dv, rv)):
+        assert_close_rel(got, want, tol["grad"], name)
+
+
+@given(grid=grids(200), tile=tiles, sparsity=sparsities, dtype=kernel_dtypes, B=st.integers(1, 2),
+       H=st.integers(1, 2), D=st.sampled_from([16, 32, 48, 64]), seed=st.integers(0, 2**16))
+def test_kernels_match_reference(grid, tile, sparsity, dtype, B, H, D, seed):
+    check_against_reference(grid, tile, sparsity, dtype, B, H, D, seed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("D", [64, 128])
+def test_kernels_head_dims(dtype, D):
+    # A non-dividing grid (5 frames), the default tile, VSA's sparsity.
+    check_against_reference((5, 4, 8), (4, 4, 4), 0.5, dtype, 1, 2, D, seed=D)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(KERNEL_DEVICE != "cuda", reason="large shapes are too slow for the interpreter")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("D", [64, 128])
+def test_kernels_large_grid_cuda(dtype, D):
+    check_against_reference((9, 14, 22), (4, 4, 4), 0.875, dtype, 2, 3, D, seed=7)
+
+
+@pytest.mark.skipif(KERNEL_DEVICE != "cuda", reason="bitwise repeatability is a property of the GPU kernels")
+def test_gradients_are_bitwise_deterministic():
+    grid, tile = (9, 14, 22), (4, 4, 4)
+    g = torch.Generator().manual_seed(0)
+    q, k, v, grad = (torch.randn(1, 4, math.prod(grid), 128, generator=g).to("cuda", torch.bfloat16) for _ in range(4))
+    selected = reference_selection(q.cpu(), k.cpu(), grid, 0.75, tile)
+    first = run_kernels(q, k, v, grad, grid, tile, selected, 0.1)
+    for _ in range(3):
+        again = run_kernels(q, k, v, grad, grid, tile, selected, 0.1)
+        for a, b in zip(first, again):
+            assert torch.equal(a, b)

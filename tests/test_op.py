@@ -1,0 +1,173 @@
+"""The custom ops and the eager API on the op's own device path (CPU here, CUDA on the GPU):
+(a) sparsity 0 is SDPA, outputs and gradients equal the float64 reference, (d) poisoned
+padding, (f) opcheck, and clear errors for bad input."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+from helpers import REL_TOL, assert_close_rel, grids, sparsities, tiles
+import sparse_inductor as si
+from sparse_inductor.layout import tile_layout, to_tiles
+from sparse_inductor.ops import transpose_block_lists
+from sparse_inductor.reference import reference_attention, reference_selection, token_mask
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+op_dtypes = st.sampled_from([torch.float32, torch.float16, torch.bfloat16] + ([] if DEVICE == "cuda" else [torch.float64]))
+
+
+def _inputs(B, H, N, D, dtype, seed, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, H, N, D, generator=g).to(DEVICE, dtype).requires_grad_(requires_grad) for _ in range(3)]
+
+
+@given(grid=grids(400), dtype=op_dtypes, B=st.integers(1, 2), H=st.integers(1, 3),
+       D=st.sampled_from([16, 32, 64]), seed=st.integers(0, 2**16))
+def test_sparsity_zero_is_sdpa(grid, dtype, B, H, D, seed):
+    q, k, v = _inputs(B, H, math.prod(grid), D, dtype, seed)
+    out = si.video_sparse_attention(q, k, v, grid, sparsity=0.0)
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    assert out.dtype == dtype and out.shape == q.shape
+    assert_close_rel(out, ref, REL_TOL[dtype]["out"], "out vs SDPA")
+
+
+@given(grid=grids(400), tile=tiles, sparsity=sparsities, dtype=op_dtypes, B=st.integers(1, 2),
+       H=st.integers(1, 3), D=st.sampled_from([16, 32, 64]), seed=st.integers(0, 2**16))
+def test_op_matches_reference_with_gradients(grid, tile, sparsity, dtype, B, H, D, seed):
+    q, k, v = _inputs(B, H, math.prod(grid), D, dtype, seed, requires_grad=True)
+    out = si.video_sparse_attention(q, k, v, grid, sparsity=sparsity, tile=tile)
+    grad = torch.randn_like(out)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad)
+    # The oracle takes the selection made from the same rounded inputs (DESIGN.md §3).
+    selected = si.select_blocks(q, k, grid, sparsity=sparsity, tile=tile).dense_mask()
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ref, _ = reference_attention(q64, k64, v64, token_mask(selected.cpu(), grid, tile).to(DEVICE))
+    rq, rk, rv = torch.autograd.grad(ref, (q64, k64, v64), grad.double())
+    tol = REL_TOL[dtype]
+    assert_close_rel(out, ref, tol["out"], "out")
+    for name, got, want in (("dq", dq, rq), ("dk", dk, rk), ("dv", dv, rv)):
+        assert_close_rel(got, want, tol["grad"], name)
+
+
+@given(grid=grids(300), tile=tiles, sparsity=sparsities, seed=st.integers(0, 2**16))
+def test_selection_in_float64_equals_reference_selection(grid, tile, sparsity, seed):
+    q, k, _ = _inputs(1, 2, math.prod(grid), 16, torch.float64 if DEVICE == "cpu" else torch.float32, seed)
+    sel = si.select_blocks(q, k, grid, sparsity=sparsity, tile=tile)
+    assert torch.equal(sel.dense_mask().cpu(), reference_selection(q.cpu(), k.cpu(), grid, sparsity, tile))
+
+
+@given(grid=grids(300).filter(lambda g: g[0] % 4 or g[1] % 4 or g[2] % 4), sparsity=sparsities,
+       poison=st.sampled_from([float("nan"), float("inf"), 1e4]), seed=st.integers(0, 2**16))
+def test_poisoned_padding_changes_nothing(grid, sparsity, poison, seed):
+    """(d) Whatever the padding slots of the tile-major tensors hold, no output and no gradient
+    of a valid token changes, and nothing becomes non-finite."""
+    q, k, v = _inputs(1, 2, math.prod(grid), 16, torch.float32, seed)
+    layout = tile_layout(grid, (4, 4, 4), q.device)
+    sel = si.select_blocks(q, k, grid, sparsity=sparsity)
+    pad = layout.gather_index == math.prod(grid)
+
+    def run(fill):
+        tq, tk, tv = (to_tiles(x, layout).detach().clone() for x in (q, k, v))
+        grad = torch.randn(tq.shape, generator=torch.Generator().manual_seed(1)).to(tq.device)
+        if fill is not None:
+            for t in (tq, tk, tv, grad):
+                t[:, :, pad] = fill
+        tq, tk, tv = (t.requires_grad_() for t in (tq, tk, tv))
+        out, lse = torch.ops.sparse_inductor.block_sparse_attn_fwd(
+            tq, tk, tv, layout.counts, layout.counts, sel.kv_num_blocks, sel.kv_indices, 0.25)
+        grads = torch.autograd.grad(out, (tq, tk, tv), grad)
+        return [t[:, :, ~pad] for t in (out, lse, *grads)], [g[:, :, pad] for g in grads]
+
+    clean, _ = run(None)
+    poisoned, pad_grads = run(poison)
+    for a, b in zip(clean, poisoned):
+        assert torch.isfinite(b).all()
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for g in pad_grads[1:]:  # dK, dV of padding slots: exactly zero
+        assert (g == 0).all()
+
+
+def test_lse_gradient_folds_into_delta():
+    """A loss that uses the LSE output too gets the gradient of the reference."""
+    grid, tile, D = (3, 5, 6), (2, 4, 4), 16
+    dtype = torch.float64 if DEVICE == "cpu" else torch.float32
+    q, k, v = _inputs(1, 2, math.prod(grid), D, dtype, 0)
+    layout = tile_layout(grid, tile, q.device)
+    tiled = [to_tiles(x, layout).requires_grad_() for x in (q, k, v)]
+    sel = si.select_blocks(q, k, grid, sparsity=0.5, tile=tile)
+    out, lse = torch.ops.sparse_inductor.block_sparse_attn_fwd(
+        *tiled, layout.counts, layout.counts, sel.kv_num_blocks, sel.kv_indices, 0.25)
+    weights = torch.linspace(0, 1, math.prod(grid), device=DEVICE, dtype=torch.float64)
+    out, lse = si.from_tiles(out, layout), si.from_tiles(lse.unsqueeze(-1), layout).squeeze(-1)
+    got = torch.autograd.grad((out.double() ** 2).sum() + (lse.double() * weights).sum(), tiled)
+    raster = [x.double().requires_grad_() for x in (q, k, v)]
+    ref, ref_lse = reference_attention(*raster, token_mask(sel.dense_mask().cpu(), grid, tile).to(DEVICE), scale=0.25)
+    want = torch.autograd.grad((ref ** 2).sum() + (ref_lse * weights).sum(), raster)
+    for name, g, w in zip(("dq", "dk", "dv"), got, want):
+        assert_close_rel(si.from_tiles(g, layout), w, REL_TOL[dtype]["grad"], name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_opcheck(dtype):
+    grid, tile = (3, 5, 6), (2, 4, 4)
+    q, k, v = _inputs(2, 2, math.prod(grid), 16, dtype, 3)
+    layout = tile_layout(grid, tile, q.device)
+    tq, tk, tv = (to_tiles(x, layout).requires_grad_() for x in (q, k, v))
+    sel = si.select_blocks(q, k, grid, sparsity=0.5, tile=tile)
+    fwd_args = (tq, tk, tv, layout.counts, layout.counts, sel.kv_num_blocks, sel.kv_indices, 0.25)
+    torch.library.opcheck(torch.ops.sparse_inductor.block_sparse_attn_fwd.default, fwd_args)
+    out, lse = torch.ops.sparse_inductor.block_sparse_attn_fwd(*fwd_args)
+    q_num, q_idx = transpose_block_lists(sel.kv_num_blocks, sel.kv_indices, layout.num_tiles)
+    bwd_args = (torch.randn_like(out), tq.detach(), tk.detach(), tv.detach(), lse.detach(),
+                torch.randn_like(lse), layout.counts, layout.counts, sel.kv_num_blocks, sel.kv_indices,
+                q_num, q_idx, 0.25)
+    torch.library.opcheck(torch.ops.sparse_inductor.block_sparse_attn_bwd.default, bwd_args)
+
+
+def test_transposed_lists():
+    kv_num = torch.tensor([[[2, 1, 3]]], dtype=torch.int32)
+    kv_idx = torch.tensor([[[[1, 3, 9], [0, 7, 7], [0, 1, 2]]]], dtype=torch.int32)
+    q_num, q_idx = transpose_block_lists(kv_num, kv_idx, 4)
+    assert q_num.tolist() == [[[2, 2, 1, 1]]]
+    assert [q_idx[0, 0, j, : q_num[0, 0, j]].tolist() for j in range(4)] == [[1, 2], [0, 2], [2], [0]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: clear errors naming the argument and what is accepted.
+# ---------------------------------------------------------------------------------------------
+def _good():
+    return [torch.randn(1, 2, 60, 16) for _ in range(3)]
+
+
+@pytest.mark.parametrize(
+    "change, error, words",
+    [
+        (lambda a: a.update(q=a["q"][0]), ValueError, ["q", "4 dims"]),
+        (lambda a: a.update(k=a["k"][:, :, :30]), ValueError, ["k", "same [B, H, N, D]"]),
+        (lambda a: a.update(grid=(3, 4, 4)), ValueError, ["N=60", "T*H*W"]),
+        (lambda a: a.update(grid=(3, 4)), ValueError, ["grid", "three positive ints"]),
+        (lambda a: a.update(grid=(3, 0, 20)), ValueError, ["grid"]),
+        (lambda a: a.update(tile=(8, 8, 8)), ValueError, ["tile", "256"]),
+        (lambda a: a.update(sparsity=1.0), ValueError, ["sparsity", "[0, 1)"]),
+        (lambda a: a.update(sparsity=-0.1), ValueError, ["sparsity", "[0, 1)"]),
+        (lambda a: a.update(sparsity="high"), ValueError, ["sparsity"]),
+        (lambda a: a.update(scale=0.0), ValueError, ["scale"]),
+        (lambda a: a.update(q=a["q"].int(), k=a["k"].int(), v=a["v"].int()), TypeError, ["dtype", "torch.float16"]),
+        (lambda a: a.update(v=a["v"].half()), TypeError, ["v", "one dtype"]),
+        (lambda a: a.update(q=[1, 2]), TypeError, ["q", "torch.Tensor"]),
+        (lambda a: a.update(q=a["q"].to("meta"), k=a["k"].to("meta"), v=a["v"].to("meta")), ValueError, ["device", "'cpu' and 'cuda'"]),
+        (lambda a: a.update(q=torch.randn(1, 2, 60, 300), k=torch.randn(1, 2, 60, 300), v=torch.randn(1, 2, 60, 300)), ValueError, ["head dim", "256"]),
+    ],
+)
+def test_bad_input_errors(change, error, words):
+    q, k, v = _good()
+    args = dict(q=q, k=k, v=v, grid=(3, 4, 5), sparsity=0.5, tile=(4, 4, 4), scale=None)
+    change(args)
+    with pytest.raises(error) as info:
+        si.video_sparse_attention(args["q"], args["k"], args["v"], args["grid"], sparsity=args["sparsity"],
+                                  tile=args["tile"], scale=args["scale"])
+    for w in words:
+        assert w in str(info.value), f"{w!r} not in {info.value}"
