@@ -58,12 +58,18 @@ def flex_setup(layout, selection, N):
     def mask_mod(b, h, q_idx, kv_idx):
         return valid_slot[kv_idx]
 
+    # Flex wants kv_indices as wide as the number of KV blocks; ours are k wide. Pad with 0s
+    # (entries past kv_num_blocks are ignored).
+    B, H, M, K = selection.kv_indices.shape
+    kv_indices = torch.nn.functional.pad(selection.kv_indices, (0, M - K))
     block_mask = BlockMask.from_kv_blocks(
-        selection.kv_num_blocks, selection.kv_indices, BLOCK_SIZE=layout.block_size,
+        selection.kv_num_blocks, kv_indices, BLOCK_SIZE=layout.block_size,
         mask_mod=mask_mod, seq_lengths=(layout.num_slots, layout.num_slots),
     )
     flex = torch.compile(flex_attention, dynamic=False)
-    return lambda q, k, v: flex(q, k, v, block_mask=block_mask)
+    # Flex's default 128-row tiles cannot run 64-token blocks; ask for 64x64 tiles.
+    options = {"BLOCK_M": layout.block_size, "BLOCK_N": layout.block_size}
+    return lambda q, k, v: flex(q, k, v, block_mask=block_mask, kernel_options=options)
 
 
 def fwd_bwd(fn, inputs, grad):
