@@ -8,8 +8,9 @@ import torch
 from torch import Tensor
 
 from . import ops  # noqa: F401  (registers the custom ops)
-from .layout import TileLayout, check_grid_and_tile, from_tiles, tile_layout, to_tiles
-from .selection import BlockSelection, select_video_tiles
+from .attention import sparse_attention
+from .layout import TileLayout, check_grid_and_tile, tile_layout, to_tiles
+from .selection import BlockSelection, select_tiles
 
 #: dtypes the op accepts (float64 only on CPU, where it is the reference's precision).
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -64,9 +65,7 @@ def _prepare(q: Tensor, k: Tensor, grid, tile, sparsity, scale) -> tuple[TileLay
 
 
 def _select(q_tiles: Tensor, k_tiles: Tensor, layout: TileLayout, sparsity: float, scale: float) -> BlockSelection:
-    kv_num_blocks, kv_indices = select_video_tiles(
-        q_tiles, k_tiles, layout.counts, layout.block_size, sparsity, scale
-    )
+    kv_num_blocks, kv_indices = select_tiles(q_tiles, k_tiles, layout, sparsity, scale)
     return BlockSelection(kv_num_blocks, kv_indices, layout.counts, layout.block_size, layout.grid, layout.tile)
 
 
@@ -113,11 +112,4 @@ def video_sparse_attention(q: Tensor, k: Tensor, v: Tensor, grid, *, sparsity: f
     """
     _check_tensors([("q", q), ("k", k), ("v", v)])
     layout, scale, sparsity = _prepare(q, k, grid, tile, sparsity, scale)
-    q_tiles, k_tiles, v_tiles = (to_tiles(x, layout) for x in (q, k, v))
-    with torch.no_grad():
-        selection = _select(q_tiles, k_tiles, layout, sparsity, scale)
-    out_tiles, _ = torch.ops.sparse_inductor.block_sparse_attn_fwd(
-        q_tiles, k_tiles, v_tiles, layout.counts, layout.counts,
-        selection.kv_num_blocks, selection.kv_indices, scale,
-    )
-    return from_tiles(out_tiles, layout)
+    return sparse_attention(q, k, v, layout.grid, sparsity=sparsity, tile=layout.tile, scale=scale, layout=layout)

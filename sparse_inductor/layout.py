@@ -1,11 +1,15 @@
-"""Tile-major token layout for a 3D video grid (DESIGN.md §3.1).
+"""Tile-major token layout for a 3D video grid, with optional text spans (DESIGN.md §3.1, §3.5).
 
-Tokens arrive in raster order over a grid ``(T, H, W)`` (w fastest). The kernels want them
-grouped by tile: tiles in ``(t, h, w)`` order, the tokens of one tile in raster order inside
-it. Every tile gets the same number of slots (``block_size``, a power of two of at least 16
-so that ``tl.dot`` can take it); a border tile of a grid that does not divide by the tile
-has fewer valid tokens, stored first, and the remaining slots are padding that no kernel
-reads.
+Tokens arrive in raster order over a grid ``(T, H, W)`` (w fastest), optionally with text
+tokens before and/or after the video span. The kernels want them grouped in blocks: the video
+tiles first, in ``(t, h, w)`` order with the tokens of one tile in raster order inside it,
+then the text tokens in blocks of their own. Every block has the same number of slots
+(``block_size``, a power of two of at least 16 so that ``tl.dot`` can take it); a border tile
+of a grid that does not divide by the tile, and the last text block, have fewer valid tokens,
+stored first, and the remaining slots are padding that no kernel reads.
+
+The index arithmetic is written with torch ops on sizes only, so it also traces with symbolic
+sizes inside a compiled graph (no sorting, no Python branching on sizes).
 """
 from __future__ import annotations
 
@@ -43,101 +47,120 @@ def check_grid_and_tile(grid, tile) -> tuple[Grid, Grid]:
     return tuple(grid), tile
 
 
+def _ceil_div(a, b):
+    return (a + b - 1) // b
+
+
 @dataclass(frozen=True)
 class TileLayout:
-    """The tile-major layout of one grid under one tile shape.
+    """The block layout of one sequence: a video grid under a tile shape, plus text spans.
 
     Attributes:
         grid: ``(T, H, W)`` of the video tokens.
         tile: ``(t, h, w)`` tile shape.
-        tiles_per_dim: number of tiles along each axis (ceil division).
-        block_size: slots per tile in the tile-major tensor.
-        num_tiles: total number of tiles.
-        counts: int32 ``[num_tiles]``, valid tokens per tile.
-        gather_index: int64 ``[num_tiles * block_size]``; the raster token each slot holds, or
-            ``N`` (one past the last token) for a padding slot.
-        scatter_index: int64 ``[N]``; the slot each raster token lands in.
+        text_before, text_after: text tokens before / after the video span.
+        block_size: slots per block.
+        num_video_tiles: number of video tiles (blocks ``0 .. num_video_tiles - 1``).
+        num_tiles: total number of blocks (video tiles, then text blocks).
+        counts: int32 ``[num_tiles]``, valid tokens per block.
+        gather_index: int64 ``[num_tiles * block_size]``; the sequence position each slot holds,
+            or ``L`` (one past the last token) for a padding slot.
+        scatter_index: int64 ``[L]``; the slot each sequence position lands in.
     """
 
     grid: Grid
     tile: Grid
-    tiles_per_dim: Grid
+    text_before: int
+    text_after: int
     block_size: int
+    num_video_tiles: int
     num_tiles: int
     counts: torch.Tensor
     gather_index: torch.Tensor
     scatter_index: torch.Tensor
 
     @property
-    def num_tokens(self) -> int:
-        return math.prod(self.grid)
+    def num_video_tokens(self):
+        T, H, W = self.grid
+        return T * H * W
 
     @property
-    def num_slots(self) -> int:
+    def num_tokens(self):
+        return self.text_before + self.num_video_tokens + self.text_after
+
+    @property
+    def num_slots(self):
         return self.num_tiles * self.block_size
 
-    def to(self, device: torch.device) -> "TileLayout":
-        return _layout_on_device(self.grid, self.tile, torch.device(device))
 
-
-def _build_layout(grid: Grid, tile: Grid) -> TileLayout:
+def build_layout(grid, tile: Grid, text_before=0, text_after=0, device="cpu") -> TileLayout:
+    """Build a :class:`TileLayout`; ``grid`` and the text lengths may be SymInts (no caching)."""
     T, H, W = grid
     tt, th, tw = tile
-    nt, nh, nw = (-(-g // t) for g, t in zip(grid, tile))
     S = block_size_for(tile)
-    # Raster index of every token, viewed per (tile, offset-in-tile) over a padded grid.
-    t = torch.arange(nt * tt).view(nt, tt, 1, 1, 1, 1)
-    h = torch.arange(nh * th).view(1, 1, nh, th, 1, 1)
-    w = torch.arange(nw * tw).view(1, 1, 1, 1, nw, tw)
-    valid = (t < T) & (h < H) & (w < W)  # [nt, tt, nh, th, nw, tw]
-    raster = t * (H * W) + h * W + w
-    # -> [tiles (t, h, w order), tokens inside the tile (raster order)]
-    valid = valid.permute(0, 2, 4, 1, 3, 5).reshape(nt * nh * nw, tt * th * tw)
-    raster = raster.expand(nt, tt, nh, th, nw, tw).permute(0, 2, 4, 1, 3, 5).reshape(nt * nh * nw, tt * th * tw)
-    # Valid tokens first inside each tile, keeping raster order (stable sort on ~valid).
-    order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices
-    valid = torch.gather(valid, 1, order)
-    raster = torch.gather(raster, 1, order)
+    nt, nh, nw = _ceil_div(T, tt), _ceil_div(H, th), _ceil_div(W, tw)
+    Mv = nt * nh * nw
     N = T * H * W
-    gather_index = torch.full((nt * nh * nw, S), N, dtype=torch.int64)
-    gather_index[:, : tt * th * tw] = torch.where(valid, raster, N)
-    gather_index = gather_index.reshape(-1)
-    is_token = gather_index < N
-    scatter_index = torch.empty(N, dtype=torch.int64)
-    scatter_index[gather_index[is_token]] = torch.nonzero(is_token).squeeze(1)
-    counts = valid.sum(1).to(torch.int32)
-    return TileLayout(grid, tile, (nt, nh, nw), S, nt * nh * nw, counts, gather_index, scatter_index)
+    L_text = text_before + text_after
+    Mt = _ceil_div(L_text, S)
+    L = N + L_text
+    kw = dict(device=device, dtype=torch.int64)
 
+    # Video slots: slot -> (tile, offset j); the tile's real extent (a_t, a_h, a_w) is smaller
+    # at the border; j < a_t*a_h*a_w are its tokens in raster order inside the tile.
+    slot = torch.arange(Mv * S, **kw)
+    m, j = slot // S, slot % S
+    mt, mh, mw = m // (nh * nw), (m // nw) % nh, m % nw
+    at = torch.clamp(T - mt * tt, max=tt)
+    ah = torch.clamp(H - mh * th, max=th)
+    aw = torch.clamp(W - mw * tw, max=tw)
+    valid = j < at * ah * aw
+    lt, lh, lw = j // (ah * aw), (j // aw) % ah, j % aw
+    raster = (mt * tt + lt) * (H * W) + (mh * th + lh) * W + (mw * tw + lw)
+    video_gather = torch.where(valid, raster + text_before, L)
+    video_counts = (at * ah * aw)[::S]
 
-@functools.lru_cache(maxsize=64)
-def _layout_on_device(grid: Grid, tile: Grid, device: torch.device) -> TileLayout:
-    base = _build_layout(grid, tile)
-    if device.type == "cpu":
-        return base
+    # Text slots: the text tokens in sequence order (those before the video, then after).
+    tslot = torch.arange(Mt * S, **kw)
+    text_pos = torch.where(tslot < text_before, tslot, tslot + N)
+    text_gather = torch.where(tslot < L_text, text_pos, L)
+    text_counts = torch.clamp(L_text - torch.arange(Mt, **kw) * S, max=S)
+
+    # Inverse: sequence position -> slot.
+    pos = torch.arange(L, **kw)
+    n = pos - text_before
+    t, h, w = n // (H * W), (n // W) % H, n % W
+    tile_of = ((t // tt) * nh + h // th) * nw + w // tw
+    at_n = torch.clamp(T - (t // tt) * tt, max=tt)
+    ah_n = torch.clamp(H - (h // th) * th, max=th)
+    aw_n = torch.clamp(W - (w // tw) * tw, max=tw)
+    video_slot = tile_of * S + ((t % tt) * ah_n + h % th) * aw_n + w % tw
+    text_slot = Mv * S + torch.where(pos < text_before, pos, pos - N)
+    is_video = (pos >= text_before) & (pos < text_before + N)
+    scatter_index = torch.where(is_video, video_slot, text_slot)
+
     return TileLayout(
-        base.grid,
-        base.tile,
-        base.tiles_per_dim,
-        base.block_size,
-        base.num_tiles,
-        base.counts.to(device),
-        base.gather_index.to(device),
-        base.scatter_index.to(device),
+        grid=tuple(grid), tile=tuple(tile), text_before=text_before, text_after=text_after,
+        block_size=S, num_video_tiles=Mv, num_tiles=Mv + Mt,
+        counts=torch.cat([video_counts, text_counts]).to(torch.int32),
+        gather_index=torch.cat([video_gather, text_gather]),
+        scatter_index=scatter_index,
     )
 
 
-def tile_layout(grid, tile=(4, 4, 4), device="cpu") -> TileLayout:
+@functools.lru_cache(maxsize=64)
+def _cached_layout(grid: Grid, tile: Grid, text_before: int, text_after: int, device: torch.device) -> TileLayout:
+    return build_layout(grid, tile, text_before, text_after, device)
+
+
+def tile_layout(grid, tile=(4, 4, 4), device="cpu", *, text_before: int = 0, text_after: int = 0) -> TileLayout:
     """The (cached) :class:`TileLayout` of ``grid`` under ``tile`` with index tensors on ``device``."""
     grid, tile = check_grid_and_tile(grid, tile)
-    return _layout_on_device(grid, tile, torch.device(device))
+    return _cached_layout(grid, tile, int(text_before), int(text_after), torch.device(device))
 
 
 def to_tiles(x: torch.Tensor, layout: TileLayout, dim: int = -2) -> torch.Tensor:
-    """Raster order -> tile-major order along ``dim`` (padding slots are zero).
-
-    ``x.shape[dim]`` must be the layout's token count. The result has ``num_slots`` entries
-    along ``dim``.
-    """
+    """Sequence order -> block order along ``dim`` (padding slots are zero)."""
     dim = dim % x.dim()
     pad_shape = list(x.shape)
     pad_shape[dim] = 1
@@ -146,5 +169,5 @@ def to_tiles(x: torch.Tensor, layout: TileLayout, dim: int = -2) -> torch.Tensor
 
 
 def from_tiles(x: torch.Tensor, layout: TileLayout, dim: int = -2) -> torch.Tensor:
-    """Tile-major order -> raster order along ``dim`` (padding slots are dropped)."""
+    """Block order -> sequence order along ``dim`` (padding slots are dropped)."""
     return x.index_select(dim % x.dim(), layout.scatter_index)

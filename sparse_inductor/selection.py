@@ -4,20 +4,23 @@ Plain torch ops, so Inductor compiles them when they sit inside a compiled graph
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 from torch import Tensor
 
 
-def num_selected(sparsity: float, num_kv_tiles: int) -> int:
+def num_selected(sparsity: float, num_kv_tiles):
     """``k = max(1, ceil((1 - sparsity) * num_kv_tiles))``.
 
-    The product is rounded to 9 decimals first so that float noise (``(1 - 0.7) * 10 =
-    3.0000000000000004``) does not add a tile.
+    Exact: the sparsity is read as the decimal it prints as (``0.7`` is 7/10, so ``0.3 * 10``
+    is 3, not 4 from float noise), and the ceiling is integer arithmetic, so ``num_kv_tiles``
+    may be a SymInt.
     """
-    return max(1, math.ceil(round((1.0 - sparsity) * num_kv_tiles, 9)))
+    keep = 1 - Fraction(repr(float(sparsity)))
+    k = (num_kv_tiles * keep.numerator + keep.denominator - 1) // keep.denominator
+    return torch.sym_max(k, 1)
 
 
 def pool_tiles(x_tiles: Tensor, counts: Tensor, block_size: int) -> Tensor:
@@ -27,7 +30,7 @@ def pool_tiles(x_tiles: Tensor, counts: Tensor, block_size: int) -> Tensor:
     NaN included, cannot leak into the mean. Accumulates in fp32 (fp64 for fp64 input).
     """
     B, H, N, D = x_tiles.shape
-    M = N // block_size
+    M = counts.shape[0]
     dtype = torch.float64 if x_tiles.dtype == torch.float64 else torch.float32
     valid = torch.arange(block_size, device=x_tiles.device) < counts.view(M, 1)
     x = torch.where(valid.view(1, 1, M, block_size, 1), x_tiles.view(B, H, M, block_size, D).to(dtype), 0)
@@ -86,15 +89,38 @@ def lists_from_mask(mask: Tensor) -> tuple[Tensor, Tensor]:
     return num, indices.contiguous()
 
 
-def select_video_tiles(q_tiles: Tensor, k_tiles: Tensor, counts: Tensor, block_size: int,
-                       sparsity: float, scale: float) -> tuple[Tensor, Tensor]:
-    """Top-k KV tiles per query tile by pooled score. Returns ``(kv_num_blocks, kv_indices)``."""
-    q_mean = pool_tiles(q_tiles, counts, block_size)
-    k_mean = pool_tiles(k_tiles, counts, block_size)
+def select_tiles(q_tiles: Tensor, k_tiles: Tensor, layout, sparsity: float, scale: float) -> tuple[Tensor, Tensor]:
+    """The coarse stage on block-ordered Q and K. Returns ``(kv_num_blocks, kv_indices)``.
+
+    Video query tiles keep their top-k video KV tiles by pooled score plus every text block;
+    text query blocks keep every block (DESIGN.md §3.5).
+    """
+    S, Mv, M = layout.block_size, layout.num_video_tiles, layout.num_tiles
+    counts = layout.counts[:Mv]
+    q_mean = pool_tiles(q_tiles[:, :, : Mv * S], counts, S)
+    k_mean = pool_tiles(k_tiles[:, :, : Mv * S], counts, S)
     scores = (q_mean @ k_mean.transpose(-1, -2)) * scale
-    M = counts.shape[0]
-    k = num_selected(sparsity, M)
-    kv_indices = top_k_tiles(scores, k).contiguous()
+    k = num_selected(sparsity, Mv)
+    video_rows = top_k_tiles(scores, k)
     B, H = q_tiles.shape[:2]
-    kv_num_blocks = torch.full((B, H, M), k, dtype=torch.int32, device=q_tiles.device)
+    device = q_tiles.device
+    if not _has_text(layout):
+        return torch.full((B, H, Mv), k, dtype=torch.int32, device=device), video_rows.contiguous()
+    Mt = M - Mv
+    all_blocks = torch.arange(M, dtype=torch.int32, device=device)
+    video_rows = torch.cat([
+        video_rows,
+        all_blocks[Mv:].expand(B, H, Mv, Mt),
+        torch.zeros((B, H, Mv, Mv - k), dtype=torch.int32, device=device),  # padding to width M
+    ], dim=-1)
+    kv_indices = torch.cat([video_rows, all_blocks.expand(B, H, Mt, M)], dim=2).contiguous()
+    kv_num_blocks = torch.cat([
+        torch.full((B, H, Mv), k + Mt, dtype=torch.int32, device=device),
+        torch.full((B, H, Mt), M, dtype=torch.int32, device=device),
+    ], dim=2)
     return kv_num_blocks, kv_indices
+
+
+def _has_text(layout) -> bool:
+    lengths = (layout.text_before, layout.text_after)
+    return not all(isinstance(n, int) and n == 0 for n in lengths)

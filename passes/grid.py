@@ -1,0 +1,330 @@
+"""Infer the 3D video grid ``(T, H, W)`` of an attention's query tokens from the graph.
+
+The rule (DESIGN.md §8): from the query's token axis walk backwards through permutes,
+reshapes, elementwise ops, linears, norms, RoPE, unbind/stack..., tracking the token range
+through ``cat`` and slices (which gives the video span of a joint text+video sequence); stop
+where the token axis splits into 3 axes: their sizes, in order, are (T, H, W).
+
+The walk tracks a *token state*: the tuple of axes of the current node's tensor whose
+flattened product is the query's token axis. A reshape that merged axes widens it; when it
+holds three axes of size the grid is found.
+"""
+from __future__ import annotations
+
+import operator
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+
+from .shapes import reshape_groups, same_size, tensor_shape
+
+MAX_VISITS = 4000
+
+
+@dataclass(frozen=True)
+class GridFound:
+    """The grid and where its video tokens sit on the starting node's token axis.
+
+    ``sizes`` are ints or SymInts; ``source`` is ``(node, axes)`` whose sizes they are, so a
+    rewrite can read them at run time; ``start`` is the offset of the video span.
+    """
+
+    sizes: tuple
+    source: tuple
+    start: object = 0
+
+
+@dataclass(frozen=True)
+class GridMissing:
+    reason: str
+    at_input: bool = False  # the walk ended at a graph input (a graph break may hide the grid)
+
+
+# Ops that keep every axis where it is (elementwise, casts, norms over the last dim...).
+_SAME_SHAPE_METHODS = {
+    "contiguous", "float", "half", "bfloat16", "double", "to", "type_as", "clone", "detach",
+    "mul", "add", "sub", "div", "neg", "sigmoid", "tanh", "exp", "pow", "sqrt", "rsqrt", "mul_", "add_",
+    "masked_fill", "where", "view_as", "reshape_as", "type", "__mul__", "__add__", "__sub__", "__truediv__",
+    "__neg__", "__radd__", "__rmul__", "__rsub__", "__rtruediv__",
+}
+# Ops that act on the last axis only (and may change its size or split it, like view_as_complex).
+_LAST_DIM_OPS = {
+    "linear", "matmul", "layer_norm", "rms_norm", "group_norm", "dropout", "silu", "gelu",
+    "view_as_complex", "view_as_real", "normalize",
+}
+_NOT_TOKEN_PRESERVING = {
+    "softmax", "log_softmax", "cumsum", "cumprod", "roll", "flip", "sort", "argsort", "topk",
+    "sum", "mean", "amax", "max", "min", "fft", "gather", "scatter", "index_select", "repeat_interleave",
+}
+
+
+def _is_sdpa(node) -> bool:
+    return node.op == "call_function" and node.target is F.scaled_dot_product_attention
+
+
+def _name(node) -> str:
+    if node.op == "call_method":
+        return node.target
+    if node.op == "call_function":
+        return getattr(node.target, "__name__", str(node.target))
+    return node.op
+
+
+def _dim(d, ndim):
+    return d % ndim if isinstance(d, int) else None
+
+
+def _arg(node, index, name, default=None):
+    """Positional-or-keyword argument of a call (for call_method, index 0 is self)."""
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+class GridWalker:
+    """Walks one graph backwards from attention queries; results are memoised per (node, axes)."""
+
+    def __init__(self, gm: torch.fx.GraphModule):
+        self.gm = gm
+        self.memo: dict = {}
+        self.visits = 0
+
+    def query_grid(self, q_node: torch.fx.Node) -> GridFound | GridMissing:
+        """The grid of the token axis (dim 2) of a ``[B, H, L, D]`` query."""
+        shape = tensor_shape(q_node)
+        if shape is None or len(shape) != 4:
+            return GridMissing("query is not a 4-d tensor")
+        # The walk recurses once per node on the path; deep models need more than Python's 1000.
+        limit = sys.getrecursionlimit()
+        sys.setrecursionlimit(max(limit, 4 * MAX_VISITS + 1000))
+        try:
+            return self.walk(q_node, (2,))
+        finally:
+            sys.setrecursionlimit(limit)
+
+    def walk(self, node, axes: tuple) -> GridFound | GridMissing:
+        key = (node, axes)
+        if key in self.memo:
+            return self.memo[key]
+        self.memo[key] = GridMissing("cycle")  # guards recursion through the same state
+        self.visits += 1
+        if self.visits > MAX_VISITS:
+            result = GridMissing("graph too large to search")
+        else:
+            result = self._step(node, axes)
+        self.memo[key] = result
+        return result
+
+    # -- one step back from `node` ---------------------------------------------------------
+    def _step(self, node, axes):
+        shape = tensor_shape(node)
+        if shape is None:
+            return GridMissing(f"no shape recorded for {node.name}")
+        if len(axes) == 3:
+            return GridFound(tuple(shape[a] for a in axes), (node, axes))
+        if len(axes) > 3:
+            return GridMissing(f"the token axis splits into {len(axes)} axes at {node.name}")
+        if node.op == "placeholder":
+            return GridMissing(f"reached graph input {node.name} without finding the grid", at_input=True)
+        if node.op == "get_attr":
+            return GridMissing(f"reached parameter/buffer {node.target}")
+        name = _name(node)
+        ndim = len(shape)
+
+        if name in ("transpose", "swapaxes"):
+            src = node.args[0]
+            d0, d1 = (_dim(d, ndim) for d in (_arg(node, 1, "dim0"), _arg(node, 2, "dim1")))
+            if d0 is None or d1 is None:
+                return GridMissing(f"non-constant transpose at {node.name}")
+            swap = {d0: d1, d1: d0}
+            return self.walk(src, tuple(swap.get(a, a) for a in axes))
+        if name == "permute":
+            src = node.args[0]
+            dims = node.args[1:] if node.op == "call_method" else (_arg(node, 1, "dims"),)
+            if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+                dims = dims[0]
+            if not all(isinstance(d, int) for d in dims):
+                return GridMissing(f"non-constant permute at {node.name}")
+            dims = [d % ndim for d in dims]
+            return self.walk(src, tuple(dims[a] for a in axes))
+        if name in ("view", "reshape", "flatten", "unflatten", "_unsafe_view"):
+            return self._through_reshape(node, axes)
+        if name in ("unsqueeze", "squeeze"):
+            return self._through_reshape(node, axes)
+        if name == "getitem" and node.target is operator.getitem:
+            return self._through_getitem(node, axes)
+        if name in ("cat", "concat", "concatenate"):
+            return self._through_cat(node, axes)
+        if name == "stack":
+            tensors = _arg(node, 0, "tensors")
+            d = _dim(_arg(node, 1, "dim", 0), ndim)
+            if d is None or any(d <= a for a in axes):
+                return GridMissing(f"stack over the token axis at {node.name}")
+            return self._first_found([self.walk(t, axes) for t in tensors], node)
+        if name in _LAST_DIM_OPS or _is_sdpa(node):
+            # These mix or reshape only the last axis (features), never the token axis.
+            if any(a == ndim - 1 for a in axes):
+                return GridMissing(f"{name} mixes the token axis at {node.name}")
+            src = node.args[0] if node.args else node.kwargs.get("input", node.kwargs.get("query"))
+            src_shape = tensor_shape(src)
+            if src_shape is not None and abs(len(src_shape) - ndim) <= 1:
+                return self.walk(src, axes)
+            return GridMissing(f"{name} changes the rank at {node.name}")
+        if node.op == "call_module":
+            src = node.args[0] if node.args else None
+            if src is not None and tensor_shape(src) is not None and len(tensor_shape(src)) == ndim:
+                return self.walk(src, axes)
+            return GridMissing(f"module call {node.target} changes the rank")
+        if name in _NOT_TOKEN_PRESERVING:
+            return GridMissing(f"{name} at {node.name} does not preserve token order")
+        return self._through_elementwise(node, axes, shape)
+
+    def _through_reshape(self, node, axes):
+        src = node.args[0]
+        in_shape, out_shape = tensor_shape(src), tensor_shape(node)
+        if in_shape is None:
+            return GridMissing(f"no shape for the input of {node.name}")
+        groups = reshape_groups(in_shape, out_shape)
+        if groups is None:
+            return GridMissing(f"cannot map the axes of reshape {node.name}")
+        new_axes = []
+        for a in axes:
+            for g_in, g_out in groups:
+                if a in g_out:
+                    if len(g_out) > 1:
+                        # The token axis was split by this reshape (it merges back upstream):
+                        # follow only if the group maps one-to-one.
+                        if len(g_in) == 1:
+                            new_axes.append(g_in[0])
+                            break
+                        return GridMissing(f"reshape {node.name} splits and merges the token axis")
+                    # Drop size-1 input axes from a merge: they carry no tokens.
+                    merged = [i for i in g_in if not same_size(in_shape[i], 1)] or g_in[-1:]
+                    new_axes.extend(merged)
+                    break
+        # A split of one input axis into several output axes that all belong to the token
+        # state collapses back to that axis.
+        deduped = tuple(dict.fromkeys(new_axes))
+        return self.walk(src, deduped)
+
+    def _through_getitem(self, node, axes):
+        src, index = node.args
+        src_val = tensor_shape(src)
+        if src_val is None:
+            # Element of a tuple (unbind / chunk / split / SDPA-with-lse outputs).
+            return self._through_tuple_item(src, index, axes)
+        if len(axes) != 1:
+            return GridMissing(f"indexing a multi-axis token state at {node.name}")
+        index = index if isinstance(index, tuple) else (index,)
+        in_axis, out_axis, src_axis_of = 0, 0, {}
+        start = 0
+        for item in index:
+            if item is Ellipsis:
+                n_rest = sum(1 for i in index if i is not Ellipsis and i is not None)
+                for _ in range(len(src_val) - n_rest):
+                    src_axis_of[out_axis] = in_axis
+                    out_axis += 1
+                    in_axis += 1
+                continue
+            if item is None:
+                out_axis += 1
+                continue
+            if isinstance(item, int):
+                in_axis += 1
+                continue
+            if isinstance(item, slice):
+                if out_axis == axes[0]:
+                    if item.step not in (None, 1):
+                        return GridMissing(f"strided slice of the token axis at {node.name}")
+                    start = item.start or 0
+                    if not isinstance(start, (int, torch.SymInt)) or (isinstance(start, int) and start < 0):
+                        return GridMissing(f"slice of the token axis with start {start!r} at {node.name}")
+                src_axis_of[out_axis] = in_axis
+                out_axis += 1
+                in_axis += 1
+                continue
+            return GridMissing(f"advanced indexing at {node.name}")
+        while in_axis < len(src_val):
+            src_axis_of[out_axis] = in_axis
+            out_axis += 1
+            in_axis += 1
+        if axes[0] not in src_axis_of:
+            return GridMissing(f"cannot follow the token axis through {node.name}")
+        found = self.walk(src, (src_axis_of[axes[0]],))
+        if isinstance(found, GridFound):
+            new_start = found.start - start
+            if isinstance(new_start, int) and new_start < 0:
+                return GridMissing(f"slice {node.name} cuts into the video span")
+            return GridFound(found.sizes, found.source, new_start)
+        return found
+
+    def _through_tuple_item(self, src, index, axes):
+        name = _name(src)
+        if not isinstance(index, int):
+            return GridMissing(f"non-constant tuple index at {src.name}")
+        if name == "unbind":
+            dim = _arg(src, 1, "dim", 0)
+            inner = tensor_shape(src.args[0])
+            if inner is None or not isinstance(dim, int):
+                return GridMissing(f"cannot follow unbind {src.name}")
+            dim %= len(inner)
+            return self.walk(src.args[0], tuple(a + (a >= dim) for a in axes))
+        if name in ("chunk", "split", "tensor_split", "split_with_sizes"):
+            dim = _arg(src, 2, "dim", 0)
+            inner = tensor_shape(src.args[0])
+            if inner is None or not isinstance(dim, int):
+                return GridMissing(f"cannot follow {name} {src.name}")
+            if dim % len(inner) in axes:
+                return GridMissing(f"{name} along the token axis at {src.name}")
+            return self.walk(src.args[0], axes)
+        if _is_sdpa(src) or name == "scaled_dot_product_attention":
+            return self.walk(src.args[0], axes)
+        return GridMissing(f"cannot follow item {index} of {src.name} ({name})")
+
+    def _through_cat(self, node, axes):
+        tensors = _arg(node, 0, "tensors")
+        shape = tensor_shape(node)
+        dim = _dim(_arg(node, 1, "dim", 0), len(shape))
+        if dim is None:
+            return GridMissing(f"non-constant cat dim at {node.name}")
+        if dim not in axes:
+            return self._first_found([self.walk(t, axes) for t in tensors], node)
+        if len(axes) != 1:
+            return GridMissing(f"cat along a multi-axis token state at {node.name}")
+        found, offset = [], 0
+        for t in tensors:
+            r = self.walk(t, axes)
+            if isinstance(r, GridFound):
+                found.append(GridFound(r.sizes, r.source, r.start + offset))
+            offset = offset + tensor_shape(t)[dim]
+        if len(found) == 1:
+            return found[0]
+        if not found:
+            return GridMissing(f"no input of cat {node.name} carries a video grid")
+        return GridMissing(f"several inputs of cat {node.name} carry a video grid")
+
+    def _through_elementwise(self, node, axes, shape):
+        """Follow the tensor operands of the output's shape (broadcast operands carry no tokens)."""
+        candidates = [a for a in list(node.args) + list(node.kwargs.values())
+                      if isinstance(a, torch.fx.Node) and tensor_shape(a) is not None
+                      and len(tensor_shape(a)) == len(shape)
+                      and all(same_size(x, y) for x, y in zip(tensor_shape(a), shape))]
+        if not candidates:
+            return GridMissing(f"cannot follow the token axis through {_name(node)} at {node.name}")
+        return self._first_found([self.walk(c, axes) for c in candidates], node)
+
+    @staticmethod
+    def _first_found(results, node):
+        found = [r for r in results if isinstance(r, GridFound)]
+        if found:
+            first = found[0]
+            for other in found[1:]:
+                if len(other.sizes) != len(first.sizes) or not all(
+                        same_size(a, b) for a, b in zip(other.sizes, first.sizes)):
+                    return GridMissing(f"operands of {node.name} disagree on the grid")
+            return first
+        at_input = [r for r in results if isinstance(r, GridMissing) and r.at_input]
+        return at_input[0] if at_input else (results[0] if results else GridMissing(f"nothing to follow at {node.name}"))

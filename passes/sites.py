@@ -1,0 +1,331 @@
+"""Find the SDPA calls of a Dynamo graph, decide which can become sparse, and rewrite them.
+
+Analysis (:func:`analyze`) is independent of the sparsity config: it records each site's
+shapes, grid, text span and whether its structure allows a rewrite. :func:`plan` turns that
+into per-site decisions for one config, and :func:`rewrite` applies a plan to a copy of the
+graph.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+
+from .grid import GridFound, GridMissing, GridWalker
+from .shapes import same_size, size_hint, static_int, tensor_shape
+
+log = logging.getLogger("sparse_inductor")
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+SDPA_ARG_NAMES = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+@dataclass
+class Site:
+    """One SDPA call site as the analysis saw it."""
+
+    index: int
+    node_name: str
+    module_path: str
+    q_shape: tuple
+    k_shape: tuple
+    v_shape: tuple
+    args: dict = field(repr=False)
+    grid: tuple | None = None
+    grid_source: str = ""  # "graph", "earlier graph", or "" (none)
+    found: GridFound | None = field(default=None, repr=False)
+    text_before: int = 0
+    text_after: int = 0
+    eligible: bool = False
+    reason: str = ""
+
+    @property
+    def video_tokens(self) -> int | None:
+        return None if self.grid is None else math.prod(size_hint(s) for s in self.grid)
+
+
+@dataclass(frozen=True)
+class Decision:
+    site: Site
+    sparse: bool
+    reason: str
+    sparsity: float = 0.0
+    grid: tuple | None = None
+    grid_source: str = ""
+
+
+# -------------------------------------------------------------------------------------------
+# Module paths
+# -------------------------------------------------------------------------------------------
+def module_path(node: torch.fx.Node) -> str:
+    """The dotted path of the innermost module that made ``node`` (e.g. ``blocks.0.attn1``)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return normalize_module_path(path)
+
+
+def normalize_module_path(path: str) -> str:
+    # Dynamo writes paths like "L['self'].blocks[0].attn" or "L['self']._modules['blocks']['0']".
+    path = re.sub(r"^L\['self'\]\.?", "", path)
+    path = re.sub(r"^L__self___?", "", path)
+    path = re.sub(r"\._modules\['([^']+)'\]", r".\1", path)
+    path = re.sub(r"\['([^']+)'\]", r".\1", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    return path.strip(".")
+
+
+# -------------------------------------------------------------------------------------------
+# Finding and normalising SDPA calls
+# -------------------------------------------------------------------------------------------
+def is_sdpa(node: torch.fx.Node) -> bool:
+    return node.op == "call_function" and node.target is F.scaled_dot_product_attention
+
+
+def sdpa_arguments(node: torch.fx.Node) -> dict:
+    """The SDPA call's arguments by name, however the model wrote them."""
+    args = dict(zip(SDPA_ARG_NAMES, node.args))
+    args.update(node.kwargs)
+    return {
+        "query": args.get("query"), "key": args.get("key"), "value": args.get("value"),
+        "attn_mask": args.get("attn_mask"), "dropout_p": args.get("dropout_p", 0.0),
+        "is_causal": args.get("is_causal", False), "scale": args.get("scale"),
+        "enable_gqa": args.get("enable_gqa", False),
+    }
+
+
+# -------------------------------------------------------------------------------------------
+# Grids remembered across graphs of one call (a graph break between patchify and the blocks)
+# -------------------------------------------------------------------------------------------
+_remembered_grids: dict = {}
+
+
+def remember_grids(gm: torch.fx.GraphModule) -> None:
+    """Record the static grids a graph flattens into tokens, keyed by token count."""
+    for node in gm.graph.nodes:
+        if node.op not in ("call_method", "call_function"):
+            continue
+        name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+        if name not in ("flatten", "view", "reshape"):
+            continue
+        src_shape, out_shape = tensor_shape(node.args[0]) if node.args else None, tensor_shape(node)
+        if src_shape is None or out_shape is None or len(src_shape) != 5 or len(out_shape) != 3:
+            continue
+        # [B, C, T, H, W] -> [B, C, T*H*W]  (conv3d patch embedding, channels first)
+        sizes = [static_int(s) for s in src_shape[2:]]
+        if None not in sizes and static_int(out_shape[2]) == math.prod(sizes):
+            _remembered_grids[math.prod(sizes)] = tuple(sizes)
+        # [B, T, H, W, C] -> [B, T*H*W, C]  (channels last)
+        sizes = [static_int(s) for s in src_shape[1:4]]
+        if None not in sizes and static_int(out_shape[1]) == math.prod(sizes):
+            _remembered_grids[math.prod(sizes)] = tuple(sizes)
+
+
+# -------------------------------------------------------------------------------------------
+# Analysis
+# -------------------------------------------------------------------------------------------
+def _structural_reason(args: dict, q_shape, k_shape, v_shape, q_val) -> str:
+    """Why the attention cannot be rewritten whatever its grid ("" if it can)."""
+    if args["is_causal"] is not False:
+        return "causal attention"
+    dropout = args["dropout_p"]
+    if not isinstance(dropout, (int, float)):
+        return "dropout_p is not a constant"
+    if dropout != 0.0:
+        return f"dropout_p={dropout} (dropout in effect)"
+    if args["enable_gqa"] is not False:
+        return "grouped-query attention (enable_gqa)"
+    if q_shape is None or k_shape is None or v_shape is None:
+        return "q/k/v shapes unknown"
+    if not (len(q_shape) == len(k_shape) == len(v_shape) == 4):
+        return f"q/k/v are not 4-d [B, H, N, D] (q has {len(q_shape)} dims)"
+    if not same_size(q_shape[2], k_shape[2]):
+        return f"cross-attention (query tokens {q_shape[2]} != key tokens {k_shape[2]})"
+    if not (same_size(q_shape[0], k_shape[0]) and same_size(q_shape[1], k_shape[1])
+            and all(same_size(a, b) for a, b in zip(k_shape, v_shape))):
+        return "q, k and v shapes differ (batch/heads/value dim)"
+    if not same_size(q_shape[3], k_shape[3]):
+        return "q and k head dims differ"
+    if not same_size(v_shape[3], q_shape[3]):
+        return "value head dim differs from query head dim"
+    d = static_int(q_shape[3])
+    if d is None or d > MAX_HEAD_DIM:
+        return f"head dim {q_shape[3]} is symbolic or above {MAX_HEAD_DIM}"
+    if q_val.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {q_val.dtype} (supported: float16, bfloat16, float32)"
+    if q_val.device.type not in ("cpu", "cuda"):
+        return f"device {q_val.device.type} (supported: cpu, cuda)"
+    scale = args["scale"]
+    if scale is not None and not isinstance(scale, (int, float)):
+        return "scale is not a constant"
+    return ""
+
+
+def _mask_reason(mask, q_shape) -> str:
+    """"" if ``mask`` is a bool key-padding mask ``[B, 1, 1, L]`` (or None), else why not."""
+    if mask is None:
+        return ""
+    if not isinstance(mask, torch.fx.Node):
+        return "attn_mask is not a tensor"
+    shape, val = tensor_shape(mask), mask.meta.get("example_value")
+    if shape is None or val.dtype != torch.bool:
+        return f"attn_mask of dtype {getattr(val, 'dtype', None)} (only a bool key-padding mask is supported)"
+    if len(shape) != 4 or not (same_size(shape[0], q_shape[0]) or same_size(shape[0], 1)) \
+            or not same_size(shape[1], 1) or not same_size(shape[2], 1) or not same_size(shape[3], q_shape[2]):
+        return f"attn_mask of shape {list(shape)} is not a key-padding mask [B, 1, 1, N]"
+    return ""
+
+
+def analyze(gm: torch.fx.GraphModule) -> list[Site]:
+    """Every SDPA call of ``gm`` with its shapes, grid, text span and structural eligibility."""
+    walker = GridWalker(gm)
+    sites = []
+    for node in gm.graph.nodes:
+        if not is_sdpa(node):
+            continue
+        args = sdpa_arguments(node)
+        q, k, v = args["query"], args["key"], args["value"]
+        q_shape, k_shape, v_shape = (tensor_shape(x) for x in (q, k, v))
+        site = Site(len(sites), node.name, module_path(node), q_shape, k_shape, v_shape, args)
+        sites.append(site)
+        reason = _structural_reason(args, q_shape, k_shape, v_shape, q.meta.get("example_value"))
+        if not reason:
+            reason = _mask_reason(args["attn_mask"], q_shape)
+        if reason:
+            site.reason = reason
+            continue
+        result = walker.query_grid(q)
+        L = q_shape[2]
+        if isinstance(result, GridFound):
+            site.grid, site.found, site.grid_source = result.sizes, result, "graph"
+            span = _text_span(result, L)
+            if isinstance(span, str):
+                site.reason = span
+                continue
+            site.text_before, site.text_after = span
+        else:
+            remembered = _remembered_grids.get(static_int(L)) if static_int(L) is not None else None
+            if result.at_input and remembered is not None:
+                site.grid, site.grid_source = remembered, "earlier graph"
+            else:
+                site.reason = f"grid not found: {result.reason}"
+                site.eligible = True  # a grid= in the config can still make it sparse
+                continue
+        site.eligible = True
+    return sites
+
+
+def _text_span(found: GridFound, L) -> tuple[int, int] | str:
+    """``(text_before, text_after)`` around the video span, or the reason it is not static."""
+    n_video = math.prod(found.sizes)
+    start = static_int(found.start) if not isinstance(found.start, int) else found.start
+    if start is None:
+        return "symbolic text span (only a static text length is supported)"
+    after = static_int(L - start - n_video)
+    if after is None:
+        if start == 0 and same_size(n_video, L):
+            after = 0
+        else:
+            return "symbolic text span (only a static text length is supported)"
+    if start < 0 or after < 0:
+        return f"video span ({start} + {n_video} tokens) does not fit the sequence ({L})"
+    return start, after
+
+
+def _all_static(sizes) -> bool:
+    return all(static_int(s) is not None for s in sizes)
+
+
+# -------------------------------------------------------------------------------------------
+# Per-config decisions
+# -------------------------------------------------------------------------------------------
+def decide(site: Site, cfg) -> Decision:
+    """The decision for one site under one :class:`~sparse_inductor.config.SparsityConfig`."""
+    if not site.eligible:
+        return Decision(site, False, site.reason)
+    grid, source = site.grid, site.grid_source
+    if grid is None:
+        if cfg.grid is None:
+            return Decision(site, False, site.reason + " (pass grid=(T, H, W) to sparsity() to set it)")
+        L = static_int(site.q_shape[2])
+        if L is None or L != math.prod(cfg.grid):
+            return Decision(site, False, f"{site.reason}; configured grid {cfg.grid} does not match {site.q_shape[2]} tokens")
+        grid, source = cfg.grid, "config"
+    if site.args["attn_mask"] is not None and site.text_before == 0 and site.text_after == 0:
+        return Decision(site, False, "attn_mask on attention without text tokens (it would mask video keys)")
+    sparsity = cfg.sparsity_for(site.module_path)
+    n_video = math.prod(size_hint(s) for s in grid)
+    if sparsity == 0.0:
+        return Decision(site, False, "sparsity 0 (dense SDPA)", 0.0, grid, source)
+    if n_video < cfg.min_tokens:
+        return Decision(site, False, f"{n_video} video tokens < min_tokens={cfg.min_tokens}", 0.0, grid, source)
+    return Decision(site, True, "", sparsity, grid, source)
+
+
+def plan(sites: list[Site], cfg) -> tuple[Decision, ...]:
+    return tuple(decide(s, cfg) for s in sites)
+
+
+def plan_key(decisions, tile) -> tuple:
+    """Hashable key of what a plan compiles to: configs with equal keys share a variant."""
+    sparse = tuple((d.site.index, d.sparsity, tuple(d.grid) if d.grid_source == "config" else None)
+                   for d in decisions if d.sparse)
+    return (sparse, tuple(tile)) if sparse else ("dense",)
+
+
+def log_dense(decisions) -> None:
+    for d in decisions:
+        if not d.sparse:
+            level = logging.WARNING if d.site.eligible and d.site.grid is None else logging.INFO
+            log.log(level, "sparse_inductor: attention %s (%s) stays dense: %s",
+                    d.site.node_name, d.site.module_path or "<top>", d.reason)
+
+
+# -------------------------------------------------------------------------------------------
+# Rewrite
+# -------------------------------------------------------------------------------------------
+def rewrite(gm: torch.fx.GraphModule, decisions, tile) -> torch.fx.GraphModule:
+    """A copy of ``gm`` with every sparse-decided SDPA replaced by the sparse attention call."""
+    from sparse_inductor.attention import sparse_attention
+
+    new_gm = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    nodes = {n.name: n for n in new_gm.graph.nodes}
+    for d in decisions:
+        if not d.sparse:
+            continue
+        node = nodes[d.site.node_name]
+        args = sdpa_arguments(node)
+        with new_gm.graph.inserting_before(node):
+            grid = _grid_args(new_gm.graph, d, nodes)
+            new = new_gm.graph.call_function(
+                sparse_attention,
+                (args["query"], args["key"], args["value"], grid),
+                dict(sparsity=d.sparsity, tile=tuple(tile), scale=args["scale"],
+                     text_before=d.site.text_before, text_after=d.site.text_after,
+                     key_padding_mask=args["attn_mask"]),
+            )
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
+        new_gm.graph.erase_node(node)
+    new_gm.graph.lint()
+    new_gm.recompile()
+    return new_gm
+
+
+def _grid_args(graph, decision, nodes):
+    """The grid as ints, or as ``size()`` calls on the node the walk found it on."""
+    sizes = decision.grid
+    if decision.grid_source != "graph" or _all_static(sizes):
+        return tuple(static_int(s) if static_int(s) is not None else size_hint(s) for s in sizes)
+    src_node, axes = decision.site.found.source
+    src = nodes[src_node.name]
+    return tuple(static_int(s) if static_int(s) is not None else graph.call_method("size", (src, a))
+                 for s, a in zip(sizes, axes))

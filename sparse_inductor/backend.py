@@ -1,0 +1,114 @@
+"""The ``torch.compile`` backend ``"sparse_inductor"`` (registered through the
+``torch_dynamo_backends`` entry point, so no import is needed).
+
+For each Dynamo graph it analyses the attention sites once, then returns a dispatcher that
+compiles, lazily, one Inductor variant per distinct plan (which sites are sparse, at which
+sparsity and tile) and runs the variant for the ``sparsity(...)`` config in force at call time.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+
+import torch
+
+from . import _compat
+from .config import config_from_options, current_config
+
+log = logging.getLogger("sparse_inductor")
+
+
+@functools.lru_cache(maxsize=1)
+def _source_hash() -> str:
+    """Hash of the package version and every source the compiled code depends on."""
+    from . import __version__
+
+    h = hashlib.sha256(__version__.encode())
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for package in ("kernel_templates", "sparse_inductor", "passes"):
+        folder = os.path.join(root, package)
+        for name in sorted(os.listdir(folder)):
+            if name.endswith(".py"):
+                with open(os.path.join(folder, name), "rb") as f:
+                    h.update(name.encode() + f.read())
+    return h.hexdigest()
+
+
+def cache_pass(plan_key):
+    """A no-op post-grad pass whose ``uuid`` makes Inductor's FX-graph cache key depend on our
+    sources and the plan: Inductor does not hash out-of-tree lowerings or templates itself."""
+    base = _compat.custom_graph_pass_base()
+
+    class SparseInductorCacheKey(base):
+        def __call__(self, graph):
+            return None
+
+        def uuid(self):
+            return hashlib.sha256((_source_hash() + repr(plan_key)).encode()).hexdigest()
+
+    return SparseInductorCacheKey()
+
+
+class SparseInductorGraph:
+    """The callable returned for one Dynamo graph: dispatches to a variant per plan."""
+
+    def __init__(self, gm: torch.fx.GraphModule, example_inputs, options=None, mode=None):
+        from passes.sites import analyze, remember_grids
+
+        self.gm = gm
+        self.example_inputs = example_inputs
+        self.base_config = config_from_options(options)
+        self.mode_patches = _mode_patches(mode)
+        remember_grids(gm)
+        self.sites = analyze(gm)
+        self.variants: dict = {}
+        self.tracing_context = _compat.current_tracing_context()
+        self.compiled_keys: list = []  # in compile order, for tests and diagnostics
+        self.variant_for(current_config(self.base_config))  # compile now, inside Dynamo's context
+
+    def variant_for(self, cfg):
+        from passes.sites import log_dense, plan, plan_key
+
+        decisions = plan(self.sites, cfg)
+        key = plan_key(decisions, cfg.tile)
+        fn = self.variants.get(key)
+        if fn is None:
+            log_dense(decisions)
+            fn = self._compile(decisions, cfg.tile, key)
+            self.variants[key] = fn
+            self.compiled_keys.append(key)
+        return fn
+
+    def _compile(self, decisions, tile, key):
+        from passes.sites import rewrite
+
+        gm = rewrite(self.gm, decisions, tile)  # a copy, also when nothing is rewritten
+        patches = dict(self.mode_patches)
+        patches[_compat.CACHE_PASS_CONFIG_KEY] = cache_pass(key)
+        if self.tracing_context is not None and _compat.current_tracing_context() is None:
+            # A later variant: compile under the graph's own tracing context so symbolic
+            # shapes stay symbolic.
+            with _compat.tracing(self.tracing_context):
+                return _compat.compile_fx(gm, self.example_inputs, config_patches=patches)
+        return _compat.compile_fx(gm, self.example_inputs, config_patches=patches)
+
+    def __call__(self, *args):
+        return self.variant_for(current_config(self.base_config))(*args)
+
+
+def _mode_patches(mode) -> dict:
+    if mode in (None, "default"):
+        return {}
+    return _compat.mode_options(mode)
+
+
+def sparse_inductor_backend(gm, example_inputs, *, mode=None, options=None):
+    """``torch.compile(model, backend="sparse_inductor", options={...})``.
+
+    ``options`` takes the keys of :func:`sparse_inductor.sparsity` (``sparsity``, ``tile``,
+    ``min_tokens``, ``layers``, ``grid``) as the defaults of this compiled model; a
+    ``sparsity(...)`` context in force at call time overrides them.
+    """
+    return SparseInductorGraph(gm, example_inputs, options=options, mode=mode)

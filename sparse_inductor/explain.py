@@ -1,0 +1,92 @@
+"""``sparse_inductor.explain``: what the backend would do with each attention site."""
+from __future__ import annotations
+
+import torch
+
+from .config import current_config
+
+
+class Explanation:
+    """One row per attention site (in graph order), printable as a table.
+
+    ``rows`` is a list of dicts with keys ``graph``, ``module``, ``q``, ``k``, ``v``, ``grid``,
+    ``grid_source``, ``text_span``, ``decision`` (``"sparse"`` or ``"dense"``), ``sparsity``,
+    ``reason``.
+    """
+
+    COLUMNS = ("graph", "module", "q", "k", "v", "grid", "text_span", "decision", "sparsity", "reason")
+
+    def __init__(self, rows: list[dict]):
+        self.rows = rows
+
+    @property
+    def sparse_rows(self):
+        return [r for r in self.rows if r["decision"] == "sparse"]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __iter__(self):
+        return iter(self.rows)
+
+    def __str__(self):
+        def cell(row, col):
+            value = row[col]
+            if col == "grid" and value is not None and row["grid_source"] not in ("graph", ""):
+                return f"{value} ({row['grid_source']})"
+            return "" if value is None else str(value)
+
+        table = [list(self.COLUMNS)] + [[cell(r, c) for c in self.COLUMNS] for r in self.rows]
+        widths = [max(len(line[i]) for line in table) for i in range(len(self.COLUMNS))]
+        lines = ["  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip() for line in table]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        n_sparse = len(self.sparse_rows)
+        lines.append(f"{len(self.rows)} attention site(s): {n_sparse} sparse, {len(self.rows) - n_sparse} dense")
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def _shape(shape):
+    return None if shape is None else list(shape)
+
+
+def explain(model, *args, **kwargs) -> Explanation:
+    """Trace ``model(*args, **kwargs)`` with Dynamo and report every attention site: module
+    path, q/k/v shapes, the grid found (and where from), the text span, and the decision with
+    its reason under the ``sparsity(...)`` config in force.
+
+    The model runs once, eagerly. Like ``torch._dynamo.explain`` this resets Dynamo's caches
+    before and after, so already-compiled models recompile on their next call.
+    """
+    from passes.sites import analyze, log_dense, plan, remember_grids
+
+    model = getattr(model, "_orig_mod", model)  # an OptimizedModule from torch.compile
+    cfg = current_config()
+    rows: list[dict] = []
+    graph_index = [0]
+
+    def record(gm, example_inputs):
+        remember_grids(gm)
+        decisions = plan(analyze(gm), cfg)
+        log_dense(decisions)
+        for d in decisions:
+            s = d.site
+            rows.append(dict(
+                graph=graph_index[0], module=s.module_path or "<top>", q=_shape(s.q_shape),
+                k=_shape(s.k_shape), v=_shape(s.v_shape),
+                grid=None if d.grid is None and s.grid is None else tuple(d.grid or s.grid),
+                grid_source=d.grid_source or s.grid_source,
+                text_span=(s.text_before, s.text_after) if (s.text_before or s.text_after) else None,
+                decision="sparse" if d.sparse else "dense", sparsity=d.sparsity if d.sparse else 0.0,
+                reason=d.reason,
+            ))
+        graph_index[0] += 1
+        return gm.forward
+
+    torch._dynamo.reset()
+    try:
+        torch._dynamo.optimize(record)(model)(*args, **kwargs)
+    finally:
+        torch._dynamo.reset()
+    return Explanation(rows)
