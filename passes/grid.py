@@ -11,6 +11,7 @@ holds three axes of size the grid is found.
 """
 from __future__ import annotations
 
+import math
 import operator
 import sys
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-from .shapes import reshape_groups, same_size, tensor_shape
+from .shapes import reshape_groups, same_size, static_int, tensor_shape
 
 MAX_VISITS = 4000
 
@@ -201,8 +202,10 @@ class GridWalker:
                             new_axes.append(g_in[0])
                             break
                         return GridMissing(f"reshape {node.name} splits and merges the token axis")
-                    # Drop size-1 input axes from a merge: they carry no tokens.
-                    merged = [i for i in g_in if not same_size(in_shape[i], 1)] or g_in[-1:]
+                    # A merge of exactly three axes is the grid, size-1 axes included (T=1 is an
+                    # image); otherwise size-1 axes carry no tokens (a squeeze).
+                    merged = g_in if len(g_in) == 3 else (
+                        [i for i in g_in if not same_size(in_shape[i], 1)] or g_in[-1:])
                     new_axes.extend(merged)
                     break
         # A split of one input axis into several output axes that all belong to the token
@@ -220,7 +223,7 @@ class GridWalker:
             return GridMissing(f"indexing a multi-axis token state at {node.name}")
         index = index if isinstance(index, tuple) else (index,)
         in_axis, out_axis, src_axis_of = 0, 0, {}
-        start = 0
+        start, stop = 0, None
         for item in index:
             if item is Ellipsis:
                 n_rest = sum(1 for i in index if i is not Ellipsis and i is not None)
@@ -239,9 +242,14 @@ class GridWalker:
                 if out_axis == axes[0]:
                     if item.step not in (None, 1):
                         return GridMissing(f"strided slice of the token axis at {node.name}")
-                    start = item.start or 0
-                    if not isinstance(start, (int, torch.SymInt)) or (isinstance(start, int) and start < 0):
-                        return GridMissing(f"slice of the token axis with start {start!r} at {node.name}")
+                    start, stop = item.start or 0, item.stop
+                    size = static_int(src_val[in_axis])
+                    if not isinstance(start, int) or not (stop is None or isinstance(stop, int)) or size is None:
+                        return GridMissing(f"slice of the token axis [{item.start}:{item.stop}] at {node.name}")
+                    # Normalise negative bounds the way Python slicing does.
+                    start = max(0, start + size) if start < 0 else min(start, size)
+                    if stop is not None:
+                        stop = max(0, stop + size) if stop < 0 else min(stop, size)
                 src_axis_of[out_axis] = in_axis
                 out_axis += 1
                 in_axis += 1
@@ -255,10 +263,15 @@ class GridWalker:
             return GridMissing(f"cannot follow the token axis through {node.name}")
         found = self.walk(src, (src_axis_of[axes[0]],))
         if isinstance(found, GridFound):
-            new_start = found.start - start
-            if isinstance(new_start, int) and new_start < 0:
-                return GridMissing(f"slice {node.name} cuts into the video span")
-            return GridFound(found.sizes, found.source, new_start)
+            video_start = found.start
+            video_end = static_int(video_start + math.prod(found.sizes)) if isinstance(video_start, int) else None
+            if isinstance(video_start, int) and video_end is not None:
+                stop_ = video_end if stop is None else stop
+                if video_end <= start or video_start >= stop_:
+                    return GridMissing(f"slice {node.name} keeps no video token")
+                if video_start < start or video_end > stop_:
+                    return GridMissing(f"slice {node.name} cuts the video span")
+            return GridFound(found.sizes, found.source, video_start - start)
         return found
 
     def _through_tuple_item(self, src, index, axes):

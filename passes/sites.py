@@ -80,6 +80,7 @@ def normalize_module_path(path: str) -> str:
     path = re.sub(r"\._modules\['([^']+)'\]", r".\1", path)
     path = re.sub(r"\['([^']+)'\]", r".\1", path)
     path = re.sub(r"\[(\d+)\]", r".\1", path)
+    path = re.sub(r"(^|\.)(__dict__|_modules)(?=\.|$)", "", path)
     return path.strip(".")
 
 
@@ -106,6 +107,11 @@ def sdpa_arguments(node: torch.fx.Node) -> dict:
 # Grids remembered across graphs of one call (a graph break between patchify and the blocks)
 # -------------------------------------------------------------------------------------------
 _remembered_grids: dict = {}
+
+
+def forget_grids() -> None:
+    """Drop the grids remembered from earlier graphs (explain() starts from a clean slate)."""
+    _remembered_grids.clear()
 
 
 def remember_grids(gm: torch.fx.GraphModule) -> None:
@@ -294,7 +300,8 @@ def log_dense(decisions) -> None:
 # -------------------------------------------------------------------------------------------
 def rewrite(gm: torch.fx.GraphModule, decisions, tile) -> torch.fx.GraphModule:
     """A copy of ``gm`` with every sparse-decided SDPA replaced by the sparse attention call."""
-    from sparse_inductor.attention import sparse_attention
+    from sparse_inductor.attention import sparse_attention, sparse_attention_static_layout
+    from sparse_inductor.layout import tile_layout
 
     new_gm = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
     nodes = {n.name: n for n in new_gm.graph.nodes}
@@ -305,13 +312,24 @@ def rewrite(gm: torch.fx.GraphModule, decisions, tile) -> torch.fx.GraphModule:
         args = sdpa_arguments(node)
         with new_gm.graph.inserting_before(node):
             grid = _grid_args(new_gm.graph, d, nodes)
-            new = new_gm.graph.call_function(
-                sparse_attention,
-                (args["query"], args["key"], args["value"], grid),
-                dict(sparsity=d.sparsity, tile=tuple(tile), scale=args["scale"],
-                     text_before=d.site.text_before, text_after=d.site.text_after,
-                     key_padding_mask=args["attn_mask"]),
-            )
+            options = dict(sparsity=d.sparsity, scale=args["scale"], key_padding_mask=args["attn_mask"])
+            spans = dict(tile=tuple(tile), text_before=d.site.text_before, text_after=d.site.text_after)
+            if all(isinstance(g, int) for g in grid):
+                # Static sizes: the layout's index tensors become constants of the graph.
+                device = args["query"].meta["example_value"].device
+                layout = tile_layout(grid, tile, device, text_before=d.site.text_before,
+                                     text_after=d.site.text_after)
+                constants = []
+                for field_name in ("counts", "gather_index", "scatter_index"):
+                    attr = f"_sparse_inductor_{d.site.index}_{field_name}"
+                    new_gm.register_buffer(attr, getattr(layout, field_name).clone())
+                    constants.append(new_gm.graph.get_attr(attr))
+                new = new_gm.graph.call_function(
+                    sparse_attention_static_layout,
+                    (args["query"], args["key"], args["value"], *constants, grid), dict(**spans, **options))
+            else:
+                new = new_gm.graph.call_function(
+                    sparse_attention, (args["query"], args["key"], args["value"], grid), dict(**spans, **options))
         new.meta.update(node.meta)
         node.replace_all_uses_with(new)
         new_gm.graph.erase_node(node)

@@ -79,3 +79,21 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, grid, *, sparsity: float, 
         return from_tiles(out_t, layout)
     B, H, _, D = out_t.shape
     return torch.gather(out_t, 2, scatter[:, None, :, None].expand(B, H, scatter.shape[1], D))
+
+
+def sparse_attention_static_layout(q: Tensor, k: Tensor, v: Tensor, counts: Tensor, gather_index: Tensor,
+                                   scatter_index: Tensor, grid, *, tile, text_before: int = 0,
+                                   text_after: int = 0, **kwargs) -> Tensor:
+    """:func:`sparse_attention` with the layout's index tensors precomputed (static sizes).
+
+    The compiler pass stores them as graph constants, so Inductor indexes with constant
+    tensors instead of re-deriving them from index arithmetic.
+    """
+    from .layout import block_size_for
+
+    S = block_size_for(tile)
+    nt, nh, nw = (-(-g // t) for g, t in zip(grid, tile))
+    layout = TileLayout(tuple(grid), tuple(tile), text_before, text_after, S, nt * nh * nw, counts.shape[0],
+                        counts, gather_index, scatter_index)
+    return sparse_attention(q, k, v, grid, tile=tile, text_before=text_before, text_after=text_after,
+                            layout=layout, **kwargs)

@@ -59,7 +59,7 @@ def explain(model, *args, **kwargs) -> Explanation:
     The model runs once, eagerly. Like ``torch._dynamo.explain`` this resets Dynamo's caches
     before and after, so already-compiled models recompile on their next call.
     """
-    from passes.sites import analyze, log_dense, plan, remember_grids
+    from passes.sites import analyze, forget_grids, log_dense, plan, remember_grids
 
     model = getattr(model, "_orig_mod", model)  # an OptimizedModule from torch.compile
     cfg = current_config()
@@ -85,6 +85,7 @@ def explain(model, *args, **kwargs) -> Explanation:
         return gm.forward
 
     torch._dynamo.reset()
+    forget_grids()
     try:
         torch._dynamo.optimize(record)(model)(*args, **kwargs)
     finally:

@@ -122,20 +122,21 @@ def build_layout(grid, tile: Grid, text_before=0, text_after=0, device="cpu") ->
 
     # Text slots: the text tokens in sequence order (those before the video, then after).
     tslot = torch.arange(Mt * S, **kw)
-    text_pos = torch.where(tslot < text_before, tslot, tslot + N)
+    text_pos = torch.where(tslot < text_before, tslot, tslot + N)  # >= 0 by construction
     text_gather = torch.where(tslot < L_text, text_pos, L)
     text_counts = torch.clamp(L_text - torch.arange(Mt, **kw) * S, max=S)
 
-    # Inverse: sequence position -> slot.
+    # Inverse: sequence position -> slot. Coordinates are clamped into range for every position
+    # (values of the branch not taken stay valid indices; Inductor's range analysis needs that).
     pos = torch.arange(L, **kw)
-    n = pos - text_before
+    n = torch.clamp(pos - text_before, min=0, max=N - 1)
     t, h, w = n // (H * W), (n // W) % H, n % W
     tile_of = ((t // tt) * nh + h // th) * nw + w // tw
     at_n = torch.clamp(T - (t // tt) * tt, max=tt)
     ah_n = torch.clamp(H - (h // th) * th, max=th)
     aw_n = torch.clamp(W - (w // tw) * tw, max=tw)
     video_slot = tile_of * S + ((t % tt) * ah_n + h % th) * aw_n + w % tw
-    text_slot = Mv * S + torch.where(pos < text_before, pos, pos - N)
+    text_slot = Mv * S + torch.where(pos < text_before, pos, torch.clamp(pos - N, min=0))
     is_video = (pos >= text_before) & (pos < text_before + N)
     scatter_index = torch.where(is_video, video_slot, text_slot)
 

@@ -1,0 +1,55 @@
+"""Tiny diffusers video transformers (random weights, CPU) and their inputs (DESIGN.md §8)."""
+import torch
+
+GRID = (5, 8, 8)
+TEXT = 7
+
+
+def wan():
+    from diffusers import WanTransformer3DModel
+
+    model = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16,
+        text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, qk_norm="rms_norm_across_heads").eval()
+    g = torch.Generator().manual_seed(0)
+    args = (torch.randn(2, 16, 5, 16, 16, generator=g),)
+    kwargs = dict(timestep=torch.tensor([3, 5]), encoder_hidden_states=torch.randn(2, TEXT, 32, generator=g),
+                  return_dict=False)
+    # (self-attention sites, text before, text after)
+    return model, args, kwargs, dict(sites=2, text=(0, 0))
+
+
+def cogvideox():
+    from diffusers import CogVideoXTransformer3DModel
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+
+    model = CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, num_layers=2, patch_size=2,
+        text_embed_dim=32, time_embed_dim=32, sample_height=16, sample_width=16, sample_frames=17,
+        max_text_seq_length=TEXT, use_rotary_positional_embeddings=True).eval()
+    g = torch.Generator().manual_seed(1)
+    rope = get_3d_rotary_pos_embed(16, ((0, 0), (8, 8)), (8, 8), 5)
+    args = (torch.randn(2, 5, 4, 16, 16, generator=g),)
+    kwargs = dict(encoder_hidden_states=torch.randn(2, TEXT, 32, generator=g), timestep=torch.tensor([3, 5]),
+                  image_rotary_emb=rope, return_dict=False)
+    return model, args, kwargs, dict(sites=2, text=(TEXT, 0))
+
+
+def hunyuan():
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    model = HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
+        num_single_layers=2, num_refiner_layers=1, patch_size=2, patch_size_t=1, rope_axes_dim=(4, 6, 6),
+        text_embed_dim=32, pooled_projection_dim=8).eval()
+    g = torch.Generator().manual_seed(2)
+    mask = torch.ones(2, TEXT, dtype=torch.bool)
+    mask[1, 4:] = False  # a padded prompt
+    args = (torch.randn(2, 4, 5, 16, 16, generator=g),)
+    kwargs = dict(timestep=torch.tensor([3, 5]), encoder_hidden_states=torch.randn(2, TEXT, 32, generator=g),
+                  encoder_attention_mask=mask, pooled_projections=torch.randn(2, 8, generator=g),
+                  guidance=torch.tensor([3.0, 4.0]), return_dict=False)
+    return model, args, kwargs, dict(sites=4, text=(0, TEXT))
+
+
+MODELS = {"wan": wan, "cogvideox": cogvideox, "hunyuan": hunyuan}
