@@ -151,7 +151,11 @@ class GridWalker:
                 return GridMissing(f"non-constant permute at {node.name}")
             dims = [d % ndim for d in dims]
             return self.walk(src, tuple(dims[a] for a in axes))
-        if name in ("view", "reshape", "flatten", "unflatten", "_unsafe_view"):
+        if name == "flatten":
+            return self._through_flatten(node, axes, ndim)
+        if name == "unflatten":
+            return self._through_unflatten(node, axes)
+        if name in ("view", "reshape", "_unsafe_view"):
             return self._through_reshape(node, axes)
         if name in ("unsqueeze", "squeeze"):
             return self._through_reshape(node, axes)
@@ -182,6 +186,36 @@ class GridWalker:
         if name in _NOT_TOKEN_PRESERVING:
             return GridMissing(f"{name} at {node.name} does not preserve token order")
         return self._through_elementwise(node, axes, shape)
+
+    def _through_flatten(self, node, axes, ndim):
+        """``flatten(start, end)`` names the merged axes exactly (no size matching)."""
+        src = node.args[0]
+        in_ndim = len(tensor_shape(src) or ())
+        start = _arg(node, 1, "start_dim", 0)
+        end = _arg(node, 2, "end_dim", -1)
+        if not isinstance(start, int) or not isinstance(end, int) or in_ndim == 0:
+            return GridMissing(f"non-constant flatten at {node.name}")
+        start, end = start % in_ndim, end % in_ndim
+        new_axes = []
+        for a in axes:
+            if a < start:
+                new_axes.append(a)
+            elif a == start:
+                new_axes.extend(range(start, end + 1))
+            else:
+                new_axes.append(a + end - start)
+        return self.walk(src, tuple(new_axes))
+
+    def _through_unflatten(self, node, axes):
+        src = node.args[0]
+        in_ndim = len(tensor_shape(src) or ())
+        dim, sizes = _arg(node, 1, "dim"), _arg(node, 2, "sizes")
+        if not isinstance(dim, int) or not isinstance(sizes, (tuple, list)) or in_ndim == 0:
+            return GridMissing(f"non-constant unflatten at {node.name}")
+        dim %= in_ndim
+        n = len(sizes)
+        mapped = [a if a < dim else (dim if a < dim + n else a - n + 1) for a in axes]
+        return self.walk(src, tuple(dict.fromkeys(mapped)))
 
     def _through_reshape(self, node, axes):
         src = node.args[0]

@@ -82,6 +82,11 @@ def reshape_groups(in_shape, out_shape) -> list[tuple[list[int], list[int]]] | N
                 j += 1
             else:
                 return None
+        # Size-1 input axes right after a matched group belong to it (``[B, T, 1, 1, C] ->
+        # [B, T, C]`` keeps ``T, 1, 1`` together), unless the output has a size-1 axis there too.
+        while i < len(ins) and ins[i] == 1 and (j >= len(outs) or outs[j] != 1):
+            gi.append(i)
+            i += 1
         groups.append((gi, gj))
     return groups
 

@@ -211,6 +211,10 @@ def analyze(gm: torch.fx.GraphModule) -> list[Site]:
         result = walker.query_grid(q)
         L = q_shape[2]
         if isinstance(result, GridFound):
+            key_result = walker.query_grid(k)
+            if not (isinstance(key_result, GridFound) and _same_grid(result, key_result)):
+                site.reason = "keys do not come from the query's video tokens (not self-attention)"
+                continue
             site.grid, site.found, site.grid_source = result.sizes, result, "graph"
             span = _text_span(result, L)
             if isinstance(span, str):
@@ -227,6 +231,11 @@ def analyze(gm: torch.fx.GraphModule) -> list[Site]:
                 continue
         site.eligible = True
     return sites
+
+
+def _same_grid(a: GridFound, b: GridFound) -> bool:
+    return (len(a.sizes) == len(b.sizes) and all(same_size(x, y) for x, y in zip(a.sizes, b.sizes))
+            and same_size(a.start, b.start))
 
 
 def _text_span(found: GridFound, L) -> tuple[int, int] | str:

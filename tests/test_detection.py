@@ -1,0 +1,134 @@
+"""Hypothesis over model variants: every video self-attention is found with the right grid and
+text span; cross-attention, causal, dropout, masked and short SDPAs stay exactly as written."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+import sparse_inductor as si
+from video_dit import TinyVideoDiT
+
+
+@given(
+    # Real videos have more than a handful of tokens; a 1-token "video" is shape-ambiguous.
+    grid=st.tuples(st.integers(1, 6), st.integers(1, 7), st.integers(1, 9)).filter(lambda g: g[0] * g[1] * g[2] >= 4),
+    patch=st.sampled_from([(1, 2, 2), (2, 2, 2), (1, 1, 1), (1, 2, 1)]),
+    heads=st.sampled_from([1, 2, 4]), head_dim=st.sampled_from([8, 16]),
+    channels_last=st.booleans(), qkv_layout=st.sampled_from(["bnhd", "bhnd"]),
+    joint=st.sampled_from([None, "before", "after"]), text_len=st.integers(1, 9),
+)
+def test_video_self_attention_found_with_grid_and_span(grid, patch, heads, head_dim, channels_last, qkv_layout,
+                                                       joint, text_len):
+    model = TinyVideoDiT(dim=heads * head_dim, heads=heads, layers=2, patch=patch,
+                         channels_last=channels_last, qkv_layout=qkv_layout, joint=joint).eval()
+    latents = torch.randn(2, 4, *(g * p for g, p in zip(grid, patch)))
+    text = torch.randn(2, text_len, 16)
+    with torch.no_grad(), si.sparsity(0.5, min_tokens=0):
+        explanation = si.explain(model, latents, text)
+    rows = list(explanation)
+    assert len(rows) == 4  # per block: self-attention, cross-attention
+    span = {None: None, "before": (text_len, 0), "after": (0, text_len)}[joint]
+    for self_row, cross_row in zip(rows[::2], rows[1::2]):
+        assert self_row["decision"] == "sparse", str(explanation)
+        assert self_row["grid"] == grid and self_row["text_span"] == span
+        assert cross_row["decision"] == "dense" and "cross-attention" in cross_row["reason"]
+
+
+class OtherAttentions(nn.Module):
+    """Video tokens from a Conv3d patchify, then SDPAs the backend must leave alone."""
+
+    def __init__(self, dropout_p=0.1):
+        super().__init__()
+        self.dropout_p = dropout_p
+        self.patch = nn.Conv3d(4, 32, kernel_size=(1, 2, 2), stride=(1, 2, 2))
+
+    def forward(self, x):
+        tokens = self.patch(x).flatten(2).transpose(1, 2)  # [B, N, 32]
+        B, N, _ = tokens.shape
+        q = k = v = tokens.view(B, N, 2, 16).transpose(1, 2)
+        float_mask = torch.zeros(N, N, device=x.device)
+        bool_mask = torch.ones(B, 1, 1, N, dtype=torch.bool, device=x.device)
+        outs = [
+            F.scaled_dot_product_attention(q, k, v, is_causal=True),
+            F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout_p),
+            F.scaled_dot_product_attention(q, k, v, attn_mask=float_mask),
+            F.scaled_dot_product_attention(q, k, v, attn_mask=bool_mask),
+            F.scaled_dot_product_attention(q, k, v, scale=0.3),  # eligible: decided by min_tokens
+            torch._C._nn.scaled_dot_product_attention(q[:, :, :50], k[:, :, :50], v[:, :, :50]),
+        ]
+        return sum(o.sum() for o in outs)
+
+
+def test_other_attentions_stay_dense_with_reasons():
+    x = torch.randn(3, 4, 5, 12, 20)
+    with torch.no_grad(), si.sparsity(0.5, min_tokens=301):
+        rows = list(si.explain(OtherAttentions().train(), x))
+    reasons = [r["reason"] for r in rows]
+    assert [r["decision"] for r in rows] == ["dense"] * 6, reasons
+    assert reasons[0] == "causal attention"
+    assert reasons[1].startswith("dropout_p=0.1")
+    assert "dtype torch.float32" in reasons[2] and "key-padding" in reasons[2]
+    assert "without text tokens" in reasons[3]
+    assert reasons[4] == "300 video tokens < min_tokens=301"
+    assert "grid not found" in reasons[5] and "slice" in reasons[5]
+    with torch.no_grad(), si.sparsity(0.5, min_tokens=0):
+        rows = list(si.explain(OtherAttentions().eval(), x))
+    assert rows[4]["decision"] == "sparse" and rows[4]["grid"] == (5, 6, 10)
+
+
+def test_compiled_model_with_untouched_attentions_equals_inductor():
+    torch.manual_seed(0)
+    model = OtherAttentions(dropout_p=0.0).eval()  # dropout is random: keep outputs comparable
+    x = torch.randn(3, 4, 5, 12, 20)
+    with torch.no_grad(), si.sparsity(0.5, min_tokens=301):  # every site dense
+        got = torch.compile(model, backend="sparse_inductor")(x)
+    torch.testing.assert_close(got, model(x), rtol=1e-4, atol=1e-3)
+
+
+class BrokenPatchify(nn.Module):
+    """A graph break between the patch embedding and the attention."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = TinyVideoDiT()
+
+    def forward(self, latents, text):
+        tokens = self.inner.patch_embed(latents).flatten(2).transpose(1, 2)
+        torch._dynamo.graph_break()
+        B, N, C = tokens.shape
+        q = k = v = tokens.view(B, N, 2, 16).transpose(1, 2)
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+class PrePacked(nn.Module):
+    """Tokens arrive already flattened: no graph can prove the grid."""
+
+    def forward(self, tokens):
+        B, N, C = tokens.shape
+        q = k = v = tokens.view(B, N, 2, C // 2).transpose(1, 2)
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+def test_grid_from_earlier_graph_and_from_config():
+    latents, text = torch.randn(3, 4, 5, 12, 20), torch.randn(3, 7, 16)
+    with torch.no_grad(), si.sparsity(0.5, min_tokens=0):
+        rows = list(si.explain(BrokenPatchify(), latents, text))
+        assert rows[0]["decision"] == "sparse"
+        assert rows[0]["grid"] == (5, 6, 10) and rows[0]["grid_source"] == "earlier graph"
+        packed = torch.randn(3, 300, 32)
+        row = list(si.explain(PrePacked(), packed))[0]
+        assert row["decision"] == "dense" and "grid=(T, H, W)" in row["reason"]
+        with si.sparsity(grid=(5, 6, 10)):
+            explanation = si.explain(PrePacked(), packed)
+            row = list(explanation)[0]
+            assert row["decision"] == "sparse" and row["grid_source"] == "config"
+            assert "(5, 6, 10) (config)" in str(explanation)
+            torch._dynamo.reset()
+            got = torch.compile(PrePacked(), backend="sparse_inductor")(packed)
+        q = packed.view(3, 300, 2, 16).transpose(1, 2)
+        torch.testing.assert_close(got, si.video_sparse_attention(q, q, q, (5, 6, 10), sparsity=0.5))
+        with si.sparsity(grid=(5, 6, 11)):
+            row = list(si.explain(PrePacked(), packed))[0]
+            assert row["decision"] == "dense" and "does not match" in row["reason"]
