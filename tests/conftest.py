@@ -4,8 +4,12 @@ TRITON_INTERPRET must be set before ``kernel_templates`` is imported (``triton.j
 when the kernels are defined).
 """
 import os
+import sys
 
 import torch
+
+# The example model (examples/video_dit.py) doubles as the compiler tests' model.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:

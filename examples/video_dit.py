@@ -1,4 +1,5 @@
-"""A small 3D video DiT for the compiler tests, with the variations real models show:
+"""A small 3D video DiT (used by the demo and the compiler tests), with the variations real
+models show:
 Conv3d (channels-first) or reshape+Linear (channels-last) patchify, 3D RoPE built from
 ``arange`` grids, q/k/v as ``[B, N, H, D]`` transposed or reshaped straight to ``[B, H, N, D]``,
 self-attention through SDPA (optionally joint with a text span before or after the video),
