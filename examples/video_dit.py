@@ -32,6 +32,7 @@ def rope_3d(grid, head_dim, device):
 
 def apply_rope(x, cos, sin):
     """x: [B, N, heads, D]; rotate pairs."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
     rotated = torch.stack((-x2, x1), dim=-1).flatten(-2)
     return x * cos[None, :, None, :] + rotated * sin[None, :, None, :]

@@ -236,16 +236,29 @@ class GridWalker:
                             new_axes.append(g_in[0])
                             break
                         return GridMissing(f"reshape {node.name} splits and merges the token axis")
-                    # A merge of exactly three axes is the grid, size-1 axes included (T=1 is an
-                    # image); otherwise size-1 axes carry no tokens (a squeeze).
-                    merged = g_in if len(g_in) == 3 else (
-                        [i for i in g_in if not same_size(in_shape[i], 1)] or g_in[-1:])
-                    new_axes.extend(merged)
+                    new_axes.extend(self._merged_axes(g_in, in_shape))
                     break
         # A split of one input axis into several output axes that all belong to the token
         # state collapses back to that axis.
-        deduped = tuple(dict.fromkeys(new_axes))
-        return self.walk(src, deduped)
+        return self.walk(src, tuple(dict.fromkeys(new_axes)))
+
+    @staticmethod
+    def _merged_axes(g_in, in_shape):
+        """The input axes a merged token axis came from. Size-1 axes are ambiguous in a
+        reshape (``reshape_groups`` puts them with the group after them): three axes are the
+        grid, size-1 ones included (T = 1 is an image); fewer are completed with the size-1
+        axes right after them when that makes exactly three (``[B, T, 1, 1, C] -> [B, T, C]``);
+        otherwise size-1 axes carry no tokens (a squeeze)."""
+        if len(g_in) == 3:
+            return list(g_in)
+        if len(g_in) < 3:
+            nxt, extended = g_in[-1] + 1, list(g_in)
+            while len(extended) < 3 and nxt < len(in_shape) - 1 and same_size(in_shape[nxt], 1):
+                extended.append(nxt)
+                nxt += 1
+            if len(extended) == 3:
+                return extended
+        return [i for i in g_in if not same_size(in_shape[i], 1)] or list(g_in[-1:])
 
     def _through_getitem(self, node, axes):
         src, index = node.args

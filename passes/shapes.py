@@ -53,7 +53,7 @@ def reshape_groups(in_shape, out_shape) -> list[tuple[list[int], list[int]]] | N
     """Pair runs of input axes with runs of output axes whose size products are equal.
 
     Returns ``[(input axes, output axes), ...]`` covering both shapes in order, or None when the
-    products cannot be matched symbolically. Size-1 axes attach to the neighbouring group.
+    products cannot be matched symbolically. A size-1 axis joins the group that follows it.
     """
     ins, outs = [expr(s) for s in in_shape], [expr(s) for s in out_shape]
     groups, i, j = [], 0, 0
@@ -82,11 +82,6 @@ def reshape_groups(in_shape, out_shape) -> list[tuple[list[int], list[int]]] | N
                 j += 1
             else:
                 return None
-        # Size-1 input axes right after a matched group belong to it (``[B, T, 1, 1, C] ->
-        # [B, T, C]`` keeps ``T, 1, 1`` together), unless the output has a size-1 axis there too.
-        while i < len(ins) and ins[i] == 1 and (j >= len(outs) or outs[j] != 1):
-            gi.append(i)
-            i += 1
         groups.append((gi, gj))
     return groups
 

@@ -17,6 +17,23 @@ if not HAS_CUDA:
 
 from hypothesis import HealthCheck, settings  # noqa: E402
 
+
+def _backend_installed() -> bool:
+    from importlib.metadata import entry_points
+
+    return any(ep.name == "sparse_inductor" for ep in entry_points(group="torch_dynamo_backends"))
+
+
+BACKEND_INSTALLED = _backend_installed()
+if not BACKEND_INSTALLED:
+    # Running from a source tree on PYTHONPATH (e.g. the GPU machine) without `pip install`:
+    # register the backend by hand; test_entry_point_needs_no_import is skipped then.
+    import torch._dynamo
+
+    from sparse_inductor.backend import sparse_inductor_backend
+
+    torch._dynamo.register_backend(name="sparse_inductor")(sparse_inductor_backend)
+
 # CI (2 CPU cores) runs few examples per property; the GPU machine runs more.
 settings.register_profile(
     "cpu", max_examples=12, deadline=None, derandomize=True,

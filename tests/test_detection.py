@@ -33,7 +33,9 @@ def test_video_self_attention_found_with_grid_and_span(grid, patch, heads, head_
     for self_row, cross_row in zip(rows[::2], rows[1::2]):
         assert self_row["decision"] == "sparse", str(explanation)
         assert self_row["grid"] == grid and self_row["text_span"] == span
-        assert cross_row["decision"] == "dense" and "cross-attention" in cross_row["reason"]
+        # With as many text as video tokens the shapes match; the keys' origin still tells.
+        assert cross_row["decision"] == "dense" and ("cross-attention" in cross_row["reason"]
+                                                     or "keys do not come" in cross_row["reason"])
 
 
 class OtherAttentions(nn.Module):
