@@ -2,8 +2,6 @@
 SymInt) and the axis mapping of reshapes."""
 from __future__ import annotations
 
-import math
-
 import sympy
 import torch
 import torch.fx
@@ -92,7 +90,3 @@ def _divides(a: sympy.Expr, b: sympy.Expr) -> bool:
         return q > 1
     # Symbolic: a divides b when the quotient has no denominator.
     return sympy.fraction(sympy.together(q))[1] == 1
-
-
-def product(sizes):
-    return math.prod(sizes)
