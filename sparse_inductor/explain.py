@@ -84,10 +84,10 @@ def explain(model, *args, **kwargs) -> Explanation:
         graph_index[0] += 1
         return gm.forward
 
-    torch._dynamo.reset()
+    torch.compiler.reset()
     forget_grids()
     try:
-        torch._dynamo.optimize(record)(model)(*args, **kwargs)
+        torch.compile(model, backend=record)(*args, **kwargs)
     finally:
-        torch._dynamo.reset()
+        torch.compiler.reset()
     return Explanation(rows)
