@@ -17,7 +17,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-from .grid import GridFound, GridMissing, GridWalker
+from .grid import GridFound, GridWalker
 from .shapes import same_size, size_hint, static_int, tensor_shape
 
 log = logging.getLogger("sparse_inductor")

@@ -132,7 +132,6 @@ def build_layout(grid, tile: Grid, text_before=0, text_after=0, device="cpu") ->
     n = torch.clamp(pos - text_before, min=0, max=N - 1)
     t, h, w = n // (H * W), (n // W) % H, n % W
     tile_of = ((t // tt) * nh + h // th) * nw + w // tw
-    at_n = torch.clamp(T - (t // tt) * tt, max=tt)
     ah_n = torch.clamp(H - (h // th) * th, max=th)
     aw_n = torch.clamp(W - (w // tw) * tw, max=tw)
     video_slot = tile_of * S + ((t % tt) * ah_n + h % th) * aw_n + w % tw

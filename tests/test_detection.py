@@ -1,6 +1,5 @@
 """Hypothesis over model variants: every video self-attention is found with the right grid and
 text span; cross-attention, causal, dropout, masked and short SDPAs stay exactly as written."""
-import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
