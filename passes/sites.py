@@ -17,13 +17,13 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
+from sparse_inductor.api import MAX_HEAD_DIM, SUPPORTED_DTYPES
+
 from .grid import GridFound, GridWalker
 from .shapes import same_size, size_hint, static_int, tensor_shape
 
 log = logging.getLogger("sparse_inductor")
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_HEAD_DIM = 256
 SDPA_ARG_NAMES = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 

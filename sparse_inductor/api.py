@@ -9,18 +9,13 @@ from torch import Tensor
 
 from . import ops  # noqa: F401  (registers the custom ops)
 from .attention import sparse_attention
+from .config import check_sparsity
 from .layout import TileLayout, check_grid_and_tile, tile_layout, to_tiles
 from .selection import BlockSelection, select_tiles
 
 #: dtypes the op accepts (float64 only on CPU, where it is the reference's precision).
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
-
-
-def check_sparsity(sparsity) -> float:
-    if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real) or not (0.0 <= float(sparsity) < 1.0):
-        raise ValueError(f"sparsity must be a number in [0, 1) (the fraction of KV tiles skipped), got {sparsity!r}")
-    return float(sparsity)
 
 
 def _check_tensors(names_and_tensors) -> None:

@@ -63,12 +63,16 @@ class SparseInductorGraph:
         self.mode_patches = _mode_patches(mode)
         remember_grids(gm)
         self.sites = analyze(gm)
-        self.variants: dict = {}
+        self.variants: dict = {}  # plan key -> compiled variant
+        self._by_config: dict = {}  # config -> compiled variant (skips re-planning on every call)
         self.tracing_context = _compat.current_tracing_context()
         self.compiled_keys: list = []  # in compile order, for tests and diagnostics
         self.variant_for(current_config(self.base_config))  # compile now, inside Dynamo's context
 
     def variant_for(self, cfg):
+        fn = self._by_config.get(cfg)
+        if fn is not None:
+            return fn
         from passes.sites import log_dense, plan, plan_key
 
         decisions = plan(self.sites, cfg)
@@ -79,6 +83,7 @@ class SparseInductorGraph:
             fn = self._compile(decisions, cfg.tile, key)
             self.variants[key] = fn
             self.compiled_keys.append(key)
+        self._by_config[cfg] = fn
         return fn
 
     def _compile(self, decisions, tile, key):

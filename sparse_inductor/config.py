@@ -52,13 +52,8 @@ class SparsityConfig:
                 return value
         return self.sparsity
 
-    @property
-    def is_dense(self) -> bool:
-        """True when every site would run dense (sparsity 0 everywhere)."""
-        return self.sparsity == 0.0 and all(v == 0.0 for _, v in self.layers)
 
-
-def _check_sparsity_value(name: str, value) -> float:
+def check_sparsity(value, name: str = "sparsity") -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (0.0 <= float(value) < 1.0):
         raise ValueError(f"{name} must be a number in [0, 1) (the fraction of KV tiles skipped), got {value!r}")
     return float(value)
@@ -69,7 +64,7 @@ def make_config(base: SparsityConfig, sparsity=_UNSET, *, tile=_UNSET, min_token
     """``base`` with the given fields replaced, each validated."""
     changes = {}
     if sparsity is not _UNSET:
-        changes["sparsity"] = _check_sparsity_value("sparsity", sparsity)
+        changes["sparsity"] = check_sparsity(sparsity)
     if tile is not _UNSET:
         changes["tile"] = check_grid_and_tile((1, 1, 1), tile)[1]
     if min_tokens is not _UNSET:
@@ -82,7 +77,7 @@ def make_config(base: SparsityConfig, sparsity=_UNSET, *, tile=_UNSET, min_token
         if not isinstance(layers, dict) or not all(isinstance(p, str) for p in layers):
             raise ValueError("layers must be a dict {module path pattern (str): sparsity}, "
                              f"e.g. {{'blocks.0.*': 0.0}}, got {layers!r}")
-        changes["layers"] = tuple((p, _check_sparsity_value(f"layers[{p!r}]", v)) for p, v in layers.items())
+        changes["layers"] = tuple((p, check_sparsity(v, f"layers[{p!r}]")) for p, v in layers.items())
     if grid is not _UNSET:
         changes["grid"] = None if grid is None else check_grid_and_tile(grid, (1, 1, 1))[0]
     return replace(base, **changes)
