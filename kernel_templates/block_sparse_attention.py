@@ -1,11 +1,23 @@
-"""Block-sparse attention kernels (forward and backward) in Triton.
+"""Block-sparse attention kernels (forward and backward) in Triton: the one source of the math.
 
-All tensors are in tile-major order: ``[B, H, M * BLOCK, D]`` with ``M`` blocks of ``BLOCK``
-slots, the valid slots of a block first (``*_COUNTS[m]`` of them). Selections follow
-FlexAttention's conventions: query-major ``KV_NUM_BLOCKS[B, H, Mq]`` / ``KV_INDICES[B, H, Mq,
-MAX_KV]`` for the forward and dQ, kv-major ``Q_NUM_BLOCKS[B, H, Mk]`` / ``Q_INDICES[B, H, Mk,
-MAX_Q]`` for dK/dV. Count tensors are ``[M]`` (shared by the batch, batch stride 0) or ``[B, M]``. Padding slots are never read (masked loads with ``other=0``) and never
-contribute to a softmax or a gradient, so whatever they hold cannot change a result.
+Tensors stay in sequence order, ``[B, H, L, D]`` with any batch/head/token strides and a unit
+feature stride. The block layout is given by *slot* tables: ``SLOTS[b, m * BLOCK + j]`` is the
+sequence position held by slot ``j`` of block ``m`` (``-1`` for a padding slot), and
+``COUNTS[b, m]`` how many leading slots of block ``m`` take part in the attention. Kernels
+gather their rows through the slot table and scatter results back to the same positions, so no
+permuted copy of Q, K, V or O is ever made. Slot and count tables are ``[B, n]`` (a batch
+stride of 0 shares one table). A slot at or past its block's count is never loaded and never
+contributes to a softmax or a gradient; its row is still written when it holds a real position
+(a text key hidden by a key-padding mask gets dK = dV = 0).
+
+Selections follow FlexAttention's conventions: query-major ``KV_NUM_BLOCKS[B, H, Mq]`` /
+``KV_INDICES[B, H, Mq, MAX_KV]`` for the forward and dQ, kv-major ``Q_NUM_BLOCKS[B, H, Mk]`` /
+``Q_INDICES[B, H, Mk, MAX_Q]`` for dK/dV (all contiguous).
+
+The ``*_tile`` functions hold all arithmetic. Two thin entry points use them: the ``*_kernel``
+functions below (launched directly by the eager op) and the Inductor templates of
+:mod:`kernel_templates.inductor_templates`, which embed these functions' source and differ only
+in how the main output is stored (Inductor's ``store_output``, where epilogues fuse).
 
 Softmax runs in base 2 (``exp2`` with log2(e) folded into the scale); LSE is stored in natural
 log units, like SDPA's.
@@ -26,35 +38,38 @@ def _dot(a, b, UPCAST: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _load_block(base, block, count, stride_n, offs_n, offs_d, HEAD_DIM):
-    rows = block * offs_n.shape[0] + offs_n
-    mask = (offs_n < count)[:, None] & (offs_d < HEAD_DIM)[None, :]
+def _block_rows(SLOTS, stride_sb, COUNTS, stride_cb, b, block, offs):
+    """Sequence positions of a block's slots (-1 = padding) and which slots take part."""
+    count = tl.load(COUNTS + b * stride_cb + block)
+    rows = tl.load(SLOTS + b * stride_sb + block * offs.shape[0] + offs)
+    return rows, offs < count
+
+
+@triton.jit
+def _load_rows(base, rows, valid, stride_n, offs_d, HEAD_DIM):
+    mask = valid[:, None] & (offs_d < HEAD_DIM)[None, :]
     return tl.load(base + rows[:, None] * stride_n + offs_d[None, :], mask=mask, other=0.0)
 
 
 @triton.jit
-def block_sparse_attn_fwd_kernel(
-    Q, K, V, O, LSE,
-    Q_COUNTS, KV_COUNTS, KV_NUM_BLOCKS, KV_INDICES,
-    sm_scale, stride_qcb, stride_kvcb,
+def fwd_tile(
+    Q, K, V, LSE, Q_SLOTS, KV_SLOTS, Q_COUNTS, KV_COUNTS, KV_NUM_BLOCKS, KV_INDICES,
+    b, h, m, H, L_Q, NUM_Q_BLOCKS, MAX_KV, HEAD_DIM, sm_scale,
+    stride_qsb, stride_kvsb, stride_qcb, stride_kvcb,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
-    stride_ob, stride_oh, stride_on,
-    H, NUM_Q_BLOCKS, MAX_KV, HEAD_DIM,
     BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_m = tl.arange(0, BLOCK)
-    offs_n = tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, BLOCK_D)
-    q_count = tl.load(Q_COUNTS + b * stride_qcb + pid_m)
-    row_valid = offs_m < q_count
+    """One query block of one head: flash-style online softmax over its listed KV blocks.
 
-    q = _load_block(Q + b * stride_qb + h * stride_qh, pid_m, q_count, stride_qn, offs_m, offs_d, HEAD_DIM)
+    Stores LSE (contiguous ``[B, H, L_Q]``); returns the normalised output tile (fp32), its rows
+    and the store mask for the caller to write O.
+    """
+    offs = tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_rows, row_valid = _block_rows(Q_SLOTS, stride_qsb, Q_COUNTS, stride_qcb, b, m, offs)
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, q_rows, row_valid, stride_qn, offs_d, HEAD_DIM)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
     qk_scale = sm_scale * 1.4426950408889634
@@ -63,15 +78,15 @@ def block_sparse_attn_fwd_kernel(
     l_i = tl.zeros([BLOCK], tl.float32)
     acc = tl.zeros([BLOCK, BLOCK_D], tl.float32)
 
-    list_row = pid_bh * NUM_Q_BLOCKS + pid_m
+    list_row = (b * H + h) * NUM_Q_BLOCKS + m
     n_kv = tl.load(KV_NUM_BLOCKS + list_row)
     for j in range(0, n_kv):
         kb = tl.load(KV_INDICES + list_row * MAX_KV + j)
-        kv_count = tl.load(KV_COUNTS + b * stride_kvcb + kb)
-        k = _load_block(k_base, kb, kv_count, stride_kn, offs_n, offs_d, HEAD_DIM)
-        v = _load_block(v_base, kb, kv_count, stride_vn, offs_n, offs_d, HEAD_DIM)
+        kv_rows, col_valid = _block_rows(KV_SLOTS, stride_kvsb, KV_COUNTS, stride_kvcb, b, kb, offs)
+        k = _load_rows(k_base, kv_rows, col_valid, stride_kn, offs_d, HEAD_DIM)
+        v = _load_rows(v_base, kv_rows, col_valid, stride_vn, offs_d, HEAD_DIM)
         s = _dot(q, tl.trans(k), UPCAST, IEEE) * qk_scale
-        s = tl.where((offs_n < kv_count)[None, :], s, float("-inf"))
+        s = tl.where(col_valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row that has seen only masked columns keeps m = -inf; shift by 0 to avoid inf - inf.
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -83,116 +98,100 @@ def block_sparse_attn_fwd_kernel(
 
     has_mass = l_i > 0.0
     out = acc / tl.where(has_mass, l_i, 1.0)[:, None]
-    out = tl.where(row_valid[:, None], out, 0.0)
     lse = tl.where(has_mass, (m_i + tl.math.log2(tl.where(has_mass, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-    lse = tl.where(row_valid, lse, 0.0)
-
-    rows = pid_m * BLOCK + offs_m
-    o_ptrs = O + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + offs_d[None, :]
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_d < HEAD_DIM)[None, :])
-    # LSE is contiguous [B, H, Mq * BLOCK].
-    tl.store(LSE + pid_bh * NUM_Q_BLOCKS * BLOCK + rows, lse)
+    stored = q_rows >= 0
+    tl.store(LSE + (b * H + h) * L_Q + q_rows, lse, mask=stored)
+    mask = stored[:, None] & (offs_d < HEAD_DIM)[None, :]
+    return out, q_rows, offs_d, mask
 
 
 @triton.jit
-def block_sparse_attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ,
-    Q_COUNTS, KV_COUNTS, KV_NUM_BLOCKS, KV_INDICES,
-    sm_scale, stride_qcb, stride_kvcb,
+def dq_tile(
+    Q, K, V, DO, LSE, DELTA, DQ, Q_SLOTS, KV_SLOTS, Q_COUNTS, KV_COUNTS, KV_NUM_BLOCKS, KV_INDICES,
+    b, h, m, H, L_Q, NUM_Q_BLOCKS, MAX_KV, HEAD_DIM, sm_scale,
+    stride_qsb, stride_kvsb, stride_qcb, stride_kvcb,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_don,
     stride_dqb, stride_dqh, stride_dqn,
-    H, NUM_Q_BLOCKS, MAX_KV, HEAD_DIM,
     BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_m = tl.arange(0, BLOCK)
-    offs_n = tl.arange(0, BLOCK)
+    """dQ of one query block of one head, walking its KV list; stores dQ."""
+    offs = tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
-    q_count = tl.load(Q_COUNTS + b * stride_qcb + pid_m)
-    row_valid = offs_m < q_count
-    rows = pid_m * BLOCK + offs_m
-
-    q = _load_block(Q + b * stride_qb + h * stride_qh, pid_m, q_count, stride_qn, offs_m, offs_d, HEAD_DIM)
-    do = _load_block(DO + b * stride_dob + h * stride_doh, pid_m, q_count, stride_don, offs_m, offs_d, HEAD_DIM)
-    row_stats = pid_bh * NUM_Q_BLOCKS * BLOCK + rows
-    lse2 = tl.load(LSE + row_stats) * 1.4426950408889634
-    delta = tl.load(DELTA + row_stats)
+    q_rows, row_valid = _block_rows(Q_SLOTS, stride_qsb, Q_COUNTS, stride_qcb, b, m, offs)
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, q_rows, row_valid, stride_qn, offs_d, HEAD_DIM)
+    do = _load_rows(DO + b * stride_dob + h * stride_doh, q_rows, row_valid, stride_don, offs_d, HEAD_DIM)
+    stats = (b * H + h) * L_Q + q_rows
+    lse2 = tl.load(LSE + stats, mask=row_valid, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + stats, mask=row_valid, other=0.0)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
     qk_scale = sm_scale * 1.4426950408889634
 
     dq = tl.zeros([BLOCK, BLOCK_D], tl.float32)
-    list_row = pid_bh * NUM_Q_BLOCKS + pid_m
+    list_row = (b * H + h) * NUM_Q_BLOCKS + m
     n_kv = tl.load(KV_NUM_BLOCKS + list_row)
     for j in range(0, n_kv):
         kb = tl.load(KV_INDICES + list_row * MAX_KV + j)
-        kv_count = tl.load(KV_COUNTS + b * stride_kvcb + kb)
-        k = _load_block(k_base, kb, kv_count, stride_kn, offs_n, offs_d, HEAD_DIM)
-        v = _load_block(v_base, kb, kv_count, stride_vn, offs_n, offs_d, HEAD_DIM)
+        kv_rows, col_valid = _block_rows(KV_SLOTS, stride_kvsb, KV_COUNTS, stride_kvcb, b, kb, offs)
+        k = _load_rows(k_base, kv_rows, col_valid, stride_kn, offs_d, HEAD_DIM)
+        v = _load_rows(v_base, kv_rows, col_valid, stride_vn, offs_d, HEAD_DIM)
         s = _dot(q, tl.trans(k), UPCAST, IEEE) * qk_scale
-        valid = row_valid[:, None] & (offs_n < kv_count)[None, :]
+        valid = row_valid[:, None] & col_valid[None, :]
         p = tl.where(valid, tl.math.exp2(s - lse2[:, None]), 0.0)
         dp = _dot(do, tl.trans(v), UPCAST, IEEE)
-        # where, not a multiply: delta of a padding row may be anything (0 * NaN = NaN).
+        # where, not a multiply: a masked product may hold inf - inf (0 * NaN = NaN).
         ds = tl.where(valid, p * (dp - delta[:, None]), 0.0)
         dq += _dot(ds.to(k.dtype), k, UPCAST, IEEE)
 
     dq = dq * sm_scale
-    dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqn + offs_d[None, :]
-    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=(offs_d < HEAD_DIM)[None, :])
+    mask = (q_rows >= 0)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + q_rows[:, None] * stride_dqn + offs_d[None, :]
+    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def block_sparse_attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV,
-    Q_COUNTS, KV_COUNTS, Q_NUM_BLOCKS, Q_INDICES,
-    sm_scale, stride_qcb, stride_kvcb,
+def dkdv_tile(
+    Q, K, V, DO, LSE, DELTA, DV, Q_SLOTS, KV_SLOTS, Q_COUNTS, KV_COUNTS, Q_NUM_BLOCKS, Q_INDICES,
+    b, h, n, H, L_Q, NUM_KV_BLOCKS, MAX_Q, HEAD_DIM, sm_scale,
+    stride_qsb, stride_kvsb, stride_qcb, stride_kvcb,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_don,
-    stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
-    H, NUM_Q_BLOCKS, NUM_KV_BLOCKS, MAX_Q, HEAD_DIM,
     BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_m = tl.arange(0, BLOCK)
-    offs_n = tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, BLOCK_D)
-    kv_count = tl.load(KV_COUNTS + b * stride_kvcb + pid_n)
-    col_valid = offs_n < kv_count
+    """dK and dV of one KV block of one head, walking its (transposed) query list.
 
-    k = _load_block(K + b * stride_kb + h * stride_kh, pid_n, kv_count, stride_kn, offs_n, offs_d, HEAD_DIM)
-    v = _load_block(V + b * stride_vb + h * stride_vh, pid_n, kv_count, stride_vn, offs_n, offs_d, HEAD_DIM)
+    Stores dV; returns dK (fp32), its rows and the store mask for the caller to write dK.
+    """
+    offs = tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    kv_rows, col_valid = _block_rows(KV_SLOTS, stride_kvsb, KV_COUNTS, stride_kvcb, b, n, offs)
+    k = _load_rows(K + b * stride_kb + h * stride_kh, kv_rows, col_valid, stride_kn, offs_d, HEAD_DIM)
+    v = _load_rows(V + b * stride_vb + h * stride_vh, kv_rows, col_valid, stride_vn, offs_d, HEAD_DIM)
     q_base = Q + b * stride_qb + h * stride_qh
     do_base = DO + b * stride_dob + h * stride_doh
+    stats_base = (b * H + h) * L_Q
     qk_scale = sm_scale * 1.4426950408889634
 
     dk = tl.zeros([BLOCK, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK, BLOCK_D], tl.float32)
-    list_row = pid_bh * NUM_KV_BLOCKS + pid_n
+    list_row = (b * H + h) * NUM_KV_BLOCKS + n
     n_q = tl.load(Q_NUM_BLOCKS + list_row)
     for i in range(0, n_q):
         qb = tl.load(Q_INDICES + list_row * MAX_Q + i)
-        q_count = tl.load(Q_COUNTS + b * stride_qcb + qb)
-        q = _load_block(q_base, qb, q_count, stride_qn, offs_m, offs_d, HEAD_DIM)
-        do = _load_block(do_base, qb, q_count, stride_don, offs_m, offs_d, HEAD_DIM)
-        row_stats = pid_bh * NUM_Q_BLOCKS * BLOCK + qb * BLOCK + offs_m
-        lse2 = tl.load(LSE + row_stats) * 1.4426950408889634
-        delta = tl.load(DELTA + row_stats)
+        q_rows, row_valid = _block_rows(Q_SLOTS, stride_qsb, Q_COUNTS, stride_qcb, b, qb, offs)
+        q = _load_rows(q_base, q_rows, row_valid, stride_qn, offs_d, HEAD_DIM)
+        do = _load_rows(do_base, q_rows, row_valid, stride_don, offs_d, HEAD_DIM)
+        lse2 = tl.load(LSE + stats_base + q_rows, mask=row_valid, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + stats_base + q_rows, mask=row_valid, other=0.0)
         # Transposed scores: [kv slots, q slots].
         s_t = _dot(k, tl.trans(q), UPCAST, IEEE) * qk_scale
-        valid = col_valid[:, None] & (offs_m < q_count)[None, :]
+        valid = col_valid[:, None] & row_valid[None, :]
         p_t = tl.where(valid, tl.math.exp2(s_t - lse2[None, :]), 0.0)
         dv += _dot(p_t.to(do.dtype), do, UPCAST, IEEE)
         dp_t = _dot(v, tl.trans(do), UPCAST, IEEE)
@@ -200,9 +199,76 @@ def block_sparse_attn_bwd_dkdv_kernel(
         dk += _dot(ds_t.to(q.dtype), q, UPCAST, IEEE)
 
     dk = dk * sm_scale
-    rows = pid_n * BLOCK + offs_n
-    d_mask = (offs_d < HEAD_DIM)[None, :]
-    tl.store(DK + b * stride_dkb + h * stride_dkh + rows[:, None] * stride_dkn + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=d_mask)
-    tl.store(DV + b * stride_dvb + h * stride_dvh + rows[:, None] * stride_dvn + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=d_mask)
+    mask = (kv_rows >= 0)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    dv_ptrs = DV + b * stride_dvb + h * stride_dvh + kv_rows[:, None] * stride_dvn + offs_d[None, :]
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=mask)
+    return dk, kv_rows, offs_d, mask
+
+
+# --------------------------------------------------------------------------------------------
+# Entry points of the eager op. Grid: forward (Mq, B * H); backward (Mk + Mq, B * H), the first
+# Mk programs computing dK/dV, the rest dQ (one launch, no atomics).
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def block_sparse_attn_fwd_kernel(
+    Q, K, V, O, LSE, Q_SLOTS, KV_SLOTS, Q_COUNTS, KV_COUNTS, KV_NUM_BLOCKS, KV_INDICES,
+    sm_scale, H, L_Q, NUM_Q_BLOCKS, MAX_KV, HEAD_DIM,
+    stride_qsb, stride_kvsb, stride_qcb, stride_kvcb,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on,
+    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    m = tl.program_id(0)
+    b = tl.program_id(1) // H
+    h = tl.program_id(1) % H
+    out, rows, offs_d, mask = fwd_tile(
+        Q, K, V, LSE, Q_SLOTS, KV_SLOTS, Q_COUNTS, KV_COUNTS, KV_NUM_BLOCKS, KV_INDICES,
+        b, h, m, H, L_Q, NUM_Q_BLOCKS, MAX_KV, HEAD_DIM, sm_scale,
+        stride_qsb, stride_kvsb, stride_qcb, stride_kvcb,
+        stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+        BLOCK, BLOCK_D, UPCAST, IEEE,
+    )
+    o_ptrs = O + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + offs_d[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def block_sparse_attn_bwd_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, DK, DV,
+    Q_SLOTS, KV_SLOTS, Q_COUNTS, KV_COUNTS, KV_NUM_BLOCKS, KV_INDICES, Q_NUM_BLOCKS, Q_INDICES,
+    sm_scale, H, L_Q, NUM_Q_BLOCKS, NUM_KV_BLOCKS, MAX_KV, MAX_Q, HEAD_DIM,
+    stride_qsb, stride_kvsb, stride_qcb, stride_kvcb,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_don,
+    stride_dqb, stride_dqh, stride_dqn,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = tl.program_id(1) // H
+    h = tl.program_id(1) % H
+    if pid < NUM_KV_BLOCKS:
+        dk, rows, offs_d, mask = dkdv_tile(
+            Q, K, V, DO, LSE, DELTA, DV, Q_SLOTS, KV_SLOTS, Q_COUNTS, KV_COUNTS, Q_NUM_BLOCKS, Q_INDICES,
+            b, h, pid, H, L_Q, NUM_KV_BLOCKS, MAX_Q, HEAD_DIM, sm_scale,
+            stride_qsb, stride_kvsb, stride_qcb, stride_kvcb,
+            stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+            stride_dob, stride_doh, stride_don, stride_dvb, stride_dvh, stride_dvn,
+            BLOCK, BLOCK_D, UPCAST, IEEE,
+        )
+        dk_ptrs = DK + b * stride_dkb + h * stride_dkh + rows[:, None] * stride_dkn + offs_d[None, :]
+        tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=mask)
+    else:
+        dq_tile(
+            Q, K, V, DO, LSE, DELTA, DQ, Q_SLOTS, KV_SLOTS, Q_COUNTS, KV_COUNTS, KV_NUM_BLOCKS, KV_INDICES,
+            b, h, pid - NUM_KV_BLOCKS, H, L_Q, NUM_Q_BLOCKS, MAX_KV, HEAD_DIM, sm_scale,
+            stride_qsb, stride_kvsb, stride_qcb, stride_kvcb,
+            stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+            stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
+            BLOCK, BLOCK_D, UPCAST, IEEE,
+        )

@@ -48,3 +48,76 @@ def mode_options(mode: str) -> dict:
     from torch._inductor import list_mode_options
 
     return dict(list_mode_options(mode))
+
+
+# --------------------------------------------------------------------------------------------
+# Inductor lowering API (used by sparse_inductor.lowering only).
+# --------------------------------------------------------------------------------------------
+class InductorAPI:
+    """The private ``torch._inductor`` names the template lowering needs, resolved once."""
+
+    def __init__(self):
+        import inspect
+
+        import sympy
+        from torch._inductor import config, ir, lowering, select_algorithm
+        from torch._inductor.virtualized import V
+
+        self.config = config
+        self.sympy = sympy
+        self.V = V
+        self.FixedLayout = ir.FixedLayout
+        self.ExternKernel = ir.ExternKernel
+        self.FlexibleLayout = ir.FlexibleLayout
+        self.register_lowering = lowering.register_lowering
+        self.fallback_handler = lowering.fallback_handler
+        self.empty_strided = lowering.empty_strided
+        self.lowerings = lowering.lowerings
+        self.TritonTemplate = select_algorithm.TritonTemplate
+        self.SymbolicGridFn = select_algorithm.SymbolicGridFn
+        self._autotune = select_algorithm.autotune_select_algorithm
+        self._template_takes_freeze = "always_freeze_layout" in inspect.signature(
+            select_algorithm.TritonTemplate.__init__).parameters
+
+    def triton_template(self, name: str, grid, source: str):
+        # 2.13 grew ``always_freeze_layout``; our lowering freezes its inputs itself either way.
+        extra = {"always_freeze_layout": True} if self._template_takes_freeze else {}
+        return self.TritonTemplate(name=name, grid=grid, source=source, **extra)
+
+    def autotune(self, name, choices, input_nodes, layout, input_gen_fns):
+        """``autotune_select_algorithm``: a node in 2.11, ``(node, choice)`` in 2.13."""
+        result = self._autotune(name, choices, input_nodes, layout, input_gen_fns=input_gen_fns)
+        return result[0] if isinstance(result, tuple) else result
+
+    def hint(self, expr) -> int:
+        """An int for a (possibly symbolic) size: ``optimization_hint`` exists in 2.11 and 2.13
+        (``size_hint`` is gone in 2.13)."""
+        return int(self.V.graph.sizevars.optimization_hint(expr))
+
+    def fake_output_size_stride(self, index: int):
+        """Sizes and strides (sympy) of output ``index`` of the FX node being lowered, as its
+        fake implementation computed them; the template's layout must match them."""
+        fake = self.V.graph.current_node.meta["val"][index]
+
+        def expr(s):
+            return s.node.expr if isinstance(s, torch.SymInt) else self.sympy.Integer(s)
+
+        return [expr(s) for s in fake.shape], [expr(s) for s in fake.stride()]
+
+    def fixed_input(self, x):
+        """Realize ``x`` with a unit last stride and freeze its layout, so the template's strides
+        are final."""
+        x = self.ExternKernel.require_stride1(self.ExternKernel.realize_input(x))
+        if isinstance(x.get_layout(), self.FlexibleLayout):
+            x.freeze_layout()
+        return x
+
+    def contiguous_input(self, x):
+        x = self.ExternKernel.require_contiguous(self.ExternKernel.realize_input(x))
+        if isinstance(x.get_layout(), self.FlexibleLayout):
+            x.freeze_layout()
+        return x
+
+
+def inductor_api() -> InductorAPI:
+    return InductorAPI()

@@ -10,7 +10,7 @@ from torch import Tensor
 from . import ops  # noqa: F401  (registers the custom ops)
 from .attention import sparse_attention
 from .config import check_sparsity
-from .layout import TileLayout, check_grid_and_tile, tile_layout, to_tiles
+from .layout import TileLayout, check_grid_and_tile, tile_layout
 from .selection import BlockSelection, select_tiles
 
 #: dtypes the op accepts (float64 only on CPU, where it is the reference's precision).
@@ -59,8 +59,8 @@ def _prepare(q: Tensor, k: Tensor, grid, tile, sparsity, scale) -> tuple[TileLay
     return tile_layout(grid, tile, q.device), float(scale), sparsity
 
 
-def _select(q_tiles: Tensor, k_tiles: Tensor, layout: TileLayout, sparsity: float, scale: float) -> BlockSelection:
-    kv_num_blocks, kv_indices = select_tiles(q_tiles, k_tiles, layout, sparsity, scale)
+def _select(q: Tensor, k: Tensor, layout: TileLayout, sparsity: float, scale: float) -> BlockSelection:
+    kv_num_blocks, kv_indices = select_tiles(q, k, layout, sparsity, scale)
     return BlockSelection(kv_num_blocks, kv_indices, layout.counts, layout.block_size, layout.grid, layout.tile)
 
 
@@ -83,7 +83,7 @@ def select_blocks(q: Tensor, k: Tensor, grid, *, sparsity: float = 0.875, tile=(
     _check_tensors([("q", q), ("k", k)])
     layout, scale, sparsity = _prepare(q, k, grid, tile, sparsity, scale)
     with torch.no_grad():
-        return _select(to_tiles(q, layout), to_tiles(k, layout), layout, sparsity, scale)
+        return _select(q, k, layout, sparsity, scale)
 
 
 def video_sparse_attention(q: Tensor, k: Tensor, v: Tensor, grid, *, sparsity: float = 0.875,

@@ -10,29 +10,28 @@ import torch
 from torch import Tensor
 
 from . import ops  # noqa: F401  (registers the custom ops)
-from .layout import TileLayout, build_layout, from_tiles, to_tiles
+from .layout import TileLayout, build_layout
 from .selection import select_tiles
 
 
 def _text_valid_first(layout: TileLayout, key_padding_mask: Tensor):
-    """Per-batch gather/scatter indices that put each batch's unmasked text keys first, and the
-    per-batch KV counts that exclude the masked ones (DESIGN.md §3.5 with a key-padding mask).
+    """Per-batch KV slot tables that put each batch's unmasked text keys first, and per-batch KV
+    counts that exclude the masked ones (DESIGN.md §3.5 with a key-padding mask).
 
-    Text queries stay valid (their block counts are unchanged); only keys are masked.
+    Text queries stay valid (their block counts are unchanged); only keys are masked. A masked
+    key keeps its slot past the count: never attended, and its dK/dV row is written as 0.
     """
     B = key_padding_mask.shape[0]
     keep = key_padding_mask.reshape(B, -1)  # [B, L] True = attend
     S, Mv = layout.block_size, layout.num_video_tiles
     video_slots = Mv * S
     L_text = layout.text_before + layout.text_after
-    text_gather = layout.gather_index[video_slots: video_slots + L_text]  # text positions, in order
-    order = torch.sort((~keep[:, text_gather]).to(torch.int8), dim=1, stable=True).indices  # [B, Lt]
-    gather = layout.gather_index.expand(B, -1).clone()
-    gather[:, video_slots: video_slots + L_text] = text_gather[order]
-    rank = torch.argsort(order, dim=1)  # text token r now sits at slot rank[r]
-    scatter = layout.scatter_index.expand(B, -1).clone()
-    scatter[:, text_gather] = video_slots + rank
-    n_valid = keep[:, text_gather].sum(1, keepdim=True)  # [B, 1]
+    slots = layout.slots
+    text_pos = slots[video_slots: video_slots + L_text].long()  # text positions, in order
+    order = torch.sort((~keep[:, text_pos]).to(torch.int8), dim=1, stable=True).indices  # [B, Lt]
+    kv_slots = slots.expand(B, -1).clone()
+    kv_slots[:, video_slots: video_slots + L_text] = text_pos[order].to(torch.int32)
+    n_valid = keep[:, text_pos].sum(1, keepdim=True)  # [B, 1]
     text_blocks = torch.arange(layout.num_tiles - Mv, device=keep.device)
     text_counts = torch.clamp(n_valid - text_blocks * S, min=0, max=S)
     kv_counts = torch.cat([layout.counts[:Mv].expand(B, -1), text_counts.to(torch.int32)], dim=1)
@@ -40,14 +39,7 @@ def _text_valid_first(layout: TileLayout, key_padding_mask: Tensor):
     # pad text, and this check makes a violation loud instead of wrong.
     video_keep = keep[:, layout.text_before: layout.text_before + layout.num_video_tokens]
     torch._assert_async(video_keep.all(), "sparse_inductor: attn_mask masks video keys")
-    return gather, scatter, kv_counts.contiguous()
-
-
-def _gather_tokens(x: Tensor, index: Tensor) -> Tensor:
-    """``x[b, h, index[b, j], :]`` for per-batch indices ``[B, J]`` (a zero row at position L)."""
-    B, H, _, D = x.shape
-    padded = torch.cat([x, x.new_zeros(B, H, 1, D)], dim=2)
-    return torch.gather(padded, 2, index[:, None, :, None].expand(B, H, index.shape[1], D))
+    return kv_slots, kv_counts.contiguous()
 
 
 def sparse_attention(q: Tensor, k: Tensor, v: Tensor, grid, *, sparsity: float, tile, scale: float | None = None,
@@ -60,25 +52,26 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, grid, *, sparsity: float, 
     True = attend) may mask text keys only. Inputs are assumed validated by the caller.
     ``layout`` may pass a cached layout (eager use); otherwise the index arithmetic is built
     here, which inside a compiled graph becomes part of the graph (symbolic sizes allowed).
+
+    No permuted copy of Q, K, V or the output is made: the kernels gather and scatter rows
+    through the layout's slot table, and the output comes back laid out like ``q``.
     """
     if layout is None:
         layout = build_layout(grid, tile, text_before, text_after, q.device)
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    kv_counts = layout.counts
+    B = q.shape[0]
+    q_slots = layout.slots.expand(B, -1)
+    q_counts = layout.counts.expand(B, -1)
     if key_padding_mask is None:
-        q_t, k_t, v_t = (to_tiles(x, layout) for x in (q, k, v))
+        kv_slots, kv_counts = q_slots, q_counts
     else:
-        gather, scatter, kv_counts = _text_valid_first(layout, key_padding_mask)
-        q_t, k_t, v_t = (_gather_tokens(x, gather) for x in (q, k, v))
+        kv_slots, kv_counts = _text_valid_first(layout, key_padding_mask)
     with torch.no_grad():
-        kv_num_blocks, kv_indices = select_tiles(q_t.detach(), k_t.detach(), layout, sparsity, scale)
-    out_t, _ = torch.ops.sparse_inductor.block_sparse_attn_fwd(
-        q_t, k_t, v_t, layout.counts, kv_counts, kv_num_blocks, kv_indices, scale)
-    if key_padding_mask is None:
-        return from_tiles(out_t, layout)
-    B, H, _, D = out_t.shape
-    return torch.gather(out_t, 2, scatter[:, None, :, None].expand(B, H, scatter.shape[1], D))
+        kv_num_blocks, kv_indices = select_tiles(q.detach(), k.detach(), layout, sparsity, scale)
+    out, _ = torch.ops.sparse_inductor.block_sparse_attn_fwd(
+        q, k, v, q_slots, kv_slots, q_counts, kv_counts, kv_num_blocks, kv_indices, scale)
+    return out
 
 
 def sparse_attention_static_layout(q: Tensor, k: Tensor, v: Tensor, counts: Tensor, gather_index: Tensor,

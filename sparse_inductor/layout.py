@@ -92,6 +92,12 @@ class TileLayout:
     def num_slots(self):
         return self.num_tiles * self.block_size
 
+    @property
+    def slots(self) -> torch.Tensor:
+        """int32 ``[num_slots]``: the sequence position each slot holds, ``-1`` for padding (the
+        slot table of the kernels)."""
+        return torch.where(self.gather_index < self.num_tokens, self.gather_index, -1).to(torch.int32)
+
 
 def build_layout(grid, tile: Grid, text_before=0, text_after=0, device="cpu") -> TileLayout:
     """Build a :class:`TileLayout`; ``grid`` and the text lengths may be SymInts (no caching)."""

@@ -1,10 +1,16 @@
 """The block-sparse attention custom ops (namespace ``sparse_inductor``).
 
-``block_sparse_attn_fwd`` and ``block_sparse_attn_bwd`` work on tile-major tensors
-``[B, H, M * block, D]`` (see :mod:`sparse_inductor.layout`) and a query-major block selection
-in FlexAttention's convention. On CUDA they run the Triton kernels of ``kernel_templates``;
-on CPU a vectorised PyTorch implementation of the same arithmetic. Both are opaque to
-``torch.compile`` (the Inductor lowering replaces them with templates on CUDA).
+``block_sparse_attn_fwd`` and ``block_sparse_attn_bwd`` take Q, K, V in sequence order
+(``[B, H, L, D]``, any strides with a unit feature stride), slot tables that say which sequence
+position each block slot holds (see :mod:`kernel_templates.block_sparse_attention`), per-block
+counts and a query-major block selection in FlexAttention's convention. Results come back in
+sequence order, laid out like the input they belong to (``torch.empty_like(q)`` for ``out``, of
+``k`` for ``dk``...),
+so a following ``transpose(1, 2).reshape(...)`` stays a view.
+
+On CUDA the eager op launches the Triton kernels of ``kernel_templates``; under
+``torch.compile`` the Inductor lowering (:mod:`sparse_inductor.lowering`) renders the same
+kernels as templates. On CPU a vectorised PyTorch implementation of the same arithmetic runs.
 """
 from __future__ import annotations
 
@@ -27,27 +33,54 @@ def transpose_block_lists(kv_num_blocks: Tensor, kv_indices: Tensor, num_kv_bloc
     return lists_from_mask(mask_from_lists(kv_num_blocks, kv_indices, num_kv_blocks).transpose(-1, -2))
 
 
-# --------------------------------------------------------------------------------------------
-# CPU implementation: the same arithmetic as the kernels, vectorised over blocks.
-# --------------------------------------------------------------------------------------------
-def _stats_dtype(q: Tensor) -> torch.dtype:
+def like(x: Tensor, result: Tensor) -> Tensor:
+    """``result`` laid out as ``torch.empty_like(x)`` (what the fakes promise); a copy only when
+    the layouts differ (e.g. an input whose feature stride is not 1)."""
+    want = torch.empty_like(x)
+    if want.stride() == result.stride():
+        return result
+    return want.copy_(result)
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
     """LSE / delta precision: fp32, or fp64 for fp64 inputs (the CPU reference precision)."""
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _per_batch(counts: Tensor, B: int) -> Tensor:
-    return counts.expand(B, counts.shape[-1]) if counts.dim() == 1 else counts
+def _unit_feature_stride(x: Tensor) -> Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+# --------------------------------------------------------------------------------------------
+# CPU implementation: the same arithmetic as the kernels, vectorised over blocks. Rows are
+# gathered into block order through the slot tables, and results scattered back.
+# --------------------------------------------------------------------------------------------
+def _to_blocks(x: Tensor, slots: Tensor) -> Tensor:
+    """``[B, H, L, D]`` -> ``[B, H, n, D]`` in slot order (padding slots hold row 0; every use
+    masks them by the counts)."""
+    B, H, _, D = x.shape
+    idx = slots.clamp(min=0).long().expand(B, -1)
+    return torch.gather(x, 2, idx[:, None, :, None].expand(B, H, idx.shape[1], D))
+
+
+def _from_blocks(x_blocks: Tensor, slots: Tensor, length: int) -> Tensor:
+    """``[B, H, n, D]`` in slot order -> ``[B, H, length, D]``; padding slots are dropped."""
+    B, H, n, D = x_blocks.shape
+    idx = torch.where(slots >= 0, slots, length).long().expand(B, -1)
+    out = x_blocks.new_zeros(B, H, length + 1, D)
+    out.scatter_(2, idx[:, None, :, None].expand(B, H, n, D), x_blocks)
+    return out[:, :, :length]
 
 
 def _gathered(q, k, v, q_counts, kv_counts, kv_num_blocks, kv_indices):
-    """Per query block, the listed K/V blocks side by side plus validity masks."""
+    """Per query block, the listed K/V blocks side by side plus validity masks (block order)."""
     B, H, Nq, D = q.shape
     Mq, Mk = q_counts.shape[-1], kv_counts.shape[-1]
     S = Nq // Mq
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     slots = torch.arange(S, device=q.device)
-    q_valid = slots < _per_batch(q_counts, B).unsqueeze(-1)  # [B, Mq, S]
-    kv_valid = slots < _per_batch(kv_counts, B).unsqueeze(-1)  # [B, Mk, S]
+    q_valid = slots < q_counts.expand(B, -1).unsqueeze(-1)  # [B, Mq, S]
+    kv_valid = slots < kv_counts.expand(B, -1).unsqueeze(-1)  # [B, Mk, S]
     qb = torch.where(q_valid[:, None, :, :, None], q.reshape(B, H, Mq, S, D).to(dtype), 0)
     kb = torch.where(kv_valid[:, None, :, :, None], k.reshape(B, H, Mk, S, D).to(dtype), 0)
     vb = torch.where(kv_valid[:, None, :, :, None], v.reshape(B, H, Mk, S, D).to(dtype), 0)
@@ -59,31 +92,39 @@ def _gathered(q, k, v, q_counts, kv_counts, kv_num_blocks, kv_indices):
     k_sel = kb[bi, hi, idx].reshape(B, H, Mq, K * S, D)
     v_sel = vb[bi, hi, idx].reshape(B, H, Mq, K * S, D)
     col_valid = (kv_valid[bi, idx] & listed.unsqueeze(-1)).reshape(B, H, Mq, 1, K * S)
+    # Unlisted entries gathered block 0: zero them so that nothing there (NaN included) leaks.
+    k_sel = torch.where(col_valid.transpose(-1, -2), k_sel, 0)
+    v_sel = torch.where(col_valid.transpose(-1, -2), v_sel, 0)
     row_valid = q_valid[:, None, :, :, None]  # [B, 1, Mq, S, 1]
     return qb, k_sel, v_sel, idx, row_valid, col_valid
 
 
-def _torch_fwd(q, k, v, q_counts, kv_counts, kv_num_blocks, kv_indices, scale):
-    B, H, Nq, D = q.shape
-    qb, k_sel, v_sel, _, row_valid, col_valid = _gathered(q, k, v, q_counts, kv_counts, kv_num_blocks, kv_indices)
+def _torch_fwd(q, k, v, q_slots, kv_slots, q_counts, kv_counts, kv_num_blocks, kv_indices, scale):
+    B, H, Lq, D = q.shape
+    qt, kt, vt = _to_blocks(q, q_slots), _to_blocks(k, kv_slots), _to_blocks(v, kv_slots)
+    qb, k_sel, v_sel, _, row_valid, col_valid = _gathered(qt, kt, vt, q_counts, kv_counts, kv_num_blocks, kv_indices)
     s = (qb @ k_sel.transpose(-1, -2)) * scale
     s = s.masked_fill(~col_valid, float("-inf"))
     lse = torch.logsumexp(s, dim=-1, keepdim=True)
     has_mass = torch.isfinite(lse)
     p = torch.where(has_mass, torch.exp(s - torch.where(has_mass, lse, 0)), 0)
-    out = torch.where(row_valid, p @ v_sel, 0)
-    lse = torch.where(row_valid, lse, 0).squeeze(-1)
-    return out.reshape(B, H, Nq, D).to(q.dtype), lse.reshape(B, H, Nq).to(_stats_dtype(q))
+    out = torch.where(row_valid, p @ v_sel, 0).reshape(B, H, -1, D)
+    lse = torch.where(row_valid, lse, 0).reshape(B, H, -1, 1)
+    return _from_blocks(out, q_slots, Lq), _from_blocks(lse, q_slots, Lq).squeeze(-1)
 
 
-def _torch_bwd(grad_out, q, k, v, lse, delta, q_counts, kv_counts, kv_num_blocks, kv_indices, scale):
-    B, H, Nq, D = q.shape
+def _torch_bwd(grad_out, q, k, v, lse, delta, q_slots, kv_slots, q_counts, kv_counts, kv_num_blocks, kv_indices,
+               scale):
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
     Mq, Mk = q_counts.shape[-1], kv_counts.shape[-1]
-    S = Nq // Mq
-    qb, k_sel, v_sel, idx, row_valid, col_valid = _gathered(q, k, v, q_counts, kv_counts, kv_num_blocks, kv_indices)
-    do = torch.where(row_valid, grad_out.reshape(B, H, Mq, S, D).to(qb.dtype), 0)
-    lse = lse.reshape(B, H, Mq, S, 1).to(qb.dtype)
-    delta = delta.reshape(B, H, Mq, S, 1).to(qb.dtype)
+    S = q_slots.shape[-1] // Mq
+    qt, kt, vt = _to_blocks(q, q_slots), _to_blocks(k, kv_slots), _to_blocks(v, kv_slots)
+    qb, k_sel, v_sel, idx, row_valid, col_valid = _gathered(qt, kt, vt, q_counts, kv_counts, kv_num_blocks,
+                                                            kv_indices)
+    do = torch.where(row_valid, _to_blocks(grad_out, q_slots).reshape(B, H, Mq, S, D).to(qb.dtype), 0)
+    lse = _to_blocks(lse.unsqueeze(-1), q_slots).reshape(B, H, Mq, S, 1).to(qb.dtype)
+    delta = _to_blocks(delta.unsqueeze(-1), q_slots).reshape(B, H, Mq, S, 1).to(qb.dtype)
     s = (qb @ k_sel.transpose(-1, -2)) * scale
     valid = col_valid & row_valid
     p = torch.where(valid, torch.exp(s - lse), 0)
@@ -100,9 +141,9 @@ def _torch_bwd(grad_out, q, k, v, lse, delta, q_counts, kv_counts, kv_num_blocks
     dk.index_add_(0, flat, dk_sel.reshape(-1, S, D))
     dv.index_add_(0, flat, dv_sel.reshape(-1, S, D))
     return (
-        dq.reshape(B, H, Nq, D).to(q.dtype),
-        dk.reshape(B, H, Mk * S, D).to(k.dtype),
-        dv.reshape(B, H, Mk * S, D).to(v.dtype),
+        _from_blocks(dq.reshape(B, H, -1, D), q_slots, Lq),
+        _from_blocks(dk.reshape(B, H, -1, D), kv_slots, Lk),
+        _from_blocks(dv.reshape(B, H, -1, D), kv_slots, Lk),
     )
 
 
@@ -112,73 +153,106 @@ def _torch_bwd(grad_out, q, k, v, lse, delta, q_counts, kv_counts, kv_num_blocks
 @torch.library.custom_op("sparse_inductor::block_sparse_attn_fwd", mutates_args=())
 def block_sparse_attn_fwd(
     q: Tensor, k: Tensor, v: Tensor,
-    q_counts: Tensor, kv_counts: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor,
+    q_slots: Tensor, kv_slots: Tensor, q_counts: Tensor, kv_counts: Tensor,
+    kv_num_blocks: Tensor, kv_indices: Tensor,
     scale: float,
 ) -> tuple[Tensor, Tensor]:
-    """Block-sparse attention forward. Returns ``(out [B,H,Nq,D], lse [B,H,Nq])``; LSE is fp32
-    (fp64 for fp64 inputs) in natural-log units."""
+    """Block-sparse attention forward.
+
+    Args:
+        q, k, v: ``[B, H, Lq, D]``, ``[B, H, Lk, D]`` in sequence order.
+        q_slots, kv_slots: int32 ``[B, Mq * S]`` / ``[B, Mk * S]`` (batch stride may be 0), the
+            sequence position each block slot holds, ``-1`` for padding.
+        q_counts, kv_counts: int32 ``[B, Mq]`` / ``[B, Mk]``, slots per block that take part.
+        kv_num_blocks, kv_indices: int32 ``[B, H, Mq]`` / ``[B, H, Mq, K]``, the selection.
+        scale: softmax scale.
+
+    Returns ``(out, lse)``: ``out`` laid out like ``q``; ``lse`` contiguous ``[B, H, Lq]`` in fp32
+    (fp64 for fp64 inputs), natural-log units.
+    """
+    q_in = q
+    q, k, v = (_unit_feature_stride(x) for x in (q, k, v))
     if q.is_cuda:
-        return triton_launch.block_sparse_fwd(
-            q.contiguous(), k.contiguous(), v.contiguous(),
-            q_counts.contiguous(), kv_counts.contiguous(), kv_num_blocks.contiguous(), kv_indices.contiguous(),
-            scale,
-        )
-    out, lse = _torch_fwd(q, k, v, q_counts, kv_counts, kv_num_blocks, kv_indices, scale)
-    return out.contiguous(), lse.contiguous()
+        out = torch.empty_like(q)
+        lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+        tables = (t.contiguous() if t.stride(-1) != 1 else t for t in (q_slots, kv_slots, q_counts, kv_counts))
+        triton_launch.block_sparse_fwd(q, k, v, out, lse, *tables, kv_num_blocks.contiguous(),
+                                       kv_indices.contiguous(), scale)
+        return like(q_in, out), lse
+    out, lse = _torch_fwd(q, k, v, q_slots, kv_slots, q_counts, kv_counts, kv_num_blocks, kv_indices, scale)
+    return like(q_in, torch.empty_like(q_in).copy_(out)), lse.to(stats_dtype(q.dtype)).contiguous()
+
+
+def _register_lowerings():
+    # A fake runs whenever a graph holding the op is traced: the moment to make sure Inductor
+    # knows our templates (lazily, so that importing the package does not import Inductor).
+    from .lowering import ensure_registered
+
+    ensure_registered()
 
 
 @block_sparse_attn_fwd.register_fake
-def _(q, k, v, q_counts, kv_counts, kv_num_blocks, kv_indices, scale):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=_stats_dtype(q))
+def _(q, k, v, q_slots, kv_slots, q_counts, kv_counts, kv_num_blocks, kv_indices, scale):
+    _register_lowerings()
+    return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=stats_dtype(q.dtype))
 
 
 @torch.library.custom_op("sparse_inductor::block_sparse_attn_bwd", mutates_args=())
 def block_sparse_attn_bwd(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Tensor,
-    q_counts: Tensor, kv_counts: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor,
-    q_num_blocks: Tensor, q_indices: Tensor,
+    q_slots: Tensor, kv_slots: Tensor, q_counts: Tensor, kv_counts: Tensor,
+    kv_num_blocks: Tensor, kv_indices: Tensor, q_num_blocks: Tensor, q_indices: Tensor,
     scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Block-sparse attention backward. ``delta = rowsum(out * grad_out) - grad_lse``.
+    """Block-sparse attention backward. ``delta = rowsum(out * grad_out) - grad_lse``
+    (contiguous ``[B, H, Lq]``, like ``lse``).
 
-    Returns ``(dq, dk, dv)``; dQ walks the query-major lists, dK/dV the kv-major lists.
+    Returns ``(dq, dk, dv)`` laid out like ``q``, ``k``, ``v``; dQ walks the query-major lists,
+    dK/dV the kv-major ``(q_num_blocks [B, H, Mk], q_indices [B, H, Mk, Mq])``.
     """
+    inputs = (q, k, v)
+    grad_out, q, k, v = (_unit_feature_stride(x) for x in (grad_out, q, k, v))
     if q.is_cuda:
-        return triton_launch.block_sparse_bwd(
-            grad_out.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(),
-            lse.contiguous(), delta.contiguous(),
-            q_counts.contiguous(), kv_counts.contiguous(), kv_num_blocks.contiguous(), kv_indices.contiguous(),
-            q_num_blocks.contiguous(), q_indices.contiguous(), scale,
-        )
-    dq, dk, dv = _torch_bwd(grad_out, q, k, v, lse, delta, q_counts, kv_counts, kv_num_blocks, kv_indices, scale)
-    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+        dq, dk, dv = (torch.empty_like(x) for x in (q, k, v))
+        tables = (t.contiguous() if t.stride(-1) != 1 else t for t in (q_slots, kv_slots, q_counts, kv_counts))
+        lists = (t.contiguous() for t in (kv_num_blocks, kv_indices, q_num_blocks, q_indices))
+        triton_launch.block_sparse_bwd(grad_out, q, k, v, lse.contiguous(), delta.contiguous(), dq, dk, dv,
+                                       *tables, *lists, scale)
+        grads = (dq, dk, dv)
+    else:
+        grads = _torch_bwd(grad_out, q, k, v, lse, delta, q_slots, kv_slots, q_counts, kv_counts, kv_num_blocks,
+                           kv_indices, scale)
+        grads = [torch.empty_like(x).copy_(g) for x, g in zip(inputs, grads)]
+    return tuple(like(x, g) for x, g in zip(inputs, grads))
 
 
 @block_sparse_attn_bwd.register_fake
-def _(grad_out, q, k, v, lse, delta, q_counts, kv_counts, kv_num_blocks, kv_indices, q_num_blocks, q_indices, scale):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+def _(grad_out, q, k, v, lse, delta, q_slots, kv_slots, q_counts, kv_counts, kv_num_blocks, kv_indices,
+      q_num_blocks, q_indices, scale):
+    _register_lowerings()
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, q_counts, kv_counts, kv_num_blocks, kv_indices, scale = inputs
+    q, k, v, q_slots, kv_slots, q_counts, kv_counts, kv_num_blocks, kv_indices, scale = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, q_counts, kv_counts, kv_num_blocks, kv_indices)
+    ctx.save_for_backward(q, k, v, out, lse, q_slots, kv_slots, q_counts, kv_counts, kv_num_blocks, kv_indices)
     ctx.scale = scale
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, q_counts, kv_counts, kv_num_blocks, kv_indices = ctx.saved_tensors
-    stats = _stats_dtype(q)
+    q, k, v, out, lse, q_slots, kv_slots, q_counts, kv_counts, kv_num_blocks, kv_indices = ctx.saved_tensors
+    stats = stats_dtype(q.dtype)
     delta = (out.to(stats) * grad_out.to(stats)).sum(-1)
     if grad_lse is not None:
         # d lse / d s = softmax row, so a gradient on LSE folds into delta.
         delta = delta - grad_lse.to(stats)
     q_num_blocks, q_indices = transpose_block_lists(kv_num_blocks, kv_indices, kv_counts.shape[-1])
     dq, dk, dv = torch.ops.sparse_inductor.block_sparse_attn_bwd(
-        grad_out, q, k, v, lse, delta, q_counts, kv_counts, kv_num_blocks, kv_indices,
-        q_num_blocks, q_indices, ctx.scale,
+        grad_out, q, k, v, lse, delta.contiguous(), q_slots, kv_slots, q_counts, kv_counts, kv_num_blocks,
+        kv_indices, q_num_blocks, q_indices, ctx.scale,
     )
-    return dq, dk, dv, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 block_sparse_attn_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -89,21 +89,24 @@ def lists_from_mask(mask: Tensor) -> tuple[Tensor, Tensor]:
     return num, indices.contiguous()
 
 
-def select_tiles(q_tiles: Tensor, k_tiles: Tensor, layout, sparsity: float, scale: float) -> tuple[Tensor, Tensor]:
-    """The coarse stage on block-ordered Q and K. Returns ``(kv_num_blocks, kv_indices)``.
+def select_tiles(q: Tensor, k: Tensor, layout, sparsity: float, scale: float) -> tuple[Tensor, Tensor]:
+    """The coarse stage on sequence-order ``q, k`` (``[B, H, L, D]``). Returns
+    ``(kv_num_blocks, kv_indices)``.
 
     Video query tiles keep their top-k video KV tiles by pooled score plus every text block;
     text query blocks keep every block (DESIGN.md §3.5).
     """
     S, Mv, M = layout.block_size, layout.num_video_tiles, layout.num_tiles
     counts = layout.counts[:Mv]
-    q_mean = pool_tiles(q_tiles[:, :, : Mv * S], counts, S)
-    k_mean = pool_tiles(k_tiles[:, :, : Mv * S], counts, S)
+    # Gather the video tiles' rows (padding slots read row 0 and are masked by the counts).
+    video_rows = layout.slots[: Mv * S].clamp(min=0)
+    q_mean = pool_tiles(q.index_select(2, video_rows), counts, S)
+    k_mean = pool_tiles(k.index_select(2, video_rows), counts, S)
     scores = (q_mean @ k_mean.transpose(-1, -2)) * scale
     k = num_selected(sparsity, Mv)
     video_rows = top_k_tiles(scores, k)
-    B, H = q_tiles.shape[:2]
-    device = q_tiles.device
+    B, H = q.shape[:2]
+    device = q.device
     if not _has_text(layout):
         return torch.full((B, H, Mv), k, dtype=torch.int32, device=device), video_rows.contiguous()
     Mt = M - Mv

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from helpers import HAS_TRITON, KERNEL_DEVICE, REL_TOL, assert_close_rel, grids, kernel_dtypes, sparsities, tiles
 from sparse_inductor import triton_launch
-from sparse_inductor.layout import from_tiles, tile_layout, to_tiles
+from sparse_inductor.layout import tile_layout
 from sparse_inductor.ops import transpose_block_lists
 from sparse_inductor.reference import reference_attention, reference_selection, token_mask
 from sparse_inductor.selection import lists_from_mask
@@ -22,24 +22,32 @@ pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed"
 
 
 def run_kernels(q, k, v, grad, grid, tile, selected, scale):
-    """Forward and backward kernels on raster inputs; results back in raster order."""
+    """Forward and backward kernels on sequence-order inputs (any strides)."""
     layout = tile_layout(grid, tile, q.device)
-    tq, tk, tv, tg = (to_tiles(x, layout) for x in (q, k, v, grad))
+    B = q.shape[0]
+    slots, counts = layout.slots.expand(B, -1), layout.counts.expand(B, -1)
     kv_num, kv_idx = lists_from_mask(selected.to(q.device))
-    out, lse = triton_launch.block_sparse_fwd(tq, tk, tv, layout.counts, layout.counts, kv_num, kv_idx, scale)
-    delta = (out.float() * tg.float()).sum(-1)
+    out = torch.empty_like(q)
+    lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+    triton_launch.block_sparse_fwd(q, k, v, out, lse, slots, slots, counts, counts, kv_num, kv_idx, scale)
+    delta = (out.float() * grad.float()).sum(-1)
     q_num, q_idx = transpose_block_lists(kv_num, kv_idx, layout.num_tiles)
-    dq, dk, dv = triton_launch.block_sparse_bwd(
-        tg, tq, tk, tv, lse, delta, layout.counts, layout.counts, kv_num, kv_idx, q_num, q_idx, scale)
-    back = [from_tiles(x, layout) for x in (out, lse.unsqueeze(-1), dq, dk, dv)]
-    back[1] = back[1].squeeze(-1)
-    return back
+    dq, dk, dv = (torch.empty_like(x) for x in (q, k, v))
+    triton_launch.block_sparse_bwd(grad, q, k, v, lse, delta, dq, dk, dv, slots, slots, counts, counts,
+                                   kv_num, kv_idx, q_num, q_idx, scale)
+    for got, like in ((out, q), (dq, q), (dk, k), (dv, v)):  # laid out like the input (size-1 dims aside)
+        assert all(a == b for a, b, n in zip(got.stride(), like.stride(), like.shape) if n > 1)
+    return out, lse, dq, dk, dv
 
 
-def check_against_reference(grid, tile, sparsity, dtype, B, H, D, seed):
+def check_against_reference(grid, tile, sparsity, dtype, B, H, D, seed, heads_inner=False):
+    """``heads_inner``: Q, K, V as ``[B, N, H, D].transpose(1, 2)`` views, as DiTs pass them."""
     g = torch.Generator().manual_seed(seed)
     N = math.prod(grid)
-    q, k, v, grad = (torch.randn(B, H, N, D, generator=g).to(dtype) for _ in range(4))
+    if heads_inner:
+        q, k, v, grad = (torch.randn(B, N, H, D, generator=g).to(dtype).transpose(1, 2) for _ in range(4))
+    else:
+        q, k, v, grad = (torch.randn(B, H, N, D, generator=g).to(dtype) for _ in range(4))
     scale = 1.0 / math.sqrt(D)
     selected = reference_selection(q, k, grid, sparsity, tile)
     out, lse, dq, dk, dv = run_kernels(*(x.to(KERNEL_DEVICE) for x in (q, k, v, grad)), grid, tile, selected, scale)
@@ -55,9 +63,10 @@ def check_against_reference(grid, tile, sparsity, dtype, B, H, D, seed):
 
 
 @given(grid=grids(200), tile=tiles, sparsity=sparsities, dtype=kernel_dtypes, B=st.integers(1, 2),
-       H=st.integers(1, 2), D=st.sampled_from([16, 32, 48, 64]), seed=st.integers(0, 2**16))
-def test_kernels_match_reference(grid, tile, sparsity, dtype, B, H, D, seed):
-    check_against_reference(grid, tile, sparsity, dtype, B, H, D, seed)
+       H=st.integers(1, 2), D=st.sampled_from([16, 32, 48, 64]), seed=st.integers(0, 2**16),
+       heads_inner=st.booleans())
+def test_kernels_match_reference(grid, tile, sparsity, dtype, B, H, D, seed, heads_inner):
+    check_against_reference(grid, tile, sparsity, dtype, B, H, D, seed, heads_inner)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from helpers import REL_TOL, assert_close_rel, grids, sparsities, tiles
 import sparse_inductor as si
-from sparse_inductor.layout import tile_layout, to_tiles
+from sparse_inductor.layout import tile_layout
 from sparse_inductor.ops import transpose_block_lists
 from sparse_inductor.reference import reference_attention, reference_selection, token_mask
 
@@ -59,70 +59,87 @@ def test_selection_in_float64_equals_reference_selection(grid, tile, sparsity, s
     assert torch.equal(sel.dense_mask().cpu(), reference_selection(q.cpu(), k.cpu(), grid, sparsity, tile))
 
 
-@given(grid=grids(300).filter(lambda g: g[0] % 4 or g[1] % 4 or g[2] % 4), sparsity=sparsities,
-       poison=st.sampled_from([float("nan"), float("inf"), 1e4]), seed=st.integers(0, 2**16))
-def test_poisoned_padding_changes_nothing(grid, sparsity, poison, seed):
-    """(d) Whatever the padding slots of the tile-major tensors hold, no output and no gradient
-    of a valid token changes, and nothing becomes non-finite."""
+def _tables(layout, B):
+    return layout.slots.expand(B, -1), layout.counts.expand(B, -1)
+
+
+@given(grid=grids(300), keep=st.integers(1, 3), poison=st.sampled_from([float("nan"), float("inf"), 1e4]),
+       seed=st.integers(0, 2**16))
+def test_unlisted_blocks_and_list_padding_are_never_read(grid, keep, poison, seed):
+    """(d) Every query tile lists the first ``keep`` tiles. Whatever the other tiles' K/V rows and
+    the unused list entries hold, no output or gradient changes, nothing becomes non-finite,
+    and the unlisted rows get dK = dV = 0 exactly."""
     q, k, v = _inputs(1, 2, math.prod(grid), 16, torch.float32, seed)
     layout = tile_layout(grid, (4, 4, 4), q.device)
-    sel = si.select_blocks(q, k, grid, sparsity=sparsity)
-    pad = layout.gather_index == math.prod(grid)
+    M = layout.num_tiles
+    keep = min(keep, M)
+    kv_num = torch.full((1, 2, M), keep, dtype=torch.int32, device=DEVICE)
+    kv_idx = torch.arange(M, dtype=torch.int32, device=DEVICE).expand(1, 2, M, M).contiguous()
+    slots, counts = _tables(layout, 1)
+    unlisted = torch.zeros(math.prod(grid), dtype=torch.bool, device=DEVICE)
+    listed_slots = slots[0, : keep * layout.block_size]
+    unlisted[:] = True
+    unlisted[listed_slots[listed_slots >= 0].long()] = False
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
 
     def run(fill):
-        tq, tk, tv = (to_tiles(x, layout).detach().clone() for x in (q, k, v))
-        grad = torch.randn(tq.shape, generator=torch.Generator().manual_seed(1)).to(tq.device)
+        tk, tv = k.clone(), v.clone()
+        idx = kv_idx.clone()
         if fill is not None:
-            for t in (tq, tk, tv, grad):
-                t[:, :, pad] = fill
-        tq, tk, tv = (t.requires_grad_() for t in (tq, tk, tv))
+            tk[:, :, unlisted] = fill
+            tv[:, :, unlisted] = fill
+            idx[..., keep:] = 10**6  # list padding: never read
+        tq, tk, tv = (t.requires_grad_() for t in (q.clone(), tk, tv))
         out, lse = torch.ops.sparse_inductor.block_sparse_attn_fwd(
-            tq, tk, tv, layout.counts, layout.counts, sel.kv_num_blocks, sel.kv_indices, 0.25)
-        grads = torch.autograd.grad(out, (tq, tk, tv), grad)
-        return [t[:, :, ~pad] for t in (out, lse, *grads)], [g[:, :, pad] for g in grads]
+            tq, tk, tv, slots, slots, counts, counts, kv_num, idx, 0.25)
+        return [out, lse, *torch.autograd.grad(out, (tq, tk, tv), grad)]
 
-    clean, _ = run(None)
-    poisoned, pad_grads = run(poison)
+    clean = run(None)
+    poisoned = run(poison)
     for a, b in zip(clean, poisoned):
         assert torch.isfinite(b).all()
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    for g in pad_grads[1:]:  # dK, dV of padding slots: exactly zero
-        assert (g == 0).all()
+    for g in poisoned[3:]:
+        assert (g[:, :, unlisted] == 0).all()
 
 
 def test_lse_gradient_folds_into_delta():
     """A loss that uses the LSE output too gets the gradient of the reference."""
     grid, tile, D = (3, 5, 6), (2, 4, 4), 16
     dtype = torch.float64 if DEVICE == "cpu" else torch.float32
-    q, k, v = _inputs(1, 2, math.prod(grid), D, dtype, 0)
+    q, k, v = (x.requires_grad_() for x in _inputs(1, 2, math.prod(grid), D, dtype, 0))
     layout = tile_layout(grid, tile, q.device)
-    tiled = [to_tiles(x, layout).requires_grad_() for x in (q, k, v)]
     sel = si.select_blocks(q, k, grid, sparsity=0.5, tile=tile)
+    slots, counts = _tables(layout, 1)
     out, lse = torch.ops.sparse_inductor.block_sparse_attn_fwd(
-        *tiled, layout.counts, layout.counts, sel.kv_num_blocks, sel.kv_indices, 0.25)
+        q, k, v, slots, slots, counts, counts, sel.kv_num_blocks, sel.kv_indices, 0.25)
     weights = torch.linspace(0, 1, math.prod(grid), device=DEVICE, dtype=torch.float64)
-    out, lse = si.from_tiles(out, layout), si.from_tiles(lse.unsqueeze(-1), layout).squeeze(-1)
-    got = torch.autograd.grad((out.double() ** 2).sum() + (lse.double() * weights).sum(), tiled)
-    raster = [x.double().requires_grad_() for x in (q, k, v)]
+    got = torch.autograd.grad((out.double() ** 2).sum() + (lse.double() * weights).sum(), (q, k, v))
+    raster = [x.detach().double().requires_grad_() for x in (q, k, v)]
     ref, ref_lse = reference_attention(*raster, token_mask(sel.dense_mask().cpu(), grid, tile).to(DEVICE), scale=0.25)
     want = torch.autograd.grad((ref ** 2).sum() + (ref_lse * weights).sum(), raster)
     for name, g, w in zip(("dq", "dk", "dv"), got, want):
-        assert_close_rel(si.from_tiles(g, layout), w, REL_TOL[dtype]["grad"], name)
+        assert_close_rel(g, w, REL_TOL[dtype]["grad"], name)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_opcheck(dtype):
+@pytest.mark.parametrize("heads_inner", [False, True])
+def test_opcheck(dtype, heads_inner):
     grid, tile = (3, 5, 6), (2, 4, 4)
     q, k, v = _inputs(2, 2, math.prod(grid), 16, dtype, 3)
+    if heads_inner:  # [B, N, H, D].transpose(1, 2): outputs keep that layout
+        q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
     layout = tile_layout(grid, tile, q.device)
-    tq, tk, tv = (to_tiles(x, layout).requires_grad_() for x in (q, k, v))
     sel = si.select_blocks(q, k, grid, sparsity=0.5, tile=tile)
-    fwd_args = (tq, tk, tv, layout.counts, layout.counts, sel.kv_num_blocks, sel.kv_indices, 0.25)
+    slots, counts = _tables(layout, 2)
+    fwd_args = (q, k, v, slots, slots, counts, counts, sel.kv_num_blocks, sel.kv_indices, 0.25)
     torch.library.opcheck(torch.ops.sparse_inductor.block_sparse_attn_fwd.default, fwd_args)
     out, lse = torch.ops.sparse_inductor.block_sparse_attn_fwd(*fwd_args)
+    assert out.stride() == q.stride()
     q_num, q_idx = transpose_block_lists(sel.kv_num_blocks, sel.kv_indices, layout.num_tiles)
-    bwd_args = (torch.randn_like(out), tq.detach(), tk.detach(), tv.detach(), lse.detach(),
-                torch.randn_like(lse), layout.counts, layout.counts, sel.kv_num_blocks, sel.kv_indices,
+    bwd_args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), lse.detach(),
+                torch.randn_like(lse), slots, slots, counts, counts, sel.kv_num_blocks, sel.kv_indices,
                 q_num, q_idx, 0.25)
     torch.library.opcheck(torch.ops.sparse_inductor.block_sparse_attn_bwd.default, bwd_args)
 
