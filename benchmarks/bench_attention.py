@@ -4,10 +4,14 @@ All competitors run in this one process on the same inputs; times are medians of
 ``triton.testing.do_bench``. Rows:
 
 * ``dense_sdpa``: ``F.scaled_dot_product_attention`` (default backend) on raster inputs.
-* ``sparse_op``: ``video_sparse_attention`` — everything the rewrite adds for one call:
-  permutation in and out, coarse selection, block-sparse kernel.
-* ``sparse_kernel``: the block-sparse kernel alone on tile-major inputs with a fixed selection.
-* ``flex_kernel``: compiled FlexAttention on the same tile-major inputs and the identical
+* ``sparse_op``: ``video_sparse_attention`` in eager mode — everything the rewrite adds for one
+  call: coarse selection and the block-sparse kernel (which gathers and scatters rows through
+  the slot table: no permuted copies).
+* ``sparse_compiled``: the same function under ``torch.compile`` — the path the backend takes:
+  selection compiled by Inductor, the op rendered from our Triton templates (autotuned).
+* ``sparse_kernel``: the block-sparse op alone (eager kernel) with a fixed selection.
+* ``selection``: the coarse selection alone (forward only), compiled as in ``sparse_compiled``.
+* ``flex_kernel``: compiled FlexAttention on tile-major copies of the inputs and the identical
   selection (a ``BlockMask`` built from our lists; a ``mask_mod`` masks padding slots).
 
 Writes RESULTS.md and results.json into ``--out-dir`` (default: this folder).
@@ -29,7 +33,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import sparse_inductor as si  # noqa: E402
+from sparse_inductor.attention import sparse_attention  # noqa: E402
 from sparse_inductor.layout import tile_layout, to_tiles  # noqa: E402
+from sparse_inductor.selection import select_tiles  # noqa: E402
 
 CASES = {
     "wan1.3b-480p": dict(H=12, grid=(21, 30, 52)),
@@ -80,7 +86,7 @@ def fwd_bwd(fn, inputs, grad):
     return run
 
 
-def run_case(name, H, grid, sparsity, records, meta, with_flex=True):
+def run_case(name, H, grid, sparsity, records, meta, with_flex=True, with_dense=True):
     B, D, dtype = 1, 128, torch.bfloat16
     N = math.prod(grid)
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -98,22 +104,31 @@ def run_case(name, H, grid, sparsity, records, meta, with_flex=True):
     def sparse_op(q, k, v):
         return si.video_sparse_attention(q, k, v, grid, sparsity=sparsity)
 
+    sparse_compiled = torch.compile(
+        lambda q, k, v: sparse_attention(q, k, v, grid, sparsity=sparsity, tile=(4, 4, 4)), fullgraph=True)
+    selection_compiled = torch.compile(
+        lambda q, k: select_tiles(q, k, layout, sparsity, scale), fullgraph=True)
+    slots, counts = layout.slots.expand(B, -1), layout.counts.expand(B, -1)
+
     def sparse_kernel(q, k, v):
         return torch.ops.sparse_inductor.block_sparse_attn_fwd(
-            q, k, v, layout.counts, layout.counts, selection.kv_num_blocks, selection.kv_indices, scale)[0]
+            q, k, v, slots, slots, counts, counts, selection.kv_num_blocks, selection.kv_indices, scale)[0]
 
-    impls = [("dense_sdpa", dense, (q, k, v), grad, dense_flops),
-             ("sparse_op", sparse_op, (q, k, v), grad, sparse_flops),
-             ("sparse_kernel", sparse_kernel, (tq, tk, tv), tgrad, sparse_flops)]
+    impls = [("dense_sdpa", dense, (q, k, v), grad, dense_flops)] if with_dense else []
+    impls += [("sparse_op", sparse_op, (q, k, v), grad, sparse_flops),
+             ("sparse_compiled", sparse_compiled, (q, k, v), grad, sparse_flops),
+             ("sparse_kernel", sparse_kernel, (q, k, v), grad, sparse_flops),
+             ("selection", selection_compiled, (q, k), None, None)]
     if with_flex:
         try:
             impls.append(("flex_kernel", flex_setup(layout, selection, N), (tq, tk, tv), tgrad, sparse_flops))
         except Exception as e:  # report, never hide
             print(f"[{name}] FlexAttention setup failed: {type(e).__name__}: {e}")
 
-    dense_ms = {}
+    # Dense is measured once per case (at its first sparsity) and reused for the ratios.
+    dense_ms = {r["pass"]: r["ms"] for r in records if r["case"] == name and r["impl"] == "dense_sdpa"}
     for impl, fn, inputs, impl_grad, flops in impls:
-        for pass_ in ("fwd", "fwd+bwd"):
+        for pass_ in ("fwd", "fwd+bwd") if impl_grad is not None else ("fwd",):
             try:
                 if pass_ == "fwd":
                     with torch.no_grad():
@@ -130,10 +145,10 @@ def run_case(name, H, grid, sparsity, records, meta, with_flex=True):
             flop_factor = 1.0 if pass_ == "fwd" else 3.5  # bwd does 2.5x the fwd matmul work
             records.append(dict(
                 case=name, impl=impl, **{"pass": pass_}, sparsity=sparsity if impl != "dense_sdpa" else 0.0,
-                ms=ms, speedup_vs_dense=(dense_ms[pass_] / ms) if ms and dense_ms.get(pass_) else None,
-                tflops=(flops * flop_factor / (ms * 1e-3) / 1e12) if ms else None, **meta,
+                ms=ms, speedup_vs_dense=(dense_ms[pass_] / ms) if ms and dense_ms.get(pass_) and flops else None,
+                tflops=(flops * flop_factor / (ms * 1e-3) / 1e12) if ms and flops else None, **meta,
             ))
-            print(f"[{name}] {impl:14s} {pass_:8s} {ms if ms is None else round(ms, 3)} ms", flush=True)
+            print(f"[{name}] {impl:15s} {pass_:8s} {ms if ms is None else round(ms, 3)} ms", flush=True)
     del q, k, v, grad, tq, tk, tv, tgrad
     torch.cuda.empty_cache()
 
@@ -165,8 +180,9 @@ def write_results(records, meta, out_dir):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="*", default=list(CASES))
-    parser.add_argument("--sparsity", type=float, nargs="*", default=[0.875])
+    parser.add_argument("--sparsity", type=float, nargs="*", default=[0.75, 0.875, 0.9375])
     parser.add_argument("--no-flex", action="store_true")
+    parser.add_argument("--merge", action="store_true", help="keep other cases' rows of an existing results.json")
     parser.add_argument("--out-dir", default=os.path.dirname(os.path.abspath(__file__)))
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -177,12 +193,25 @@ def main():
                 date=datetime.date.today().isoformat())
     records = []
     for name in args.cases:
-        for sparsity in args.sparsity:
-            run_case(name, **CASES[name], sparsity=sparsity, records=records, meta=meta, with_flex=not args.no_flex)
+        for i, sparsity in enumerate(args.sparsity):
+            run_case(name, **CASES[name], sparsity=sparsity, records=records, meta=meta, with_flex=not args.no_flex,
+                     with_dense=i == 0)
+    if args.merge:  # keep rows of other cases from an earlier run (e.g. one case per device call)
+        path = os.path.join(args.out_dir, "results.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                earlier = [r for r in json.load(f) if r["case"] not in args.cases]
+            records = earlier + records
     write_results(records, meta, args.out_dir)
     print("\nratios (dense ms / impl ms):")
     for r in records:
-        if r["impl"] != "dense_sdpa":
+        if r["impl"] == "selection" and r["ms"]:
+            whole = [x["ms"] for x in records if x["case"] == r["case"] and x["sparsity"] == r["sparsity"]
+                     and x["impl"] == "sparse_compiled" and x["pass"] == "fwd" and x["ms"]]
+            if whole:
+                print(f"  {r['case']:14s} selection share of the compiled sparse forward, sparsity {r['sparsity']}: "
+                      f"{100 * r['ms'] / whole[0]:.1f}%")
+        elif r["impl"] != "dense_sdpa":
             sp = "failed" if r["speedup_vs_dense"] is None else f"{r['speedup_vs_dense']:.2f}x"
             print(f"  {r['case']:14s} {r['impl']:14s} {r['pass']:8s} sparsity {r['sparsity']}: {sp}")
 

@@ -20,7 +20,8 @@ def num_selected(sparsity: float, num_kv_tiles):
     """
     keep = 1 - Fraction(repr(float(sparsity)))
     k = (num_kv_tiles * keep.numerator + keep.denominator - 1) // keep.denominator
-    return torch.sym_max(k, 1)
+    # Plain ints stay plain (Dynamo on torch 2.11 cannot trace sym_max over two ints).
+    return max(k, 1) if isinstance(k, int) else torch.sym_max(k, 1)
 
 
 def pool_tiles(x_tiles: Tensor, counts: Tensor, block_size: int) -> Tensor:
