@@ -87,6 +87,9 @@ def fwd_bwd(fn, inputs, grad):
 
 
 def run_case(name, H, grid, sparsity, records, meta, with_flex=True, with_dense=True):
+    # A fresh Dynamo per case: otherwise the second sparsity recompiles the same lambdas with the
+    # captured float marked dynamic (a SymFloat), which the selection cannot take.
+    torch.compiler.reset()
     B, D, dtype = 1, 128, torch.bfloat16
     N = math.prod(grid)
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -153,6 +156,9 @@ def run_case(name, H, grid, sparsity, records, meta, with_flex=True, with_dense=
     torch.cuda.empty_cache()
 
 
+BEGIN, END = "<!-- bench_attention.py: begin -->", "<!-- bench_attention.py: end -->"
+
+
 def write_results(records, meta, out_dir):
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
@@ -173,8 +179,16 @@ def write_results(records, meta, out_dir):
         sp = "" if r["speedup_vs_dense"] is None else f"{r['speedup_vs_dense']:.2f}x"
         tf = "" if r["tflops"] is None else f"{r['tflops']:.0f}"
         lines.append(f"| {r['case']} | {r['impl']} | {r['pass']} | {r['sparsity']} | {ms} | {sp} | {tf} |")
-    with open(os.path.join(out_dir, "RESULTS.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    # Only the part between the markers is generated; notes written around it are kept.
+    path = os.path.join(out_dir, "RESULTS.md")
+    table = BEGIN + "\n" + "\n".join(lines[1:]) + "\n" + END
+    text = open(path).read() if os.path.exists(path) else lines[0] + "\n\n" + BEGIN + "\n" + END + "\n"
+    if BEGIN in text and END in text:
+        text = text[: text.index(BEGIN)] + table + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + table + "\n"
+    with open(path, "w") as f:
+        f.write(text)
 
 
 def main():
