@@ -137,3 +137,25 @@ def _model_reference(q, k, v, mask, heads_inner):
     if heads_inner:
         out = out.transpose(1, 2).reshape(B, L, H * D)
     return out * 2.0 + 1.0
+
+
+def test_template_failure_falls_back_to_extern_call_with_warning(template_backend, monkeypatch, caplog):
+    """If a template cannot be built (an Inductor change, say), the op stays an extern call of
+    its eager implementation: a warning on the `sparse_inductor` logger, the same result."""
+    from sparse_inductor import lowering
+
+    def broken(self, *args):
+        raise RuntimeError("simulated Inductor API change")
+
+    monkeypatch.setattr(lowering._TemplateLowering, "_forward", broken)
+    grid, tile = (3, 4, 6), (2, 2, 2)
+    q, k, v = (x.detach() for x in _inputs(1, 2, math.prod(grid), 16, torch.float32, False, seed=5))
+    attend = _model(grid, tile, 0.5, heads_inner=False)
+    torch._dynamo.reset()
+    import torch._inductor.config as inductor_config
+
+    # A cached artifact would skip the lowering (and its warning) altogether.
+    with caplog.at_level("WARNING", logger="sparse_inductor"), inductor_config.patch(fx_graph_cache=False):
+        out = torch.compile(attend, backend="inductor", fullgraph=True)(q, k, v)
+    assert any("stays an extern call" in r.getMessage() and "simulated" in r.getMessage() for r in caplog.records)
+    assert_close_rel(out, attend(q, k, v), REL_TOL[torch.float32]["out"], "extern fallback vs eager op")
