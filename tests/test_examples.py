@@ -20,3 +20,18 @@ def test_demo_tiny_runs():
     assert "4 attention site(s): 2 sparse, 2 dense" in out
     assert "(8, 16, 16)" in out
     assert "output error vs dense at sparsity 0.875" in out and "speedup" in out
+
+
+@pytest.mark.skipif(not conftest.BACKEND_INSTALLED, reason="package not pip-installed (the example names the backend)")
+def test_wan_t2v_tiny_runs():
+    pytest.importorskip("diffusers")
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("TRITON_INTERPRET", None)
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "wan_t2v.py"), "--tiny", "--steps", "3"],
+                            capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "4 attention site(s): 2 sparse, 2 dense" in out and "(5, 8, 8)" in out
+    assert "denoising step: inductor" in out and "speedup" in out
+    # The dense warm-up: step 0 at sparsity 0, the rest at 0.875.
+    assert "step 0: sparsity 0.0 " in out and "step 2: sparsity 0.875" in out
