@@ -14,11 +14,16 @@ selection): the error printed is not the quality on the trained model.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 
 import torch
 
 import sparse_inductor
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from compare import compare  # noqa: E402
 
 # Wan2.1-T2V-1.3B's transformer config (diffusers WanTransformer3DModel).
 WAN_1_3B = dict(
@@ -46,42 +51,13 @@ def build(args, device, dtype):
     return model.to(device, dtype).eval()
 
 
-def timed(fn, device, repeats=3):
-    if device == "cuda":
-        import triton.testing
-
-        return triton.testing.do_bench(fn, warmup=1, rep=repeats * 1000 // 2, return_mode="median")
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return sorted(times)[len(times) // 2]
-
-
-def first_call(fn, device):
-    """Seconds for compile + first call, and the peak memory of a second call (bytes, GPU only)."""
-    start = time.perf_counter()
-    fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    peak = None
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-    return seconds, peak
-
-
 def sample(model, latents, text, steps, warmup, sparsity):
     """A flow-matching Euler loop; the first ``warmup`` steps run dense (sparsity 0)."""
     x = latents
     for i in range(steps):
         t = 1.0 - i / steps
         level = 0.0 if i < warmup else sparsity
-        with sparse_inductor.sparsity(level):
+        with sparse_inductor.sparsity(level, min_tokens=0):
             start = time.perf_counter()
             velocity = model(x, timestep=torch.full((x.shape[0],), t * 1000, device=x.device), encoder_hidden_states=text,
                              return_dict=False)[0]
@@ -111,28 +87,8 @@ def main():
     print(f"Wan transformer: {cfg.num_layers} layers, {cfg.num_attention_heads} heads x {cfg.attention_head_dim}, "
           f"latent {list(latents.shape)}, {dtype}, {device}")
 
-    sparse_model = torch.compile(model, backend="sparse_inductor")
-    dense_model = torch.compile(model, backend="inductor")
-    # min_tokens=0 so that the tiny model is rewritten too (real sizes pass the default anyway).
-    with torch.no_grad(), sparse_inductor.sparsity(args.sparsity, min_tokens=0):
-        print(sparse_inductor.explain(model, latents, **step))
-        sparse_s, sparse_peak = first_call(lambda: sparse_model(latents, **step), device)
-        dense_s, dense_peak = first_call(lambda: dense_model(latents, **step), device)
-        sparse_out = sparse_model(latents, **step)[0]
-        dense_out = dense_model(latents, **step)[0]
-        sparse_ms = timed(lambda: sparse_model(latents, **step), device)
-        dense_ms = timed(lambda: dense_model(latents, **step), device)
-        rel = ((sparse_out.float() - dense_out.float()).norm() / dense_out.float().norm()).item()
-
-        print(f"compile + first call: inductor {dense_s:.1f} s, sparse_inductor {sparse_s:.1f} s "
-              f"({sparse_s / dense_s:.2f}x)")
-        if device == "cuda":
-            print(f"peak memory of a step: inductor {dense_peak / 2**30:.2f} GiB, "
-                  f"sparse_inductor {sparse_peak / 2**30:.2f} GiB")
-        print(f"output relative L2 vs dense: {rel:.3e}")
-        print(f"denoising step: inductor {dense_ms:.1f} ms, sparse_inductor {sparse_ms:.1f} ms, "
-              f"speedup {dense_ms / sparse_ms:.2f}x")
-
+    sparse_model = compare(model, (latents,), step, device, args.sparsity)
+    with torch.no_grad():
         print(f"sampling {args.steps} steps, the first {args.warmup} dense:")
         sample(sparse_model, latents, text, args.steps, args.warmup, args.sparsity)
 
