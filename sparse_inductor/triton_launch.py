@@ -36,8 +36,10 @@ def _table_strides(q_slots, kv_slots, q_counts, kv_counts):
     return q_slots.stride(0), kv_slots.stride(0), q_counts.stride(0), kv_counts.stride(0)
 
 
-def block_sparse_fwd(q, k, v, out, lse, q_slots, kv_slots, q_counts, kv_counts, kv_num_blocks, kv_indices, scale):
-    """Fill ``out`` (any strides, unit feature stride) and ``lse`` (contiguous ``[B, H, Lq]``)."""
+def block_sparse_fwd(q, k, v, out, lse, q_slots, kv_slots, q_counts, kv_counts, kv_num_blocks, kv_indices, scale,
+                     config: dict | None = None):
+    """Fill ``out`` (any strides, unit feature stride) and ``lse`` (contiguous ``[B, H, Lq]``).
+    ``config``: ``num_warps``, ``num_stages``, ``KV_TILES`` (default :func:`default_config`)."""
     from kernel_templates.block_sparse_attention import block_sparse_attn_fwd_kernel
 
     B, H, Lq, D = q.shape
@@ -48,7 +50,8 @@ def block_sparse_fwd(q, k, v, out, lse, q_slots, kv_slots, q_counts, kv_counts, 
         scale, H, Lq, Mq, kv_indices.shape[-1], D,
         *_table_strides(q_slots, kv_slots, q_counts, kv_counts),
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out),
-        BLOCK=block, BLOCK_D=head_block(D), **kernel_flags(q.dtype), **default_config(block, D),
+        BLOCK=block, BLOCK_D=head_block(D), **kernel_flags(q.dtype),
+        **{"KV_TILES": 1, **(config or default_config(block, D))},
     )
 
 
