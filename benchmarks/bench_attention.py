@@ -13,6 +13,11 @@ All competitors run in this one process on the same inputs; times are medians of
 * ``selection``: the coarse selection alone (forward only), compiled as in ``sparse_compiled``.
 * ``flex_kernel``: compiled FlexAttention on tile-major copies of the inputs and the identical
   selection (a ``BlockMask`` built from our lists; a ``mask_mod`` masks padding slots).
+* ``flex_dense``: compiled FlexAttention without a mask: what a Triton attention kernel reaches
+  at full density on this GPU (its TFLOP/s is the ceiling the sparse kernel is compared with).
+* ``fastvideo_triton``: FastVideo's Triton VSA kernel (``fastvideo-kernel`` 0.3.5,
+  ``FASTVIDEO_VSA_TRITON=1``) on tile-major copies and the identical selection, when the
+  package is importable (install it with ``pip install --no-deps fastvideo-kernel==0.3.5``).
 
 Writes RESULTS.md and results.json into ``--out-dir`` (default: this folder).
 
@@ -40,6 +45,9 @@ from sparse_inductor.selection import select_tiles  # noqa: E402
 CASES = {
     "wan1.3b-480p": dict(H=12, grid=(21, 30, 52)),
     "wan14b-720p": dict(H=40, grid=(21, 45, 80)),
+    # A grid of about the same size that divides by the tile (no partial tiles), for the
+    # per-token cost of the 21-frame grids' border tiles.
+    "dividing-20x32x52": dict(H=12, grid=(20, 32, 52)),
 }
 
 
@@ -76,6 +84,22 @@ def flex_setup(layout, selection, N):
     # Flex's default 128-row tiles cannot run 64-token blocks; ask for 64x64 tiles.
     options = {"BLOCK_M": layout.block_size, "BLOCK_N": layout.block_size}
     return lambda q, k, v: flex(q, k, v, block_mask=block_mask, kernel_options=options)
+
+
+def fastvideo_setup(layout, selection):
+    """FastVideo's Triton block-sparse attention on tile-major inputs, or None (reason printed)."""
+    os.environ["FASTVIDEO_VSA_TRITON"] = "1"
+    try:
+        from fastvideo_kernel.block_sparse_attn import block_sparse_attn_from_indices
+    except Exception as e:  # not installed, or an import of an unrelated part failed
+        print(f"fastvideo_kernel not usable: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
+        return None
+    counts = layout.counts.to(torch.int32).contiguous()
+
+    def run(q, k, v):
+        return block_sparse_attn_from_indices(q, k, v, selection.kv_indices, selection.kv_num_blocks, counts)[0]
+
+    return run
 
 
 def fwd_bwd(fn, inputs, grad):
@@ -127,6 +151,15 @@ def run_case(name, H, grid, sparsity, records, meta, with_flex=True, with_dense=
             impls.append(("flex_kernel", flex_setup(layout, selection, N), (tq, tk, tv), tgrad, sparse_flops))
         except Exception as e:  # report, never hide
             print(f"[{name}] FlexAttention setup failed: {type(e).__name__}: {e}")
+        if with_dense:
+            from torch.nn.attention.flex_attention import flex_attention
+
+            impls.insert(1, ("flex_dense", torch.compile(flex_attention, dynamic=False), (q, k, v), grad,
+                             dense_flops))
+    fastvideo = fastvideo_setup(layout, selection)
+    if fastvideo is not None:
+        tq_c, tk_c, tv_c, tg_c = (x.contiguous() for x in (tq, tk, tv, tgrad))
+        impls.append(("fastvideo_triton", fastvideo, (tq_c, tk_c, tv_c), tg_c, sparse_flops))
 
     # Dense is measured once per case (at its first sparsity) and reused for the ratios.
     dense_ms = {r["pass"]: r["ms"] for r in records if r["case"] == name and r["impl"] == "dense_sdpa"}
@@ -147,8 +180,9 @@ def run_case(name, H, grid, sparsity, records, meta, with_flex=True, with_dense=
                 dense_ms[pass_] = ms
             flop_factor = 1.0 if pass_ == "fwd" else 3.5  # bwd does 2.5x the fwd matmul work
             records.append(dict(
-                case=name, impl=impl, **{"pass": pass_}, sparsity=sparsity if impl != "dense_sdpa" else 0.0,
-                ms=ms, speedup_vs_dense=(dense_ms[pass_] / ms) if ms and dense_ms.get(pass_) and flops else None,
+                case=name, impl=impl, **{"pass": pass_}, sparsity=0.0 if impl in ("dense_sdpa", "flex_dense") else sparsity,
+                ms=ms, ns_per_token=(ms * 1e6 / N) if ms else None,
+                speedup_vs_dense=(dense_ms[pass_] / ms) if ms and dense_ms.get(pass_) and flops else None,
                 tflops=(flops * flop_factor / (ms * 1e-3) / 1e12) if ms and flops else None, **meta,
             ))
             print(f"[{name}] {impl:15s} {pass_:8s} {ms if ms is None else round(ms, 3)} ms", flush=True)
@@ -171,14 +205,15 @@ def write_results(records, meta, out_dir):
         "TFLOP/s counts only the FLOPs of kept blocks (valid tokens); fwd+bwd counts 3.5x the forward.",
         "Reproduce: `PYTHONPATH=$PWD python benchmarks/bench_attention.py` on the GPU machine.",
         "",
-        "| case | impl | pass | sparsity | ms | speedup vs dense | TFLOP/s |",
-        "|---|---|---|---|---|---|---|",
+        "| case | impl | pass | sparsity | ms | ns/token | speedup vs dense | TFLOP/s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         ms = "failed" if r["ms"] is None else f"{r['ms']:.3f}"
         sp = "" if r["speedup_vs_dense"] is None else f"{r['speedup_vs_dense']:.2f}x"
         tf = "" if r["tflops"] is None else f"{r['tflops']:.0f}"
-        lines.append(f"| {r['case']} | {r['impl']} | {r['pass']} | {r['sparsity']} | {ms} | {sp} | {tf} |")
+        nt = "" if r.get("ns_per_token") is None else f"{r['ns_per_token']:.1f}"
+        lines.append(f"| {r['case']} | {r['impl']} | {r['pass']} | {r['sparsity']} | {ms} | {nt} | {sp} | {tf} |")
     # Only the part between the markers is generated; notes written around it are kept.
     path = os.path.join(out_dir, "RESULTS.md")
     table = BEGIN + "\n" + "\n".join(lines[1:]) + "\n" + END
@@ -193,7 +228,7 @@ def write_results(records, meta, out_dir):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", nargs="*", default=list(CASES))
+    parser.add_argument("--cases", nargs="*", default=["wan1.3b-480p", "wan14b-720p"], choices=list(CASES))
     parser.add_argument("--sparsity", type=float, nargs="*", default=[0.75, 0.875, 0.9375])
     parser.add_argument("--no-flex", action="store_true")
     parser.add_argument("--merge", action="store_true", help="keep other cases' rows of an existing results.json")

@@ -87,11 +87,16 @@ def fwd_tile(
     which = offs_kv // BLOCK
     slot = offs_kv % BLOCK
     for j in range(0, n_kv, KV_TILES):
-        listed = j + which < n_kv
-        kb = tl.load(KV_INDICES + list_row * MAX_KV + j + which, mask=listed, other=0)
-        kv_count = tl.load(KV_COUNTS + b * stride_kvcb + kb, mask=listed, other=0)
-        kv_rows = tl.load(KV_SLOTS + b * stride_kvsb + kb * BLOCK + slot, mask=listed, other=-1)
-        col_valid = slot < kv_count
+        if KV_TILES == 1:
+            # Scalar block index and count: measurably faster than the masked vector form.
+            kb = tl.load(KV_INDICES + list_row * MAX_KV + j)
+            kv_rows, col_valid = _block_rows(KV_SLOTS, stride_kvsb, KV_COUNTS, stride_kvcb, b, kb, offs)
+        else:
+            listed = j + which < n_kv
+            kbs = tl.load(KV_INDICES + list_row * MAX_KV + j + which, mask=listed, other=0)
+            kv_count = tl.load(KV_COUNTS + b * stride_kvcb + kbs, mask=listed, other=0)
+            kv_rows = tl.load(KV_SLOTS + b * stride_kvsb + kbs * BLOCK + slot, mask=listed, other=-1)
+            col_valid = slot < kv_count
         k = _load_rows(k_base, kv_rows, col_valid, stride_kn, offs_d, HEAD_DIM)
         v = _load_rows(v_base, kv_rows, col_valid, stride_vn, offs_d, HEAD_DIM)
         s = _dot(q, tl.trans(k), UPCAST, IEEE) * qk_scale

@@ -19,6 +19,8 @@ from torch import Tensor
 
 from . import triton_launch
 from .selection import lists_from_mask, mask_from_lists
+from .selection import pool_tiles as pool_tiles_torch
+from .selection import top_k_tiles as top_k_tiles_torch
 
 
 # --------------------------------------------------------------------------------------------
@@ -256,3 +258,47 @@ def _backward(ctx, grad_out, grad_lse):
 
 
 block_sparse_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# Coarse-stage ops (DESIGN.md §3.2): one Triton kernel each on CUDA, plain torch on CPU.
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("sparse_inductor::pool_tiles", mutates_args=())
+def pool_tiles(q: Tensor, k: Tensor, slots: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+    """Tile means of ``q`` and ``k`` (``[B, H, L, D]`` in sequence order) over the valid tokens
+    of each tile: ``slots`` int32 ``[M * S]`` (sequence position per slot; slots past a tile's
+    count are ignored), ``counts`` int32 ``[M]`` (each >= 1). Returns two ``[B, H, M, D]`` in
+    fp32 (fp64 for fp64 inputs)."""
+    if q.is_cuda:
+        q, k = _unit_feature_stride(q), _unit_feature_stride(k)
+        B, H, _, D = q.shape
+        q_mean = q.new_empty((B, H, counts.shape[0], D), dtype=torch.float32)
+        k_mean = torch.empty_like(q_mean)
+        triton_launch.pool_tiles(q, k, slots.contiguous(), counts.contiguous(), q_mean, k_mean)
+        return q_mean, k_mean
+    rows = slots.clamp(min=0).long()
+    S = slots.shape[0] // counts.shape[0]
+    return (pool_tiles_torch(q.index_select(2, rows), counts, S), pool_tiles_torch(k.index_select(2, rows), counts, S))
+
+
+@pool_tiles.register_fake
+def _(q, k, slots, counts):
+    B, H, _, D = q.shape
+    mean = q.new_empty((B, H, counts.shape[0], D), dtype=stats_dtype(q.dtype))
+    return mean, torch.empty_like(mean)
+
+
+@torch.library.custom_op("sparse_inductor::top_k_tiles", mutates_args=())
+def top_k_tiles(scores: Tensor, k: int) -> Tensor:
+    """Columns of the ``k`` highest ``scores`` per row (last dim), ties to the lower column,
+    in increasing order, int32 ``[..., k]``. Deterministic."""
+    if scores.is_cuda and scores.dtype == torch.float32:
+        out = scores.new_empty((*scores.shape[:-1], k), dtype=torch.int32)
+        triton_launch.top_k_tiles(scores.contiguous(), k, out)
+        return out
+    return top_k_tiles_torch(scores, k)
+
+
+@top_k_tiles.register_fake
+def _(scores, k):
+    return scores.new_empty((*scores.shape[:-1], k), dtype=torch.int32)

@@ -1,6 +1,7 @@
 """The coarse stage (DESIGN.md §3.2): mean-pool Q and K per tile, score tiles, keep the top k.
 
-Plain torch ops, so Inductor compiles them when they sit inside a compiled graph.
+Pooling and top-k are custom ops of :mod:`sparse_inductor.ops` (one Triton kernel each on
+CUDA); the torch versions here are their CPU implementations and the tests' second opinion.
 """
 from __future__ import annotations
 
@@ -99,13 +100,11 @@ def select_tiles(q: Tensor, k: Tensor, layout, sparsity: float, scale: float) ->
     """
     S, Mv, M = layout.block_size, layout.num_video_tiles, layout.num_tiles
     counts = layout.counts[:Mv]
-    # Gather the video tiles' rows (padding slots read row 0 and are masked by the counts).
-    video_rows = layout.slots[: Mv * S].clamp(min=0)
-    q_mean = pool_tiles(q.index_select(2, video_rows), counts, S)
-    k_mean = pool_tiles(k.index_select(2, video_rows), counts, S)
+    # Custom ops (sparse_inductor.ops): one Triton kernel each on CUDA, torch on CPU.
+    q_mean, k_mean = torch.ops.sparse_inductor.pool_tiles(q, k, layout.slots[: Mv * S], counts)
     scores = (q_mean @ k_mean.transpose(-1, -2)) * scale
     k = num_selected(sparsity, Mv)
-    video_rows = top_k_tiles(scores, k)
+    video_rows = torch.ops.sparse_inductor.top_k_tiles(scores, k)
     B, H = q.shape[:2]
     device = q.device
     if not _has_text(layout):

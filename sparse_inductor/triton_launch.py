@@ -72,3 +72,27 @@ def block_sparse_bwd(grad_out, q, k, v, lse, delta, dq, dk, dv, q_slots, kv_slot
         *_strides3(dq), *_strides3(dk), *_strides3(dv),
         BLOCK=block, BLOCK_D=head_block(D), **kernel_flags(q.dtype), **default_config(block, D),
     )
+
+
+def pool_tiles(q, k, slots, counts, q_mean, k_mean):
+    """Fill ``q_mean``, ``k_mean`` (fp32 contiguous ``[B, H, M, D]``) with the tile means of
+    ``q``, ``k`` (``[B, H, L, D]``, unit feature stride); ``slots`` int32 ``[M * block]``."""
+    from kernel_templates.selection_kernels import pool_tiles_kernel
+
+    B, H, _, D = q.shape
+    M = counts.shape[0]
+    pool_tiles_kernel[(M, B * H)](
+        q, k, slots, counts, q_mean, k_mean, H, M, D, *_strides3(q), *_strides3(k),
+        BLOCK=slots.shape[0] // M, BLOCK_D=head_block(D), num_warps=4,
+    )
+
+
+def top_k_tiles(scores, k, out):
+    """Fill ``out`` (int32 ``[..., k]``) with the columns of the ``k`` highest ``scores``
+    (fp32 contiguous ``[..., M]``) per row, ties to the lower column, in increasing order."""
+    from kernel_templates.selection_kernels import top_k_tiles_kernel
+
+    M = scores.shape[-1]
+    rows = scores.numel() // M
+    cols = max(16, 1 << (M - 1).bit_length())
+    top_k_tiles_kernel[(rows,)](scores, out, M, k, COLS=cols, num_warps=4 if cols <= 2048 else 8)

@@ -1,12 +1,16 @@
 """(e) The coarse selection: exactly k tiles per query tile, the top coarse scores, deterministic."""
 import math
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from helpers import grids, sparsities, tiles
+from helpers import HAS_TRITON, KERNEL_DEVICE, grids, kernel_dtypes, sparsities, tiles
 import sparse_inductor as si
+from sparse_inductor import triton_launch
+from sparse_inductor.layout import tile_layout
+from sparse_inductor.selection import pool_tiles, top_k_tiles
 from sparse_inductor.reference import reference_selection, tile_ids
 from sparse_inductor.selection import num_selected
 
@@ -56,3 +60,45 @@ def test_padding_does_not_change_pooling():
     k[..., 16, :] = 1.0
     sel = si.select_blocks(q, k, grid, sparsity=0.5, tile=(1, 1, 16))
     assert sel.kv_indices[0, 0, :, 0].tolist() == [1, 1]
+
+
+# The coarse-stage kernels (CUDA path of the pool_tiles / top_k_tiles ops), run under the
+# interpreter on CPU, against the torch implementations the CPU ops use.
+triton_only = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+
+
+@triton_only
+@given(grid=grids(300), tile=tiles, B=st.integers(1, 2), H=st.integers(1, 2), D=st.sampled_from([16, 40, 64]),
+       dtype=kernel_dtypes, seed=st.integers(0, 2**16), heads_inner=st.booleans())
+def test_pool_kernel_matches_torch(grid, tile, B, H, D, dtype, seed, heads_inner):
+    g = torch.Generator().manual_seed(seed)
+    N = math.prod(grid)
+    shape = (B, N, H, D) if heads_inner else (B, H, N, D)
+    q, k = (torch.randn(*shape, generator=g).to(dtype) for _ in range(2))
+    if heads_inner:  # [B, N, H, D] viewed as [B, H, N, D], as DiTs pass it
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+    layout = tile_layout(grid, tile)
+    dev = KERNEL_DEVICE
+    q_mean, k_mean = (torch.empty(B, H, layout.num_tiles, D, device=dev) for _ in range(2))
+    triton_launch.pool_tiles(q.to(dev), k.to(dev), layout.slots.to(dev), layout.counts.to(dev), q_mean, k_mean)
+    rows = layout.slots.clamp(min=0).long()
+    for got, x in ((q_mean, q), (k_mean, k)):
+        want = pool_tiles(x.double().index_select(2, rows), layout.counts, layout.block_size)
+        # fp32 sums of at most 256 values: 1e-5 relative is ample for every input dtype.
+        torch.testing.assert_close(got.cpu().double(), want, rtol=1e-5, atol=1e-5)
+
+
+@triton_only
+@given(rows=st.integers(1, 6), cols=st.integers(1, 300), data=st.data(), seed=st.integers(0, 2**16),
+       levels=st.sampled_from([3, 50, None]))
+def test_top_k_kernel_matches_sort(rows, cols, data, seed, levels):
+    """Same columns as the stable-sort definition, ties (few distinct levels) to the lower index."""
+    k = data.draw(st.integers(1, cols))
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(rows, cols, generator=g)
+    if levels is not None:
+        scores = torch.round(scores * levels / 4) / levels  # many exact ties, incl. -0.0 vs 0.0
+        scores[scores == 0] = torch.where(torch.rand(int((scores == 0).sum()), generator=g) < 0.5, -0.0, 0.0)
+    out = torch.empty(rows, k, dtype=torch.int32, device=KERNEL_DEVICE)
+    triton_launch.top_k_tiles(scores.to(KERNEL_DEVICE), k, out)
+    assert torch.equal(out.cpu(), top_k_tiles(scores, k))
