@@ -60,10 +60,8 @@ def fwd_tile(
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-    KV_TILES: tl.constexpr,
 ):
-    """One query block of one head: flash-style online softmax over its listed KV blocks,
-    ``KV_TILES`` listed blocks per step (wider dots, fewer rescales; a missing last one masked).
+    """One query block of one head: flash-style online softmax over its listed KV blocks.
 
     Stores LSE (contiguous ``[B, H, L_Q]``); returns the normalised output tile (fp32), its rows
     and the store mask for the caller to write O.
@@ -82,21 +80,9 @@ def fwd_tile(
 
     list_row = (b * H + h) * NUM_Q_BLOCKS + m
     n_kv = tl.load(KV_NUM_BLOCKS + list_row)
-    # Columns of one step: KV_TILES listed blocks side by side.
-    offs_kv = tl.arange(0, KV_TILES * BLOCK)
-    which = offs_kv // BLOCK
-    slot = offs_kv % BLOCK
-    for j in range(0, n_kv, KV_TILES):
-        if KV_TILES == 1:
-            # Scalar block index and count: measurably faster than the masked vector form.
-            kb = tl.load(KV_INDICES + list_row * MAX_KV + j)
-            kv_rows, col_valid = _block_rows(KV_SLOTS, stride_kvsb, KV_COUNTS, stride_kvcb, b, kb, offs)
-        else:
-            listed = j + which < n_kv
-            kbs = tl.load(KV_INDICES + list_row * MAX_KV + j + which, mask=listed, other=0)
-            kv_count = tl.load(KV_COUNTS + b * stride_kvcb + kbs, mask=listed, other=0)
-            kv_rows = tl.load(KV_SLOTS + b * stride_kvsb + kbs * BLOCK + slot, mask=listed, other=-1)
-            col_valid = slot < kv_count
+    for j in range(0, n_kv):
+        kb = tl.load(KV_INDICES + list_row * MAX_KV + j)
+        kv_rows, col_valid = _block_rows(KV_SLOTS, stride_kvsb, KV_COUNTS, stride_kvcb, b, kb, offs)
         k = _load_rows(k_base, kv_rows, col_valid, stride_kn, offs_d, HEAD_DIM)
         v = _load_rows(v_base, kv_rows, col_valid, stride_vn, offs_d, HEAD_DIM)
         s = _dot(q, tl.trans(k), UPCAST, IEEE) * qk_scale
@@ -233,7 +219,6 @@ def block_sparse_attn_fwd_kernel(
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
     BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-    KV_TILES: tl.constexpr,
 ):
     m = tl.program_id(0)
     b = tl.program_id(1) // H
@@ -243,7 +228,7 @@ def block_sparse_attn_fwd_kernel(
         b, h, m, H, L_Q, NUM_Q_BLOCKS, MAX_KV, HEAD_DIM, sm_scale,
         stride_qsb, stride_kvsb, stride_qcb, stride_kvcb,
         stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-        BLOCK, BLOCK_D, UPCAST, IEEE, KV_TILES,
+        BLOCK, BLOCK_D, UPCAST, IEEE,
     )
     o_ptrs = O + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + offs_d[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=mask)

@@ -38,7 +38,7 @@ _FORWARD = (
         b, h, m, H, {{size("Q", 2)}}, {{size("Q_COUNTS", 1)}}, {{size("KV_INDICES", 3)}}, {{size("Q", 3)}}, SM_SCALE,
         ''' + _TABLE_STRIDES + ''',
         ''' + _strides("Q", "K", "V") + ''',
-        BLOCK, BLOCK_D, UPCAST, IEEE, KV_TILES,
+        BLOCK, BLOCK_D, UPCAST, IEEE,
     )
     idx_b = b
     idx_h = h

@@ -36,12 +36,20 @@ def pool_tiles_kernel(
 
 
 @triton.jit
+def _compact_columns(kept, cols, OUT_ROW):
+    """Store the columns where ``kept`` holds, in increasing order, at ``OUT_ROW[0:]``."""
+    pos = tl.cumsum(kept.to(tl.int32), 0) - 1
+    tl.store(OUT_ROW + pos, cols, mask=kept)
+
+
+@triton.jit
 def top_k_tiles_kernel(SCORES, OUT, NUM_COLS, K, COLS: tl.constexpr):
     """The ``K`` highest scores of one row (fp32, contiguous rows of ``NUM_COLS``), ties to the
     lower column; their columns are written in increasing order (``OUT`` rows of ``K``).
 
-    Floats are mapped to int32 keys with the same order, one sort finds the K-th largest key,
-    and columns equal to it are taken lowest first until K are kept.
+    Floats are mapped to unsigned keys with the same order; the K-th largest key is found bit
+    by bit from the top (32 counting passes: cheaper than sorting the row), and columns equal to
+    it are taken lowest first until K are kept.
     """
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, COLS)
@@ -49,14 +57,26 @@ def top_k_tiles_kernel(SCORES, OUT, NUM_COLS, K, COLS: tl.constexpr):
     s = tl.load(SCORES + row * NUM_COLS + cols, mask=in_row, other=float("-inf"))
     s = s + 0.0  # -0.0 -> +0.0: equal scores must get equal keys
     bits = s.to(tl.int32, bitcast=True)
-    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # monotone in the float value
-    lowest = -2147483647 - 1
-    key = tl.where(in_row, key, lowest)
-    ordered = tl.sort(key, descending=True)
-    kth = tl.sum(tl.where(cols == K - 1, ordered, 0), 0)
+    signed_key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # monotone in the float value
+    key = (signed_key ^ (-2147483647 - 1)).to(tl.uint32, bitcast=True)  # same order, unsigned
+    key = tl.where(in_row, key, 0)
+    kth = tl.zeros([], tl.uint32)
+    for bit in tl.static_range(31, -1, -1):
+        candidate = kth | (1 << bit)
+        if tl.sum((key >= candidate).to(tl.int32), 0) >= K:
+            kth = candidate
     above = key > kth
     at = (key == kth) & in_row
     ties_wanted = K - tl.sum(above.to(tl.int32), 0)
-    kept = above | (at & (tl.cumsum(at.to(tl.int32), 0) <= ties_wanted))
-    pos = tl.cumsum(kept.to(tl.int32), 0) - 1
-    tl.store(OUT + row * K + pos, cols, mask=kept)
+    _compact_columns(above | (at & (tl.cumsum(at.to(tl.int32), 0) <= ties_wanted)), cols, OUT + row * K)
+
+
+@triton.jit
+def compact_rows_kernel(MASK, NUM, INDICES, NUM_COLS, COLS: tl.constexpr):
+    """Per row of a 0/1 ``MASK`` (int8, contiguous rows of ``NUM_COLS``): how many are set, and
+    the set columns in increasing order (``INDICES`` rows of ``NUM_COLS``, the rest left as is)."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, COLS)
+    kept = tl.load(MASK + row * NUM_COLS + cols, mask=cols < NUM_COLS, other=0) != 0
+    tl.store(NUM + row, tl.sum(kept.to(tl.int32), 0))
+    _compact_columns(kept, cols, INDICES + row * NUM_COLS)

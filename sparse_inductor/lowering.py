@@ -36,21 +36,19 @@ def _grid(num_programs, batch, heads, meta):
     return (num_programs, batch * heads, 1)
 
 
-def _configs(device_type: str, block: int, head_dim: int, forward: bool) -> list[dict]:
-    """Launch configurations to autotune over (one under the interpreter: nothing to tune).
-    The forward also tries two listed KV tiles per loop step (``KV_TILES=2``)."""
-    default = {**triton_launch.default_config(block, head_dim), "KV_TILES": 1}
+def _configs(device_type: str, block: int, head_dim: int) -> list[dict]:
+    """Launch configurations to autotune over (one under the interpreter: nothing to tune)."""
+    default = triton_launch.default_config(block, head_dim)
     if device_type != "cuda":
         return [default]
-    wide = block * triton_launch.head_block(head_dim) > 64 * 128  # shared memory per stage
     configs = [default]
-    for kv_tiles in (1, 2) if forward else (1,):
-        for warps in (4, 8):
-            for stages in (2, 3, 4):
-                too_big = (stages == 4 and wide) or (kv_tiles == 2 and stages > (2 if wide else 3))
-                cfg = {"num_warps": warps, "num_stages": stages, "KV_TILES": kv_tiles}
-                if cfg not in configs and not too_big:
-                    configs.append(cfg)
+    # 8 warps ran both kernels about 2x slower at 64-token blocks on the H100 (benchmarks/NOTES.md):
+    # only stages are tuned there; 8 warps are tried for larger blocks.
+    for warps in (4, 8) if block >= 128 else (4,):
+        for stages in (2, 3, 4):
+            cfg = {"num_warps": warps, "num_stages": stages}
+            if cfg not in configs and not (stages == 4 and block * triton_launch.head_block(head_dim) > 64 * 128):
+                configs.append(cfg)
     return configs
 
 
@@ -105,7 +103,7 @@ class _TemplateLowering:
         size, stride = self.api.fake_output_size_stride(index)
         return self.api.empty_strided(size, stride, dtype=like.get_dtype(), device=like.get_device())
 
-    def _meta(self, q, q_slots, q_counts, scale, forward: bool):
+    def _meta(self, q, q_slots, q_counts, scale):
         hint = self.api.hint
         block = hint(q_slots.get_size()[1]) // hint(q_counts.get_size()[1])
         head_dim = hint(q.get_size()[3])
@@ -113,7 +111,7 @@ class _TemplateLowering:
             "BLOCK": block, "BLOCK_D": triton_launch.head_block(head_dim), "SM_SCALE": float(scale),
             **triton_launch.kernel_flags(q.get_dtype()),
         }
-        return meta, _configs(q.get_device().type, block, head_dim, forward)
+        return meta, _configs(q.get_device().type, block, head_dim)
 
     def _table_generators(self, first: int, q, k, q_slots, q_counts, kv_counts, kv_indices, lists_first: int,
                           extra_lists: bool):
@@ -167,7 +165,7 @@ class _TemplateLowering:
         order, layout = self._output_layout(0, q)
         lse = api.empty_strided([B, H, Lq], None, dtype=torch.float32, device=q.get_device())
         inputs = [q, k, v, lse, *tables]
-        meta, configs = self._meta(q, tables[0], tables[2], scale, forward=True)
+        meta, configs = self._meta(q, tables[0], tables[2], scale)
         Mq = tables[2].get_size()[1]
         choices = []
         for cfg in configs:
@@ -204,7 +202,7 @@ class _TemplateLowering:
         order, layout = self._output_layout(1, k)
         dq, dv = self._output_buffer(0, q), self._output_buffer(2, v)
         inputs = [q, k, v, grad_out, lse, delta, dq, dv, *tables]
-        meta, configs = self._meta(q, tables[0], tables[2], scale, forward=False)
+        meta, configs = self._meta(q, tables[0], tables[2], scale)
         programs = tables[2].get_size()[1] + tables[3].get_size()[1]
         choices = []
         for cfg in configs:

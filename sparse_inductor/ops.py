@@ -28,11 +28,39 @@ from .selection import top_k_tiles as top_k_tiles_torch
 # --------------------------------------------------------------------------------------------
 def transpose_block_lists(kv_num_blocks: Tensor, kv_indices: Tensor, num_kv_blocks: int):
     """Query-major ``(kv_num_blocks[B,H,Mq], kv_indices[B,H,Mq,K])`` -> kv-major
-    ``(q_num_blocks[B,H,Mk], q_indices[B,H,Mk,Mq])``, query blocks in increasing order.
-
-    Built from integer flags and a stable sort: no atomics, deterministic.
+    ``(q_num_blocks[B,H,Mk], q_indices[B,H,Mk,Mq])``, query blocks in increasing order (entries
+    past ``q_num_blocks`` are unspecified). No atomics: deterministic.
     """
-    return lists_from_mask(mask_from_lists(kv_num_blocks, kv_indices, num_kv_blocks).transpose(-1, -2))
+    return torch.ops.sparse_inductor.transpose_block_lists(kv_num_blocks, kv_indices, num_kv_blocks)
+
+
+@torch.library.custom_op("sparse_inductor::transpose_block_lists", mutates_args=())
+def _transpose_block_lists(kv_num_blocks: Tensor, kv_indices: Tensor, num_kv_blocks: int) -> tuple[Tensor, Tensor]:
+    if not kv_indices.is_cuda:
+        # Integer flags and a stable sort.
+        mask = mask_from_lists(kv_num_blocks, kv_indices, num_kv_blocks)
+        return lists_from_mask(mask.transpose(-1, -2))
+    B, H, Mq, K = kv_indices.shape
+    Mk = num_kv_blocks
+    # Set flag [b, h, kv block, query block] for every listed entry; unlisted entries all write
+    # to one spare element past the end. Every write stores 1, so duplicates cannot race.
+    listed = torch.arange(K, device=kv_indices.device) < kv_num_blocks.unsqueeze(-1)
+    bh = torch.arange(B * H, device=kv_indices.device).view(B, H, 1, 1)
+    m = torch.arange(Mq, device=kv_indices.device).view(1, 1, Mq, 1)
+    flat = ((bh * Mk + kv_indices.long()) * Mq + m).where(listed, B * H * Mk * Mq)
+    flags = torch.zeros(B * H * Mk * Mq + 1, dtype=torch.int8, device=kv_indices.device)
+    flags[flat.reshape(-1)] = 1
+    q_num = torch.empty((B, H, Mk), dtype=torch.int32, device=kv_indices.device)
+    q_indices = torch.zeros((B, H, Mk, Mq), dtype=torch.int32, device=kv_indices.device)
+    triton_launch.compact_rows(flags[:-1].view(B, H, Mk, Mq), q_num, q_indices)
+    return q_num, q_indices
+
+
+@_transpose_block_lists.register_fake
+def _(kv_num_blocks, kv_indices, num_kv_blocks):
+    B, H, Mq, _ = kv_indices.shape
+    return (kv_num_blocks.new_empty((B, H, num_kv_blocks)),
+            kv_indices.new_empty((B, H, num_kv_blocks, Mq)))
 
 
 def like(x: Tensor, result: Tensor) -> Tensor:

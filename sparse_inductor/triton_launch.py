@@ -19,7 +19,8 @@ def head_block(head_dim: int) -> int:
 def default_config(block: int, head_dim: int) -> dict:
     """Warps and pipeline stages of the eager launch (the template autotunes around it)."""
     # Shared memory holds Q plus K and V for each pipeline stage; keep it under ~200 KB.
-    stages = 2 if block * head_block(head_dim) > 64 * 128 else 3
+    # Measured at 64 x 128 (H100, bf16): 2 stages 3.13 ms, 3 stages 3.29 ms (benchmarks/NOTES.md).
+    stages = 2 if block * head_block(head_dim) >= 64 * 128 else 3
     return {"num_warps": 8 if block >= 128 else 4, "num_stages": stages}
 
 
@@ -39,7 +40,7 @@ def _table_strides(q_slots, kv_slots, q_counts, kv_counts):
 def block_sparse_fwd(q, k, v, out, lse, q_slots, kv_slots, q_counts, kv_counts, kv_num_blocks, kv_indices, scale,
                      config: dict | None = None):
     """Fill ``out`` (any strides, unit feature stride) and ``lse`` (contiguous ``[B, H, Lq]``).
-    ``config``: ``num_warps``, ``num_stages``, ``KV_TILES`` (default :func:`default_config`)."""
+    ``config``: ``num_warps`` and ``num_stages`` (default :func:`default_config`)."""
     from kernel_templates.block_sparse_attention import block_sparse_attn_fwd_kernel
 
     B, H, Lq, D = q.shape
@@ -51,7 +52,7 @@ def block_sparse_fwd(q, k, v, out, lse, q_slots, kv_slots, q_counts, kv_counts, 
         *_table_strides(q_slots, kv_slots, q_counts, kv_counts),
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out),
         BLOCK=block, BLOCK_D=head_block(D), **kernel_flags(q.dtype),
-        **{"KV_TILES": 1, **(config or default_config(block, D))},
+        **(config or default_config(block, D)),
     )
 
 
@@ -83,7 +84,7 @@ def pool_tiles(q, k, slots, counts, q_mean, k_mean):
     M = counts.shape[0]
     pool_tiles_kernel[(M, B * H)](
         q, k, slots, counts, q_mean, k_mean, H, M, D, *_strides3(q), *_strides3(k),
-        BLOCK=slots.shape[0] // M, BLOCK_D=head_block(D), num_warps=4,
+        BLOCK=slots.shape[0] // M, BLOCK_D=head_block(D), num_warps=2,  # 2 measured best (0.095 ms at 480p)
     )
 
 
@@ -93,6 +94,24 @@ def top_k_tiles(scores, k, out):
     from kernel_templates.selection_kernels import top_k_tiles_kernel
 
     M = scores.shape[-1]
-    rows = scores.numel() // M
-    cols = max(16, 1 << (M - 1).bit_length())
-    top_k_tiles_kernel[(rows,)](scores, out, M, k, COLS=cols, num_warps=4 if cols <= 2048 else 8)
+    cols = _row_width(M)
+    top_k_tiles_kernel[(scores.numel() // M,)](scores, out, M, k, COLS=cols, num_warps=_row_warps(cols))
+
+
+def compact_rows(mask, num, indices):
+    """Per row of an int8 0/1 ``mask [..., C]``: ``num`` = how many are set, ``indices``
+    (int32 ``[..., C]``) = the set columns first, in increasing order (the rest untouched)."""
+    from kernel_templates.selection_kernels import compact_rows_kernel
+
+    C = mask.shape[-1]
+    cols = _row_width(C)
+    compact_rows_kernel[(mask.numel() // C,)](mask, num, indices, C, COLS=cols, num_warps=_row_warps(cols))
+
+
+def _row_width(n: int) -> int:
+    return max(16, 1 << (n - 1).bit_length())
+
+
+def _row_warps(cols: int) -> int:
+    # One warp per row up to 1024 columns (top-k at 480p: 0.074 ms with 1 warp, 0.080 with 4).
+    return 1 if cols <= 1024 else 2 if cols <= 4096 else 4

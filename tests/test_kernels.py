@@ -21,17 +21,15 @@ from sparse_inductor.selection import lists_from_mask
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 
 
-def run_kernels(q, k, v, grad, grid, tile, selected, scale, kv_tiles=1):
-    """Forward and backward kernels on sequence-order inputs (any strides); the forward takes
-    ``kv_tiles`` listed KV blocks per loop step."""
+def run_kernels(q, k, v, grad, grid, tile, selected, scale):
+    """Forward and backward kernels on sequence-order inputs (any strides)."""
     layout = tile_layout(grid, tile, q.device)
     B = q.shape[0]
     slots, counts = layout.slots.expand(B, -1), layout.counts.expand(B, -1)
     kv_num, kv_idx = lists_from_mask(selected.to(q.device))
     out = torch.empty_like(q)
     lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
-    config = {**triton_launch.default_config(layout.block_size, q.shape[-1]), "KV_TILES": kv_tiles}
-    triton_launch.block_sparse_fwd(q, k, v, out, lse, slots, slots, counts, counts, kv_num, kv_idx, scale, config)
+    triton_launch.block_sparse_fwd(q, k, v, out, lse, slots, slots, counts, counts, kv_num, kv_idx, scale)
     delta = (out.float() * grad.float()).sum(-1)
     q_num, q_idx = transpose_block_lists(kv_num, kv_idx, layout.num_tiles)
     dq, dk, dv = (torch.empty_like(x) for x in (q, k, v))
@@ -42,7 +40,7 @@ def run_kernels(q, k, v, grad, grid, tile, selected, scale, kv_tiles=1):
     return out, lse, dq, dk, dv
 
 
-def check_against_reference(grid, tile, sparsity, dtype, B, H, D, seed, heads_inner=False, kv_tiles=1):
+def check_against_reference(grid, tile, sparsity, dtype, B, H, D, seed, heads_inner=False):
     """``heads_inner``: Q, K, V as ``[B, N, H, D].transpose(1, 2)`` views, as DiTs pass them."""
     g = torch.Generator().manual_seed(seed)
     N = math.prod(grid)
@@ -52,8 +50,7 @@ def check_against_reference(grid, tile, sparsity, dtype, B, H, D, seed, heads_in
         q, k, v, grad = (torch.randn(B, H, N, D, generator=g).to(dtype) for _ in range(4))
     scale = 1.0 / math.sqrt(D)
     selected = reference_selection(q, k, grid, sparsity, tile)
-    out, lse, dq, dk, dv = run_kernels(*(x.to(KERNEL_DEVICE) for x in (q, k, v, grad)), grid, tile, selected, scale,
-                                       kv_tiles)
+    out, lse, dq, dk, dv = run_kernels(*(x.to(KERNEL_DEVICE) for x in (q, k, v, grad)), grid, tile, selected, scale)
     q64, k64, v64 = (x.double().requires_grad_() for x in (q, k, v))
     ref, ref_lse = reference_attention(q64, k64, v64, token_mask(selected, grid, tile), scale)
     rq, rk, rv = torch.autograd.grad(ref, (q64, k64, v64), grad.double())
@@ -67,9 +64,9 @@ def check_against_reference(grid, tile, sparsity, dtype, B, H, D, seed, heads_in
 
 @given(grid=grids(200), tile=tiles, sparsity=sparsities, dtype=kernel_dtypes, B=st.integers(1, 2),
        H=st.integers(1, 2), D=st.sampled_from([16, 32, 48, 64]), seed=st.integers(0, 2**16),
-       heads_inner=st.booleans(), kv_tiles=st.sampled_from([1, 2]))
-def test_kernels_match_reference(grid, tile, sparsity, dtype, B, H, D, seed, heads_inner, kv_tiles):
-    check_against_reference(grid, tile, sparsity, dtype, B, H, D, seed, heads_inner, kv_tiles)
+       heads_inner=st.booleans())
+def test_kernels_match_reference(grid, tile, sparsity, dtype, B, H, D, seed, heads_inner):
+    check_against_reference(grid, tile, sparsity, dtype, B, H, D, seed, heads_inner)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

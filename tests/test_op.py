@@ -13,6 +13,7 @@ from helpers import REL_TOL, assert_close_rel, grids, sparsities, tiles
 import sparse_inductor as si
 from sparse_inductor.layout import tile_layout
 from sparse_inductor.ops import transpose_block_lists
+from sparse_inductor.selection import lists_from_mask
 from sparse_inductor.reference import reference_attention, reference_selection, token_mask
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -144,12 +145,29 @@ def test_opcheck(dtype, heads_inner):
     torch.library.opcheck(torch.ops.sparse_inductor.block_sparse_attn_bwd.default, bwd_args)
 
 
-def test_transposed_lists():
-    kv_num = torch.tensor([[[2, 1, 3]]], dtype=torch.int32)
-    kv_idx = torch.tensor([[[[1, 3, 9], [0, 7, 7], [0, 1, 2]]]], dtype=torch.int32)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_transposed_lists(device):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    kv_num = torch.tensor([[[2, 1, 3]]], dtype=torch.int32, device=device)
+    kv_idx = torch.tensor([[[[1, 3, 9], [0, 7, 7], [0, 1, 2]]]], dtype=torch.int32, device=device)
     q_num, q_idx = transpose_block_lists(kv_num, kv_idx, 4)
     assert q_num.tolist() == [[[2, 2, 1, 1]]]
     assert [q_idx[0, 0, j, : q_num[0, 0, j]].tolist() for j in range(4)] == [[1, 2], [0, 2], [2], [0]]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@given(Mq=st.integers(1, 70), Mk=st.integers(1, 70), density=st.floats(0, 1), seed=st.integers(0, 2**16))
+def test_transposed_lists_cuda_matches_cpu(Mq, Mk, density, seed):
+    g = torch.Generator().manual_seed(seed)
+    kv_num, kv_idx = lists_from_mask(torch.rand(2, 3, Mq, Mk, generator=g) < density)
+    kv_idx[..., -1] = Mk - 1  # garbage past the counts must not matter
+    want_num, want_idx = transpose_block_lists(kv_num, kv_idx, Mk)
+    got_num, got_idx = (x.cpu() for x in transpose_block_lists(kv_num.cuda(), kv_idx.cuda(), Mk))
+    assert torch.equal(got_num, want_num)
+    listed = torch.arange(Mq) < want_num.unsqueeze(-1)
+    assert torch.equal(torch.where(listed, got_idx, 0), torch.where(listed, want_idx, 0))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from helpers import HAS_TRITON, KERNEL_DEVICE, grids, kernel_dtypes, sparsities,
 import sparse_inductor as si
 from sparse_inductor import triton_launch
 from sparse_inductor.layout import tile_layout
-from sparse_inductor.selection import pool_tiles, top_k_tiles
+from sparse_inductor.selection import lists_from_mask, pool_tiles, top_k_tiles
 from sparse_inductor.reference import reference_selection, tile_ids
 from sparse_inductor.selection import num_selected
 
@@ -102,3 +102,20 @@ def test_top_k_kernel_matches_sort(rows, cols, data, seed, levels):
     out = torch.empty(rows, k, dtype=torch.int32, device=KERNEL_DEVICE)
     triton_launch.top_k_tiles(scores.to(KERNEL_DEVICE), k, out)
     assert torch.equal(out.cpu(), top_k_tiles(scores, k))
+
+
+@triton_only
+@given(rows=st.integers(1, 5), cols=st.integers(1, 300), density=st.floats(0, 1), seed=st.integers(0, 2**16))
+def test_compact_rows_kernel(rows, cols, density, seed):
+    """Row compaction used for the kv-major lists: count and set columns in increasing order."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(rows, cols, generator=g) < density
+    num = torch.empty(rows, dtype=torch.int32, device=KERNEL_DEVICE)
+    idx = torch.full((rows, cols), -7, dtype=torch.int32, device=KERNEL_DEVICE)
+    triton_launch.compact_rows(mask.to(torch.int8).to(KERNEL_DEVICE), num, idx)
+    want_num, want_idx = lists_from_mask(mask)
+    assert torch.equal(num.cpu(), want_num)
+    for r in range(rows):
+        n = int(want_num[r])
+        assert torch.equal(idx[r, :n].cpu(), want_idx[r, :n])
+        assert (idx[r, n:] == -7).all(), "columns past the count are left untouched"
