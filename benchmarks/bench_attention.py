@@ -15,6 +15,8 @@ All competitors run in this one process on the same inputs; times are medians of
   selection (a ``BlockMask`` built from our lists; a ``mask_mod`` masks padding slots).
 * ``flex_dense``: compiled FlexAttention without a mask: what a Triton attention kernel reaches
   at full density on this GPU (its TFLOP/s is the ceiling the sparse kernel is compared with).
+* ``fastvideo_pipeline``: the same kernel with what a rewrite around it must add, comparable to
+  ``sparse_op``: the (compiled) selection, tile-major copies of Q, K, V, the output copied back.
 * ``fastvideo_triton``: FastVideo's Triton VSA kernel (``fastvideo-kernel`` 0.3.5,
   ``FASTVIDEO_VSA_TRITON=1``) on tile-major copies and the identical selection, when the
   package is importable (install it with ``pip install --no-deps fastvideo-kernel==0.3.5``).
@@ -39,7 +41,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import sparse_inductor as si  # noqa: E402
 from sparse_inductor.attention import sparse_attention  # noqa: E402
-from sparse_inductor.layout import tile_layout, to_tiles  # noqa: E402
+from sparse_inductor.layout import from_tiles, tile_layout, to_tiles  # noqa: E402
 from sparse_inductor.selection import select_tiles  # noqa: E402
 
 CASES = {
@@ -96,8 +98,8 @@ def fastvideo_setup(layout, selection):
         return None
     counts = layout.counts.to(torch.int32).contiguous()
 
-    def run(q, k, v):
-        return block_sparse_attn_from_indices(q, k, v, selection.kv_indices, selection.kv_num_blocks, counts)[0]
+    def run(q, k, v, kv_num_blocks=selection.kv_num_blocks, kv_indices=selection.kv_indices):
+        return block_sparse_attn_from_indices(q, k, v, kv_indices, kv_num_blocks, counts)[0]
 
     return run
 
@@ -131,8 +133,10 @@ def run_case(name, H, grid, sparsity, records, meta, with_flex=True, with_dense=
     def sparse_op(q, k, v):
         return si.video_sparse_attention(q, k, v, grid, sparsity=sparsity)
 
+    # The layout's tables are constants of the graph, as the backend's rewrite makes them.
     sparse_compiled = torch.compile(
-        lambda q, k, v: sparse_attention(q, k, v, grid, sparsity=sparsity, tile=(4, 4, 4)), fullgraph=True)
+        lambda q, k, v: sparse_attention(q, k, v, grid, sparsity=sparsity, tile=(4, 4, 4), layout=layout),
+        fullgraph=True)
     selection_compiled = torch.compile(
         lambda q, k: select_tiles(q, k, layout, sparsity, scale), fullgraph=True)
     slots, counts = layout.slots.expand(B, -1), layout.counts.expand(B, -1)
@@ -160,6 +164,16 @@ def run_case(name, H, grid, sparsity, records, meta, with_flex=True, with_dense=
     if fastvideo is not None:
         tq_c, tk_c, tv_c, tg_c = (x.contiguous() for x in (tq, tk, tv, tgrad))
         impls.append(("fastvideo_triton", fastvideo, (tq_c, tk_c, tv_c), tg_c, sparse_flops))
+
+        def fastvideo_pipeline(q, k, v):
+            # What a rewrite built on FastVideo's kernel adds: our selection, tile-major copies
+            # in, their kernel, the output back to raster order.
+            with torch.no_grad():
+                lists = selection_compiled(q, k)
+            tiled = [to_tiles(x, layout).contiguous() for x in (q, k, v)]
+            return from_tiles(fastvideo(*tiled, *lists), layout)
+
+        impls.append(("fastvideo_pipeline", fastvideo_pipeline, (q, k, v), grad, sparse_flops))
 
     # Dense is measured once per case (at its first sparsity) and reused for the ratios.
     dense_ms = {r["pass"]: r["ms"] for r in records if r["case"] == name and r["impl"] == "dense_sdpa"}
