@@ -11,12 +11,19 @@ Compiled use (no change to the model)::
 Eager use::
 
     out = sparse_inductor.video_sparse_attention(q, k, v, grid=(T, H, W), sparsity=0.875)
+
+Models trained with sparse attention: ``sparse_inductor.nn.VideoSparseAttention`` (VSA's gated
+coarse branch). What sparsity costs on a model: ``print(sparse_inductor.fidelity(model, *inputs))``.
 """
 import logging
 
+from . import nn  # sparse_inductor.nn.VideoSparseAttention
 from .api import select_blocks, video_sparse_attention
 from .config import SparsityConfig, current_config, sparsity
 from .explain import Explanation, explain
+# The function shadows its module's name as a package attribute (sparse_inductor.fidelity is the
+# function); import names from the module with `from sparse_inductor.fidelity import ...`.
+from .fidelity import FidelityResult, fidelity
 from .layout import TileLayout, from_tiles, tile_layout, to_tiles
 from .selection import BlockSelection
 
@@ -27,9 +34,12 @@ logging.getLogger("sparse_inductor").addHandler(logging.NullHandler())
 __all__ = [
     "BlockSelection",
     "Explanation",
+    "FidelityResult",
     "SparsityConfig",
     "current_config",
     "explain",
+    "fidelity",
+    "nn",
     "sparsity",
     "TileLayout",
     "from_tiles",
