@@ -10,6 +10,12 @@ stride of 0 shares one table). A slot at or past its block's count is never load
 contributes to a softmax or a gradient; its row is still written when it holds a real position
 (a text key hidden by a key-padding mask gets dK = dV = 0).
 
+The forward and dQ loops do not walk the listed KV blocks one by one: each pass packs the
+sequence positions of the valid slots of ``CHUNK`` listed blocks into the program's slice of
+``SCRATCH`` (int32, ``CHUNK * BLOCK`` per program) and walks them ``BLOCK`` at a time, so the
+padding slots of border tiles (a 21-frame grid's last tile holds 16 of 64 tokens) cost no MMA
+work. dK/dV keep one query block per step (packing measured slower there; benchmarks/NOTES.md).
+
 Selections follow FlexAttention's conventions: query-major ``KV_NUM_BLOCKS[B, H, Mq]`` /
 ``KV_INDICES[B, H, Mq, MAX_KV]`` for the forward and dQ, kv-major ``Q_NUM_BLOCKS[B, H, Mk]`` /
 ``Q_INDICES[B, H, Mk, MAX_Q]`` for dK/dV (all contiguous).
@@ -46,6 +52,37 @@ def _block_rows(SLOTS, stride_sb, COUNTS, stride_cb, b, block, offs):
 
 
 @triton.jit
+def _pack_rows(INDICES, first, n, SLOTS, stride_sb, COUNTS, stride_cb, b, SCRATCH,
+               BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+    """Write the sequence positions of the valid slots of list entries ``[first, first + CHUNK)``
+    (those below ``n``) to the program's ``SCRATCH``, back to back; return how many there are.
+
+    The loop then walks these rows ``BLOCK`` at a time, so a border tile with 16 of 64 tokens
+    costs 16 columns, not 64, and the rows of several blocks share one step.
+    """
+    e = first + tl.arange(0, CHUNK)
+    live = e < n
+    ids = tl.load(INDICES + e, mask=live, other=0)
+    count = tl.where(live, tl.load(COUNTS + b * stride_cb + ids, mask=live, other=0), 0)
+    at = tl.cumsum(count, 0) - count
+    j = tl.arange(0, BLOCK)
+    take = j[None, :] < count[:, None]  # a block's valid slots come first
+    rows = tl.load(SLOTS + b * stride_sb + ids[:, None] * BLOCK + j[None, :], mask=take, other=-1)
+    tl.debug_barrier()  # every thread has read the previous chunk's rows
+    tl.store(SCRATCH + at[:, None] + j[None, :], rows, mask=take)
+    tl.debug_barrier()  # this chunk's rows are visible to every thread
+    return tl.sum(count, 0)
+
+
+@triton.jit
+def _packed_rows(SCRATCH, step, n_rows, offs):
+    """Sequence positions and validity of the ``BLOCK`` columns of loop step ``step``."""
+    pos = step * offs.shape[0] + offs
+    valid = pos < n_rows
+    return tl.load(SCRATCH + pos, mask=valid, other=-1), valid
+
+
+@triton.jit
 def _load_rows(base, rows, valid, stride_n, offs_d, HEAD_DIM):
     mask = valid[:, None] & (offs_d < HEAD_DIM)[None, :]
     return tl.load(base + rows[:, None] * stride_n + offs_d[None, :], mask=mask, other=0.0)
@@ -53,13 +90,14 @@ def _load_rows(base, rows, valid, stride_n, offs_d, HEAD_DIM):
 
 @triton.jit
 def fwd_tile(
-    Q, K, V, LSE, Q_SLOTS, KV_SLOTS, Q_COUNTS, KV_COUNTS, KV_NUM_BLOCKS, KV_INDICES,
+    Q, K, V, LSE, Q_SLOTS, KV_SLOTS, Q_COUNTS, KV_COUNTS, KV_NUM_BLOCKS, KV_INDICES, SCRATCH,
     b, h, m, H, L_Q, NUM_Q_BLOCKS, MAX_KV, HEAD_DIM, sm_scale,
     stride_qsb, stride_kvsb, stride_qcb, stride_kvcb,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    CHUNK: tl.constexpr,
 ):
     """One query block of one head: flash-style online softmax over its listed KV blocks.
 
@@ -80,21 +118,24 @@ def fwd_tile(
 
     list_row = (b * H + h) * NUM_Q_BLOCKS + m
     n_kv = tl.load(KV_NUM_BLOCKS + list_row)
-    for j in range(0, n_kv):
-        kb = tl.load(KV_INDICES + list_row * MAX_KV + j)
-        kv_rows, col_valid = _block_rows(KV_SLOTS, stride_kvsb, KV_COUNTS, stride_kvcb, b, kb, offs)
-        k = _load_rows(k_base, kv_rows, col_valid, stride_kn, offs_d, HEAD_DIM)
-        v = _load_rows(v_base, kv_rows, col_valid, stride_vn, offs_d, HEAD_DIM)
-        s = _dot(q, tl.trans(k), UPCAST, IEEE) * qk_scale
-        s = tl.where(col_valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row that has seen only masked columns keeps m = -inf; shift by 0 to avoid inf - inf.
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_shift[:, None])
-        alpha = tl.math.exp2(m_i - m_shift)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, IEEE)
-        m_i = m_new
+    list_start = KV_INDICES + list_row * MAX_KV
+    for first in range(0, n_kv, CHUNK):
+        n_rows = _pack_rows(list_start, first, n_kv, KV_SLOTS, stride_kvsb, KV_COUNTS, stride_kvcb, b, SCRATCH,
+                            BLOCK, CHUNK)
+        for step in range(0, tl.cdiv(n_rows, BLOCK)):
+            kv_rows, col_valid = _packed_rows(SCRATCH, step, n_rows, offs)
+            k = _load_rows(k_base, kv_rows, col_valid, stride_kn, offs_d, HEAD_DIM)
+            v = _load_rows(v_base, kv_rows, col_valid, stride_vn, offs_d, HEAD_DIM)
+            s = _dot(q, tl.trans(k), UPCAST, IEEE) * qk_scale
+            s = tl.where(col_valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # A row that has seen only masked columns keeps m = -inf; shift by 0 to avoid inf - inf.
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s - m_shift[:, None])
+            alpha = tl.math.exp2(m_i - m_shift)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, IEEE)
+            m_i = m_new
 
     has_mass = l_i > 0.0
     out = acc / tl.where(has_mass, l_i, 1.0)[:, None]
@@ -107,7 +148,7 @@ def fwd_tile(
 
 @triton.jit
 def dq_tile(
-    Q, K, V, DO, LSE, DELTA, DQ, Q_SLOTS, KV_SLOTS, Q_COUNTS, KV_COUNTS, KV_NUM_BLOCKS, KV_INDICES,
+    Q, K, V, DO, LSE, DELTA, DQ, Q_SLOTS, KV_SLOTS, Q_COUNTS, KV_COUNTS, KV_NUM_BLOCKS, KV_INDICES, SCRATCH,
     b, h, m, H, L_Q, NUM_Q_BLOCKS, MAX_KV, HEAD_DIM, sm_scale,
     stride_qsb, stride_kvsb, stride_qcb, stride_kvcb,
     stride_qb, stride_qh, stride_qn,
@@ -116,6 +157,7 @@ def dq_tile(
     stride_dob, stride_doh, stride_don,
     stride_dqb, stride_dqh, stride_dqn,
     BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    CHUNK: tl.constexpr,
 ):
     """dQ of one query block of one head, walking its KV list; stores dQ."""
     offs = tl.arange(0, BLOCK)
@@ -133,18 +175,21 @@ def dq_tile(
     dq = tl.zeros([BLOCK, BLOCK_D], tl.float32)
     list_row = (b * H + h) * NUM_Q_BLOCKS + m
     n_kv = tl.load(KV_NUM_BLOCKS + list_row)
-    for j in range(0, n_kv):
-        kb = tl.load(KV_INDICES + list_row * MAX_KV + j)
-        kv_rows, col_valid = _block_rows(KV_SLOTS, stride_kvsb, KV_COUNTS, stride_kvcb, b, kb, offs)
-        k = _load_rows(k_base, kv_rows, col_valid, stride_kn, offs_d, HEAD_DIM)
-        v = _load_rows(v_base, kv_rows, col_valid, stride_vn, offs_d, HEAD_DIM)
-        s = _dot(q, tl.trans(k), UPCAST, IEEE) * qk_scale
-        valid = row_valid[:, None] & col_valid[None, :]
-        p = tl.where(valid, tl.math.exp2(s - lse2[:, None]), 0.0)
-        dp = _dot(do, tl.trans(v), UPCAST, IEEE)
-        # where, not a multiply: a masked product may hold inf - inf (0 * NaN = NaN).
-        ds = tl.where(valid, p * (dp - delta[:, None]), 0.0)
-        dq += _dot(ds.to(k.dtype), k, UPCAST, IEEE)
+    list_start = KV_INDICES + list_row * MAX_KV
+    for first in range(0, n_kv, CHUNK):
+        n_rows = _pack_rows(list_start, first, n_kv, KV_SLOTS, stride_kvsb, KV_COUNTS, stride_kvcb, b, SCRATCH,
+                            BLOCK, CHUNK)
+        for step in range(0, tl.cdiv(n_rows, BLOCK)):
+            kv_rows, col_valid = _packed_rows(SCRATCH, step, n_rows, offs)
+            k = _load_rows(k_base, kv_rows, col_valid, stride_kn, offs_d, HEAD_DIM)
+            v = _load_rows(v_base, kv_rows, col_valid, stride_vn, offs_d, HEAD_DIM)
+            s = _dot(q, tl.trans(k), UPCAST, IEEE) * qk_scale
+            valid = row_valid[:, None] & col_valid[None, :]
+            p = tl.where(valid, tl.math.exp2(s - lse2[:, None]), 0.0)
+            dp = _dot(do, tl.trans(v), UPCAST, IEEE)
+            # where, not a multiply: a masked product may hold inf - inf (0 * NaN = NaN).
+            ds = tl.where(valid, p * (dp - delta[:, None]), 0.0)
+            dq += _dot(ds.to(k.dtype), k, UPCAST, IEEE)
 
     dq = dq * sm_scale
     mask = (q_rows >= 0)[:, None] & (offs_d < HEAD_DIM)[None, :]
@@ -211,7 +256,7 @@ def dkdv_tile(
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def block_sparse_attn_fwd_kernel(
-    Q, K, V, O, LSE, Q_SLOTS, KV_SLOTS, Q_COUNTS, KV_COUNTS, KV_NUM_BLOCKS, KV_INDICES,
+    Q, K, V, O, LSE, Q_SLOTS, KV_SLOTS, Q_COUNTS, KV_COUNTS, KV_NUM_BLOCKS, KV_INDICES, SCRATCH,
     sm_scale, H, L_Q, NUM_Q_BLOCKS, MAX_KV, HEAD_DIM,
     stride_qsb, stride_kvsb, stride_qcb, stride_kvcb,
     stride_qb, stride_qh, stride_qn,
@@ -219,16 +264,18 @@ def block_sparse_attn_fwd_kernel(
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
     BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    CHUNK: tl.constexpr,
 ):
     m = tl.program_id(0)
     b = tl.program_id(1) // H
     h = tl.program_id(1) % H
+    scratch = SCRATCH + (tl.program_id(1).to(tl.int64) * NUM_Q_BLOCKS + m) * (CHUNK * BLOCK)
     out, rows, offs_d, mask = fwd_tile(
-        Q, K, V, LSE, Q_SLOTS, KV_SLOTS, Q_COUNTS, KV_COUNTS, KV_NUM_BLOCKS, KV_INDICES,
+        Q, K, V, LSE, Q_SLOTS, KV_SLOTS, Q_COUNTS, KV_COUNTS, KV_NUM_BLOCKS, KV_INDICES, scratch,
         b, h, m, H, L_Q, NUM_Q_BLOCKS, MAX_KV, HEAD_DIM, sm_scale,
         stride_qsb, stride_kvsb, stride_qcb, stride_kvcb,
         stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-        BLOCK, BLOCK_D, UPCAST, IEEE,
+        BLOCK, BLOCK_D, UPCAST, IEEE, CHUNK,
     )
     o_ptrs = O + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + offs_d[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=mask)
@@ -237,7 +284,7 @@ def block_sparse_attn_fwd_kernel(
 @triton.jit
 def block_sparse_attn_bwd_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, DK, DV,
-    Q_SLOTS, KV_SLOTS, Q_COUNTS, KV_COUNTS, KV_NUM_BLOCKS, KV_INDICES, Q_NUM_BLOCKS, Q_INDICES,
+    Q_SLOTS, KV_SLOTS, Q_COUNTS, KV_COUNTS, KV_NUM_BLOCKS, KV_INDICES, Q_NUM_BLOCKS, Q_INDICES, SCRATCH,
     sm_scale, H, L_Q, NUM_Q_BLOCKS, NUM_KV_BLOCKS, MAX_KV, MAX_Q, HEAD_DIM,
     stride_qsb, stride_kvsb, stride_qcb, stride_kvcb,
     stride_qb, stride_qh, stride_qn,
@@ -248,6 +295,7 @@ def block_sparse_attn_bwd_kernel(
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
     BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    CHUNK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = tl.program_id(1) // H
@@ -264,11 +312,12 @@ def block_sparse_attn_bwd_kernel(
         dk_ptrs = DK + b * stride_dkb + h * stride_dkh + rows[:, None] * stride_dkn + offs_d[None, :]
         tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=mask)
     else:
+        scratch = SCRATCH + (tl.program_id(1).to(tl.int64) * NUM_Q_BLOCKS + pid - NUM_KV_BLOCKS) * (CHUNK * BLOCK)
         dq_tile(
-            Q, K, V, DO, LSE, DELTA, DQ, Q_SLOTS, KV_SLOTS, Q_COUNTS, KV_COUNTS, KV_NUM_BLOCKS, KV_INDICES,
+            Q, K, V, DO, LSE, DELTA, DQ, Q_SLOTS, KV_SLOTS, Q_COUNTS, KV_COUNTS, KV_NUM_BLOCKS, KV_INDICES, scratch,
             b, h, pid - NUM_KV_BLOCKS, H, L_Q, NUM_Q_BLOCKS, MAX_KV, HEAD_DIM, sm_scale,
             stride_qsb, stride_kvsb, stride_qcb, stride_kvcb,
             stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
             stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
-            BLOCK, BLOCK_D, UPCAST, IEEE,
+            BLOCK, BLOCK_D, UPCAST, IEEE, CHUNK,
         )

@@ -103,13 +103,20 @@ class _TemplateLowering:
         size, stride = self.api.fake_output_size_stride(index)
         return self.api.empty_strided(size, stride, dtype=like.get_dtype(), device=like.get_device())
 
+    def _scratch(self, programs, q, q_slots, q_counts):
+        """The kernels' row-packing scratch (int32, written before it is read)."""
+        hint = self.api.hint
+        block = hint(q_slots.get_size()[1]) // hint(q_counts.get_size()[1])
+        size = [programs * triton_launch.scratch_elements(1, block)]
+        return self.api.empty_strided(size, None, dtype=torch.int32, device=q.get_device())
+
     def _meta(self, q, q_slots, q_counts, scale):
         hint = self.api.hint
         block = hint(q_slots.get_size()[1]) // hint(q_counts.get_size()[1])
         head_dim = hint(q.get_size()[3])
         meta = {
             "BLOCK": block, "BLOCK_D": triton_launch.head_block(head_dim), "SM_SCALE": float(scale),
-            **triton_launch.kernel_flags(q.get_dtype()),
+            **triton_launch.kernel_flags(q.get_dtype()), **triton_launch.pack_meta(),
         }
         return meta, _configs(q.get_device().type, block, head_dim)
 
@@ -164,13 +171,14 @@ class _TemplateLowering:
         B, H, Lq, _ = q.get_size()
         order, layout = self._output_layout(0, q)
         lse = api.empty_strided([B, H, Lq], None, dtype=torch.float32, device=q.get_device())
-        inputs = [q, k, v, lse, *tables]
-        meta, configs = self._meta(q, tables[0], tables[2], scale)
         Mq = tables[2].get_size()[1]
+        scratch = self._scratch(B * H * Mq, q, tables[0], tables[2])
+        inputs = [q, k, v, lse, *tables, scratch]
+        meta, configs = self._meta(q, tables[0], tables[2], scale)
         choices = []
         for cfg in configs:
             self.template(False, order).maybe_append_choice(
-                choices, input_nodes=inputs, layout=layout, mutated_inputs=[lse], call_sizes=[Mq, B, H],
+                choices, input_nodes=inputs, layout=layout, mutated_inputs=[lse, scratch], call_sizes=[Mq, B, H],
                 **cfg, **meta)
         if not choices:
             raise RuntimeError("no template configuration could be generated")
@@ -201,13 +209,15 @@ class _TemplateLowering:
         B, H, _, _ = q.get_size()
         order, layout = self._output_layout(1, k)
         dq, dv = self._output_buffer(0, q), self._output_buffer(2, v)
-        inputs = [q, k, v, grad_out, lse, delta, dq, dv, *tables]
-        meta, configs = self._meta(q, tables[0], tables[2], scale)
         programs = tables[2].get_size()[1] + tables[3].get_size()[1]
+        scratch = self._scratch(B * H * tables[2].get_size()[1], q, tables[0], tables[2])  # for the dQ programs
+        inputs = [q, k, v, grad_out, lse, delta, dq, dv, *tables, scratch]
+        meta, configs = self._meta(q, tables[0], tables[2], scale)
         choices = []
         for cfg in configs:
             self.template(True, order).maybe_append_choice(
-                choices, input_nodes=inputs, layout=layout, mutated_inputs=[dq, dv], call_sizes=[programs, B, H],
+                choices, input_nodes=inputs, layout=layout, mutated_inputs=[dq, dv, scratch],
+                call_sizes=[programs, B, H],
                 **cfg, **meta)
         if not choices:
             raise RuntimeError("no template configuration could be generated")

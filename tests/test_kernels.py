@@ -76,6 +76,16 @@ def test_kernels_head_dims(dtype, D):
     check_against_reference((5, 4, 8), (4, 4, 4), 0.5, dtype, 1, 2, D, seed=D)
 
 
+@pytest.mark.parametrize("chunk", [4, 16])
+def test_kernels_pack_border_rows_over_several_chunks(monkeypatch, chunk):
+    # The forward and dQ loops pack the valid rows of border tiles (8..48 of 64 tokens) so that
+    # several tiles share one loop step, CHUNK list entries at a time: with about 18 of 24 tiles
+    # listed per query tile, chunk 4 takes five passes and chunk 16 two, each ending on a partly
+    # filled step.
+    monkeypatch.setattr(triton_launch, "PACK_CHUNK", chunk)
+    check_against_reference((6, 10, 14), (4, 4, 4), 0.25, torch.float32, 1, 2, 32, seed=chunk)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(KERNEL_DEVICE != "cuda", reason="large shapes are too slow for the interpreter")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
