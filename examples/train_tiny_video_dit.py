@@ -46,6 +46,7 @@ if ROOT not in sys.path:  # run from a checkout without `pip install`
     sys.path.insert(0, ROOT)
 import sparse_inductor  # noqa: E402
 from sparse_inductor.nn import VideoSparseAttention  # noqa: E402
+from video_dit import apply_rope, rope_3d  # noqa: E402  (this folder is on sys.path)
 
 VARIANTS = ("dense", "sparse", "gated", "sparse_eager")
 DEFAULT_VARIANTS = ("dense", "sparse", "gated")
@@ -146,28 +147,6 @@ def make_videos(n: int, cfg: Config, seed: int, device) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # Model: Conv3d patchify, 3D RoPE, adaLN-Zero DiT blocks (Peebles & Xie, arXiv 2212.09748).
 # ---------------------------------------------------------------------------------------------
-def rope_3d(grid, head_dim, device):
-    """cos/sin ``[N, head_dim]``: the rotary frequencies split over the t, h and w axes."""
-    T, H, W = grid
-    parts = [head_dim // 2 - 2 * (head_dim // 6), head_dim // 6, head_dim // 6]
-    t, h, w = torch.meshgrid(torch.arange(T, device=device), torch.arange(H, device=device),
-                             torch.arange(W, device=device), indexing="ij")
-    angles = []
-    for pos, n in zip((t, h, w), parts):
-        freqs = 1.0 / (100 ** (torch.arange(n, device=device, dtype=torch.float32) / max(n, 1)))
-        angles.append(pos.reshape(-1, 1).float() * freqs)
-    angles = torch.cat(angles, dim=-1).repeat_interleave(2, dim=-1)
-    return angles.cos(), angles.sin()
-
-
-def apply_rope(x, cos, sin):
-    """``x``: ``[B, N, heads, D]``; rotates channel pairs by the token's angles."""
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
-    rotated = torch.stack((-x2, x1), dim=-1).flatten(-2)
-    return x * cos[None, :, None, :] + rotated * sin[None, :, None, :]
-
-
 def timestep_embedding(t, dim):
     half = dim // 2
     freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
@@ -219,7 +198,8 @@ class VideoDiT(nn.Module):
         grid = (T // pt, H // ph, W // pw)
         tokens = self.patch_embed(x).flatten(2).transpose(1, 2)  # [B, N, dim], raster order
         c = F.silu(self.time_mlp(timestep_embedding(t, self.cfg.dim).to(tokens.dtype)))
-        cos, sin = rope_3d(grid, self.cfg.dim // self.cfg.heads, x.device)
+        # Base 100, not 10,000: an axis has at most 16 positions, lower frequencies would barely turn.
+        cos, sin = rope_3d(grid, self.cfg.dim // self.cfg.heads, x.device, base=100)
 
         def rotary(z):
             return apply_rope(z, cos, sin)

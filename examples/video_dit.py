@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def rope_3d(grid, head_dim, device):
+def rope_3d(grid, head_dim, device, base=10000):
     """cos/sin ``[N, head_dim]`` for a 3D grid: the head dim is split over t, h, w."""
     T, H, W = grid
     parts = [head_dim // 2 - 2 * (head_dim // 6), head_dim // 6, head_dim // 6]
@@ -24,7 +24,7 @@ def rope_3d(grid, head_dim, device):
                              torch.arange(W, device=device), indexing="ij")
     angles = []
     for pos, n in zip((t, h, w), parts):
-        freqs = 1.0 / (10000 ** (torch.arange(n, device=device, dtype=torch.float32) / max(n, 1)))
+        freqs = 1.0 / (base ** (torch.arange(n, device=device, dtype=torch.float32) / max(n, 1)))
         angles.append(pos.reshape(-1, 1).float() * freqs)
     angles = torch.cat(angles, dim=-1).repeat_interleave(2, dim=-1)  # [N, head_dim]
     return angles.cos(), angles.sin()

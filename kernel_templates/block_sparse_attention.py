@@ -89,6 +89,25 @@ def _load_rows(base, rows, valid, stride_n, offs_d, HEAD_DIM):
 
 
 @triton.jit
+def _kv_list(KV_NUM_BLOCKS, KV_INDICES, SCRATCH, b, h, m, H, NUM_Q_BLOCKS, MAX_KV,
+             BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+    """Length and start of query block ``m``'s KV list, and its program's part of ``SCRATCH``
+    (one ``CHUNK * BLOCK`` slice per list row)."""
+    list_row = (b * H + h) * NUM_Q_BLOCKS + m
+    scratch = SCRATCH + list_row.to(tl.int64) * (CHUNK * BLOCK)
+    return tl.load(KV_NUM_BLOCKS + list_row), KV_INDICES + list_row * MAX_KV, scratch
+
+
+@triton.jit
+def _packed_kv(scratch, step, n_rows, offs, k_base, v_base, stride_kn, stride_vn, offs_d, HEAD_DIM):
+    """K and V rows of loop step ``step`` over the packed rows, and which columns are real."""
+    kv_rows, col_valid = _packed_rows(scratch, step, n_rows, offs)
+    k = _load_rows(k_base, kv_rows, col_valid, stride_kn, offs_d, HEAD_DIM)
+    v = _load_rows(v_base, kv_rows, col_valid, stride_vn, offs_d, HEAD_DIM)
+    return k, v, col_valid
+
+
+@triton.jit
 def fwd_tile(
     Q, K, V, LSE, Q_SLOTS, KV_SLOTS, Q_COUNTS, KV_COUNTS, KV_NUM_BLOCKS, KV_INDICES, SCRATCH,
     b, h, m, H, L_Q, NUM_Q_BLOCKS, MAX_KV, HEAD_DIM, sm_scale,
@@ -116,16 +135,14 @@ def fwd_tile(
     l_i = tl.zeros([BLOCK], tl.float32)
     acc = tl.zeros([BLOCK, BLOCK_D], tl.float32)
 
-    list_row = (b * H + h) * NUM_Q_BLOCKS + m
-    n_kv = tl.load(KV_NUM_BLOCKS + list_row)
-    list_start = KV_INDICES + list_row * MAX_KV
+    n_kv, list_start, scratch = _kv_list(KV_NUM_BLOCKS, KV_INDICES, SCRATCH, b, h, m, H, NUM_Q_BLOCKS, MAX_KV,
+                                         BLOCK, CHUNK)
     for first in range(0, n_kv, CHUNK):
-        n_rows = _pack_rows(list_start, first, n_kv, KV_SLOTS, stride_kvsb, KV_COUNTS, stride_kvcb, b, SCRATCH,
+        n_rows = _pack_rows(list_start, first, n_kv, KV_SLOTS, stride_kvsb, KV_COUNTS, stride_kvcb, b, scratch,
                             BLOCK, CHUNK)
         for step in range(0, tl.cdiv(n_rows, BLOCK)):
-            kv_rows, col_valid = _packed_rows(SCRATCH, step, n_rows, offs)
-            k = _load_rows(k_base, kv_rows, col_valid, stride_kn, offs_d, HEAD_DIM)
-            v = _load_rows(v_base, kv_rows, col_valid, stride_vn, offs_d, HEAD_DIM)
+            k, v, col_valid = _packed_kv(scratch, step, n_rows, offs, k_base, v_base, stride_kn, stride_vn, offs_d,
+                                         HEAD_DIM)
             s = _dot(q, tl.trans(k), UPCAST, IEEE) * qk_scale
             s = tl.where(col_valid[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -173,16 +190,14 @@ def dq_tile(
     qk_scale = sm_scale * 1.4426950408889634
 
     dq = tl.zeros([BLOCK, BLOCK_D], tl.float32)
-    list_row = (b * H + h) * NUM_Q_BLOCKS + m
-    n_kv = tl.load(KV_NUM_BLOCKS + list_row)
-    list_start = KV_INDICES + list_row * MAX_KV
+    n_kv, list_start, scratch = _kv_list(KV_NUM_BLOCKS, KV_INDICES, SCRATCH, b, h, m, H, NUM_Q_BLOCKS, MAX_KV,
+                                         BLOCK, CHUNK)
     for first in range(0, n_kv, CHUNK):
-        n_rows = _pack_rows(list_start, first, n_kv, KV_SLOTS, stride_kvsb, KV_COUNTS, stride_kvcb, b, SCRATCH,
+        n_rows = _pack_rows(list_start, first, n_kv, KV_SLOTS, stride_kvsb, KV_COUNTS, stride_kvcb, b, scratch,
                             BLOCK, CHUNK)
         for step in range(0, tl.cdiv(n_rows, BLOCK)):
-            kv_rows, col_valid = _packed_rows(SCRATCH, step, n_rows, offs)
-            k = _load_rows(k_base, kv_rows, col_valid, stride_kn, offs_d, HEAD_DIM)
-            v = _load_rows(v_base, kv_rows, col_valid, stride_vn, offs_d, HEAD_DIM)
+            k, v, col_valid = _packed_kv(scratch, step, n_rows, offs, k_base, v_base, stride_kn, stride_vn, offs_d,
+                                         HEAD_DIM)
             s = _dot(q, tl.trans(k), UPCAST, IEEE) * qk_scale
             valid = row_valid[:, None] & col_valid[None, :]
             p = tl.where(valid, tl.math.exp2(s - lse2[:, None]), 0.0)
@@ -269,9 +284,8 @@ def block_sparse_attn_fwd_kernel(
     m = tl.program_id(0)
     b = tl.program_id(1) // H
     h = tl.program_id(1) % H
-    scratch = SCRATCH + (tl.program_id(1).to(tl.int64) * NUM_Q_BLOCKS + m) * (CHUNK * BLOCK)
     out, rows, offs_d, mask = fwd_tile(
-        Q, K, V, LSE, Q_SLOTS, KV_SLOTS, Q_COUNTS, KV_COUNTS, KV_NUM_BLOCKS, KV_INDICES, scratch,
+        Q, K, V, LSE, Q_SLOTS, KV_SLOTS, Q_COUNTS, KV_COUNTS, KV_NUM_BLOCKS, KV_INDICES, SCRATCH,
         b, h, m, H, L_Q, NUM_Q_BLOCKS, MAX_KV, HEAD_DIM, sm_scale,
         stride_qsb, stride_kvsb, stride_qcb, stride_kvcb,
         stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
@@ -312,9 +326,8 @@ def block_sparse_attn_bwd_kernel(
         dk_ptrs = DK + b * stride_dkb + h * stride_dkh + rows[:, None] * stride_dkn + offs_d[None, :]
         tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=mask)
     else:
-        scratch = SCRATCH + (tl.program_id(1).to(tl.int64) * NUM_Q_BLOCKS + pid - NUM_KV_BLOCKS) * (CHUNK * BLOCK)
         dq_tile(
-            Q, K, V, DO, LSE, DELTA, DQ, Q_SLOTS, KV_SLOTS, Q_COUNTS, KV_COUNTS, KV_NUM_BLOCKS, KV_INDICES, scratch,
+            Q, K, V, DO, LSE, DELTA, DQ, Q_SLOTS, KV_SLOTS, Q_COUNTS, KV_COUNTS, KV_NUM_BLOCKS, KV_INDICES, SCRATCH,
             b, h, pid - NUM_KV_BLOCKS, H, L_Q, NUM_Q_BLOCKS, MAX_KV, HEAD_DIM, sm_scale,
             stride_qsb, stride_kvsb, stride_qcb, stride_kvcb,
             stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,

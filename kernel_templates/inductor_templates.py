@@ -33,9 +33,8 @@ _FORWARD = (
     m = tl.program_id(0)
     b = tl.program_id(1) // H
     h = tl.program_id(1) % H
-    scratch = SCRATCH + (tl.program_id(1).to(tl.int64) * {{size("Q_COUNTS", 1)}} + m) * (CHUNK * BLOCK)
     out, rows, offs_d, mask = fwd_tile(
-        Q, K, V, LSE, Q_SLOTS, KV_SLOTS, Q_COUNTS, KV_COUNTS, KV_NUM_BLOCKS, KV_INDICES, scratch,
+        Q, K, V, LSE, Q_SLOTS, KV_SLOTS, Q_COUNTS, KV_COUNTS, KV_NUM_BLOCKS, KV_INDICES, SCRATCH,
         b, h, m, H, {{size("Q", 2)}}, {{size("Q_COUNTS", 1)}}, {{size("KV_INDICES", 3)}}, {{size("Q", 3)}}, SM_SCALE,
         ''' + _TABLE_STRIDES + ''',
         ''' + _strides("Q", "K", "V") + ''',
@@ -47,7 +46,8 @@ _FORWARD = (
     idx_d = offs_d[None, :]
     {{store_output(STORE_INDICES, "out", "mask", val_shape=("BLOCK", "BLOCK_D"))}}
 '''
-    + _sources(_k._dot, _k._block_rows, _k._pack_rows, _k._packed_rows, _k._load_rows, _k.fwd_tile)
+    + _sources(_k._dot, _k._block_rows, _k._pack_rows, _k._packed_rows, _k._load_rows, _k._kv_list, _k._packed_kv,
+               _k.fwd_tile)
 )
 
 _BACKWARD = (
@@ -71,10 +71,8 @@ _BACKWARD = (
         idx_d = offs_d[None, :]
         {{store_output(STORE_INDICES, "dk", "mask", indent_width=8, val_shape=("BLOCK", "BLOCK_D"))}}
     else:
-        scratch = SCRATCH + (tl.program_id(1).to(tl.int64) * {{size("Q_COUNTS", 1)}} + pid - NUM_KV_BLOCKS) * (
-            CHUNK * BLOCK)
         dq_tile(
-            Q, K, V, DO, LSE, DELTA, DQ, Q_SLOTS, KV_SLOTS, Q_COUNTS, KV_COUNTS, KV_NUM_BLOCKS, KV_INDICES, scratch,
+            Q, K, V, DO, LSE, DELTA, DQ, Q_SLOTS, KV_SLOTS, Q_COUNTS, KV_COUNTS, KV_NUM_BLOCKS, KV_INDICES, SCRATCH,
             b, h, pid - NUM_KV_BLOCKS, H, {{size("Q", 2)}}, {{size("Q_COUNTS", 1)}}, {{size("KV_INDICES", 3)}},
             {{size("Q", 3)}}, SM_SCALE,
             ''' + _TABLE_STRIDES + ''',
@@ -82,7 +80,7 @@ _BACKWARD = (
             BLOCK, BLOCK_D, UPCAST, IEEE, CHUNK,
         )
 '''
-    + _sources(_k._dot, _k._block_rows, _k._pack_rows, _k._packed_rows, _k._load_rows, _k.dq_tile,
+    + _sources(_k._dot, _k._block_rows, _k._pack_rows, _k._packed_rows, _k._load_rows, _k._kv_list, _k._packed_kv, _k.dq_tile,
                _k.dkdv_tile)
 )
 

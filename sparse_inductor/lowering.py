@@ -103,11 +103,9 @@ class _TemplateLowering:
         size, stride = self.api.fake_output_size_stride(index)
         return self.api.empty_strided(size, stride, dtype=like.get_dtype(), device=like.get_device())
 
-    def _scratch(self, programs, q, q_slots, q_counts):
+    def _scratch(self, programs, q, meta):
         """The kernels' row-packing scratch (int32, written before it is read)."""
-        hint = self.api.hint
-        block = hint(q_slots.get_size()[1]) // hint(q_counts.get_size()[1])
-        size = [programs * triton_launch.scratch_elements(1, block)]
+        size = [triton_launch.scratch_elements(programs, meta["BLOCK"])]
         return self.api.empty_strided(size, None, dtype=torch.int32, device=q.get_device())
 
     def _meta(self, q, q_slots, q_counts, scale):
@@ -172,9 +170,9 @@ class _TemplateLowering:
         order, layout = self._output_layout(0, q)
         lse = api.empty_strided([B, H, Lq], None, dtype=torch.float32, device=q.get_device())
         Mq = tables[2].get_size()[1]
-        scratch = self._scratch(B * H * Mq, q, tables[0], tables[2])
-        inputs = [q, k, v, lse, *tables, scratch]
         meta, configs = self._meta(q, tables[0], tables[2], scale)
+        scratch = self._scratch(B * H * Mq, q, meta)
+        inputs = [q, k, v, lse, *tables, scratch]
         choices = []
         for cfg in configs:
             self.template(False, order).maybe_append_choice(
@@ -210,9 +208,9 @@ class _TemplateLowering:
         order, layout = self._output_layout(1, k)
         dq, dv = self._output_buffer(0, q), self._output_buffer(2, v)
         programs = tables[2].get_size()[1] + tables[3].get_size()[1]
-        scratch = self._scratch(B * H * tables[2].get_size()[1], q, tables[0], tables[2])  # for the dQ programs
-        inputs = [q, k, v, grad_out, lse, delta, dq, dv, *tables, scratch]
         meta, configs = self._meta(q, tables[0], tables[2], scale)
+        scratch = self._scratch(B * H * tables[2].get_size()[1], q, meta)  # for the dQ programs
+        inputs = [q, k, v, grad_out, lse, delta, dq, dv, *tables, scratch]
         choices = []
         for cfg in configs:
             self.template(True, order).maybe_append_choice(
