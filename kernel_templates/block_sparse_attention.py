@@ -10,23 +10,30 @@ stride of 0 shares one table). A slot at or past its block's count is never load
 contributes to a softmax or a gradient; its row is still written when it holds a real position
 (a text key hidden by a key-padding mask gets dK = dV = 0).
 
-The forward and dQ loops do not walk the listed KV blocks one by one: each pass packs the
-sequence positions of the valid slots of ``CHUNK`` listed blocks into the program's slice of
-``SCRATCH`` (int32, ``CHUNK * BLOCK`` per program) and walks them ``BLOCK`` at a time, so the
+The forward and dQ loops do not walk the listed KV blocks one by one: each pass takes ``CHUNK``
+listed blocks, lays the valid slots of each end to end (a prefix sum of their counts) and walks
+these packed rows ``BLOCK`` at a time, finding each packed row's slot in registers. So the
 padding slots of border tiles (a 21-frame grid's last tile holds 16 of 64 tokens) cost no MMA
-work. dK/dV keep one query block per step (packing measured slower there; benchmarks/NOTES.md).
+work and no memory is written. dK/dV keep one query block per step (packing measured slower
+there; benchmarks/NOTES.md).
 
 Selections follow FlexAttention's conventions: query-major ``KV_NUM_BLOCKS[B, H, Mq]`` /
 ``KV_INDICES[B, H, Mq, MAX_KV]`` for the forward and dQ, kv-major ``Q_NUM_BLOCKS[B, H, Mk]`` /
-``Q_INDICES[B, H, Mk, MAX_Q]`` for dK/dV (all contiguous).
+``Q_INDICES[B, H, Mk, MAX_Q]`` for dK/dV (all contiguous). A full row (``KV_NUM_BLOCKS`` equal
+to the number of KV blocks: a text query block) walks every block and reads no entries, so
+``MAX_KV`` may be narrower than the number of blocks.
+
+Masks cost instructions in every step, so only the steps that need one take it: the packed
+loops mask the last, partly filled step of each chunk; dK/dV need no per-step mask (padding
+query rows add exactly 0; padding key rows are zeroed once, see :func:`_gradient_lse2`).
 
 The ``*_tile`` functions hold all arithmetic. Two thin entry points use them: the ``*_kernel``
 functions below (launched directly by the eager op) and the Inductor templates of
 :mod:`kernel_templates.inductor_templates`, which embed these functions' source and differ only
 in how the main output is stored (Inductor's ``store_output``, where epilogues fuse).
 
-Softmax runs in base 2 (``exp2`` with log2(e) folded into the scale); LSE is stored in natural
-log units, like SDPA's.
+Softmax runs in base 2 (``exp2`` with log2(e) folded into the scale, one FMA per score); LSE is
+stored in natural log units, like SDPA's.
 """
 import triton
 import triton.language as tl
@@ -52,34 +59,43 @@ def _block_rows(SLOTS, stride_sb, COUNTS, stride_cb, b, block, offs):
 
 
 @triton.jit
-def _pack_rows(INDICES, first, n, SLOTS, stride_sb, COUNTS, stride_cb, b, SCRATCH,
-               BLOCK: tl.constexpr, CHUNK: tl.constexpr):
-    """Write the sequence positions of the valid slots of list entries ``[first, first + CHUNK)``
-    (those below ``n``) to the program's ``SCRATCH``, back to back; return how many there are.
+def _chunk_blocks(INDICES, first, n, listed, COUNTS, stride_cb, b, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+    """The list entries ``[first, first + CHUNK)`` (those below ``n``; blocks ``first, first + 1,
+    ...`` for a full row, ``listed`` false) laid end to end: packed
+    row ``p`` is valid slot ``p - at[t]`` of block ``ids[t]``, where segment ``t`` holds block
+    ``ids[t]``'s ``count[t]`` valid slots (a block's valid slots come first) from
+    ``at[t] = count[0] + ... + count[t - 1]`` on.
+
+    Returned in the form :func:`_packed_rows` reads in registers: the slot of packed row ``p`` is
+    ``p + ids[0] * BLOCK + (sum of jump[t] over the segments with end[t] <= p)``, where ``end[t]``
+    is where segment ``t`` ends and ``jump[t]`` is how the slot offset ``ids * BLOCK - at``
+    changes from segment ``t`` to ``t + 1``. Also returns the number of packed rows.
 
     The loop then walks these rows ``BLOCK`` at a time, so a border tile with 16 of 64 tokens
     costs 16 columns, not 64, and the rows of several blocks share one step.
     """
     e = first + tl.arange(0, CHUNK)
     live = e < n
-    ids = tl.load(INDICES + e, mask=live, other=0)
+    # A full row (``listed`` false) keeps every block in order and stores no entries.
+    ids = tl.where(listed, tl.load(INDICES + e, mask=tl.where(listed, live, False), other=0), e)
+    next_ids = tl.where(listed, tl.load(INDICES + e + 1, mask=tl.where(listed, e + 1 < n, False), other=0), e + 1)
     count = tl.where(live, tl.load(COUNTS + b * stride_cb + ids, mask=live, other=0), 0)
-    at = tl.cumsum(count, 0) - count
-    j = tl.arange(0, BLOCK)
-    take = j[None, :] < count[:, None]  # a block's valid slots come first
-    rows = tl.load(SLOTS + b * stride_sb + ids[:, None] * BLOCK + j[None, :], mask=take, other=-1)
-    tl.debug_barrier()  # every thread has read the previous chunk's rows
-    tl.store(SCRATCH + at[:, None] + j[None, :], rows, mask=take)
-    tl.debug_barrier()  # this chunk's rows are visible to every thread
-    return tl.sum(count, 0)
+    end = tl.cumsum(count, 0)
+    # A segment past the last live one is never passed by a valid row (its end is the total).
+    jump = (next_ids - ids) * BLOCK - count
+    first_id = tl.sum(tl.where(e == first, ids, 0), 0)
+    return end, jump, first_id * BLOCK, tl.sum(count, 0)
 
 
 @triton.jit
-def _packed_rows(SCRATCH, step, n_rows, offs):
-    """Sequence positions and validity of the ``BLOCK`` columns of loop step ``step``."""
+def _packed_rows(SLOTS, stride_sb, b, end, jump, base, step, n_rows, offs):
+    """Sequence positions and validity of the ``BLOCK`` columns of loop step ``step`` over the
+    packed rows of a chunk (:func:`_chunk_blocks`): one compare and one add per (column,
+    segment), in registers, with no memory written."""
     pos = step * offs.shape[0] + offs
     valid = pos < n_rows
-    return tl.load(SCRATCH + pos, mask=valid, other=-1), valid
+    slot = pos + base + tl.sum(tl.where(end[None, :] <= pos[:, None], jump[None, :], 0), 1)
+    return tl.load(SLOTS + b * stride_sb + slot, mask=valid, other=-1), valid
 
 
 @triton.jit
@@ -89,28 +105,74 @@ def _load_rows(base, rows, valid, stride_n, offs_d, HEAD_DIM):
 
 
 @triton.jit
-def _kv_list(KV_NUM_BLOCKS, KV_INDICES, SCRATCH, b, h, m, H, NUM_Q_BLOCKS, MAX_KV,
-             BLOCK: tl.constexpr, CHUNK: tl.constexpr):
-    """Length and start of query block ``m``'s KV list, and its program's part of ``SCRATCH``
-    (one ``CHUNK * BLOCK`` slice per list row)."""
+def _kv_list(KV_NUM_BLOCKS, KV_INDICES, b, h, m, H, NUM_Q_BLOCKS, NUM_KV_BLOCKS, MAX_KV):
+    """Length and start of query block ``m``'s KV list, and whether its entries are stored (a
+    full row, every KV block, stores none)."""
     list_row = (b * H + h) * NUM_Q_BLOCKS + m
-    scratch = SCRATCH + list_row.to(tl.int64) * (CHUNK * BLOCK)
-    return tl.load(KV_NUM_BLOCKS + list_row), KV_INDICES + list_row * MAX_KV, scratch
+    n_kv = tl.load(KV_NUM_BLOCKS + list_row)
+    return n_kv, KV_INDICES + list_row * MAX_KV, n_kv != NUM_KV_BLOCKS
 
 
 @triton.jit
-def _packed_kv(scratch, step, n_rows, offs, k_base, v_base, stride_kn, stride_vn, offs_d, HEAD_DIM):
+def _packed_kv(KV_SLOTS, stride_kvsb, b, end, jump, base, step, n_rows, offs, k_base, v_base, stride_kn, stride_vn,
+               offs_d, HEAD_DIM):
     """K and V rows of loop step ``step`` over the packed rows, and which columns are real."""
-    kv_rows, col_valid = _packed_rows(scratch, step, n_rows, offs)
+    kv_rows, col_valid = _packed_rows(KV_SLOTS, stride_kvsb, b, end, jump, base, step, n_rows, offs)
     k = _load_rows(k_base, kv_rows, col_valid, stride_kn, offs_d, HEAD_DIM)
     v = _load_rows(v_base, kv_rows, col_valid, stride_vn, offs_d, HEAD_DIM)
     return k, v, col_valid
 
 
 @triton.jit
+def _softmax_step(q, k, v, col_valid, m_i, l_i, acc, qk_scale, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+                  MASKED: tl.constexpr):
+    """One online-softmax step over a ``BLOCK`` of keys; ``m_i`` is in scaled base-2 units.
+
+    Only a partly filled step (``MASKED``) masks columns: the others hold valid keys only. The
+    scale is applied to the row maximum and fused into the exponent (one FMA per score).
+    """
+    s = _dot(q, tl.trans(k), UPCAST, IEEE)
+    if MASKED:
+        s = tl.where(col_valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    # A row that has seen only masked columns keeps m = -inf; shift by 0 to avoid inf - inf.
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s * qk_scale - m_shift[:, None])
+    alpha = tl.math.exp2(m_i - m_shift)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, IEEE)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _gradient_lse2(LSE, stats, row_valid):
+    """Base-2 LSE of the gradient kernels' query rows, chosen so that full steps need no mask.
+
+    Padding query rows (Q, dO and delta loaded as 0) read 0: their p = 1 meets dO = 0 in dV and
+    gives dS = 1 * (0 - 0) = 0. Rows without softmax mass (LSE = -inf, output 0) read +inf, so
+    p = 0. Padding key slots do need masking where they mix with valid keys (their p = 2^-lse2
+    may overflow): the dQ loop masks its partly filled steps, and dK/dV zero their rows at the end.
+    """
+    lse2 = tl.load(LSE + stats, mask=row_valid, other=0.0) * 1.4426950408889634
+    return tl.where(lse2 == float("-inf"), float("inf"), lse2)
+
+
+@triton.jit
+def _dq_step(q, do, k, v, lse2, delta, col_valid, dq, qk_scale, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+             MASKED: tl.constexpr):
+    """dQ contribution of a ``BLOCK`` of keys; only a partly filled step (``MASKED``) masks its
+    padding columns (see :func:`_gradient_lse2`)."""
+    p = tl.math.exp2(_dot(q, tl.trans(k), UPCAST, IEEE) * qk_scale - lse2[:, None])
+    if MASKED:
+        p = tl.where(col_valid[None, :], p, 0.0)
+    ds = p * (_dot(do, tl.trans(v), UPCAST, IEEE) - delta[:, None])
+    return dq + _dot(ds.to(k.dtype), k, UPCAST, IEEE)
+
+
+@triton.jit
 def fwd_tile(
-    Q, K, V, LSE, Q_SLOTS, KV_SLOTS, Q_COUNTS, KV_COUNTS, KV_NUM_BLOCKS, KV_INDICES, SCRATCH,
-    b, h, m, H, L_Q, NUM_Q_BLOCKS, MAX_KV, HEAD_DIM, sm_scale,
+    Q, K, V, LSE, Q_SLOTS, KV_SLOTS, Q_COUNTS, KV_COUNTS, KV_NUM_BLOCKS, KV_INDICES,
+    b, h, m, H, L_Q, NUM_Q_BLOCKS, NUM_KV_BLOCKS, MAX_KV, HEAD_DIM, sm_scale,
     stride_qsb, stride_kvsb, stride_qcb, stride_kvcb,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
@@ -135,24 +197,19 @@ def fwd_tile(
     l_i = tl.zeros([BLOCK], tl.float32)
     acc = tl.zeros([BLOCK, BLOCK_D], tl.float32)
 
-    n_kv, list_start, scratch = _kv_list(KV_NUM_BLOCKS, KV_INDICES, SCRATCH, b, h, m, H, NUM_Q_BLOCKS, MAX_KV,
-                                         BLOCK, CHUNK)
+    n_kv, list_start, listed = _kv_list(KV_NUM_BLOCKS, KV_INDICES, b, h, m, H, NUM_Q_BLOCKS, NUM_KV_BLOCKS,
+                                        MAX_KV)
     for first in range(0, n_kv, CHUNK):
-        n_rows = _pack_rows(list_start, first, n_kv, KV_SLOTS, stride_kvsb, KV_COUNTS, stride_kvcb, b, scratch,
-                            BLOCK, CHUNK)
-        for step in range(0, tl.cdiv(n_rows, BLOCK)):
-            k, v, col_valid = _packed_kv(scratch, step, n_rows, offs, k_base, v_base, stride_kn, stride_vn, offs_d,
-                                         HEAD_DIM)
-            s = _dot(q, tl.trans(k), UPCAST, IEEE) * qk_scale
-            s = tl.where(col_valid[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            # A row that has seen only masked columns keeps m = -inf; shift by 0 to avoid inf - inf.
-            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(s - m_shift[:, None])
-            alpha = tl.math.exp2(m_i - m_shift)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, IEEE)
-            m_i = m_new
+        end, jump, base, n_rows = _chunk_blocks(list_start, first, n_kv, listed, KV_COUNTS, stride_kvcb, b, BLOCK, CHUNK)
+        n_full = n_rows // BLOCK
+        for step in range(0, n_full):
+            k, v, col_valid = _packed_kv(KV_SLOTS, stride_kvsb, b, end, jump, base, step, n_rows, offs, k_base, v_base,
+                                         stride_kn, stride_vn, offs_d, HEAD_DIM)
+            m_i, l_i, acc = _softmax_step(q, k, v, col_valid, m_i, l_i, acc, qk_scale, UPCAST, IEEE, False)
+        if n_full * BLOCK < n_rows:  # the chunk's last, partly filled step
+            k, v, col_valid = _packed_kv(KV_SLOTS, stride_kvsb, b, end, jump, base, n_full, n_rows, offs, k_base,
+                                         v_base, stride_kn, stride_vn, offs_d, HEAD_DIM)
+            m_i, l_i, acc = _softmax_step(q, k, v, col_valid, m_i, l_i, acc, qk_scale, UPCAST, IEEE, True)
 
     has_mass = l_i > 0.0
     out = acc / tl.where(has_mass, l_i, 1.0)[:, None]
@@ -165,8 +222,8 @@ def fwd_tile(
 
 @triton.jit
 def dq_tile(
-    Q, K, V, DO, LSE, DELTA, DQ, Q_SLOTS, KV_SLOTS, Q_COUNTS, KV_COUNTS, KV_NUM_BLOCKS, KV_INDICES, SCRATCH,
-    b, h, m, H, L_Q, NUM_Q_BLOCKS, MAX_KV, HEAD_DIM, sm_scale,
+    Q, K, V, DO, LSE, DELTA, DQ, Q_SLOTS, KV_SLOTS, Q_COUNTS, KV_COUNTS, KV_NUM_BLOCKS, KV_INDICES,
+    b, h, m, H, L_Q, NUM_Q_BLOCKS, NUM_KV_BLOCKS, MAX_KV, HEAD_DIM, sm_scale,
     stride_qsb, stride_kvsb, stride_qcb, stride_kvcb,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
@@ -183,33 +240,48 @@ def dq_tile(
     q = _load_rows(Q + b * stride_qb + h * stride_qh, q_rows, row_valid, stride_qn, offs_d, HEAD_DIM)
     do = _load_rows(DO + b * stride_dob + h * stride_doh, q_rows, row_valid, stride_don, offs_d, HEAD_DIM)
     stats = (b * H + h) * L_Q + q_rows
-    lse2 = tl.load(LSE + stats, mask=row_valid, other=0.0) * 1.4426950408889634
+    lse2 = _gradient_lse2(LSE, stats, row_valid)
     delta = tl.load(DELTA + stats, mask=row_valid, other=0.0)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
     qk_scale = sm_scale * 1.4426950408889634
 
     dq = tl.zeros([BLOCK, BLOCK_D], tl.float32)
-    n_kv, list_start, scratch = _kv_list(KV_NUM_BLOCKS, KV_INDICES, SCRATCH, b, h, m, H, NUM_Q_BLOCKS, MAX_KV,
-                                         BLOCK, CHUNK)
+    n_kv, list_start, listed = _kv_list(KV_NUM_BLOCKS, KV_INDICES, b, h, m, H, NUM_Q_BLOCKS, NUM_KV_BLOCKS,
+                                        MAX_KV)
     for first in range(0, n_kv, CHUNK):
-        n_rows = _pack_rows(list_start, first, n_kv, KV_SLOTS, stride_kvsb, KV_COUNTS, stride_kvcb, b, scratch,
-                            BLOCK, CHUNK)
-        for step in range(0, tl.cdiv(n_rows, BLOCK)):
-            k, v, col_valid = _packed_kv(scratch, step, n_rows, offs, k_base, v_base, stride_kn, stride_vn, offs_d,
-                                         HEAD_DIM)
-            s = _dot(q, tl.trans(k), UPCAST, IEEE) * qk_scale
-            valid = row_valid[:, None] & col_valid[None, :]
-            p = tl.where(valid, tl.math.exp2(s - lse2[:, None]), 0.0)
-            dp = _dot(do, tl.trans(v), UPCAST, IEEE)
-            # where, not a multiply: a masked product may hold inf - inf (0 * NaN = NaN).
-            ds = tl.where(valid, p * (dp - delta[:, None]), 0.0)
-            dq += _dot(ds.to(k.dtype), k, UPCAST, IEEE)
+        end, jump, base, n_rows = _chunk_blocks(list_start, first, n_kv, listed, KV_COUNTS, stride_kvcb, b, BLOCK, CHUNK)
+        n_full = n_rows // BLOCK
+        for step in range(0, n_full):
+            k, v, col_valid = _packed_kv(KV_SLOTS, stride_kvsb, b, end, jump, base, step, n_rows, offs, k_base, v_base,
+                                         stride_kn, stride_vn, offs_d, HEAD_DIM)
+            dq = _dq_step(q, do, k, v, lse2, delta, col_valid, dq, qk_scale, UPCAST, IEEE, False)
+        if n_full * BLOCK < n_rows:  # the chunk's last, partly filled step
+            k, v, col_valid = _packed_kv(KV_SLOTS, stride_kvsb, b, end, jump, base, n_full, n_rows, offs, k_base,
+                                         v_base, stride_kn, stride_vn, offs_d, HEAD_DIM)
+            dq = _dq_step(q, do, k, v, lse2, delta, col_valid, dq, qk_scale, UPCAST, IEEE, True)
 
     dq = dq * sm_scale
     mask = (q_rows >= 0)[:, None] & (offs_d < HEAD_DIM)[None, :]
     dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + q_rows[:, None] * stride_dqn + offs_d[None, :]
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dkdv_step(k, v, q_base, do_base, LSE, DELTA, stats_base, Q_SLOTS, stride_qsb, Q_COUNTS, stride_qcb, b, qb, offs,
+               offs_d, stride_qn, stride_don, HEAD_DIM, dk, dv, qk_scale, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """dK and dV contributions of query block ``qb``, with transposed scores ``[kv slots, q slots]``
+    (no masks: see :func:`_gradient_lse2`)."""
+    q_rows, row_valid = _block_rows(Q_SLOTS, stride_qsb, Q_COUNTS, stride_qcb, b, qb, offs)
+    q = _load_rows(q_base, q_rows, row_valid, stride_qn, offs_d, HEAD_DIM)
+    do = _load_rows(do_base, q_rows, row_valid, stride_don, offs_d, HEAD_DIM)
+    lse2 = _gradient_lse2(LSE, stats_base + q_rows, row_valid)
+    delta = tl.load(DELTA + stats_base + q_rows, mask=row_valid, other=0.0)
+    p_t = tl.math.exp2(_dot(k, tl.trans(q), UPCAST, IEEE) * qk_scale - lse2[None, :])
+    dv += _dot(p_t.to(do.dtype), do, UPCAST, IEEE)
+    ds_t = p_t * (_dot(v, tl.trans(do), UPCAST, IEEE) - delta[None, :])
+    dk += _dot(ds_t.to(q.dtype), q, UPCAST, IEEE)
+    return dk, dv
 
 
 @triton.jit
@@ -244,19 +316,12 @@ def dkdv_tile(
     n_q = tl.load(Q_NUM_BLOCKS + list_row)
     for i in range(0, n_q):
         qb = tl.load(Q_INDICES + list_row * MAX_Q + i)
-        q_rows, row_valid = _block_rows(Q_SLOTS, stride_qsb, Q_COUNTS, stride_qcb, b, qb, offs)
-        q = _load_rows(q_base, q_rows, row_valid, stride_qn, offs_d, HEAD_DIM)
-        do = _load_rows(do_base, q_rows, row_valid, stride_don, offs_d, HEAD_DIM)
-        lse2 = tl.load(LSE + stats_base + q_rows, mask=row_valid, other=0.0) * 1.4426950408889634
-        delta = tl.load(DELTA + stats_base + q_rows, mask=row_valid, other=0.0)
-        # Transposed scores: [kv slots, q slots].
-        s_t = _dot(k, tl.trans(q), UPCAST, IEEE) * qk_scale
-        valid = col_valid[:, None] & row_valid[None, :]
-        p_t = tl.where(valid, tl.math.exp2(s_t - lse2[None, :]), 0.0)
-        dv += _dot(p_t.to(do.dtype), do, UPCAST, IEEE)
-        dp_t = _dot(v, tl.trans(do), UPCAST, IEEE)
-        ds_t = tl.where(valid, p_t * (dp_t - delta[None, :]), 0.0)
-        dk += _dot(ds_t.to(q.dtype), q, UPCAST, IEEE)
+        dk, dv = _dkdv_step(k, v, q_base, do_base, LSE, DELTA, stats_base, Q_SLOTS, stride_qsb, Q_COUNTS, stride_qcb,
+                            b, qb, offs, offs_d, stride_qn, stride_don, HEAD_DIM, dk, dv, qk_scale, UPCAST, IEEE)
+    # The padding key slots took part unmasked; a slot past the count that holds a real position
+    # (a key hidden by a key-padding mask) must get dK = dV = 0.
+    dk = tl.where(col_valid[:, None], dk, 0.0)
+    dv = tl.where(col_valid[:, None], dv, 0.0)
 
     dk = dk * sm_scale
     mask = (kv_rows >= 0)[:, None] & (offs_d < HEAD_DIM)[None, :]
@@ -271,8 +336,8 @@ def dkdv_tile(
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def block_sparse_attn_fwd_kernel(
-    Q, K, V, O, LSE, Q_SLOTS, KV_SLOTS, Q_COUNTS, KV_COUNTS, KV_NUM_BLOCKS, KV_INDICES, SCRATCH,
-    sm_scale, H, L_Q, NUM_Q_BLOCKS, MAX_KV, HEAD_DIM,
+    Q, K, V, O, LSE, Q_SLOTS, KV_SLOTS, Q_COUNTS, KV_COUNTS, KV_NUM_BLOCKS, KV_INDICES,
+    sm_scale, H, L_Q, NUM_Q_BLOCKS, NUM_KV_BLOCKS, MAX_KV, HEAD_DIM,
     stride_qsb, stride_kvsb, stride_qcb, stride_kvcb,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
@@ -285,8 +350,8 @@ def block_sparse_attn_fwd_kernel(
     b = tl.program_id(1) // H
     h = tl.program_id(1) % H
     out, rows, offs_d, mask = fwd_tile(
-        Q, K, V, LSE, Q_SLOTS, KV_SLOTS, Q_COUNTS, KV_COUNTS, KV_NUM_BLOCKS, KV_INDICES, SCRATCH,
-        b, h, m, H, L_Q, NUM_Q_BLOCKS, MAX_KV, HEAD_DIM, sm_scale,
+        Q, K, V, LSE, Q_SLOTS, KV_SLOTS, Q_COUNTS, KV_COUNTS, KV_NUM_BLOCKS, KV_INDICES,
+        b, h, m, H, L_Q, NUM_Q_BLOCKS, NUM_KV_BLOCKS, MAX_KV, HEAD_DIM, sm_scale,
         stride_qsb, stride_kvsb, stride_qcb, stride_kvcb,
         stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
         BLOCK, BLOCK_D, UPCAST, IEEE, CHUNK,
@@ -298,7 +363,7 @@ def block_sparse_attn_fwd_kernel(
 @triton.jit
 def block_sparse_attn_bwd_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, DK, DV,
-    Q_SLOTS, KV_SLOTS, Q_COUNTS, KV_COUNTS, KV_NUM_BLOCKS, KV_INDICES, Q_NUM_BLOCKS, Q_INDICES, SCRATCH,
+    Q_SLOTS, KV_SLOTS, Q_COUNTS, KV_COUNTS, KV_NUM_BLOCKS, KV_INDICES, Q_NUM_BLOCKS, Q_INDICES,
     sm_scale, H, L_Q, NUM_Q_BLOCKS, NUM_KV_BLOCKS, MAX_KV, MAX_Q, HEAD_DIM,
     stride_qsb, stride_kvsb, stride_qcb, stride_kvcb,
     stride_qb, stride_qh, stride_qn,
@@ -327,8 +392,8 @@ def block_sparse_attn_bwd_kernel(
         tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=mask)
     else:
         dq_tile(
-            Q, K, V, DO, LSE, DELTA, DQ, Q_SLOTS, KV_SLOTS, Q_COUNTS, KV_COUNTS, KV_NUM_BLOCKS, KV_INDICES, SCRATCH,
-            b, h, pid - NUM_KV_BLOCKS, H, L_Q, NUM_Q_BLOCKS, MAX_KV, HEAD_DIM, sm_scale,
+            Q, K, V, DO, LSE, DELTA, DQ, Q_SLOTS, KV_SLOTS, Q_COUNTS, KV_COUNTS, KV_NUM_BLOCKS, KV_INDICES,
+            b, h, pid - NUM_KV_BLOCKS, H, L_Q, NUM_Q_BLOCKS, NUM_KV_BLOCKS, MAX_KV, HEAD_DIM, sm_scale,
             stride_qsb, stride_kvsb, stride_qcb, stride_kvcb,
             stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
             stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,

@@ -28,14 +28,15 @@ def _strides(*names: str) -> str:
 OUTPUT_INDICES = ("idx_b", "idx_h", "idx_n", "idx_d")
 
 _FORWARD = (
-    '''{{def_kernel("Q", "K", "V", "LSE", "Q_SLOTS", "KV_SLOTS", "Q_COUNTS", "KV_COUNTS", "KV_NUM_BLOCKS", "KV_INDICES", "SCRATCH")}}
+    '''{{def_kernel("Q", "K", "V", "LSE", "Q_SLOTS", "KV_SLOTS", "Q_COUNTS", "KV_COUNTS", "KV_NUM_BLOCKS", "KV_INDICES")}}
     H = {{size("Q", 1)}}
     m = tl.program_id(0)
     b = tl.program_id(1) // H
     h = tl.program_id(1) % H
     out, rows, offs_d, mask = fwd_tile(
-        Q, K, V, LSE, Q_SLOTS, KV_SLOTS, Q_COUNTS, KV_COUNTS, KV_NUM_BLOCKS, KV_INDICES, SCRATCH,
-        b, h, m, H, {{size("Q", 2)}}, {{size("Q_COUNTS", 1)}}, {{size("KV_INDICES", 3)}}, {{size("Q", 3)}}, SM_SCALE,
+        Q, K, V, LSE, Q_SLOTS, KV_SLOTS, Q_COUNTS, KV_COUNTS, KV_NUM_BLOCKS, KV_INDICES,
+        b, h, m, H, {{size("Q", 2)}}, {{size("Q_COUNTS", 1)}}, {{size("KV_COUNTS", 1)}}, {{size("KV_INDICES", 3)}},
+        {{size("Q", 3)}}, SM_SCALE,
         ''' + _TABLE_STRIDES + ''',
         ''' + _strides("Q", "K", "V") + ''',
         BLOCK, BLOCK_D, UPCAST, IEEE, CHUNK,
@@ -46,12 +47,12 @@ _FORWARD = (
     idx_d = offs_d[None, :]
     {{store_output(STORE_INDICES, "out", "mask", val_shape=("BLOCK", "BLOCK_D"))}}
 '''
-    + _sources(_k._dot, _k._block_rows, _k._pack_rows, _k._packed_rows, _k._load_rows, _k._kv_list, _k._packed_kv,
-               _k.fwd_tile)
+    + _sources(_k._dot, _k._block_rows, _k._chunk_blocks, _k._packed_rows, _k._load_rows, _k._kv_list, _k._packed_kv,
+               _k._softmax_step, _k.fwd_tile)
 )
 
 _BACKWARD = (
-    '''{{def_kernel("Q", "K", "V", "DO", "LSE", "DELTA", "DQ", "DV", "Q_SLOTS", "KV_SLOTS", "Q_COUNTS", "KV_COUNTS", "KV_NUM_BLOCKS", "KV_INDICES", "Q_NUM_BLOCKS", "Q_INDICES", "SCRATCH")}}
+    '''{{def_kernel("Q", "K", "V", "DO", "LSE", "DELTA", "DQ", "DV", "Q_SLOTS", "KV_SLOTS", "Q_COUNTS", "KV_COUNTS", "KV_NUM_BLOCKS", "KV_INDICES", "Q_NUM_BLOCKS", "Q_INDICES")}}
     H = {{size("Q", 1)}}
     NUM_KV_BLOCKS = {{size("KV_COUNTS", 1)}}
     pid = tl.program_id(0)
@@ -72,16 +73,16 @@ _BACKWARD = (
         {{store_output(STORE_INDICES, "dk", "mask", indent_width=8, val_shape=("BLOCK", "BLOCK_D"))}}
     else:
         dq_tile(
-            Q, K, V, DO, LSE, DELTA, DQ, Q_SLOTS, KV_SLOTS, Q_COUNTS, KV_COUNTS, KV_NUM_BLOCKS, KV_INDICES, SCRATCH,
-            b, h, pid - NUM_KV_BLOCKS, H, {{size("Q", 2)}}, {{size("Q_COUNTS", 1)}}, {{size("KV_INDICES", 3)}},
-            {{size("Q", 3)}}, SM_SCALE,
+            Q, K, V, DO, LSE, DELTA, DQ, Q_SLOTS, KV_SLOTS, Q_COUNTS, KV_COUNTS, KV_NUM_BLOCKS, KV_INDICES,
+            b, h, pid - NUM_KV_BLOCKS, H, {{size("Q", 2)}}, {{size("Q_COUNTS", 1)}}, NUM_KV_BLOCKS,
+            {{size("KV_INDICES", 3)}}, {{size("Q", 3)}}, SM_SCALE,
             ''' + _TABLE_STRIDES + ''',
             ''' + _strides("Q", "K", "V", "DO", "DQ") + ''',
             BLOCK, BLOCK_D, UPCAST, IEEE, CHUNK,
         )
 '''
-    + _sources(_k._dot, _k._block_rows, _k._pack_rows, _k._packed_rows, _k._load_rows, _k._kv_list, _k._packed_kv, _k.dq_tile,
-               _k.dkdv_tile)
+    + _sources(_k._dot, _k._block_rows, _k._chunk_blocks, _k._packed_rows, _k._load_rows, _k._kv_list, _k._packed_kv,
+               _k._gradient_lse2, _k._dq_step, _k.dq_tile, _k._dkdv_step, _k.dkdv_tile)
 )
 
 

@@ -103,11 +103,6 @@ class _TemplateLowering:
         size, stride = self.api.fake_output_size_stride(index)
         return self.api.empty_strided(size, stride, dtype=like.get_dtype(), device=like.get_device())
 
-    def _scratch(self, programs, q, meta):
-        """The kernels' row-packing scratch (int32, written before it is read)."""
-        size = [triton_launch.scratch_elements(programs, meta["BLOCK"])]
-        return self.api.empty_strided(size, None, dtype=torch.int32, device=q.get_device())
-
     def _meta(self, q, q_slots, q_counts, scale):
         hint = self.api.hint
         block = hint(q_slots.get_size()[1]) // hint(q_counts.get_size()[1])
@@ -171,12 +166,11 @@ class _TemplateLowering:
         lse = api.empty_strided([B, H, Lq], None, dtype=torch.float32, device=q.get_device())
         Mq = tables[2].get_size()[1]
         meta, configs = self._meta(q, tables[0], tables[2], scale)
-        scratch = self._scratch(B * H * Mq, q, meta)
-        inputs = [q, k, v, lse, *tables, scratch]
+        inputs = [q, k, v, lse, *tables]
         choices = []
         for cfg in configs:
             self.template(False, order).maybe_append_choice(
-                choices, input_nodes=inputs, layout=layout, mutated_inputs=[lse, scratch], call_sizes=[Mq, B, H],
+                choices, input_nodes=inputs, layout=layout, mutated_inputs=[lse], call_sizes=[Mq, B, H],
                 **cfg, **meta)
         if not choices:
             raise RuntimeError("no template configuration could be generated")
@@ -209,12 +203,11 @@ class _TemplateLowering:
         dq, dv = self._output_buffer(0, q), self._output_buffer(2, v)
         programs = tables[2].get_size()[1] + tables[3].get_size()[1]
         meta, configs = self._meta(q, tables[0], tables[2], scale)
-        scratch = self._scratch(B * H * tables[2].get_size()[1], q, meta)  # for the dQ programs
-        inputs = [q, k, v, grad_out, lse, delta, dq, dv, *tables, scratch]
+        inputs = [q, k, v, grad_out, lse, delta, dq, dv, *tables]
         choices = []
         for cfg in configs:
             self.template(True, order).maybe_append_choice(
-                choices, input_nodes=inputs, layout=layout, mutated_inputs=[dq, dv, scratch],
+                choices, input_nodes=inputs, layout=layout, mutated_inputs=[dq, dv],
                 call_sizes=[programs, B, H],
                 **cfg, **meta)
         if not choices:

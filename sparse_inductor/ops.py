@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from . import triton_launch
-from .selection import lists_from_mask, mask_from_lists
+from .selection import explicit_lists, lists_from_mask, mask_from_lists
 from .selection import pool_tiles as pool_tiles_torch
 from .selection import top_k_tiles as top_k_tiles_torch
 
@@ -47,12 +47,15 @@ def _transpose_block_lists(kv_num_blocks: Tensor, kv_indices: Tensor, num_kv_blo
     listed = torch.arange(K, device=kv_indices.device) < kv_num_blocks.unsqueeze(-1)
     bh = torch.arange(B * H, device=kv_indices.device).view(B, H, 1, 1)
     m = torch.arange(Mq, device=kv_indices.device).view(1, 1, Mq, 1)
+    listed &= (kv_num_blocks != Mk).unsqueeze(-1)
     flat = ((bh * Mk + kv_indices.long()) * Mq + m).where(listed, B * H * Mk * Mq)
     flags = torch.zeros(B * H * Mk * Mq + 1, dtype=torch.int8, device=kv_indices.device)
     flags[flat.reshape(-1)] = 1
+    # A full row (every KV block, entries not stored) flags its query block in every KV row.
+    flags = flags[:-1].view(B, H, Mk, Mq) | (kv_num_blocks == Mk).to(torch.int8).view(B, H, 1, Mq)
     q_num = torch.empty((B, H, Mk), dtype=torch.int32, device=kv_indices.device)
     q_indices = torch.zeros((B, H, Mk, Mq), dtype=torch.int32, device=kv_indices.device)
-    triton_launch.compact_rows(flags[:-1].view(B, H, Mk, Mq), q_num, q_indices)
+    triton_launch.compact_rows(flags.contiguous(), q_num, q_indices)
     return q_num, q_indices
 
 
@@ -114,6 +117,7 @@ def _gathered(q, k, v, q_counts, kv_counts, kv_num_blocks, kv_indices):
     qb = torch.where(q_valid[:, None, :, :, None], q.reshape(B, H, Mq, S, D).to(dtype), 0)
     kb = torch.where(kv_valid[:, None, :, :, None], k.reshape(B, H, Mk, S, D).to(dtype), 0)
     vb = torch.where(kv_valid[:, None, :, :, None], v.reshape(B, H, Mk, S, D).to(dtype), 0)
+    kv_indices = explicit_lists(kv_num_blocks, kv_indices, Mk)
     K = kv_indices.shape[-1]
     listed = torch.arange(K, device=q.device) < kv_num_blocks.unsqueeze(-1)  # [B, H, Mq, K]
     idx = torch.where(listed, kv_indices, 0).long()

@@ -54,7 +54,9 @@ class BlockSelection:
     Attributes:
         kv_num_blocks: int32 ``[B, H, Mq]``, how many KV tiles each query tile keeps.
         kv_indices: int32 ``[B, H, Mq, K]``, the kept KV tiles in increasing order (the first
-            ``kv_num_blocks`` entries of each row are meaningful).
+            ``kv_num_blocks`` entries of each row are meaningful). A *full* row, one whose
+            ``kv_num_blocks`` equals the number of KV blocks, keeps every block and its entries
+            are not read, so ``K`` may be narrower than that (text query blocks, DESIGN.md §3.5).
         counts: int32 ``[M]``, valid tokens per tile (tiles are shared by Q and KV).
         block_size: slots per tile in the tile-major layout.
         grid: the video grid ``(T, H, W)``.
@@ -73,9 +75,24 @@ class BlockSelection:
         return mask_from_lists(self.kv_num_blocks, self.kv_indices, self.counts.shape[-1])
 
 
+def explicit_lists(num: Tensor, indices: Tensor, num_cols: int) -> Tensor:
+    """``indices`` with every full row (``num == num_cols``) written out as ``0 .. num_cols - 1``,
+    widened to ``num_cols`` entries if it is narrower and has a full row. For the CPU paths; the
+    kernels read full rows without their entries."""
+    full = num == num_cols
+    if not bool(full.any()):
+        return indices
+    K = indices.shape[-1]
+    if K < num_cols:
+        indices = torch.cat([indices, indices.new_zeros(*indices.shape[:-1], num_cols - K)], dim=-1)
+    every = torch.arange(indices.shape[-1], dtype=indices.dtype, device=indices.device)
+    return torch.where(full.unsqueeze(-1), every, indices)
+
+
 def mask_from_lists(num: Tensor, indices: Tensor, num_cols: int) -> Tensor:
     """``(num [B, H, R], indices [B, H, R, K])`` -> bool block mask ``[B, H, R, num_cols]``.
     Integer scatter-add of flags: deterministic, whatever the padding entries hold."""
+    indices = explicit_lists(num, indices, num_cols)
     B, H, R, K = indices.shape
     listed = torch.arange(K, device=indices.device) < num.unsqueeze(-1)
     hits = torch.zeros((B, H, R, num_cols), dtype=torch.int32, device=indices.device)
@@ -96,7 +113,8 @@ def select_tiles(q: Tensor, k: Tensor, layout, sparsity: float, scale: float) ->
     ``(kv_num_blocks, kv_indices)``.
 
     Video query tiles keep their top-k video KV tiles by pooled score plus every text block;
-    text query blocks keep every block (DESIGN.md §3.5).
+    text query blocks keep every block (DESIGN.md §3.5) as full rows, so the lists are
+    ``k + text blocks`` wide, not as wide as the number of blocks.
     """
     S, Mv, M = layout.block_size, layout.num_video_tiles, layout.num_tiles
     counts = layout.counts[:Mv]
@@ -109,14 +127,13 @@ def select_tiles(q: Tensor, k: Tensor, layout, sparsity: float, scale: float) ->
     device = q.device
     if not _has_text(layout):
         return torch.full((B, H, Mv), k, dtype=torch.int32, device=device), video_rows.contiguous()
+    # Video rows list their top k video tiles, then every text block (numbered after the video
+    # tiles, so the row stays increasing). Text rows are full rows: every block, no entries.
     Mt = M - Mv
-    all_blocks = torch.arange(M, dtype=torch.int32, device=device)
-    video_rows = torch.cat([
-        video_rows,
-        all_blocks[Mv:].expand(B, H, Mv, Mt),
-        torch.zeros((B, H, Mv, Mv - k), dtype=torch.int32, device=device),  # padding to width M
-    ], dim=-1)
-    kv_indices = torch.cat([video_rows, all_blocks.expand(B, H, Mt, M)], dim=2).contiguous()
+    text_blocks = torch.arange(Mv, M, dtype=torch.int32, device=device).expand(B, H, Mv, Mt)
+    video_rows = torch.cat([video_rows, text_blocks], dim=-1)
+    text_rows = torch.arange(k + Mt, dtype=torch.int32, device=device).expand(B, H, Mt, k + Mt)
+    kv_indices = torch.cat([video_rows, text_rows], dim=2).contiguous()
     kv_num_blocks = torch.cat([
         torch.full((B, H, Mv), k + Mt, dtype=torch.int32, device=device),
         torch.full((B, H, Mt), M, dtype=torch.int32, device=device),

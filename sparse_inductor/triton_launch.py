@@ -24,19 +24,13 @@ def default_config(block: int, head_dim: int) -> dict:
     return {"num_warps": 8 if block >= 128 else 4, "num_stages": stages}
 
 
-#: List entries whose rows the attention kernels pack per pass (their scratch holds this many
-#: blocks' rows per program).
+#: List entries whose valid rows the attention kernels pack per pass.
 PACK_CHUNK = 32
 
 
 def pack_meta() -> dict:
     """Constexprs of the row packing: ``CHUNK`` list entries per pass."""
     return {"CHUNK": PACK_CHUNK}
-
-
-def scratch_elements(programs: int, block: int) -> int:
-    """int32 elements of the packing scratch for ``programs`` programs (all of B * H included)."""
-    return programs * PACK_CHUNK * block
 
 
 def kernel_flags(dtype: torch.dtype) -> dict:
@@ -61,10 +55,9 @@ def block_sparse_fwd(q, k, v, out, lse, q_slots, kv_slots, q_counts, kv_counts, 
     B, H, Lq, D = q.shape
     Mq = q_counts.shape[-1]
     block = q_slots.shape[-1] // Mq
-    scratch = torch.empty(scratch_elements(B * H * Mq, block), dtype=torch.int32, device=q.device)
     block_sparse_attn_fwd_kernel[(Mq, B * H)](
-        q, k, v, out, lse, q_slots, kv_slots, q_counts, kv_counts, kv_num_blocks, kv_indices, scratch,
-        scale, H, Lq, Mq, kv_indices.shape[-1], D,
+        q, k, v, out, lse, q_slots, kv_slots, q_counts, kv_counts, kv_num_blocks, kv_indices,
+        scale, H, Lq, Mq, kv_counts.shape[-1], kv_indices.shape[-1], D,
         *_table_strides(q_slots, kv_slots, q_counts, kv_counts),
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out),
         BLOCK=block, BLOCK_D=head_block(D), **kernel_flags(q.dtype), **pack_meta(),
@@ -80,10 +73,9 @@ def block_sparse_bwd(grad_out, q, k, v, lse, delta, dq, dk, dv, q_slots, kv_slot
     B, H, Lq, D = q.shape
     Mq, Mk = q_counts.shape[-1], kv_counts.shape[-1]
     block = q_slots.shape[-1] // Mq
-    scratch = torch.empty(scratch_elements(B * H * Mq, block), dtype=torch.int32, device=q.device)
     block_sparse_attn_bwd_kernel[(Mk + Mq, B * H)](
         q, k, v, grad_out, lse, delta, dq, dk, dv,
-        q_slots, kv_slots, q_counts, kv_counts, kv_num_blocks, kv_indices, q_num_blocks, q_indices, scratch,
+        q_slots, kv_slots, q_counts, kv_counts, kv_num_blocks, kv_indices, q_num_blocks, q_indices,
         scale, H, Lq, Mq, Mk, kv_indices.shape[-1], q_indices.shape[-1], D,
         *_table_strides(q_slots, kv_slots, q_counts, kv_counts),
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(grad_out),

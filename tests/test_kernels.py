@@ -13,10 +13,11 @@ from hypothesis import strategies as st
 
 from helpers import HAS_TRITON, KERNEL_DEVICE, REL_TOL, assert_close_rel, grids, kernel_dtypes, sparsities, tiles
 from sparse_inductor import triton_launch
-from sparse_inductor.layout import tile_layout
+from sparse_inductor.attention import _text_valid_first
+from sparse_inductor.layout import build_layout, tile_layout
 from sparse_inductor.ops import transpose_block_lists
 from sparse_inductor.reference import reference_attention, reference_selection, token_mask
-from sparse_inductor.selection import lists_from_mask
+from sparse_inductor.selection import lists_from_mask, mask_from_lists, select_tiles
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 
@@ -84,6 +85,80 @@ def test_kernels_pack_border_rows_over_several_chunks(monkeypatch, chunk):
     # filled step.
     monkeypatch.setattr(triton_launch, "PACK_CHUNK", chunk)
     check_against_reference((6, 10, 14), (4, 4, 4), 0.25, torch.float32, 1, 2, 32, seed=chunk)
+
+
+def test_kernels_rows_with_very_negative_scores():
+    # Every score is about -150, so LSE is too: a padding key slot (score 0) would get
+    # p = exp2(-LSE * log2 e) = inf if it took part in the softmax or the gradients unmasked.
+    # The 5-frame grid has partial tiles, whose padding slots share steps with valid keys.
+    # fp32 only: with keys this alike, dQ cancels to ~1 % of its terms, below fp16's rounding.
+    grid, tile, dtype = (5, 4, 8), (4, 4, 4), torch.float32
+    g = torch.Generator().manual_seed(0)
+    N, D = math.prod(grid), 16
+    q = (-6.0 + 0.1 * torch.randn(1, 2, N, D, generator=g)).to(dtype)
+    k = (6.0 + 0.1 * torch.randn(1, 2, N, D, generator=g)).to(dtype)
+    v, grad = (torch.randn(1, 2, N, D, generator=g).to(dtype) for _ in range(2))
+    selected = reference_selection(q, k, grid, 0.5, tile)
+    out, lse, dq, dk, dv = run_kernels(*(x.to(KERNEL_DEVICE) for x in (q, k, v, grad)), grid, tile, selected, 0.25)
+    q64, k64, v64 = (x.double().requires_grad_() for x in (q, k, v))
+    ref, ref_lse = reference_attention(q64, k64, v64, token_mask(selected, grid, tile), 0.25)
+    assert ref_lse.max() < -100
+    rq, rk, rv = torch.autograd.grad(ref, (q64, k64, v64), grad.double())
+    tol = REL_TOL[dtype]
+    assert_close_rel(out, ref, tol["out"], "out")
+    for name, got, want in (("dq", dq, rq), ("dk", dk, rk), ("dv", dv, rv)):
+        assert_close_rel(got, want, tol["grad"], name)
+
+
+@given(grid=grids(120), tile=st.sampled_from([(4, 4, 4), (2, 2, 2), (2, 3, 5)]), sparsity=sparsities,
+       dtype=kernel_dtypes, before=st.integers(0, 70), after=st.integers(0, 20),
+       padding=st.sampled_from(["none", "some", "all text"]), seed=st.integers(0, 2**16))
+def test_kernels_joint_text_and_key_padding(grid, tile, sparsity, dtype, before, after, padding, seed):
+    # Text blocks are listed by every query block (DESIGN.md §3.5) and a key-padding mask moves a
+    # batch's hidden text keys past its text blocks' counts: their dK, dV rows must be exactly 0.
+    B, H, D = 2, 2, 32
+    N = math.prod(grid)
+    L = before + N + after
+    g = torch.Generator().manual_seed(seed)
+    q, k, v, grad = (torch.randn(B, H, L, D, generator=g).to(dtype) for _ in range(4))
+    keep = torch.ones(B, L, dtype=torch.bool)
+    text = torch.cat([torch.arange(before), torch.arange(before + N, L)])
+    if padding == "some":
+        keep[:, text] = torch.rand(B, len(text), generator=g) < 0.6
+    elif padding == "all text":
+        keep[:, text] = False
+    layout = build_layout(grid, tile, before, after)
+    slots, counts = layout.slots.expand(B, -1), layout.counts.expand(B, -1)
+    kv_slots, kv_counts = (slots, counts) if padding == "none" else _text_valid_first(layout, keep.view(B, 1, 1, L))
+    scale = D ** -0.5
+    kv_num, kv_idx = select_tiles(q, k, layout, sparsity, scale)
+    dev = [x.to(KERNEL_DEVICE) for x in (q, k, v, grad)]
+    tables = [t.to(KERNEL_DEVICE) for t in (slots, kv_slots, counts, kv_counts, kv_num, kv_idx)]
+    out, lse = torch.empty_like(dev[0]), torch.empty(B, H, L, device=KERNEL_DEVICE)
+    triton_launch.block_sparse_fwd(*dev[:3], out, lse, *tables, scale)
+    delta = (out.float() * dev[3].float()).sum(-1)
+    q_num, q_idx = transpose_block_lists(tables[4], tables[5], layout.num_tiles)
+    dq, dk, dv = (torch.empty_like(x) for x in dev[:3])
+    triton_launch.block_sparse_bwd(dev[3], *dev[:3], lse, delta, dq, dk, dv, *tables, q_num, q_idx, scale)
+
+    # The reference builds its own token mask; only the video-to-video tile choice is taken from
+    # the lists (a rounding-dependent choice; the selection has its own tests).
+    video, Mv = slice(before, before + N), layout.num_video_tiles
+    selected = mask_from_lists(kv_num, kv_idx, layout.num_tiles)[:, :, :Mv, :Mv]
+    mask = torch.ones(B, H, L, L, dtype=torch.bool)
+    mask[:, :, video, video] = token_mask(selected, grid, tile)
+    mask &= keep.view(B, 1, 1, L)
+    q64, k64, v64 = (x.double().requires_grad_() for x in (q, k, v))
+    ref, ref_lse = reference_attention(q64, k64, v64, mask, scale)
+    rq, rk, rv = torch.autograd.grad(ref, (q64, k64, v64), grad.double())
+    tol = REL_TOL[dtype]
+    assert_close_rel(out, ref, tol["out"], "out")
+    assert_close_rel(lse, ref_lse, tol["lse"], "lse")
+    for name, got, want in (("dq", dq, rq), ("dk", dk, rk), ("dv", dv, rv)):
+        assert_close_rel(got, want, tol["grad"], name)
+    hidden = ~keep.to(KERNEL_DEVICE)
+    for got in (dk, dv):
+        assert (got.transpose(1, 2)[hidden] == 0).all()
 
 
 @pytest.mark.slow

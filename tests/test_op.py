@@ -11,9 +11,10 @@ from hypothesis import strategies as st
 
 from helpers import REL_TOL, assert_close_rel, grids, sparsities, tiles
 import sparse_inductor as si
+from sparse_inductor.attention import sparse_attention
 from sparse_inductor.layout import tile_layout
 from sparse_inductor.ops import transpose_block_lists
-from sparse_inductor.selection import lists_from_mask
+from sparse_inductor.selection import lists_from_mask, mask_from_lists
 from sparse_inductor.reference import reference_attention, reference_selection, token_mask
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -51,6 +52,54 @@ def test_op_matches_reference_with_gradients(grid, tile, sparsity, dtype, B, H, 
     assert_close_rel(out, ref, tol["out"], "out")
     for name, got, want in (("dq", dq, rq), ("dk", dk, rk), ("dv", dv, rv)):
         assert_close_rel(got, want, tol["grad"], name)
+
+
+def _joint_token_mask(selected, grid, tile, before, after, keep):
+    """DESIGN.md §3.5 as a token mask over ``[text_before | video | text_after]``: text queries see
+    every key, video queries their selected video tiles plus all text; ``keep`` [B, L] hides keys."""
+    B, H = selected.shape[:2]
+    N = math.prod(grid)
+    L = before + N + after
+    mask = torch.ones(B, H, L, L, dtype=torch.bool)
+    mask[:, :, before: before + N, before: before + N] = token_mask(selected.cpu(), grid, tile)
+    return mask & keep.view(B, 1, 1, L)
+
+
+@given(grid=grids(150), tile=tiles, sparsity=sparsities, dtype=op_dtypes, B=st.integers(1, 2),
+       H=st.integers(1, 2), D=st.sampled_from([16, 32]), before=st.integers(0, 70), after=st.integers(0, 20),
+       padding=st.sampled_from(["none", "some", "all text"]), seed=st.integers(0, 2**16))
+def test_joint_text_and_key_padding_match_reference_with_gradients(grid, tile, sparsity, dtype, B, H, D, before,
+                                                                    after, padding, seed):
+    """Joint attention (text spans before/after the video span, DESIGN.md §3.5) with an optional
+    key-padding mask over the text keys: output and gradients equal the float64 reference, and a
+    hidden key gets dK = dV = 0."""
+    N = math.prod(grid)
+    L = before + N + after
+    q, k, v = _inputs(B, H, L, D, dtype, seed, requires_grad=True)
+    g = torch.Generator().manual_seed(seed + 1)
+    keep = torch.ones(B, L, dtype=torch.bool)
+    text = torch.cat([torch.arange(before), torch.arange(before + N, L)])
+    if padding == "some":
+        keep[:, text] = torch.rand(B, len(text), generator=g) < 0.6
+    elif padding == "all text":
+        keep[:, text] = False
+    mask = None if padding == "none" else keep.view(B, 1, 1, L).to(DEVICE)
+    out = sparse_attention(q, k, v, grid, sparsity=sparsity, tile=tile, text_before=before, text_after=after,
+                           key_padding_mask=mask)
+    grad = torch.randn(out.shape, generator=g).to(DEVICE, dtype)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad)
+    video = slice(before, before + N)
+    selected = si.select_blocks(q[:, :, video], k[:, :, video], grid, sparsity=sparsity, tile=tile).dense_mask()
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ref, _ = reference_attention(q64, k64, v64, _joint_token_mask(selected, grid, tile, before, after, keep).to(DEVICE))
+    rq, rk, rv = torch.autograd.grad(ref, (q64, k64, v64), grad.double())
+    tol = REL_TOL[dtype]
+    assert_close_rel(out, ref, tol["out"], "out")
+    for name, got, want in (("dq", dq, rq), ("dk", dk, rk), ("dv", dv, rv)):
+        assert_close_rel(got, want, tol["grad"], name)
+    hidden = ~keep.to(DEVICE)
+    for got in (dk, dv):
+        assert (got.transpose(1, 2)[hidden] == 0).all()
 
 
 @given(grid=grids(300), tile=tiles, sparsity=sparsities, seed=st.integers(0, 2**16))
@@ -154,6 +203,21 @@ def test_transposed_lists(device):
     q_num, q_idx = transpose_block_lists(kv_num, kv_idx, 4)
     assert q_num.tolist() == [[[2, 2, 1, 1]]]
     assert [q_idx[0, 0, j, : q_num[0, 0, j]].tolist() for j in range(4)] == [[1, 2], [0, 2], [2], [0]]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_full_rows_need_no_entries(device):
+    # A row listing every KV block (a text query block) stores no entries: the lists may be
+    # narrower than the number of blocks, and whatever its entries hold is not read.
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    kv_num = torch.tensor([[[2, 4, 1]]], dtype=torch.int32, device=device)
+    kv_idx = torch.tensor([[[[1, 3], [3, 3], [2, 0]]]], dtype=torch.int32, device=device)
+    mask = mask_from_lists(kv_num, kv_idx, 4)
+    assert mask.int().tolist() == [[[[0, 1, 0, 1], [1, 1, 1, 1], [0, 0, 1, 0]]]]
+    q_num, q_idx = transpose_block_lists(kv_num, kv_idx, 4)
+    assert q_num.tolist() == [[[1, 2, 2, 2]]]
+    assert [q_idx[0, 0, j, : q_num[0, 0, j]].tolist() for j in range(4)] == [[1], [0, 1], [1, 2], [0, 1]]
 
 
 @pytest.mark.gpu
