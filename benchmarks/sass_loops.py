@@ -1,0 +1,136 @@
+"""Static look at the attention kernels without a GPU: compile them for sm_90a (H100) and count the
+SASS instructions of each loop, with register use and spills.
+
+A loop's instruction count per thread per step is a proxy for issue pressure, not a timing:
+every claim about speed still comes from ``bench_attention.py`` on the GPU. Useful to compare two
+versions of a kernel before a GPU run (benchmarks/NOTES.md v9).
+
+    python benchmarks/sass_loops.py                        # this checkout's kernels
+    python benchmarks/sass_loops.py other/block_sparse_attention.py --chunk 16
+
+Needs triton's bundled ``ptxas`` (one that accepts its PTX version) and ``nvdisasm``. Arguments
+are marked divisible by 16 where a Wan 480p launch has them so (loads vectorise as they would).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+SIZES = {"H", "L_Q", "NUM_Q_BLOCKS", "NUM_KV_BLOCKS", "MAX_KV", "MAX_Q", "HEAD_DIM"}
+TENSORS16 = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
+TENSORS32 = {"LSE", "DELTA"}
+DIVISIBLE = {"HEAD_DIM", "NUM_Q_BLOCKS", "NUM_KV_BLOCKS"}
+SLOT_STRIDES = {"stride_qsb", "stride_kvsb", "stride_qcb", "stride_kvcb"}
+
+
+def _module(path: str):
+    spec = importlib.util.spec_from_file_location("kernels_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _signature(fn, constexprs: dict):
+    """Pointer and scalar types as a bf16 launch at D=128 would have them."""
+    sig, divisible = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name == "sm_scale":
+            sig[name] = "fp32"
+        elif name in TENSORS16:
+            sig[name] = "*bf16"
+        elif name in TENSORS32:
+            sig[name] = "*fp32"
+        elif name.isupper() and name not in SIZES:
+            sig[name] = "*i32"
+        else:
+            sig[name] = "i32"
+        # As a Wan 480p launch specialises them (H=12, L=32,760, D=128, 624 tiles, 78 listed):
+        # pointers, Q/K/V/O strides, HEAD_DIM and the tile counts are multiples of 16.
+        if sig[name].startswith("*") or name in DIVISIBLE or (name.startswith("stride_") and name not in SLOT_STRIDES):
+            divisible[(i,)] = [["tt.divisibility", 16]]
+    return sig, divisible
+
+
+def compile_sass(fn, constexprs: dict, num_warps: int, num_stages: int):
+    sig, divisible = _signature(fn, constexprs)
+    consts = {(fn.arg_names.index(k),): v for k, v in constexprs.items() if k in fn.arg_names}
+    kernel = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=divisible), target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": num_warps, "num_stages": num_stages})
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx, obj = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.o")
+        with open(ptx, "w") as f:
+            f.write(kernel.asm["ptx"])
+        ptxas = subprocess.run([os.path.join(BIN, "ptxas-blackwell"), "-v", "--gpu-name=sm_90a", ptx, "-o", obj],
+                               capture_output=True, text=True, check=True)
+        sass = subprocess.run([os.path.join(BIN, "nvdisasm"), "-c", obj], capture_output=True, text=True,
+                              check=True).stdout
+    info = [line.strip() for line in ptxas.stderr.splitlines() if "registers" in line or "spill" in line
+            or "Performance" in line]
+    return sass, kernel.metadata.shared, info
+
+
+def loops(sass: str):
+    """(label, instructions) of every backward branch's body, in program order."""
+    instructions, label_at, pending = [], {}, []
+    for line in sass.splitlines():
+        label = re.match(r"\s*\.(L_x_\d+):", line)
+        if label:
+            pending.append(label.group(1))
+            continue
+        ins = re.match(r"\s*/\*[0-9a-f]{4,6}\*/\s*(.*?)\s*;?\s*$", line)
+        if ins:
+            for name in pending:
+                label_at[name] = len(instructions)
+            pending = []
+            instructions.append(ins.group(1))
+    found = []
+    for i, ins in enumerate(instructions):
+        branch = re.search(r"BRA\s+`?\(?\.?(L_x_\d+)", ins)
+        if branch and label_at.get(branch.group(1), i) < i:
+            found.append((branch.group(1), instructions[label_at[branch.group(1)]: i + 1]))
+    return found
+
+
+def opcode(ins: str) -> str:
+    return re.sub(r"^@!?U?P\w+\s+", "", ins).split(" ")[0].split(".")[0]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("source", nargs="?", default=os.path.join(ROOT, "kernel_templates", "block_sparse_attention.py"))
+    parser.add_argument("--chunk", type=int, default=32)
+    parser.add_argument("--warps", type=int, default=4)
+    parser.add_argument("--stages", type=int, default=2)
+    parser.add_argument("--ops", action="store_true", help="print each loop's opcode histogram")
+    args = parser.parse_args()
+    sys.path.insert(0, ROOT)
+    module = _module(args.source)
+    constexprs = {"BLOCK": 64, "BLOCK_D": 128, "UPCAST": False, "IEEE": False, "CHUNK": args.chunk}
+    for fn in (module.block_sparse_attn_fwd_kernel, module.block_sparse_attn_bwd_kernel):
+        sass, shared, info = compile_sass(fn, constexprs, args.warps, args.stages)
+        print(f"{fn.__name__}: shared memory {shared} B; " + "; ".join(info))
+        for label, body in loops(sass):
+            counts = collections.Counter(opcode(i) for i in body)
+            spills = counts["LDL"] + counts["STL"]
+            print(f"  loop {label}: {len(body)} instructions, {counts['HGMMA']} HGMMA, "
+                  f"{counts['LDG'] + counts['LDGSTS']} global loads, {counts['BAR']} barriers, {spills} spill ops")
+            if args.ops:
+                print("    " + ", ".join(f"{k} {v}" for k, v in counts.most_common()))
+
+
+if __name__ == "__main__":
+    main()
