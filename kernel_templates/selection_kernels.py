@@ -48,8 +48,9 @@ def top_k_tiles_kernel(SCORES, OUT, NUM_COLS, K, COLS: tl.constexpr):
     lower column; their columns are written in increasing order (``OUT`` rows of ``K``).
 
     Floats are mapped to unsigned keys with the same order; the K-th largest key is found bit
-    by bit from the top (32 counting passes: cheaper than sorting the row), and columns equal to
-    it are taken lowest first until K are kept.
+    by bit from the top (at most 32 counting passes: cheaper than sorting the row; the search
+    stops once exactly K keys lie at or above the candidate), and columns equal to it are taken
+    lowest first until K are kept.
     """
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, COLS)
@@ -61,10 +62,15 @@ def top_k_tiles_kernel(SCORES, OUT, NUM_COLS, K, COLS: tl.constexpr):
     key = (signed_key ^ (-2147483647 - 1)).to(tl.uint32, bitcast=True)  # same order, unsigned
     key = tl.where(in_row, key, 0)
     kth = tl.zeros([], tl.uint32)
-    for bit in tl.static_range(31, -1, -1):
-        candidate = kth | (1 << bit)
-        if tl.sum((key >= candidate).to(tl.int32), 0) >= K:
+    bit = tl.full([], 31, tl.int32)
+    while bit >= 0:
+        candidate = kth | (tl.full([], 1, tl.uint32) << bit.to(tl.uint32))
+        n_at_or_above = tl.sum((key >= candidate).to(tl.int32), 0)
+        if n_at_or_above >= K:
             kth = candidate
+        # Exactly K keys at or above the candidate are the top K whatever the lower bits hold:
+        # stop (random scores separate the K-th from the next key after ~20 of the 32 bits).
+        bit = tl.where(n_at_or_above == K, -1, bit - 1)
     above = key > kth
     at = (key == kth) & in_row
     ties_wanted = K - tl.sum(above.to(tl.int32), 0)
