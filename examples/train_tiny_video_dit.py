@@ -20,7 +20,9 @@ The data set is made on the fly: 16-frame 64x64 RGB clips of 3 textured shapes (
 diamond; striped or checkered) that move, rotate and grow or shrink over a colour gradient
 with a panning blob texture (a camera move).
 Patches of (1, 4, 4) pixels give a 16x16x16 grid of 4,096 tokens = 64 tiles of (4, 4, 4), so at
-sparsity 0.875 each query tile keeps 8 KV tiles. The objective is rectified flow (flow
+sparsity 0.875 each query tile keeps 8 KV tiles. ``--frames`` and ``--size`` change the clip
+(e.g. ``--size 128``: a 16x32x32 grid, 256 tiles, 32 kept per query tile — closer to a real
+DiT's 624 tiles at 480p, where a kept tile is a smaller part of the video). The objective is rectified flow (flow
 matching): ``x_t = (1 - t) x_0 + t ε``, the model predicts ``ε - x_0``; sampling integrates it
 with Euler steps from t = 1 to 0. The checkpoints (``--out``/``<variant>.pt``, about 30 MB)
 stay out of git: rerun the script to regenerate them.
@@ -516,6 +518,11 @@ def main(argv=None):
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                         help="bfloat16 autocast (default: on CUDA only)")
     parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--frames", type=int, default=None,
+                        help="clip length (default 16; tiny 8); a multiple of 4, the tile's frames")
+    parser.add_argument("--size", type=int, default=None,
+                        help="clip height and width in pixels (default 64; tiny 32); a multiple of 16, "
+                             "the (4, 4) patch times the tile's 4: a larger grid has more tiles per query")
     parser.add_argument("--out", required=True, help="directory for checkpoints, logs, table and PNG")
     parser.add_argument("--report", nargs="+", metavar="DIR",
                         help="no training: merge the train_*.json of these directories into --out")
@@ -532,6 +539,13 @@ def main(argv=None):
     cfg = Config(**TINY) if args.tiny else Config()
     if args.batch:
         cfg.batch = args.batch
+    for name, multiple in (("frames", 4), ("size", 16)):
+        value = getattr(args, name)
+        if value is not None:
+            # The FLOP accounting and the gated branch assume grids that divide by the (4, 4, 4) tile.
+            if value <= 0 or value % multiple:
+                parser.error(f"--{name} must be a positive multiple of {multiple}, got {value}")
+            setattr(cfg, name, value)
     args.steps = args.steps or (20 if args.tiny else 3000)
     args.eval_every = args.eval_every or max(1, args.steps // 10)
     if args.compile is None:

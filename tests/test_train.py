@@ -126,3 +126,14 @@ def test_fidelity_sweep_script_on_the_dense_checkpoint(tiny_runs, tmp_path, caps
     assert rows[((4, 4, 4), 0.75)]["recall"] < 1 and "Per site:" in (tmp_path / "fidelity.md").read_text()
     if importlib.util.find_spec("matplotlib"):
         assert (tmp_path / "fidelity_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_clip_size_options_set_the_grid_and_reject_non_dividing_sizes(tmp_path, capsys):
+    tr.main(["--tiny", "--frames", "4", "--size", "48", "--steps", "2", "--variants", "dense", "--out", str(tmp_path)])
+    log = json.loads((tmp_path / "train_dense.json").read_text())
+    assert (log["config"]["frames"], log["config"]["size"]) == (4, 48)  # grid 4x12x12
+    assert tr.Config(**{**log["config"], "patch": tuple(log["config"]["patch"])}).grid == (4, 12, 12)
+    for flag, value in (("--size", "40"), ("--frames", "6"), ("--size", "0")):
+        with pytest.raises(SystemExit):
+            tr.main(["--tiny", flag, value, "--out", str(tmp_path)])
+        assert f"{flag} must be a positive multiple of" in capsys.readouterr().err
