@@ -120,7 +120,12 @@ def select_tiles(q: Tensor, k: Tensor, layout, sparsity: float, scale: float) ->
     counts = layout.counts[:Mv]
     # Custom ops (sparse_inductor.ops): one Triton kernel each on CUDA, torch on CPU.
     q_mean, k_mean = torch.ops.sparse_inductor.pool_tiles(q, k, layout.slots[: Mv * S], counts)
-    scores = (q_mean @ k_mean.transpose(-1, -2)) * scale
+    scores = q_mean @ k_mean.transpose(-1, -2)
+    if not (isinstance(scale, (int, float)) and scale > 0):
+        # A positive scale cannot change which tiles are the top k (it can only merge two scores
+        # into a tie by rounding), so it is applied only where it could: saving one pass over
+        # the [B, H, M, M] scores.
+        scores = scores * scale
     k = num_selected(sparsity, Mv)
     video_rows = torch.ops.sparse_inductor.top_k_tiles(scores, k)
     B, H = q.shape[:2]
