@@ -49,3 +49,33 @@ def grids(max_tokens=400):
 tiles = st.sampled_from([(4, 4, 4), (2, 4, 4), (1, 4, 8), (2, 2, 2), (1, 2, 2), (3, 3, 3), (2, 3, 5)])
 sparsities = st.sampled_from([0.0, 0.3, 0.5, 0.75, 0.875, 0.95])
 kernel_dtypes = st.sampled_from([torch.float32, torch.float16, torch.bfloat16])
+
+
+# Joint text + video attention (DESIGN.md §3.5) with a key-padding mask over the text keys.
+text_paddings = st.sampled_from(["none", "some", "all text"])
+
+
+def text_key_keep(B, before, N, after, padding, generator):
+    """Bool ``[B, L]`` (True = attend) over ``[text_before | video | text_after]``: every key kept
+    (``"none"``), about 60 % of each batch's text keys (``"some"``), or no text key (``"all text"``)."""
+    L = before + N + after
+    keep = torch.ones(B, L, dtype=torch.bool)
+    text = torch.cat([torch.arange(before), torch.arange(before + N, L)])
+    if padding == "some":
+        keep[:, text] = torch.rand(B, len(text), generator=generator) < 0.6
+    elif padding == "all text":
+        keep[:, text] = False
+    return keep
+
+
+def joint_token_mask(video_selected, grid, tile, before, after, keep):
+    """The §3.5 token mask ``[B, H, L, L]``: text queries see every key, video queries their
+    selected video tiles (``video_selected``, a tile mask) plus all text; ``keep`` hides keys."""
+    from sparse_inductor.reference import token_mask
+
+    B, H = video_selected.shape[:2]
+    N = math.prod(grid)
+    L = before + N + after
+    mask = torch.ones(B, H, L, L, dtype=torch.bool)
+    mask[:, :, before: before + N, before: before + N] = token_mask(video_selected.cpu(), grid, tile)
+    return mask & keep.view(B, 1, 1, L)

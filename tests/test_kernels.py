@@ -11,7 +11,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from helpers import HAS_TRITON, KERNEL_DEVICE, REL_TOL, assert_close_rel, grids, kernel_dtypes, sparsities, tiles
+from helpers import (HAS_TRITON, KERNEL_DEVICE, REL_TOL, assert_close_rel, grids, joint_token_mask, kernel_dtypes,
+                     sparsities, text_key_keep, text_paddings, tiles)
 from sparse_inductor import triton_launch
 from sparse_inductor.attention import _text_valid_first
 from sparse_inductor.layout import build_layout, tile_layout
@@ -112,7 +113,7 @@ def test_kernels_rows_with_very_negative_scores():
 
 @given(grid=grids(120), tile=st.sampled_from([(4, 4, 4), (2, 2, 2), (2, 3, 5)]), sparsity=sparsities,
        dtype=kernel_dtypes, before=st.integers(0, 70), after=st.integers(0, 20),
-       padding=st.sampled_from(["none", "some", "all text"]), seed=st.integers(0, 2**16))
+       padding=text_paddings, seed=st.integers(0, 2**16))
 def test_kernels_joint_text_and_key_padding(grid, tile, sparsity, dtype, before, after, padding, seed):
     # Text blocks are listed by every query block (DESIGN.md §3.5) and a key-padding mask moves a
     # batch's hidden text keys past its text blocks' counts: their dK, dV rows must be exactly 0.
@@ -121,12 +122,7 @@ def test_kernels_joint_text_and_key_padding(grid, tile, sparsity, dtype, before,
     L = before + N + after
     g = torch.Generator().manual_seed(seed)
     q, k, v, grad = (torch.randn(B, H, L, D, generator=g).to(dtype) for _ in range(4))
-    keep = torch.ones(B, L, dtype=torch.bool)
-    text = torch.cat([torch.arange(before), torch.arange(before + N, L)])
-    if padding == "some":
-        keep[:, text] = torch.rand(B, len(text), generator=g) < 0.6
-    elif padding == "all text":
-        keep[:, text] = False
+    keep = text_key_keep(B, before, N, after, padding, g)
     layout = build_layout(grid, tile, before, after)
     slots, counts = layout.slots.expand(B, -1), layout.counts.expand(B, -1)
     kv_slots, kv_counts = (slots, counts) if padding == "none" else _text_valid_first(layout, keep.view(B, 1, 1, L))
@@ -143,11 +139,9 @@ def test_kernels_joint_text_and_key_padding(grid, tile, sparsity, dtype, before,
 
     # The reference builds its own token mask; only the video-to-video tile choice is taken from
     # the lists (a rounding-dependent choice; the selection has its own tests).
-    video, Mv = slice(before, before + N), layout.num_video_tiles
+    Mv = layout.num_video_tiles
     selected = mask_from_lists(kv_num, kv_idx, layout.num_tiles)[:, :, :Mv, :Mv]
-    mask = torch.ones(B, H, L, L, dtype=torch.bool)
-    mask[:, :, video, video] = token_mask(selected, grid, tile)
-    mask &= keep.view(B, 1, 1, L)
+    mask = joint_token_mask(selected, grid, tile, before, after, keep)
     q64, k64, v64 = (x.double().requires_grad_() for x in (q, k, v))
     ref, ref_lse = reference_attention(q64, k64, v64, mask, scale)
     rq, rk, rv = torch.autograd.grad(ref, (q64, k64, v64), grad.double())

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from helpers import REL_TOL, assert_close_rel, grids, sparsities, tiles
+from helpers import (REL_TOL, assert_close_rel, grids, joint_token_mask, sparsities, text_key_keep, text_paddings,
+                     tiles)
 import sparse_inductor as si
 from sparse_inductor.attention import sparse_attention
 from sparse_inductor.layout import tile_layout
@@ -54,20 +55,9 @@ def test_op_matches_reference_with_gradients(grid, tile, sparsity, dtype, B, H, 
         assert_close_rel(got, want, tol["grad"], name)
 
 
-def _joint_token_mask(selected, grid, tile, before, after, keep):
-    """DESIGN.md §3.5 as a token mask over ``[text_before | video | text_after]``: text queries see
-    every key, video queries their selected video tiles plus all text; ``keep`` [B, L] hides keys."""
-    B, H = selected.shape[:2]
-    N = math.prod(grid)
-    L = before + N + after
-    mask = torch.ones(B, H, L, L, dtype=torch.bool)
-    mask[:, :, before: before + N, before: before + N] = token_mask(selected.cpu(), grid, tile)
-    return mask & keep.view(B, 1, 1, L)
-
-
 @given(grid=grids(150), tile=tiles, sparsity=sparsities, dtype=op_dtypes, B=st.integers(1, 2),
        H=st.integers(1, 2), D=st.sampled_from([16, 32]), before=st.integers(0, 70), after=st.integers(0, 20),
-       padding=st.sampled_from(["none", "some", "all text"]), seed=st.integers(0, 2**16))
+       padding=text_paddings, seed=st.integers(0, 2**16))
 def test_joint_text_and_key_padding_match_reference_with_gradients(grid, tile, sparsity, dtype, B, H, D, before,
                                                                     after, padding, seed):
     """Joint attention (text spans before/after the video span, DESIGN.md §3.5) with an optional
@@ -77,12 +67,7 @@ def test_joint_text_and_key_padding_match_reference_with_gradients(grid, tile, s
     L = before + N + after
     q, k, v = _inputs(B, H, L, D, dtype, seed, requires_grad=True)
     g = torch.Generator().manual_seed(seed + 1)
-    keep = torch.ones(B, L, dtype=torch.bool)
-    text = torch.cat([torch.arange(before), torch.arange(before + N, L)])
-    if padding == "some":
-        keep[:, text] = torch.rand(B, len(text), generator=g) < 0.6
-    elif padding == "all text":
-        keep[:, text] = False
+    keep = text_key_keep(B, before, N, after, padding, g)
     mask = None if padding == "none" else keep.view(B, 1, 1, L).to(DEVICE)
     out = sparse_attention(q, k, v, grid, sparsity=sparsity, tile=tile, text_before=before, text_after=after,
                            key_padding_mask=mask)
@@ -91,7 +76,7 @@ def test_joint_text_and_key_padding_match_reference_with_gradients(grid, tile, s
     video = slice(before, before + N)
     selected = si.select_blocks(q[:, :, video], k[:, :, video], grid, sparsity=sparsity, tile=tile).dense_mask()
     q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
-    ref, _ = reference_attention(q64, k64, v64, _joint_token_mask(selected, grid, tile, before, after, keep).to(DEVICE))
+    ref, _ = reference_attention(q64, k64, v64, joint_token_mask(selected, grid, tile, before, after, keep).to(DEVICE))
     rq, rk, rv = torch.autograd.grad(ref, (q64, k64, v64), grad.double())
     tol = REL_TOL[dtype]
     assert_close_rel(out, ref, tol["out"], "out")
