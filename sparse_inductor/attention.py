@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import ops  # noqa: F401  (registers the custom ops)
+from . import ops  # registers the custom ops; KERNEL_VERSION
 from .layout import TileLayout, build_layout
 from .selection import select_tiles
 
@@ -70,7 +70,7 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, grid, *, sparsity: float, 
     with torch.no_grad():
         kv_num_blocks, kv_indices = select_tiles(q.detach(), k.detach(), layout, sparsity, scale)
     out, _ = torch.ops.sparse_inductor.block_sparse_attn_fwd(
-        q, k, v, q_slots, kv_slots, q_counts, kv_counts, kv_num_blocks, kv_indices, scale)
+        q, k, v, q_slots, kv_slots, q_counts, kv_counts, kv_num_blocks, kv_indices, scale, ops.KERNEL_VERSION)
     return out
 
 

@@ -146,7 +146,8 @@ class _TemplateLowering:
         return gens
 
     # ---- lowerings ----------------------------------------------------------------------
-    def forward(self, q, k, v, q_slots, kv_slots, q_counts, kv_counts, kv_num_blocks, kv_indices, scale):
+    def forward(self, q, k, v, q_slots, kv_slots, q_counts, kv_counts, kv_num_blocks, kv_indices, scale,
+                kernel_version=0):
         op = torch.ops.sparse_inductor.block_sparse_attn_fwd.default
         args = (q, k, v, q_slots, kv_slots, q_counts, kv_counts, kv_num_blocks, kv_indices, scale)
         reason = self._why_not(q)
@@ -179,7 +180,7 @@ class _TemplateLowering:
         return self._logical_view(out, order), lse
 
     def backward(self, grad_out, q, k, v, lse, delta, q_slots, kv_slots, q_counts, kv_counts,
-                 kv_num_blocks, kv_indices, q_num_blocks, q_indices, scale):
+                 kv_num_blocks, kv_indices, q_num_blocks, q_indices, scale, kernel_version=0):
         op = torch.ops.sparse_inductor.block_sparse_attn_bwd.default
         args = (grad_out, q, k, v, lse, delta, q_slots, kv_slots, q_counts, kv_counts,
                 kv_num_blocks, kv_indices, q_num_blocks, q_indices, scale)

@@ -14,6 +14,9 @@ kernels as templates. On CPU a vectorised PyTorch implementation of the same ari
 """
 from __future__ import annotations
 
+import hashlib
+import os
+
 import torch
 from torch import Tensor
 
@@ -184,12 +187,30 @@ def _torch_bwd(grad_out, q, k, v, lse, delta, q_slots, kv_slots, q_counts, kv_co
 # --------------------------------------------------------------------------------------------
 # Custom ops
 # --------------------------------------------------------------------------------------------
+def _kernel_sources_version() -> int:
+    """A 48-bit hash of the sources Inductor bakes into compiled graphs holding the attention ops
+    (the Triton kernels, the template sources and their lowering)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    h = hashlib.sha256()
+    for path in ("kernel_templates/block_sparse_attention.py", "kernel_templates/inductor_templates.py",
+                 "sparse_inductor/lowering.py", "sparse_inductor/triton_launch.py"):
+        with open(os.path.join(root, path), "rb") as f:
+            h.update(path.encode() + f.read())
+    return int(h.hexdigest()[:12], 16)
+
+
+#: Passed by every caller of the attention ops as ``kernel_version``. Inductor's FX-graph cache
+#: keys a graph on its code, not on out-of-tree lowerings, so a graph compiled with plain
+#: ``backend="inductor"`` would otherwise reuse a cached kernel after the kernels changed.
+KERNEL_VERSION = _kernel_sources_version()
+
+
 @torch.library.custom_op("sparse_inductor::block_sparse_attn_fwd", mutates_args=())
 def block_sparse_attn_fwd(
     q: Tensor, k: Tensor, v: Tensor,
     q_slots: Tensor, kv_slots: Tensor, q_counts: Tensor, kv_counts: Tensor,
     kv_num_blocks: Tensor, kv_indices: Tensor,
-    scale: float,
+    scale: float, kernel_version: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """Block-sparse attention forward.
 
@@ -200,6 +221,8 @@ def block_sparse_attn_fwd(
         q_counts, kv_counts: int32 ``[B, Mq]`` / ``[B, Mk]``, slots per block that take part.
         kv_num_blocks, kv_indices: int32 ``[B, H, Mq]`` / ``[B, H, Mq, K]``, the selection.
         scale: softmax scale.
+        kernel_version: not read; callers pass :data:`KERNEL_VERSION` so that it is part of
+            the graph a compiler caches.
 
     Returns ``(out, lse)``: ``out`` laid out like ``q``; ``lse`` contiguous ``[B, H, Lq]`` in fp32
     (fp64 for fp64 inputs), natural-log units.
@@ -226,7 +249,7 @@ def _register_lowerings():
 
 
 @block_sparse_attn_fwd.register_fake
-def _(q, k, v, q_slots, kv_slots, q_counts, kv_counts, kv_num_blocks, kv_indices, scale):
+def _(q, k, v, q_slots, kv_slots, q_counts, kv_counts, kv_num_blocks, kv_indices, scale, kernel_version=0):
     _register_lowerings()
     return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=stats_dtype(q.dtype))
 
@@ -236,13 +259,14 @@ def block_sparse_attn_bwd(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Tensor,
     q_slots: Tensor, kv_slots: Tensor, q_counts: Tensor, kv_counts: Tensor,
     kv_num_blocks: Tensor, kv_indices: Tensor, q_num_blocks: Tensor, q_indices: Tensor,
-    scale: float,
+    scale: float, kernel_version: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Block-sparse attention backward. ``delta = rowsum(out * grad_out) - grad_lse``
     (contiguous ``[B, H, Lq]``, like ``lse``).
 
     Returns ``(dq, dk, dv)`` laid out like ``q``, ``k``, ``v``; dQ walks the query-major lists,
-    dK/dV the kv-major ``(q_num_blocks [B, H, Mk], q_indices [B, H, Mk, Mq])``.
+    dK/dV the kv-major ``(q_num_blocks [B, H, Mk], q_indices [B, H, Mk, Mq])``. ``kernel_version``
+    as in the forward.
     """
     inputs = (q, k, v)
     grad_out, q, k, v = (_unit_feature_stride(x) for x in (grad_out, q, k, v))
@@ -262,16 +286,16 @@ def block_sparse_attn_bwd(
 
 @block_sparse_attn_bwd.register_fake
 def _(grad_out, q, k, v, lse, delta, q_slots, kv_slots, q_counts, kv_counts, kv_num_blocks, kv_indices,
-      q_num_blocks, q_indices, scale):
+      q_num_blocks, q_indices, scale, kernel_version=0):
     _register_lowerings()
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, q_slots, kv_slots, q_counts, kv_counts, kv_num_blocks, kv_indices, scale = inputs
+    q, k, v, q_slots, kv_slots, q_counts, kv_counts, kv_num_blocks, kv_indices, scale, kernel_version = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, q_slots, kv_slots, q_counts, kv_counts, kv_num_blocks, kv_indices)
-    ctx.scale = scale
+    ctx.scale, ctx.kernel_version = scale, kernel_version
 
 
 def _backward(ctx, grad_out, grad_lse):
@@ -284,9 +308,9 @@ def _backward(ctx, grad_out, grad_lse):
     q_num_blocks, q_indices = transpose_block_lists(kv_num_blocks, kv_indices, kv_counts.shape[-1])
     dq, dk, dv = torch.ops.sparse_inductor.block_sparse_attn_bwd(
         grad_out, q, k, v, lse, delta.contiguous(), q_slots, kv_slots, q_counts, kv_counts, kv_num_blocks,
-        kv_indices, q_num_blocks, q_indices, ctx.scale,
+        kv_indices, q_num_blocks, q_indices, ctx.scale, ctx.kernel_version,
     )
-    return dq, dk, dv, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 block_sparse_attn_fwd.register_autograd(_backward, setup_context=_setup_context)

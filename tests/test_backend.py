@@ -170,6 +170,37 @@ def test_cache_key_covers_plan_and_sources(monkeypatch):
     assert a.uuid() != before
 
 
+def test_kernel_sources_are_part_of_the_graph_plain_inductor_caches(monkeypatch):
+    """Inductor's FX-graph cache keys a graph on its code, not on our lowering: the attention ops
+    carry a hash of the kernel sources, forward and backward, so a graph compiled with plain
+    ``backend="inductor"`` (e.g. VideoSparseAttention in a model) is not served a stale kernel."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    from sparse_inductor import ops
+    from sparse_inductor.attention import sparse_attention
+
+    q = torch.randn(1, 2, 4 * 4 * 8, 16, requires_grad=True)
+    codes = {"fwd": [], "bwd": []}
+
+    def capture(kind):
+        def compiler(gm, example_inputs):
+            codes[kind].append(gm.code)
+            return gm
+        return compiler
+
+    def attend(q):
+        return sparse_attention(q, q, q, (4, 4, 8), sparsity=0.5, tile=(4, 4, 4))
+
+    for version in (ops.KERNEL_VERSION, ops.KERNEL_VERSION + 1):
+        monkeypatch.setattr(ops, "KERNEL_VERSION", version)
+        torch._dynamo.reset()
+        backend = aot_autograd(fw_compiler=capture("fwd"), bw_compiler=capture("bwd"))
+        torch.compile(attend, backend=backend, fullgraph=True)(q).sum().backward()
+        for kind in ("fwd", "bwd"):
+            assert f"block_sparse_attn_{kind}" in codes[kind][-1] and str(version) in codes[kind][-1], kind
+    assert codes["fwd"][0] != codes["fwd"][1] and codes["bwd"][0] != codes["bwd"][1]
+
+
 def test_config_change_never_reuses_a_stale_artifact():
     """With Inductor's FX graph cache on, a second model compiled at another sparsity must not be
     served the first one's artifact."""

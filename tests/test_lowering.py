@@ -13,10 +13,10 @@ import re
 import pytest
 import torch
 
-from helpers import HAS_CUDA, HAS_TRITON, REL_TOL, assert_close_rel
+from helpers import HAS_CUDA, HAS_TRITON, REL_TOL, assert_close_rel, joint_token_mask
 from sparse_inductor._compat import TORCH_VERSION
 from sparse_inductor.attention import sparse_attention
-from sparse_inductor.reference import reference_attention, token_mask
+from sparse_inductor.reference import reference_attention
 from sparse_inductor.selection import mask_from_lists, select_tiles
 from sparse_inductor.layout import tile_layout
 
@@ -42,11 +42,11 @@ def template_backend(monkeypatch):
         yield
 
 
-def _model(grid, tile, sparsity, heads_inner):
+def _model(grid, tile, sparsity, heads_inner, text=(0, 0)):
     """Attention as a DiT calls it: output back to ``[B, L, H*D]`` then a pointwise op."""
 
     def attend(q, k, v):
-        out = sparse_attention(q, k, v, grid, sparsity=sparsity, tile=tile)
+        out = sparse_attention(q, k, v, grid, sparsity=sparsity, tile=tile, text_before=text[0], text_after=text[1])
         B, H, L, D = out.shape
         if heads_inner:
             out = out.transpose(1, 2).reshape(B, L, H * D)
@@ -75,20 +75,23 @@ def _kernel_body(code: str, name: str) -> str:
 
 
 @pytest.mark.parametrize(
-    "dtype, heads_inner, grid, tile",
+    "dtype, heads_inner, grid, tile, text",
     [
-        (torch.float32, True, (3, 4, 6), (2, 2, 2)),
-        (torch.bfloat16, False, (5, 4, 4), (4, 4, 4)),
-        (torch.float16, True, (5, 4, 4), (4, 4, 4)),
+        (torch.float32, True, (3, 4, 6), (2, 2, 2), (0, 0)),
+        (torch.bfloat16, False, (5, 4, 4), (4, 4, 4), (0, 0)),
+        (torch.float16, True, (5, 4, 4), (4, 4, 4), (0, 0)),
+        # Joint attention: text query blocks are full rows (every block, no stored entries).
+        (torch.float32, False, (3, 4, 6), (2, 2, 2), (11, 3)),
     ],
 )
-def test_templates_render_fuse_and_match(template_backend, dtype, heads_inner, grid, tile):
+def test_templates_render_fuse_and_match(template_backend, dtype, heads_inner, grid, tile, text):
     from torch._inductor.utils import run_and_get_code
 
     B, H, D, sparsity = 2, 2, 16 if DEVICE == "cpu" else 64, 0.5
-    L = math.prod(grid)
+    N = math.prod(grid)
+    L = N + sum(text)
     q, k, v = _inputs(B, H, L, D, dtype, heads_inner, seed=L)
-    attend = _model(grid, tile, sparsity, heads_inner)
+    attend = _model(grid, tile, sparsity, heads_inner, text)
     compiled = torch.compile(attend, backend="inductor", fullgraph=True)
     torch._dynamo.reset()
     out, fwd_code = run_and_get_code(compiled, q, k, v)
@@ -115,10 +118,13 @@ def test_templates_render_fuse_and_match(template_backend, dtype, heads_inner, g
     # Numerics: equal to the eager op and to the float64 reference on the same selection.
     eager_out = attend(q, k, v)
     eager_grads = torch.autograd.grad(eager_out, (q, k, v), grad)
-    layout = tile_layout(grid, tile, DEVICE)
+    layout = tile_layout(grid, tile, DEVICE, text_before=text[0], text_after=text[1])
     with torch.no_grad():
         kv_num, kv_idx = select_tiles(q, k, layout, sparsity, D ** -0.5)
-    mask = token_mask(mask_from_lists(kv_num, kv_idx, layout.num_tiles).cpu(), grid, tile).to(DEVICE)
+    Mv = layout.num_video_tiles
+    video_selected = mask_from_lists(kv_num, kv_idx, layout.num_tiles)[:, :, :Mv, :Mv]
+    keep = torch.ones(B, L, dtype=torch.bool)
+    mask = joint_token_mask(video_selected, grid, tile, *text, keep).to(DEVICE)
     q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
     ref = _model_reference(q64, k64, v64, mask, heads_inner)
     ref_grads = torch.autograd.grad(ref, (q64, k64, v64), grad.double())
