@@ -111,7 +111,8 @@ def opcode(ins: str) -> str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("source", nargs="?", default=os.path.join(ROOT, "kernel_templates", "block_sparse_attention.py"))
+    parser.add_argument("source", nargs="?",
+                        default=os.path.join(ROOT, "kernel_templates", "block_sparse_attention.py"))
     parser.add_argument("--chunk", type=int, default=32)
     parser.add_argument("--warps", type=int, default=4)
     parser.add_argument("--stages", type=int, default=2)

@@ -200,7 +200,8 @@ def fwd_tile(
     n_kv, list_start, listed = _kv_list(KV_NUM_BLOCKS, KV_INDICES, b, h, m, H, NUM_Q_BLOCKS, NUM_KV_BLOCKS,
                                         MAX_KV)
     for first in range(0, n_kv, CHUNK):
-        end, jump, base, n_rows = _chunk_blocks(list_start, first, n_kv, listed, KV_COUNTS, stride_kvcb, b, BLOCK, CHUNK)
+        end, jump, base, n_rows = _chunk_blocks(list_start, first, n_kv, listed, KV_COUNTS, stride_kvcb, b, BLOCK,
+                                                CHUNK)
         n_full = n_rows // BLOCK
         for step in range(0, n_full):
             k, v, col_valid = _packed_kv(KV_SLOTS, stride_kvsb, b, end, jump, base, step, n_rows, offs, k_base, v_base,
@@ -250,7 +251,8 @@ def dq_tile(
     n_kv, list_start, listed = _kv_list(KV_NUM_BLOCKS, KV_INDICES, b, h, m, H, NUM_Q_BLOCKS, NUM_KV_BLOCKS,
                                         MAX_KV)
     for first in range(0, n_kv, CHUNK):
-        end, jump, base, n_rows = _chunk_blocks(list_start, first, n_kv, listed, KV_COUNTS, stride_kvcb, b, BLOCK, CHUNK)
+        end, jump, base, n_rows = _chunk_blocks(list_start, first, n_kv, listed, KV_COUNTS, stride_kvcb, b, BLOCK,
+                                                CHUNK)
         n_full = n_rows // BLOCK
         for step in range(0, n_full):
             k, v, col_valid = _packed_kv(KV_SLOTS, stride_kvsb, b, end, jump, base, step, n_rows, offs, k_base, v_base,

@@ -17,6 +17,9 @@ coarse branch). What sparsity costs on a model: ``print(sparse_inductor.fidelity
 """
 import logging
 
+# Before the imports: sparse_inductor.ops hashes it into the kernel version at import.
+__version__ = "0.1.0"
+
 from . import nn  # sparse_inductor.nn.VideoSparseAttention
 from .api import select_blocks, video_sparse_attention
 from .config import SparsityConfig, current_config, sparsity
@@ -26,8 +29,6 @@ from .explain import Explanation, explain
 from .fidelity import FidelityResult, fidelity
 from .layout import TileLayout, from_tiles, tile_layout, to_tiles
 from .selection import BlockSelection
-
-__version__ = "0.1.0"
 
 logging.getLogger("sparse_inductor").addHandler(logging.NullHandler())
 

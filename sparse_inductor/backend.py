@@ -7,33 +7,20 @@ sparsity and tile) and runs the variant for the ``sparsity(...)`` config in forc
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
-import os
 
 import torch
 
 from . import _compat
 from .config import config_from_options, current_config
+from .ops import source_hash
 
 log = logging.getLogger("sparse_inductor")
 
 
-@functools.lru_cache(maxsize=1)
-def _source_hash() -> str:
-    """Hash of the package version and every source the compiled code depends on."""
-    from . import __version__
-
-    h = hashlib.sha256(__version__.encode())
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for package in ("kernel_templates", "sparse_inductor", "passes"):
-        folder = os.path.join(root, package)
-        for name in sorted(os.listdir(folder)):
-            if name.endswith(".py"):
-                with open(os.path.join(folder, name), "rb") as f:
-                    h.update(name.encode() + f.read())
-    return h.hexdigest()
+# One hash of our sources for both cache keys (this backend's and the ops' kernel_version).
+_source_hash = source_hash
 
 
 def cache_pass(plan_key):

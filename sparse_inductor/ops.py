@@ -14,6 +14,7 @@ kernels as templates. On CPU a vectorised PyTorch implementation of the same ari
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 
@@ -55,10 +56,11 @@ def _transpose_block_lists(kv_num_blocks: Tensor, kv_indices: Tensor, num_kv_blo
     flags = torch.zeros(B * H * Mk * Mq + 1, dtype=torch.int8, device=kv_indices.device)
     flags[flat.reshape(-1)] = 1
     # A full row (every KV block, entries not stored) flags its query block in every KV row.
-    flags = flags[:-1].view(B, H, Mk, Mq) | (kv_num_blocks == Mk).to(torch.int8).view(B, H, 1, Mq)
+    flags = flags[:-1].view(B, H, Mk, Mq)
+    flags |= (kv_num_blocks == Mk).to(torch.int8).view(B, H, 1, Mq)
     q_num = torch.empty((B, H, Mk), dtype=torch.int32, device=kv_indices.device)
     q_indices = torch.zeros((B, H, Mk, Mq), dtype=torch.int32, device=kv_indices.device)
-    triton_launch.compact_rows(flags.contiguous(), q_num, q_indices)
+    triton_launch.compact_rows(flags, q_num, q_indices)
     return q_num, q_indices
 
 
@@ -187,22 +189,27 @@ def _torch_bwd(grad_out, q, k, v, lse, delta, q_slots, kv_slots, q_counts, kv_co
 # --------------------------------------------------------------------------------------------
 # Custom ops
 # --------------------------------------------------------------------------------------------
-def _kernel_sources_version() -> int:
-    """A 48-bit hash of the sources Inductor bakes into compiled graphs holding the attention ops
-    (the Triton kernels, the template sources and their lowering)."""
+@functools.lru_cache(maxsize=1)
+def source_hash() -> str:
+    """sha256 of the package version and every source compiled code depends on (the kernels,
+    their templates and lowering, the passes)."""
+    from . import __version__
+
+    h = hashlib.sha256(__version__.encode())
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    h = hashlib.sha256()
-    for path in ("kernel_templates/block_sparse_attention.py", "kernel_templates/inductor_templates.py",
-                 "sparse_inductor/lowering.py", "sparse_inductor/triton_launch.py"):
-        with open(os.path.join(root, path), "rb") as f:
-            h.update(path.encode() + f.read())
-    return int(h.hexdigest()[:12], 16)
+    for package in ("kernel_templates", "sparse_inductor", "passes"):
+        folder = os.path.join(root, package)
+        for name in sorted(os.listdir(folder)):
+            if name.endswith(".py"):
+                with open(os.path.join(folder, name), "rb") as f:
+                    h.update(name.encode() + f.read())
+    return h.hexdigest()
 
 
 #: Passed by every caller of the attention ops as ``kernel_version``. Inductor's FX-graph cache
 #: keys a graph on its code, not on out-of-tree lowerings, so a graph compiled with plain
 #: ``backend="inductor"`` would otherwise reuse a cached kernel after the kernels changed.
-KERNEL_VERSION = _kernel_sources_version()
+KERNEL_VERSION = int(source_hash()[:12], 16)
 
 
 @torch.library.custom_op("sparse_inductor::block_sparse_attn_fwd", mutates_args=())
