@@ -152,12 +152,13 @@ def run_case(name, H, grid, sparsity, records, meta, with_flex=True, with_dense=
         lambda q, k, v: sparse_attention(q, k, v, grid, sparsity=sparsity, tile=(4, 4, 4), layout=layout),
         fullgraph=True)
     selection_compiled = torch.compile(
-        lambda q, k: select_tiles(q, k, layout, sparsity, scale), fullgraph=True)
+        lambda q, k: select_tiles(q, k, layout, si.TopK(sparsity), scale), fullgraph=True)
     slots, counts = layout.slots.expand(B, -1), layout.counts.expand(B, -1)
+    q_slots, q_counts = layout.slots.expand(B, H, -1), layout.counts.expand(B, H, -1)  # per head
 
     def sparse_kernel(q, k, v):
         return torch.ops.sparse_inductor.block_sparse_attn_fwd(
-            q, k, v, slots, slots, counts, counts, selection.kv_num_blocks, selection.kv_indices, scale)[0]
+            q, k, v, q_slots, slots, q_counts, counts, selection.kv_num_blocks, selection.kv_indices, scale)[0]
 
     impls = [("dense_sdpa", dense, (q, k, v), grad, dense_flops)] if with_dense else []
     impls += [("sparse_op", sparse_op, (q, k, v), grad, sparse_flops),

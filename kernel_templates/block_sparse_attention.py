@@ -173,12 +173,12 @@ def _dq_step(q, do, k, v, lse2, delta, col_valid, dq, qk_scale, UPCAST: tl.const
 def fwd_tile(
     Q, K, V, LSE, Q_SLOTS, KV_SLOTS, Q_COUNTS, KV_COUNTS, KV_NUM_BLOCKS, KV_INDICES,
     b, h, m, H, L_Q, NUM_Q_BLOCKS, NUM_KV_BLOCKS, MAX_KV, HEAD_DIM, sm_scale,
-    stride_qsb, stride_kvsb, stride_qcb, stride_kvcb,
+    stride_qsb, stride_qsh, stride_kvsb, stride_qcb, stride_qch, stride_kvcb,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
-    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+    IEEE: tl.constexpr, CHUNK: tl.constexpr,
 ):
     """One query block of one head: flash-style online softmax over its listed KV blocks.
 
@@ -186,16 +186,18 @@ def fwd_tile(
     and the store mask for the caller to write O.
     """
     offs = tl.arange(0, BLOCK)
+    offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q_rows, row_valid = _block_rows(Q_SLOTS, stride_qsb, Q_COUNTS, stride_qcb, b, m, offs)
+    q_rows, row_valid = _block_rows(Q_SLOTS + h * stride_qsh, stride_qsb, Q_COUNTS + h * stride_qch, stride_qcb, b, m,
+                                    offs_m)
     q = _load_rows(Q + b * stride_qb + h * stride_qh, q_rows, row_valid, stride_qn, offs_d, HEAD_DIM)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
     qk_scale = sm_scale * 1.4426950408889634
 
-    m_i = tl.full([BLOCK], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK], tl.float32)
-    acc = tl.zeros([BLOCK, BLOCK_D], tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     n_kv, list_start, listed = _kv_list(KV_NUM_BLOCKS, KV_INDICES, b, h, m, H, NUM_Q_BLOCKS, NUM_KV_BLOCKS,
                                         MAX_KV)
@@ -215,9 +217,10 @@ def fwd_tile(
     has_mass = l_i > 0.0
     out = acc / tl.where(has_mass, l_i, 1.0)[:, None]
     lse = tl.where(has_mass, (m_i + tl.math.log2(tl.where(has_mass, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-    stored = q_rows >= 0
-    tl.store(LSE + (b * H + h) * L_Q + q_rows, lse, mask=stored)
-    mask = stored[:, None] & (offs_d < HEAD_DIM)[None, :]
+    # Only the rows that took part are written: a slot past the count may hold a real position
+    # whose output comes from elsewhere (a query dropped by query_keep gets its centre's).
+    tl.store(LSE + (b * H + h) * L_Q + q_rows, lse, mask=row_valid)
+    mask = row_valid[:, None] & (offs_d < HEAD_DIM)[None, :]
     return out, q_rows, offs_d, mask
 
 
@@ -225,19 +228,22 @@ def fwd_tile(
 def dq_tile(
     Q, K, V, DO, LSE, DELTA, DQ, Q_SLOTS, KV_SLOTS, Q_COUNTS, KV_COUNTS, KV_NUM_BLOCKS, KV_INDICES,
     b, h, m, H, L_Q, NUM_Q_BLOCKS, NUM_KV_BLOCKS, MAX_KV, HEAD_DIM, sm_scale,
-    stride_qsb, stride_kvsb, stride_qcb, stride_kvcb,
+    stride_qsb, stride_qsh, stride_kvsb, stride_qcb, stride_qch, stride_kvcb,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_don,
     stride_dqb, stride_dqh, stride_dqn,
-    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+    IEEE: tl.constexpr, CHUNK: tl.constexpr,
 ):
-    """dQ of one query block of one head, walking its KV list; stores dQ."""
+    """dQ of one query block of one head, walking its KV list; stores dQ (0 for the rows of the
+    block's slots past its count that hold a real position)."""
     offs = tl.arange(0, BLOCK)
+    offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q_rows, row_valid = _block_rows(Q_SLOTS, stride_qsb, Q_COUNTS, stride_qcb, b, m, offs)
+    q_rows, row_valid = _block_rows(Q_SLOTS + h * stride_qsh, stride_qsb, Q_COUNTS + h * stride_qch, stride_qcb, b, m,
+                                    offs_m)
     q = _load_rows(Q + b * stride_qb + h * stride_qh, q_rows, row_valid, stride_qn, offs_d, HEAD_DIM)
     do = _load_rows(DO + b * stride_dob + h * stride_doh, q_rows, row_valid, stride_don, offs_d, HEAD_DIM)
     stats = (b * H + h) * L_Q + q_rows
@@ -247,7 +253,7 @@ def dq_tile(
     v_base = V + b * stride_vb + h * stride_vh
     qk_scale = sm_scale * 1.4426950408889634
 
-    dq = tl.zeros([BLOCK, BLOCK_D], tl.float32)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     n_kv, list_start, listed = _kv_list(KV_NUM_BLOCKS, KV_INDICES, b, h, m, H, NUM_Q_BLOCKS, NUM_KV_BLOCKS,
                                         MAX_KV)
     for first in range(0, n_kv, CHUNK):
@@ -270,11 +276,12 @@ def dq_tile(
 
 
 @triton.jit
-def _dkdv_step(k, v, q_base, do_base, LSE, DELTA, stats_base, Q_SLOTS, stride_qsb, Q_COUNTS, stride_qcb, b, qb, offs,
-               offs_d, stride_qn, stride_don, HEAD_DIM, dk, dv, qk_scale, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+def _dkdv_step(k, v, q_base, do_base, LSE, DELTA, stats_base, Q_SLOTS, stride_qsb, Q_COUNTS, stride_qcb, b, qb,
+               offs_m, offs_d, stride_qn, stride_don, HEAD_DIM, dk, dv, qk_scale, UPCAST: tl.constexpr,
+               IEEE: tl.constexpr):
     """dK and dV contributions of query block ``qb``, with transposed scores ``[kv slots, q slots]``
     (no masks: see :func:`_gradient_lse2`)."""
-    q_rows, row_valid = _block_rows(Q_SLOTS, stride_qsb, Q_COUNTS, stride_qcb, b, qb, offs)
+    q_rows, row_valid = _block_rows(Q_SLOTS, stride_qsb, Q_COUNTS, stride_qcb, b, qb, offs_m)
     q = _load_rows(q_base, q_rows, row_valid, stride_qn, offs_d, HEAD_DIM)
     do = _load_rows(do_base, q_rows, row_valid, stride_don, offs_d, HEAD_DIM)
     lse2 = _gradient_lse2(LSE, stats_base + q_rows, row_valid)
@@ -290,20 +297,24 @@ def _dkdv_step(k, v, q_base, do_base, LSE, DELTA, stats_base, Q_SLOTS, stride_qs
 def dkdv_tile(
     Q, K, V, DO, LSE, DELTA, DV, Q_SLOTS, KV_SLOTS, Q_COUNTS, KV_COUNTS, Q_NUM_BLOCKS, Q_INDICES,
     b, h, n, H, L_Q, NUM_KV_BLOCKS, MAX_Q, HEAD_DIM, sm_scale,
-    stride_qsb, stride_kvsb, stride_qcb, stride_kvcb,
+    stride_qsb, stride_qsh, stride_kvsb, stride_qcb, stride_qch, stride_kvcb,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_don,
     stride_dvb, stride_dvh, stride_dvn,
-    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     """dK and dV of one KV block of one head, walking its (transposed) query list.
 
     Stores dV; returns dK (fp32), its rows and the store mask for the caller to write dK.
     """
     offs = tl.arange(0, BLOCK)
+    offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
+    q_slots = Q_SLOTS + h * stride_qsh
+    q_counts = Q_COUNTS + h * stride_qch
     kv_rows, col_valid = _block_rows(KV_SLOTS, stride_kvsb, KV_COUNTS, stride_kvcb, b, n, offs)
     k = _load_rows(K + b * stride_kb + h * stride_kh, kv_rows, col_valid, stride_kn, offs_d, HEAD_DIM)
     v = _load_rows(V + b * stride_vb + h * stride_vh, kv_rows, col_valid, stride_vn, offs_d, HEAD_DIM)
@@ -318,8 +329,8 @@ def dkdv_tile(
     n_q = tl.load(Q_NUM_BLOCKS + list_row)
     for i in range(0, n_q):
         qb = tl.load(Q_INDICES + list_row * MAX_Q + i)
-        dk, dv = _dkdv_step(k, v, q_base, do_base, LSE, DELTA, stats_base, Q_SLOTS, stride_qsb, Q_COUNTS, stride_qcb,
-                            b, qb, offs, offs_d, stride_qn, stride_don, HEAD_DIM, dk, dv, qk_scale, UPCAST, IEEE)
+        dk, dv = _dkdv_step(k, v, q_base, do_base, LSE, DELTA, stats_base, q_slots, stride_qsb, q_counts, stride_qcb,
+                            b, qb, offs_m, offs_d, stride_qn, stride_don, HEAD_DIM, dk, dv, qk_scale, UPCAST, IEEE)
     # The padding key slots took part unmasked; a slot past the count that holds a real position
     # (a key hidden by a key-padding mask) must get dK = dV = 0.
     dk = tl.where(col_valid[:, None], dk, 0.0)
@@ -340,13 +351,13 @@ def dkdv_tile(
 def block_sparse_attn_fwd_kernel(
     Q, K, V, O, LSE, Q_SLOTS, KV_SLOTS, Q_COUNTS, KV_COUNTS, KV_NUM_BLOCKS, KV_INDICES,
     sm_scale, H, L_Q, NUM_Q_BLOCKS, NUM_KV_BLOCKS, MAX_KV, HEAD_DIM,
-    stride_qsb, stride_kvsb, stride_qcb, stride_kvcb,
+    stride_qsb, stride_qsh, stride_kvsb, stride_qcb, stride_qch, stride_kvcb,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
-    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+    IEEE: tl.constexpr, CHUNK: tl.constexpr,
 ):
     m = tl.program_id(0)
     b = tl.program_id(1) // H
@@ -354,9 +365,9 @@ def block_sparse_attn_fwd_kernel(
     out, rows, offs_d, mask = fwd_tile(
         Q, K, V, LSE, Q_SLOTS, KV_SLOTS, Q_COUNTS, KV_COUNTS, KV_NUM_BLOCKS, KV_INDICES,
         b, h, m, H, L_Q, NUM_Q_BLOCKS, NUM_KV_BLOCKS, MAX_KV, HEAD_DIM, sm_scale,
-        stride_qsb, stride_kvsb, stride_qcb, stride_kvcb,
+        stride_qsb, stride_qsh, stride_kvsb, stride_qcb, stride_qch, stride_kvcb,
         stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-        BLOCK, BLOCK_D, UPCAST, IEEE, CHUNK,
+        BLOCK, BLOCK_M, BLOCK_D, UPCAST, IEEE, CHUNK,
     )
     o_ptrs = O + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + offs_d[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=mask)
@@ -367,7 +378,7 @@ def block_sparse_attn_bwd_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, DK, DV,
     Q_SLOTS, KV_SLOTS, Q_COUNTS, KV_COUNTS, KV_NUM_BLOCKS, KV_INDICES, Q_NUM_BLOCKS, Q_INDICES,
     sm_scale, H, L_Q, NUM_Q_BLOCKS, NUM_KV_BLOCKS, MAX_KV, MAX_Q, HEAD_DIM,
-    stride_qsb, stride_kvsb, stride_qcb, stride_kvcb,
+    stride_qsb, stride_qsh, stride_kvsb, stride_qcb, stride_qch, stride_kvcb,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -375,8 +386,8 @@ def block_sparse_attn_bwd_kernel(
     stride_dqb, stride_dqh, stride_dqn,
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
-    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+    IEEE: tl.constexpr, CHUNK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = tl.program_id(1) // H
@@ -385,10 +396,10 @@ def block_sparse_attn_bwd_kernel(
         dk, rows, offs_d, mask = dkdv_tile(
             Q, K, V, DO, LSE, DELTA, DV, Q_SLOTS, KV_SLOTS, Q_COUNTS, KV_COUNTS, Q_NUM_BLOCKS, Q_INDICES,
             b, h, pid, H, L_Q, NUM_KV_BLOCKS, MAX_Q, HEAD_DIM, sm_scale,
-            stride_qsb, stride_kvsb, stride_qcb, stride_kvcb,
+            stride_qsb, stride_qsh, stride_kvsb, stride_qcb, stride_qch, stride_kvcb,
             stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
             stride_dob, stride_doh, stride_don, stride_dvb, stride_dvh, stride_dvn,
-            BLOCK, BLOCK_D, UPCAST, IEEE,
+            BLOCK, BLOCK_M, BLOCK_D, UPCAST, IEEE,
         )
         dk_ptrs = DK + b * stride_dkb + h * stride_dkh + rows[:, None] * stride_dkn + offs_d[None, :]
         tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=mask)
@@ -396,8 +407,8 @@ def block_sparse_attn_bwd_kernel(
         dq_tile(
             Q, K, V, DO, LSE, DELTA, DQ, Q_SLOTS, KV_SLOTS, Q_COUNTS, KV_COUNTS, KV_NUM_BLOCKS, KV_INDICES,
             b, h, pid - NUM_KV_BLOCKS, H, L_Q, NUM_Q_BLOCKS, NUM_KV_BLOCKS, MAX_KV, HEAD_DIM, sm_scale,
-            stride_qsb, stride_kvsb, stride_qcb, stride_kvcb,
+            stride_qsb, stride_qsh, stride_kvsb, stride_qcb, stride_qch, stride_kvcb,
             stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
             stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
-            BLOCK, BLOCK_D, UPCAST, IEEE, CHUNK,
+            BLOCK, BLOCK_M, BLOCK_D, UPCAST, IEEE, CHUNK,
         )

@@ -16,7 +16,8 @@ def _sources(*fns) -> str:
 
 
 _TABLE_STRIDES = (
-    '{{stride("Q_SLOTS", 0)}}, {{stride("KV_SLOTS", 0)}}, {{stride("Q_COUNTS", 0)}}, {{stride("KV_COUNTS", 0)}}'
+    '{{stride("Q_SLOTS", 0)}}, {{stride("Q_SLOTS", 1)}}, {{stride("KV_SLOTS", 0)}}, '
+    '{{stride("Q_COUNTS", 0)}}, {{stride("Q_COUNTS", 1)}}, {{stride("KV_COUNTS", 0)}}'
 )
 
 
@@ -35,11 +36,11 @@ _FORWARD = (
     h = tl.program_id(1) % H
     out, rows, offs_d, mask = fwd_tile(
         Q, K, V, LSE, Q_SLOTS, KV_SLOTS, Q_COUNTS, KV_COUNTS, KV_NUM_BLOCKS, KV_INDICES,
-        b, h, m, H, {{size("Q", 2)}}, {{size("Q_COUNTS", 1)}}, {{size("KV_COUNTS", 1)}}, {{size("KV_INDICES", 3)}},
+        b, h, m, H, {{size("Q", 2)}}, {{size("Q_COUNTS", 2)}}, {{size("KV_COUNTS", 1)}}, {{size("KV_INDICES", 3)}},
         {{size("Q", 3)}}, SM_SCALE,
         ''' + _TABLE_STRIDES + ''',
         ''' + _strides("Q", "K", "V") + ''',
-        BLOCK, BLOCK_D, UPCAST, IEEE, CHUNK,
+        BLOCK, BLOCK_M, BLOCK_D, UPCAST, IEEE, CHUNK,
     )
     idx_b = b
     idx_h = h
@@ -64,7 +65,7 @@ _BACKWARD = (
             b, h, pid, H, {{size("Q", 2)}}, NUM_KV_BLOCKS, {{size("Q_INDICES", 3)}}, {{size("Q", 3)}}, SM_SCALE,
             ''' + _TABLE_STRIDES + ''',
             ''' + _strides("Q", "K", "V", "DO", "DV") + ''',
-            BLOCK, BLOCK_D, UPCAST, IEEE,
+            BLOCK, BLOCK_M, BLOCK_D, UPCAST, IEEE,
         )
         idx_b = b
         idx_h = h
@@ -74,11 +75,11 @@ _BACKWARD = (
     else:
         dq_tile(
             Q, K, V, DO, LSE, DELTA, DQ, Q_SLOTS, KV_SLOTS, Q_COUNTS, KV_COUNTS, KV_NUM_BLOCKS, KV_INDICES,
-            b, h, pid - NUM_KV_BLOCKS, H, {{size("Q", 2)}}, {{size("Q_COUNTS", 1)}}, NUM_KV_BLOCKS,
+            b, h, pid - NUM_KV_BLOCKS, H, {{size("Q", 2)}}, {{size("Q_COUNTS", 2)}}, NUM_KV_BLOCKS,
             {{size("KV_INDICES", 3)}}, {{size("Q", 3)}}, SM_SCALE,
             ''' + _TABLE_STRIDES + ''',
             ''' + _strides("Q", "K", "V", "DO", "DQ") + ''',
-            BLOCK, BLOCK_D, UPCAST, IEEE, CHUNK,
+            BLOCK, BLOCK_M, BLOCK_D, UPCAST, IEEE, CHUNK,
         )
 '''
     + _sources(_k._dot, _k._block_rows, _k._chunk_blocks, _k._packed_rows, _k._load_rows, _k._kv_list, _k._packed_kv,

@@ -1,4 +1,5 @@
-"""Triton kernels of the coarse stage (DESIGN.md §3.2): tile mean-pooling and top-k.
+"""Triton kernels of the coarse stage (DESIGN.md §3.2, §3.7): tile mean-pooling, top-k and the
+cumulative-mass cut.
 
 Both are memory- or launch-bound; their job is to avoid the several passes the same steps
 take as separate torch ops (gather, mask, reduce, two full sorts).
@@ -43,24 +44,13 @@ def _compact_columns(kept, cols, OUT_ROW):
 
 
 @triton.jit
-def top_k_tiles_kernel(SCORES, OUT, NUM_COLS, K, COLS: tl.constexpr):
-    """The ``K`` highest scores of one row (fp32, contiguous rows of ``NUM_COLS``), ties to the
-    lower column; their columns are written in increasing order (``OUT`` rows of ``K``).
+def _top_k_of_keys(key, in_row, K):
+    """Which columns hold the ``K`` largest unsigned ``key`` values, ties to the lower column.
 
-    Floats are mapped to unsigned keys with the same order; the K-th largest key is found bit
-    by bit from the top (at most 32 counting passes: cheaper than sorting the row; the search
-    stops once exactly K keys lie at or above the candidate), and columns equal to it are taken
-    lowest first until K are kept.
+    The K-th largest key is found bit by bit from the top (at most 32 counting passes: cheaper
+    than sorting the row; the search stops once exactly K keys lie at or above the candidate),
+    and columns equal to it are taken lowest first until K are kept.
     """
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, COLS)
-    in_row = cols < NUM_COLS
-    s = tl.load(SCORES + row * NUM_COLS + cols, mask=in_row, other=float("-inf"))
-    s = s + 0.0  # -0.0 -> +0.0: equal scores must get equal keys
-    bits = s.to(tl.int32, bitcast=True)
-    signed_key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # monotone in the float value
-    key = (signed_key ^ (-2147483647 - 1)).to(tl.uint32, bitcast=True)  # same order, unsigned
-    key = tl.where(in_row, key, 0)
     kth = tl.zeros([], tl.uint32)
     bit = tl.full([], 31, tl.int32)
     while bit >= 0:
@@ -74,7 +64,72 @@ def top_k_tiles_kernel(SCORES, OUT, NUM_COLS, K, COLS: tl.constexpr):
     above = key > kth
     at = (key == kth) & in_row
     ties_wanted = K - tl.sum(above.to(tl.int32), 0)
-    _compact_columns(above | (at & (tl.cumsum(at.to(tl.int32), 0) <= ties_wanted)), cols, OUT + row * K)
+    return above | (at & (tl.cumsum(at.to(tl.int32), 0) <= ties_wanted))
+
+
+@triton.jit
+def top_k_tiles_kernel(SCORES, OUT, NUM_COLS, K, COLS: tl.constexpr):
+    """The ``K`` highest scores of one row (fp32, contiguous rows of ``NUM_COLS``), ties to the
+    lower column; their columns are written in increasing order (``OUT`` rows of ``K``).
+
+    Floats are mapped to unsigned keys with the same order (:func:`_top_k_of_keys`).
+    """
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, COLS)
+    in_row = cols < NUM_COLS
+    s = tl.load(SCORES + row * NUM_COLS + cols, mask=in_row, other=float("-inf"))
+    s = s + 0.0  # -0.0 -> +0.0: equal scores must get equal keys
+    bits = s.to(tl.int32, bitcast=True)
+    signed_key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # monotone in the float value
+    key = (signed_key ^ (-2147483647 - 1)).to(tl.uint32, bitcast=True)  # same order, unsigned
+    key = tl.where(in_row, key, 0)
+    _compact_columns(_top_k_of_keys(key, in_row, K), cols, OUT + row * K)
+
+
+@triton.jit
+def mass_cut_tiles_kernel(LOGITS, COUNTS, NUM, OUT, NUM_COLS, P, LO, HI, WIDTH, KEEP_ALL: tl.constexpr,
+                          COLS: tl.constexpr):
+    """BSA's cumulative-mass cut of one row (DESIGN.md §3.7): ``P = softmax(logits + ln(counts))``
+    over ``NUM_COLS`` tiles; the kept length is that of the shortest prefix of P sorted
+    descending (ties to the lower column) whose sum reaches ``P``, clamped to ``[LO, HI]``; the
+    kept columns (the top ``length`` of P) are written in increasing order into ``OUT`` (rows of
+    ``WIDTH``), the length into ``NUM``.
+
+    No sort: probabilities are non-negative floats, so their bit patterns order like them. A bit
+    search finds the largest key ``tau`` whose keys at or above it hold at least ``P`` of the
+    mass; that is the key at the cut. The keys above ``tau`` are kept, then ties at ``tau``
+    (lowest column first) until the mass is reached. The kept set is then the top ``length``
+    keys (:func:`_top_k_of_keys`), which also serves the clamped lengths.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, COLS)
+    in_row = cols < NUM_COLS
+    s = tl.load(LOGITS + row * NUM_COLS + cols, mask=in_row, other=float("-inf"))
+    n = tl.load(COUNTS + cols, mask=in_row, other=1).to(tl.float32)
+    s = s + tl.log(n)
+    e = tl.where(in_row, tl.exp(s - tl.max(s, 0)), 0.0)
+    prob = e / tl.sum(e, 0)
+    key = tl.where(in_row, prob.to(tl.uint32, bitcast=True), 0)
+    length = NUM_COLS
+    if not KEEP_ALL:
+        tau = tl.zeros([], tl.uint32)
+        bit = tl.full([], 30, tl.int32)  # probabilities <= 1.0 = 0x3F800000 < 2^30
+        while bit >= 0:
+            candidate = tau | (tl.full([], 1, tl.uint32) << bit.to(tl.uint32))
+            if tl.sum(tl.where(key >= candidate, prob, 0.0), 0) >= P:
+                tau = candidate
+            bit -= 1
+        above = key > tau
+        at = (key == tau) & in_row
+        p_tie = tl.max(tl.where(at, prob, 0.0), 0)
+        missing = P - tl.sum(tl.where(above, prob, 0.0), 0)
+        ties = tl.minimum(tl.maximum(tl.math.ceil(missing / tl.where(p_tie > 0, p_tie, 1.0)), 1.0),
+                          tl.sum(at.to(tl.float32), 0))
+        # tau == 0: the row's float sum fell short of P by rounding; keep every tile.
+        length = tl.where(tau > 0, tl.sum(above.to(tl.int32), 0) + ties.to(tl.int32), NUM_COLS)
+    length = tl.minimum(tl.maximum(length, LO), HI)
+    tl.store(NUM + row, length)
+    _compact_columns(_top_k_of_keys(key, in_row, length), cols, OUT + row * WIDTH)
 
 
 @triton.jit

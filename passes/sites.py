@@ -56,9 +56,17 @@ class Decision:
     site: Site
     sparse: bool
     reason: str
-    sparsity: float = 0.0
+    policy: object = None  # the selection policy of a sparse site
+    query_keep: float = 1.0
     grid: tuple | None = None
     grid_source: str = ""
+
+    @property
+    def sparsity(self) -> float | None:
+        """The TopK sparsity of a sparse site (``None`` for other policies, 0 for dense)."""
+        if not self.sparse:
+            return 0.0
+        return getattr(self.policy, "sparsity", None) if type(self.policy).__name__ == "TopK" else None
 
 
 # -------------------------------------------------------------------------------------------
@@ -276,22 +284,31 @@ def decide(site: Site, cfg) -> Decision:
         grid, source = cfg.grid, "config"
     if site.args["attn_mask"] is not None and site.text_before == 0 and site.text_after == 0:
         return Decision(site, False, "attn_mask on attention without text tokens (it would mask video keys)")
-    sparsity = cfg.sparsity_for(site.module_path)
+    policy = cfg.policy_for(site.module_path)
+    heads = static_int(site.q_shape[1])
+    mismatch = policy.check_heads(heads) if heads is not None else ""
+    if mismatch:
+        raise ValueError(f"sparse_inductor: the policy of attention site {site.module_path or '<top>'} does not fit: "
+                         f"{mismatch}")
     n_video = math.prod(size_hint(s) for s in grid)
-    if sparsity == 0.0:
-        return Decision(site, False, "sparsity 0 (dense SDPA)", 0.0, grid, source)
+    if policy.is_dense() and cfg.query_keep == 1.0:
+        why = "sparsity 0 (dense SDPA)" if type(policy).__name__ == "TopK" else \
+            f"policy {policy.describe()} keeps every tile (dense SDPA)"
+        return Decision(site, False, why, None, 1.0, grid, source)
     if n_video < cfg.min_tokens:
-        return Decision(site, False, f"{n_video} video tokens < min_tokens={cfg.min_tokens}", 0.0, grid, source)
-    return Decision(site, True, "", sparsity, grid, source)
+        return Decision(site, False, f"{n_video} video tokens < min_tokens={cfg.min_tokens}", None, 1.0, grid, source)
+    return Decision(site, True, "", policy, cfg.query_keep, grid, source)
 
 
 def plan(sites: list[Site], cfg) -> tuple[Decision, ...]:
+    if cfg.plan is not None:
+        cfg.plan.check_sites({s.module_path: static_int(s.q_shape[1]) if s.q_shape else None for s in sites})
     return tuple(decide(s, cfg) for s in sites)
 
 
 def plan_key(decisions, tile) -> tuple:
     """Hashable key of what a plan compiles to: configs with equal keys share a variant."""
-    sparse = tuple((d.site.index, d.sparsity, tuple(d.grid) if d.grid_source == "config" else None)
+    sparse = tuple((d.site.index, d.policy, d.query_keep, tuple(d.grid) if d.grid_source == "config" else None)
                    for d in decisions if d.sparse)
     return (sparse, tuple(tile)) if sparse else ("dense",)
 
@@ -307,11 +324,9 @@ def log_dense(decisions) -> None:
 # -------------------------------------------------------------------------------------------
 # Rewrite
 # -------------------------------------------------------------------------------------------
-def rewrite(gm: torch.fx.GraphModule, decisions, tile) -> torch.fx.GraphModule:
-    """A copy of ``gm`` with every sparse-decided SDPA replaced by the sparse attention call."""
-    from sparse_inductor.attention import sparse_attention, sparse_attention_static_layout
-    from sparse_inductor.layout import tile_layout
-
+def rewrite(gm: torch.fx.GraphModule, decisions, tile, record: bool = False) -> torch.fx.GraphModule:
+    """A copy of ``gm`` with every sparse-decided SDPA replaced by the sparse attention call
+    (with ``record``, each call also records its selection for :func:`sparse_inductor.stats`)."""
     new_gm = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
     nodes = {n.name: n for n in new_gm.graph.nodes}
     for d in decisions:
@@ -321,30 +336,78 @@ def rewrite(gm: torch.fx.GraphModule, decisions, tile) -> torch.fx.GraphModule:
         args = sdpa_arguments(node)
         with new_gm.graph.inserting_before(node):
             grid = _grid_args(new_gm.graph, d, nodes)
-            options = dict(sparsity=d.sparsity, scale=args["scale"], key_padding_mask=args["attn_mask"])
-            spans = dict(tile=tuple(tile), text_before=d.site.text_before, text_after=d.site.text_after)
+            options = dict(scale=args["scale"], key_padding_mask=args["attn_mask"])
+            if record:
+                options["record_as"] = d.site.module_path or "<top>"
+            spans = dict(text_before=d.site.text_before, text_after=d.site.text_after)
             if all(isinstance(g, int) for g in grid):
-                # Static sizes: the layout's index tensors become constants of the graph.
+                # Static sizes: the layout's index tensors and the lists of static patterns become
+                # constants of the graph.
                 device = args["query"].meta["example_value"].device
-                layout = tile_layout(grid, tile, device, text_before=d.site.text_before,
-                                     text_after=d.site.text_after)
-                constants = []
-                for field_name in ("counts", "gather_index", "scatter_index"):
-                    attr = f"_sparse_inductor_{d.site.index}_{field_name}"
-                    new_gm.register_buffer(attr, getattr(layout, field_name).clone())
-                    constants.append(new_gm.graph.get_attr(attr))
-                new = new_gm.graph.call_function(
-                    sparse_attention_static_layout,
-                    (args["query"], args["key"], args["value"], *constants, grid), dict(**spans, **options))
+                constants = _static_constants(new_gm, d, grid, tile, device)
+                target = _site_function(d, grid, tile, static=True, num_constants=len(constants))
+                new = new_gm.graph.call_function(target, (args["query"], args["key"], args["value"], *constants),
+                                                 options)
             else:
-                new = new_gm.graph.call_function(
-                    sparse_attention, (args["query"], args["key"], args["value"], grid), dict(**spans, **options))
+                target = _site_function(d, grid, tile, static=False)
+                new = new_gm.graph.call_function(target, (args["query"], args["key"], args["value"], grid),
+                                                 dict(**spans, **options))
         new.meta.update(node.meta)
         node.replace_all_uses_with(new)
         new_gm.graph.erase_node(node)
     new_gm.graph.lint()
     new_gm.recompile()
     return new_gm
+
+
+def _static_constants(gm, decision, grid, tile, device) -> list:
+    """Register the layout's index tensors and the precomputed lists of the decision's static
+    policies as buffers of ``gm``; return their ``get_attr`` nodes."""
+    from sparse_inductor.layout import tile_layout
+    from sparse_inductor.policies.base import SelectionContext, static_parts
+
+    site = decision.site
+    layout = tile_layout(grid, tile, device, text_before=site.text_before, text_after=site.text_after)
+    tensors = {f: getattr(layout, f) for f in ("counts", "gather_index", "scatter_index")}
+    heads = static_int(site.q_shape[1]) or 1  # a static per-head policy is checked against a static count
+    ctx = SelectionContext(grid=grid, tile=tile, counts=layout.counts[: layout.num_video_tiles], scale=1.0, batch=1,
+                           heads=heads, device=device)
+    for i, part in enumerate(static_parts(decision.policy)):
+        num, idx = part.video_lists(ctx)
+        tensors[f"static{i}_num"], tensors[f"static{i}_idx"] = num, idx
+    nodes = []
+    for name, tensor in tensors.items():
+        attr = f"_sparse_inductor_{site.index}_{name}"
+        gm.register_buffer(attr, tensor.clone())
+        nodes.append(gm.graph.get_attr(attr))
+    return nodes
+
+
+def _site_function(decision, grid, tile, static: bool, num_constants: int = 0):
+    """The function the rewritten site calls, with the site's policy, query_keep, grid and tile
+    bound in (FX keeps a function, not a policy object, as a call target)."""
+    from sparse_inductor.attention import sparse_attention, sparse_attention_static_layout
+    from sparse_inductor.policies.base import static_parts
+
+    policy, query_keep, tile = decision.policy, decision.query_keep, tuple(tile)
+    parts = static_parts(policy)
+    spans = dict(text_before=decision.site.text_before, text_after=decision.site.text_after)
+
+    if static:
+        def sparse_site_attention(q, k, v, counts, gather_index, scatter_index, *lists, scale=None,
+                                  key_padding_mask=None, record_as=None):
+            static_lists = {p: (lists[2 * i], lists[2 * i + 1]) for i, p in enumerate(parts)}
+            return sparse_attention_static_layout(q, k, v, counts, gather_index, scatter_index, grid, tile=tile,
+                                                  policy=policy, query_keep=query_keep, scale=scale,
+                                                  key_padding_mask=key_padding_mask, static_lists=static_lists,
+                                                  record_as=record_as, **spans)
+    else:
+        def sparse_site_attention(q, k, v, grid, *, text_before, text_after, scale=None, key_padding_mask=None,
+                                  record_as=None):
+            return sparse_attention(q, k, v, grid, tile=tile, policy=policy, query_keep=query_keep, scale=scale,
+                                    text_before=text_before, text_after=text_after,
+                                    key_padding_mask=key_padding_mask, record_as=record_as)
+    return sparse_site_attention
 
 
 def _grid_args(graph, decision, nodes):

@@ -22,26 +22,45 @@ __version__ = "0.1.0"
 
 from . import nn  # sparse_inductor.nn.VideoSparseAttention
 from .api import select_blocks, video_sparse_attention
+from .calibrate import CalibrationResult, calibrate
 from .config import SparsityConfig, current_config, sparsity
 from .explain import Explanation, explain
 # The function shadows its module's name as a package attribute (sparse_inductor.fidelity is the
 # function); import names from the module with `from sparse_inductor.fidelity import ...`.
 from .fidelity import FidelityResult, fidelity
 from .layout import TileLayout, from_tiles, tile_layout, to_tiles
+from .policies import CumulativeMass, Full, PerHead, Policy, Skip, Stripe, Temporal, TopK, Window
+from .plan import Plan
 from .selection import BlockSelection
+# Like fidelity, the function shadows its module (import names with `from sparse_inductor.stats import ...`).
+from .stats import Stats, stats
 
 logging.getLogger("sparse_inductor").addHandler(logging.NullHandler())
 
 __all__ = [
     "BlockSelection",
+    "CalibrationResult",
+    "CumulativeMass",
+    "Full",
+    "PerHead",
+    "Plan",
+    "Policy",
+    "Skip",
+    "Stats",
+    "Stripe",
+    "Temporal",
+    "TopK",
+    "Window",
     "Explanation",
     "FidelityResult",
     "SparsityConfig",
     "current_config",
+    "calibrate",
     "explain",
     "fidelity",
     "nn",
     "sparsity",
+    "stats",
     "TileLayout",
     "from_tiles",
     "select_blocks",

@@ -1,4 +1,5 @@
-"""Command line: ``python -m sparse_inductor fidelity SETUP [options]``.
+"""Command line: ``python -m sparse_inductor fidelity SETUP [options]`` and
+``python -m sparse_inductor calibrate SETUP --out plan.json [options]``.
 
 ``SETUP`` names a function, ``path/to/file.py:function`` or ``package.module:function``, that
 builds what to measure. It is called with the ``--checkpoint`` and ``--device`` given (as
@@ -93,7 +94,39 @@ def fidelity_main(argv) -> int:
     return 0
 
 
-COMMANDS = {"fidelity": fidelity_main}
+def calibrate_main(argv) -> int:
+    import sparse_inductor
+
+    parser = argparse.ArgumentParser(prog="python -m sparse_inductor calibrate",
+                                     description="Find per-head attention patterns (a plan) that keep the most "
+                                                 "softmax mass within a mean FLOP budget; write the plan as JSON.")
+    parser.add_argument("setup", metavar="SETUP", help="file.py:function or package.module:function (see module doc)")
+    parser.add_argument("--out", required=True, help="where to write the plan (JSON)")
+    parser.add_argument("--budget", type=float, default=0.125, help="mean share of attention FLOPs kept (0.125)")
+    parser.add_argument("--checkpoint", help="passed to SETUP as checkpoint=")
+    parser.add_argument("--device", help="passed to SETUP as device=")
+    parser.add_argument("--tile", type=parse_tile, default=(4, 4, 4))
+    parser.add_argument("--skip-threshold", type=float, default=0.02,
+                        help="skip heads whose output energy is below this share of the mean head's (0: never)")
+    parser.add_argument("--dynamic", action="store_true", help="also offer TopK per head")
+    parser.add_argument("--no-sample", action="store_true", help="measure the inputs only, not a whole sample")
+    parser.add_argument("--min-tokens", type=int, default=0)
+    args = parser.parse_args(argv)
+    setup_kwargs = {k: v for k, v in (("checkpoint", args.checkpoint), ("device", args.device)) if v is not None}
+    built = load_function(args.setup)(**setup_kwargs)
+    if not isinstance(built, dict) or "model" not in built or "inputs" not in built:
+        raise ValueError("SETUP must return a dict with at least 'model' and 'inputs'")
+    result = sparse_inductor.calibrate(
+        built["model"], *built["inputs"], kwargs=built.get("kwargs"), budget=args.budget, tile=args.tile,
+        sample_fn=None if args.no_sample else built.get("sample_fn"), grid=built.get("grid"),
+        skip_threshold=args.skip_threshold, dynamic=args.dynamic, min_tokens=args.min_tokens)
+    result.plan.save(args.out)
+    print(result)
+    print(f"plan written to {args.out}")
+    return 0
+
+
+COMMANDS = {"fidelity": fidelity_main, "calibrate": calibrate_main}
 
 
 def main(argv=None) -> int:

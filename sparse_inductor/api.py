@@ -10,7 +10,9 @@ from torch import Tensor
 from . import ops  # noqa: F401  (registers the custom ops)
 from .attention import sparse_attention
 from .config import check_sparsity
-from .layout import TileLayout, check_grid_and_tile, tile_layout
+from .layout import check_grid_and_tile, tile_layout
+from .policies import Policy, TopK
+from .query_keep import check_query_keep, num_kept
 from .selection import BlockSelection, select_tiles
 
 #: dtypes the op accepts (float64 only on CPU, where it is the reference's precision).
@@ -45,9 +47,17 @@ def _check_tensors(names_and_tensors) -> None:
         raise ValueError(f"head dim (last dim of q) must be in [1, {MAX_HEAD_DIM}], got {D}")
 
 
-def _prepare(q: Tensor, k: Tensor, grid, tile, sparsity, scale) -> tuple[TileLayout, float, float]:
+def _prepare(q: Tensor, grid, tile, scale, policy, sparsity, query_keep):
     grid, tile = check_grid_and_tile(grid, tile)
-    sparsity = check_sparsity(sparsity)
+    if policy is None:
+        policy = TopK(check_sparsity(sparsity))
+    elif not isinstance(policy, Policy):
+        raise TypeError("policy must be a selection policy such as sparse_inductor.TopK(0.875), "
+                        f"CumulativeMass(0.9), Window(1, 1, 1) or PerHead([...]); got {policy!r}")
+    reason = policy.check_heads(q.shape[1])
+    if reason:
+        raise ValueError(f"policy does not fit q: {reason}")
+    query_keep = check_query_keep(query_keep)
     N = q.shape[2]
     if N != math.prod(grid):
         raise ValueError(f"q has N={N} tokens but grid {grid} holds T*H*W={math.prod(grid)}; "
@@ -56,49 +66,59 @@ def _prepare(q: Tensor, k: Tensor, grid, tile, sparsity, scale) -> tuple[TileLay
         scale = 1.0 / math.sqrt(q.shape[-1])
     elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale must be a positive finite number or None (1/sqrt(D)), got {scale!r}")
-    return tile_layout(grid, tile, q.device), float(scale), sparsity
+    return tile_layout(grid, tile, q.device), float(scale), policy, query_keep
 
 
-def _select(q: Tensor, k: Tensor, layout: TileLayout, sparsity: float, scale: float) -> BlockSelection:
-    kv_num_blocks, kv_indices = select_tiles(q, k, layout, sparsity, scale)
-    return BlockSelection(kv_num_blocks, kv_indices, layout.counts, layout.block_size, layout.grid, layout.tile)
-
-
-def select_blocks(q: Tensor, k: Tensor, grid, *, sparsity: float = 0.875, tile=(4, 4, 4),
-                  scale: float | None = None) -> BlockSelection:
-    """The tile selection :func:`video_sparse_attention` uses for these ``q`` and ``k``.
+def select_blocks(q: Tensor, k: Tensor, grid, *, sparsity: float = 0.875, policy=None, query_keep: float = 1.0,
+                  tile=(4, 4, 4), scale: float | None = None) -> BlockSelection:
+    """The tile selection :func:`video_sparse_attention` makes for these ``q`` and ``k``.
 
     Args:
         q, k: ``[B, H, N, D]`` in raster token order over ``grid``.
         grid: ``(T, H, W)`` with ``T * H * W == N``.
-        sparsity: fraction of KV tiles skipped, in ``[0, 1)``; each query tile keeps
-            ``max(1, ceil((1 - sparsity) * num_tiles))`` tiles.
+        sparsity: fraction of KV tiles skipped, in ``[0, 1)``, when no ``policy`` is given: each
+            query tile keeps ``max(1, ceil((1 - sparsity) * num_tiles))`` tiles (``TopK``).
+        policy: a selection policy (:mod:`sparse_inductor.policies`), e.g. ``CumulativeMass(0.9)``.
+        query_keep: the share of each tile's query rows computed (BSA), in ``(0, 1]``; recorded
+            in ``query_counts``.
         tile: tile shape ``(t, h, w)``; border tiles of a non-dividing grid are partial.
         scale: softmax scale, default ``1 / sqrt(D)``.
 
     Returns:
         A :class:`BlockSelection` (query-major ``kv_num_blocks`` / ``kv_indices`` over tiles in
-        ``(t, h, w)`` order, plus the per-tile valid counts).
+        ``(t, h, w)`` order, the per-tile valid counts and, per head, the query rows computed).
     """
     _check_tensors([("q", q), ("k", k)])
-    layout, scale, sparsity = _prepare(q, k, grid, tile, sparsity, scale)
+    layout, scale, policy, query_keep = _prepare(q, grid, tile, scale, policy, sparsity, query_keep)
     with torch.no_grad():
-        return _select(q, k, layout, sparsity, scale)
+        kv_num_blocks, kv_indices = select_tiles(q, k, layout, policy, scale)
+        query_counts = None
+        if query_keep < 1.0:
+            query_counts = num_kept(query_keep, layout.counts.long()).to(torch.int32).expand(*q.shape[:2], -1)
+    return BlockSelection(kv_num_blocks, kv_indices, layout.counts, layout.block_size, layout.grid, layout.tile,
+                          query_counts)
 
 
-def video_sparse_attention(q: Tensor, k: Tensor, v: Tensor, grid, *, sparsity: float = 0.875,
-                           tile=(4, 4, 4), scale: float | None = None) -> Tensor:
-    """Block-sparse self-attention over 3D video tokens (VSA-style coarse select + fine attention).
+def video_sparse_attention(q: Tensor, k: Tensor, v: Tensor, grid, *, sparsity: float = 0.875, policy=None,
+                           query_keep: float = 1.0, tile=(4, 4, 4), scale: float | None = None) -> Tensor:
+    """Block-sparse self-attention over 3D video tokens.
 
-    Each query tile attends exactly (softmax over the kept tokens only) to the KV tiles with
-    the highest mean-pooled scores ``mean(q) · mean(k) * scale``. At ``sparsity=0`` this is
-    ``F.scaled_dot_product_attention(q, k, v, scale=scale)``.
+    Each query tile attends exactly (softmax over the kept tokens only) to the KV tiles a
+    selection policy keeps: by default VSA's ``TopK(sparsity)``, the tiles with the highest
+    mean-pooled scores ``mean(q) · mean(k) * scale``. At ``sparsity=0`` (and ``query_keep=1``)
+    this is ``F.scaled_dot_product_attention(q, k, v, scale=scale)``.
 
     Args:
         q, k, v: ``[B, H, N, D]`` tensors in raster token order over ``grid`` (w fastest);
             float16, bfloat16 or float32 (float64 too on CPU); CPU or CUDA.
         grid: ``(T, H, W)`` of the video tokens, ``T * H * W == N``.
-        sparsity: fraction of KV tiles skipped, in ``[0, 1)``.
+        sparsity: fraction of KV tiles skipped, in ``[0, 1)`` (``TopK``), when no ``policy``.
+        policy: a selection policy from :mod:`sparse_inductor.policies` (``TopK``,
+            ``CumulativeMass``, ``Window``, ``Temporal``, ``Stripe``, ``Full``, ``Skip``, unions
+            with ``|``, ``PerHead``).
+        query_keep: BSA's query sparsity, in ``(0, 1]``: per tile only the centre token and the
+            ``ceil(r·n) − 1`` tokens least similar to it are computed; the others receive the
+            centre's output (:mod:`sparse_inductor.query_keep`).
         tile: tile shape ``(t, h, w)``, default VSA's ``(4, 4, 4)`` (at most 256 tokens).
         scale: softmax scale, default ``1 / sqrt(D)``.
 
@@ -106,5 +126,6 @@ def video_sparse_attention(q: Tensor, k: Tensor, v: Tensor, grid, *, sparsity: f
         ``[B, H, N, D]`` in the same token order; differentiable in ``q``, ``k`` and ``v``.
     """
     _check_tensors([("q", q), ("k", k), ("v", v)])
-    layout, scale, sparsity = _prepare(q, k, grid, tile, sparsity, scale)
-    return sparse_attention(q, k, v, layout.grid, sparsity=sparsity, tile=layout.tile, scale=scale, layout=layout)
+    layout, scale, policy, query_keep = _prepare(q, grid, tile, scale, policy, sparsity, query_keep)
+    return sparse_attention(q, k, v, layout.grid, policy=policy, query_keep=query_keep, tile=layout.tile,
+                            scale=scale, layout=layout)

@@ -11,7 +11,9 @@ from torch import Tensor
 
 from . import ops  # registers the custom ops; KERNEL_VERSION
 from .layout import TileLayout, build_layout
+from .query_keep import broadcast_centres, select_queries
 from .selection import select_tiles
+from .stats import recording
 
 
 def _text_valid_first(layout: TileLayout, key_padding_mask: Tensor):
@@ -42,36 +44,70 @@ def _text_valid_first(layout: TileLayout, key_padding_mask: Tensor):
     return kv_slots, kv_counts.contiguous()
 
 
-def sparse_attention(q: Tensor, k: Tensor, v: Tensor, grid, *, sparsity: float, tile, scale: float | None = None,
-                     text_before=0, text_after=0, key_padding_mask: Tensor | None = None,
-                     layout: TileLayout | None = None) -> Tensor:
+def resolve_policy(policy=None, sparsity=None):
+    """The policy a call asks for: ``policy`` if given, else ``TopK(sparsity)`` (default 0.875)."""
+    from .policies import Policy, TopK
+
+    if policy is None:
+        return TopK(0.875 if sparsity is None else sparsity)
+    if not isinstance(policy, Policy):
+        raise TypeError("policy must be a selection policy such as sparse_inductor.TopK(0.875), "
+                        f"CumulativeMass(0.9), Window(1, 1, 1) or PerHead([...]); got {policy!r}")
+    return policy
+
+
+def sparse_attention(q: Tensor, k: Tensor, v: Tensor, grid, *, tile, sparsity: float | None = None, policy=None,
+                     query_keep: float = 1.0, scale: float | None = None, text_before=0, text_after=0,
+                     key_padding_mask: Tensor | None = None, layout: TileLayout | None = None,
+                     static_lists=None, record_as: str | None = None) -> Tensor:
     """Block-sparse attention over ``[text_before | video T*H*W | text_after]`` tokens.
 
-    ``q, k, v``: ``[B, H, L, D]``. Video query tiles attend to their top-k video tiles and all
-    text; text queries attend to everything. ``key_padding_mask`` (bool, ``[B, 1, 1, L]``,
-    True = attend) may mask text keys only. Inputs are assumed validated by the caller.
-    ``layout`` may pass a cached layout (eager use); otherwise the index arithmetic is built
-    here, which inside a compiled graph becomes part of the graph (symbolic sizes allowed).
+    ``q, k, v``: ``[B, H, L, D]``. Video query tiles attend to the video tiles the ``policy``
+    (default ``TopK(sparsity)``) keeps and to all text; text queries attend to everything.
+    ``query_keep < 1`` computes only some rows of each video tile (:mod:`.query_keep`).
+    ``key_padding_mask`` (bool, ``[B, 1, 1, L]``, True = attend) may mask text keys only.
+    ``static_lists`` (``{static policy: (num, idx)}``) passes lists precomputed for this grid
+    (graph constants of static patterns, so no selection runs for them). ``record_as`` (a site
+    name) records the selection in an active :func:`sparse_inductor.stats` context; eager calls
+    record without it whenever such a context is active.
+    Inputs are assumed validated by the caller. ``layout`` may pass a cached layout (eager
+    use); otherwise the index arithmetic is built here, which inside a compiled graph becomes
+    part of the graph (symbolic sizes allowed).
 
     No permuted copy of Q, K, V or the output is made: the kernels gather and scatter rows
     through the layout's slot table, and the output comes back laid out like ``q``.
     """
+    policy = resolve_policy(policy, sparsity)
     if layout is None:
         layout = build_layout(grid, tile, text_before, text_after, q.device)
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    B = q.shape[0]
-    q_slots = layout.slots.expand(B, -1)
-    q_counts = layout.counts.expand(B, -1)
+    B, H = q.shape[:2]
     if key_padding_mask is None:
-        kv_slots, kv_counts = q_slots, q_counts
+        kv_slots, kv_counts = layout.slots.expand(B, -1), layout.counts.expand(B, -1)
     else:
         kv_slots, kv_counts = _text_valid_first(layout, key_padding_mask)
     with torch.no_grad():
-        kv_num_blocks, kv_indices = select_tiles(q.detach(), k.detach(), layout, sparsity, scale)
+        kv_num_blocks, kv_indices = select_tiles(q.detach(), k.detach(), layout, policy, scale,
+                                                 static_lists=static_lists)
+    keep = None
+    if query_keep < 1.0:
+        keep = select_queries(q, layout, query_keep)
+    if record_as is None and recording() and not torch.compiler.is_compiling():
+        record_as = "eager"
+    if record_as is not None:
+        q_rows = layout.counts.expand(B, H, -1) if keep is None else keep.rows_per_tile_counts()
+        kv_num_blocks = torch.ops.sparse_inductor.record_selection(
+            kv_num_blocks, kv_indices, q_rows, layout.counts, layout.num_video_tiles,
+            f"{record_as}|{policy.describe()}")
+    if keep is not None:
+        q_slots, q_counts = keep.q_slots, keep.q_counts
+        kv_num_blocks, kv_indices = keep.query_lists(kv_num_blocks, kv_indices)
+    else:
+        q_slots, q_counts = layout.slots.expand(B, H, -1), layout.counts.expand(B, H, -1)
     out, _ = torch.ops.sparse_inductor.block_sparse_attn_fwd(
         q, k, v, q_slots, kv_slots, q_counts, kv_counts, kv_num_blocks, kv_indices, scale, ops.KERNEL_VERSION)
-    return out
+    return out if keep is None else broadcast_centres(out, keep)
 
 
 def sparse_attention_static_layout(q: Tensor, k: Tensor, v: Tensor, counts: Tensor, gather_index: Tensor,

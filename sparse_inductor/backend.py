@@ -15,6 +15,7 @@ import torch
 from . import _compat
 from .config import config_from_options, current_config
 from .ops import source_hash
+from .stats import recording
 
 log = logging.getLogger("sparse_inductor")
 
@@ -56,27 +57,29 @@ class SparseInductorGraph:
         self.compiled_keys: list = []  # in compile order, for tests and diagnostics
         self.variant_for(current_config(self.base_config))  # compile now, inside Dynamo's context
 
-    def variant_for(self, cfg):
-        fn = self._by_config.get(cfg)
+    def variant_for(self, cfg, record: bool = False):
+        fn = self._by_config.get((cfg, record))
         if fn is not None:
             return fn
         from passes.sites import log_dense, plan, plan_key
 
         decisions = plan(self.sites, cfg)
         key = plan_key(decisions, cfg.tile)
+        if record and key != ("dense",):
+            key = key + ("record",)
         fn = self.variants.get(key)
         if fn is None:
             log_dense(decisions)
-            fn = self._compile(decisions, cfg.tile, key)
+            fn = self._compile(decisions, cfg.tile, key, record)
             self.variants[key] = fn
             self.compiled_keys.append(key)
-        self._by_config[cfg] = fn
+        self._by_config[(cfg, record)] = fn
         return fn
 
-    def _compile(self, decisions, tile, key):
+    def _compile(self, decisions, tile, key, record=False):
         from passes.sites import rewrite
 
-        gm = rewrite(self.gm, decisions, tile)  # a copy, also when nothing is rewritten
+        gm = rewrite(self.gm, decisions, tile, record=record)  # a copy, also when nothing is rewritten
         patches = dict(self.mode_patches)
         patches[_compat.CACHE_PASS_CONFIG_KEY] = cache_pass(key)
         if self.tracing_context is not None and _compat.current_tracing_context() is None:
@@ -87,7 +90,8 @@ class SparseInductorGraph:
         return _compat.compile_fx(gm, self.example_inputs, config_patches=patches)
 
     def __call__(self, *args):
-        return self.variant_for(current_config(self.base_config))(*args)
+        # Inside sparse_inductor.stats(), a variant with the recording op (it syncs once a call).
+        return self.variant_for(current_config(self.base_config), recording())(*args)
 
 
 def _mode_patches(mode) -> dict:

@@ -30,12 +30,19 @@ class SparsityConfig:
     """A frozen, hashable configuration; one compiled variant exists per distinct value.
 
     Attributes:
-        sparsity: fraction of video KV tiles skipped, in ``[0, 1)``; 0 is dense SDPA.
+        sparsity: fraction of video KV tiles skipped, in ``[0, 1)``, when no ``policy`` is set:
+            the policy is then ``TopK(sparsity)``; 0 is dense SDPA.
         tile: tile shape ``(t, h, w)``.
         min_tokens: attention over fewer video tokens stays dense.
-        layers: ``((pattern, sparsity), ...)``; the first ``fnmatch`` pattern matching a site's
-            module path (e.g. ``"blocks.0.*"``) overrides ``sparsity`` there.
+        layers: ``((pattern, policy), ...)``; the first ``fnmatch`` pattern matching a site's
+            module path (e.g. ``"blocks.0.*"``) sets its policy (a number given there is
+            ``TopK(number)``).
         grid: ``(T, H, W)`` to use where the pass cannot prove the grid from the graph.
+        policy: the selection policy of every site ``layers`` and ``plan`` do not name
+            (``None``: ``TopK(sparsity)``).
+        query_keep: BSA's query sparsity, the share of each tile's query rows computed, ``(0, 1]``.
+        plan: a :class:`~sparse_inductor.plan.Plan` (per-head policies by module path, from
+            :func:`~sparse_inductor.calibrate`); ``layers`` overrides it.
     """
 
     sparsity: float = DEFAULT_SPARSITY
@@ -43,14 +50,29 @@ class SparsityConfig:
     min_tokens: int = DEFAULT_MIN_TOKENS
     layers: tuple = field(default=())
     grid: tuple | None = None
+    policy: object = None
+    query_keep: float = 1.0
+    plan: object = None
 
-    def sparsity_for(self, module_path: str) -> float:
-        """The sparsity of the site made by the module at ``module_path``. A site counts as
-        inside its module, so ``"blocks.0.*"`` matches a site of ``blocks.0`` itself too."""
+    def default_policy(self):
+        """The policy of sites that ``layers`` and ``plan`` do not name."""
+        from .policies import TopK
+
+        return self.policy if self.policy is not None else TopK(self.sparsity)
+
+    def policy_for(self, module_path: str):
+        """The selection policy of the site made by the module at ``module_path``: the first
+        ``layers`` pattern that matches, else the plan's entry, else :meth:`default_policy`. A
+        site counts as inside its module, so ``"blocks.0.*"`` matches a site of ``blocks.0``
+        itself too."""
         for pattern, value in self.layers:
             if fnmatch.fnmatchcase(module_path, pattern) or fnmatch.fnmatchcase(module_path + ".", pattern):
                 return value
-        return self.sparsity
+        if self.plan is not None:
+            planned = self.plan.policy_for(module_path)
+            if planned is not None:
+                return planned
+        return self.default_policy()
 
 
 def check_sparsity(value, name: str = "sparsity") -> float:
@@ -59,8 +81,20 @@ def check_sparsity(value, name: str = "sparsity") -> float:
     return float(value)
 
 
+def _check_policy(value, name: str):
+    """A policy (or a number, read as ``TopK(number)``), validated."""
+    from .policies import Policy, TopK
+
+    if isinstance(value, Policy):
+        return value
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return TopK(check_sparsity(value, name))
+    raise ValueError(f"{name} must be a selection policy (TopK, CumulativeMass, Window, Temporal, Stripe, Full, Skip, "
+                     f"a union with |, PerHead) or a sparsity in [0, 1), got {value!r}")
+
+
 def make_config(base: SparsityConfig, sparsity=_UNSET, *, tile=_UNSET, min_tokens=_UNSET, layers=_UNSET,
-                grid=_UNSET) -> SparsityConfig:
+                grid=_UNSET, policy=_UNSET, query_keep=_UNSET, plan=_UNSET) -> SparsityConfig:
     """``base`` with the given fields replaced, each validated."""
     changes = {}
     if sparsity is not _UNSET:
@@ -75,15 +109,30 @@ def make_config(base: SparsityConfig, sparsity=_UNSET, *, tile=_UNSET, min_token
         if layers is None:
             layers = {}
         if not isinstance(layers, dict) or not all(isinstance(p, str) for p in layers):
-            raise ValueError("layers must be a dict {module path pattern (str): sparsity}, "
+            raise ValueError("layers must be a dict {module path pattern (str): sparsity or policy}, "
                              f"e.g. {{'blocks.0.*': 0.0}}, got {layers!r}")
-        changes["layers"] = tuple((p, check_sparsity(v, f"layers[{p!r}]")) for p, v in layers.items())
+        changes["layers"] = tuple((p, _check_policy(v, f"layers[{p!r}]")) for p, v in layers.items())
     if grid is not _UNSET:
         changes["grid"] = None if grid is None else check_grid_and_tile(grid, (1, 1, 1))[0]
+    if policy is not _UNSET:
+        changes["policy"] = None if policy is None else _check_policy(policy, "policy")
+    if query_keep is not _UNSET:
+        from .query_keep import check_query_keep
+
+        changes["query_keep"] = check_query_keep(query_keep)
+    if plan is not _UNSET:
+        from .plan import Plan
+
+        if plan is not None and not isinstance(plan, Plan):
+            raise ValueError(f"plan must be a sparse_inductor.Plan (from calibrate() or Plan.load(path)), got {plan!r}")
+        changes["plan"] = plan
     return replace(base, **changes)
 
 
-_OPTION_KEYS = ("sparsity", "tile", "min_tokens", "layers", "grid")
+_OPTION_KEYS = ("sparsity", "tile", "min_tokens", "layers", "grid", "policy", "query_keep", "plan")
+#: Naming ``sparsity=`` in a context means "TopK at this sparsity": it resets these unless the
+#: same call names them (so ``sparsity(0.0)`` is dense SDPA inside any outer policy context).
+_RESET_BY_SPARSITY = {"policy": None, "query_keep": 1.0, "plan": None}
 
 
 def config_from_options(options: dict | None) -> SparsityConfig:
@@ -109,29 +158,43 @@ def current_config(base: SparsityConfig | None = None) -> SparsityConfig:
 
 
 @contextlib.contextmanager
-def sparsity(sparsity=_UNSET, *, tile=_UNSET, min_tokens=_UNSET, layers=_UNSET, grid=_UNSET):
+def sparsity(sparsity=_UNSET, *, policy=_UNSET, query_keep=_UNSET, tile=_UNSET, min_tokens=_UNSET, layers=_UNSET,
+             grid=_UNSET, plan=_UNSET):
     """Set the attention sparsity of models compiled with ``backend="sparse_inductor"``.
 
     Compiled models follow the value in force when they are called; one variant is compiled
     per distinct configuration, and ``sparsity(0.0)`` runs plain SDPA.
 
     Args:
-        sparsity: fraction of video KV tiles each query tile skips, in ``[0, 1)``.
+        sparsity: fraction of video KV tiles each query tile skips, in ``[0, 1)`` (VSA's fixed
+            budget, ``TopK(sparsity)``). Naming it also resets ``policy``, ``query_keep`` and
+            ``plan`` inherited from outer contexts (unless named here too), so ``sparsity(0.0)``
+            is dense everywhere ``layers`` does not say otherwise.
+        policy: a selection policy for every site (:mod:`sparse_inductor.policies`), e.g.
+            ``CumulativeMass(0.9)``; wins over ``sparsity``.
+        query_keep: BSA's query sparsity, in ``(0, 1]`` (default 1: every query row).
         tile: tile shape ``(t, h, w)`` (default ``(4, 4, 4)``).
         min_tokens: attention sites with fewer video tokens stay dense (default 12288).
-        layers: ``{module path pattern: sparsity}`` overrides, matched with ``fnmatch`` against
-            module paths such as ``"blocks.3.attn1"``; the first match wins.
+        layers: ``{module path pattern: sparsity or policy}`` overrides, matched with ``fnmatch``
+            against module paths such as ``"blocks.3.attn1"``; the first match wins.
         grid: ``(T, H, W)`` to use where the grid cannot be inferred from the graph.
+        plan: a :class:`~sparse_inductor.plan.Plan` from :func:`~sparse_inductor.calibrate`
+            (per-head patterns by module path); ``layers`` overrides it, sites it does not name
+            keep ``policy``.
 
     Settings not given come from the enclosing context, else from the compile options. Example::
 
-        with sparse_inductor.sparsity(0.875, layers={"blocks.0.*": 0.0}):
+        with sparse_inductor.sparsity(policy=sparse_inductor.CumulativeMass(0.9), query_keep=0.5,
+                                      layers={"blocks.0.*": 0.0}):
             out = model(x)
     """
     given = {name: value for name, value in (("sparsity", sparsity), ("tile", tile), ("min_tokens", min_tokens),
-                                              ("layers", layers), ("grid", grid)) if value is not _UNSET}
+                                              ("layers", layers), ("grid", grid), ("policy", policy),
+                                              ("query_keep", query_keep), ("plan", plan)) if value is not _UNSET}
     checked = make_config(SparsityConfig(), **given)  # validates; raises on bad input
     merged = dict(_overrides.get())
+    if "sparsity" in given:
+        merged.update({name: value for name, value in _RESET_BY_SPARSITY.items() if name not in given})
     merged.update({name: getattr(checked, name) for name in given})
     token = _overrides.set(tuple(merged.items()))
     try:

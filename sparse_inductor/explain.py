@@ -10,11 +10,13 @@ class Explanation:
     """One row per attention site (in graph order), printable as a table.
 
     ``rows`` is a list of dicts with keys ``graph``, ``module``, ``q``, ``k``, ``v``, ``grid``,
-    ``grid_source``, ``text_span``, ``decision`` (``"sparse"`` or ``"dense"``), ``sparsity``,
-    ``reason``.
+    ``grid_source``, ``text_span``, ``decision`` (``"sparse"`` or ``"dense"``), ``policy`` (its
+    description, e.g. ``"TopK(0.875)"`` or a per-head census ``"PerHead(3x Window(1, 1, 1), 1x
+    Skip())"``), ``query_keep``, ``sparsity`` (TopK's, ``None`` for other policies, 0 when
+    dense), ``reason``.
     """
 
-    COLUMNS = ("graph", "module", "q", "k", "v", "grid", "text_span", "decision", "sparsity", "reason")
+    COLUMNS = ("graph", "module", "q", "k", "v", "grid", "text_span", "decision", "policy", "query_keep", "reason")
 
     def __init__(self, rows: list[dict]):
         self.rows = rows
@@ -78,7 +80,8 @@ def explain(model, *args, **kwargs) -> Explanation:
                 grid=None if d.grid is None and s.grid is None else tuple(d.grid or s.grid),
                 grid_source=d.grid_source or s.grid_source,
                 text_span=(s.text_before, s.text_after) if (s.text_before or s.text_after) else None,
-                decision="sparse" if d.sparse else "dense", sparsity=d.sparsity if d.sparse else 0.0,
+                decision="sparse" if d.sparse else "dense", sparsity=d.sparsity,
+                policy=d.policy.describe() if d.sparse else "", query_keep=d.query_keep if d.sparse else None,
                 reason=d.reason,
             ))
         graph_index[0] += 1

@@ -34,10 +34,10 @@ from torch.overrides import TorchFunctionMode
 
 from .api import select_blocks
 from .attention import sparse_attention
-from .config import check_sparsity, current_config, sparsity as sparsity_context
+from .config import SparsityConfig, check_sparsity, current_config, make_config, sparsity as sparsity_context
 from .layout import check_grid_and_tile, tile_layout
 
-__all__ = ["FidelityResult", "attention_recall", "fidelity", "psnr"]
+__all__ = ["FidelityResult", "attention_recall", "fidelity", "psnr", "ssim"]
 
 #: Score elements per chunk of query rows when the dense softmax is formed (256 MiB in fp32),
 #: so that recall at tens of thousands of tokens fits in memory.
@@ -102,14 +102,18 @@ class _SiteTally:
         return math.sqrt(self.diff2 / self.ref2) if self.ref2 > 0 else 0.0
 
 
-def _measure_site(q, k, v, attn_mask, scale, grid, text_before, text_after, tiles, sparsities,
+def _measure_site(q, k, v, attn_mask, scale, grid, text_before, text_after, tiles, specs,
                   outputs: bool = True) -> dict:
-    """Recall, kept share and output error of one site for every (tile, sparsity).
+    """Recall, kept share and output error of one site for every (tile, spec).
 
-    ``q, k, v``: ``[B, H, L, D]`` with ``L = text_before + T*H*W + text_after``. Text queries
-    attend to everything and text keys are always kept (DESIGN.md §3.5), so recall counts the
-    video query rows, with their text mass as kept.
+    ``specs``: sparsities (``TopK``) or ``(key, policy, query_keep)`` triples; results are keyed
+    by ``(tile, sparsity or key)``. ``q, k, v``: ``[B, H, L, D]`` with ``L = text_before + T*H*W
+    + text_after``. Text queries attend to everything and text keys are always kept (DESIGN.md
+    §3.5), so recall counts the video query rows, with their text mass as kept. Query rows that
+    ``query_keep`` drops compute nothing (their output is copied), which the kept share counts.
     """
+    from .policies import TopK
+
     B, H, L, D = q.shape
     N = math.prod(grid)
     tb = text_before
@@ -138,23 +142,31 @@ def _measure_site(q, k, v, attn_mask, scale, grid, text_before, text_after, tile
     for tile in tiles:
         counts = one_hots[tile][1]
         layout = tile_layout(grid, tile, q.device, text_before=text_before, text_after=text_after)
-        for s in sparsities:
-            kept = select_blocks(qv, kv, grid, sparsity=s, tile=tile, scale=scale).dense_mask()
+        # The best any choice of as many tiles per query tile can do: that many with the most mass.
+        best = torch.cumsum(mass[tile].sort(dim=-1, descending=True).values, dim=-1)
+        for spec in specs:
+            key, policy, query_keep = (spec, TopK(spec), 1.0) if isinstance(spec, numbers.Real) else spec
+            selection = select_blocks(qv, kv, grid, policy=policy, query_keep=query_keep, tile=tile, scale=scale)
+            kept = selection.dense_mask()
             kept64 = kept.to(torch.float64)
             tally = _SiteTally(ref2=ref2, rows=B * H * N, pairs=float(B * H * L * L))
             tally.recall_sum = float(text_mass + (mass[tile] * kept64).sum())
-            # The best any choice of k tiles per query tile can do: the k with the most mass.
-            n_keep = int(kept.sum(-1).max())
-            tally.oracle_sum = float(text_mass + mass[tile].topk(n_keep, dim=-1).values.sum())
-            kept_keys = (kept64 * counts).sum(-1)  # [B, H, M] video keys each query tile computes
-            tally.kept_pairs = float((kept_keys * counts).sum()) + B * H * (
-                N * (L - N) + (L - N) * L)  # + text keys of video rows, + all keys of text rows
+            n_keep = kept.sum(-1, keepdim=True)  # [B, H, M, 1]
+            tally.oracle_sum = float(text_mass + torch.where(
+                n_keep > 0, best.gather(-1, (n_keep - 1).clamp(min=0)), 0).sum())
+            rows = counts if selection.query_counts is None else selection.query_counts.to(torch.float64)
+            kept_keys = (kept64 * counts).sum(-1) + (L - N)  # [B, H, M]: video + text keys per video row
+            if policy.skip_heads(H) != (False,) * H:
+                kept_keys = torch.where(torch.tensor(policy.skip_heads(H), device=q.device).view(1, H, 1), 0,
+                                        kept_keys)
+            text_rows = (L - N) * L * (B * H - B * sum(policy.skip_heads(H)))
+            tally.kept_pairs = float((kept_keys * rows).sum()) + text_rows
             if outputs:
-                sparse_out = sparse_attention(q, k, v, grid, sparsity=s, tile=tile, scale=scale,
-                                              text_before=text_before, text_after=text_after,
+                sparse_out = sparse_attention(q, k, v, grid, policy=policy, query_keep=query_keep, tile=tile,
+                                              scale=scale, text_before=text_before, text_after=text_after,
                                               key_padding_mask=attn_mask, layout=layout)
                 tally.diff2 = float(((sparse_out.to(torch.float64) - dense64) ** 2).sum())
-            results[(tile, s)] = tally
+            results[(tile, key)] = tally
     return results
 
 
@@ -187,6 +199,36 @@ def psnr(x: Tensor, ref: Tensor, peak: float = 1.0) -> float:
         raise ValueError(f"psnr: shapes differ, {tuple(x.shape)} vs {tuple(ref.shape)}")
     mse = float(((x.to(torch.float64) - ref.to(torch.float64)) ** 2).mean())
     return math.inf if mse == 0 else 10 * math.log10(peak * peak / mse)
+
+
+def ssim(x: Tensor, ref: Tensor, peak: float = 1.0) -> float:
+    """Mean structural similarity (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5, K1 = 0.01,
+    K2 = 0.03) of images or videos ``[B, C, (T,) H, W]``, frame by frame and channel by channel;
+    1.0 when equal. Frames smaller than the window use a window cut to their size."""
+    if x.shape != ref.shape:
+        raise ValueError(f"ssim: shapes differ, {tuple(x.shape)} vs {tuple(ref.shape)}")
+    if x.dim() not in (4, 5):
+        raise ValueError(f"ssim: expected [B, C, H, W] or [B, C, T, H, W], got shape {tuple(x.shape)}")
+    a, b = (t.to(torch.float64) for t in (x, ref))
+    if a.dim() == 5:  # frames as images
+        a, b = (t.transpose(1, 2).reshape(-1, t.shape[1], *t.shape[3:]) for t in (a, b))
+    n, c, h, w = a.shape
+    size = min(11, h, w)
+    coords = torch.arange(size, dtype=torch.float64, device=a.device) - (size - 1) / 2
+    g = torch.exp(-coords ** 2 / (2 * 1.5 ** 2))
+    g = g / g.sum()
+    window = (g[:, None] * g[None, :]).expand(c, 1, size, size)
+
+    def blur(t):
+        return F.conv2d(t, window, groups=c)
+
+    mu_a, mu_b = blur(a), blur(b)
+    var_a = blur(a * a) - mu_a ** 2
+    var_b = blur(b * b) - mu_b ** 2
+    cov = blur(a * b) - mu_a * mu_b
+    c1, c2 = (0.01 * peak) ** 2, (0.03 * peak) ** 2
+    value = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
+    return float(value.mean())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,12 +272,13 @@ class _EagerSparseModel:
         if site is None:
             return _plain_sdpa(call)
         cfg = current_config()
-        level = cfg.sparsity_for("" if site["module"] == "<top>" else site["module"])
-        if level == 0.0:
+        policy = cfg.policy_for("" if site["module"] == "<top>" else site["module"])
+        if policy.is_dense() and cfg.query_keep == 1.0:
             return _plain_sdpa(call)
         before, after = site["text_span"] or (0, 0)
-        return sparse_attention(call["query"], call["key"], call["value"], site["grid"], sparsity=level,
-                                tile=cfg.tile, scale=call["scale"], text_before=before, text_after=after,
+        return sparse_attention(call["query"], call["key"], call["value"], site["grid"], policy=policy,
+                                query_keep=cfg.query_keep, tile=cfg.tile, scale=call["scale"], text_before=before,
+                                text_after=after,
                                 key_padding_mask=call["attn_mask"],
                                 layout=tile_layout(site["grid"], cfg.tile, call["query"].device,
                                                    text_before=before, text_after=after))
@@ -274,13 +317,15 @@ class FidelityResult:
     """What :func:`fidelity` measured. Printing gives two markdown tables.
 
     Attributes:
-        rows: one dict per (tile, sparsity): ``tile``, ``sparsity``, ``kept``, ``recall`` (mean
+        rows: one dict per (tile, setting): ``tile``, ``setting`` (its label), ``sparsity``
+            (TopK's, else None), ``kept`` (attention FLOPs kept, from the lists), ``recall`` (mean
             over all video query rows of all sparse sites), ``recall_min`` (of the worst site),
-            ``recall_best_k`` (the best k tiles per query tile instead of the selected ones),
-            ``site_rel_l2`` (mean over sites), ``rel_l2`` (model output), ``psnr`` (``{dense
-            warm-up steps: dB}``; empty without ``sample_fn``).
-        site_rows: one dict per (tile, sparsity, site): ``tile``, ``sparsity``, ``module``,
-            ``grid``, ``kept``, ``recall``, ``recall_best_k``, ``rel_l2``.
+            ``recall_best_k`` (per query tile, as many tiles as it keeps but those with the most
+            mass), ``site_rel_l2`` (mean over sites), ``rel_l2`` (model output), ``psnr`` and
+            ``ssim`` (``{dense warm-up steps: value}``; empty without ``sample_fn``) and
+            ``kept_sampling`` (``{warm-up: FLOPs kept over the whole sample}``, dense steps in full).
+        site_rows: one dict per (tile, setting, site): ``tile``, ``setting``, ``sparsity``,
+            ``module``, ``grid``, ``kept``, ``recall``, ``recall_best_k``, ``rel_l2``.
         sites: the :func:`sparse_inductor.explain` rows of the sparse sites that were measured.
         backend: ``"sparse_inductor"`` or ``"eager"``.
     """
@@ -290,33 +335,36 @@ class FidelityResult:
     sites: list = field(default_factory=list)
     backend: str = "sparse_inductor"
 
-    def row(self, sparsity, tile=(4, 4, 4)) -> dict:
-        """The overall row of ``(tile, sparsity)``."""
+    def row(self, setting, tile=(4, 4, 4)) -> dict:
+        """The overall row of ``(tile, setting)``: a sparsity, or a setting's label."""
         for r in self.rows:
-            if r["sparsity"] == sparsity and r["tile"] == tuple(tile):
+            if r["tile"] == tuple(tile) and (r["setting"] == setting or (
+                    isinstance(setting, numbers.Real) and r["sparsity"] == setting and r["setting"] == str(setting))):
                 return r
-        raise KeyError(f"no row for sparsity {sparsity} and tile {tuple(tile)}")
+        raise KeyError(f"no row for setting {setting!r} and tile {tuple(tile)}")
 
     def table(self) -> str:
         """The overall rows as a markdown table."""
         warmups = sorted({w for r in self.rows for w in r["psnr"]})
-        head = ["tile", "sparsity", "FLOPs kept", "recall (mean)", "recall (worst site)", "best-k recall",
-                "site rel-L2 (mean)", "output rel-L2"] + [f"PSNR dB (dense first {w})" for w in warmups]
+        head = ["tile", "setting", "FLOPs kept", "recall (mean)", "recall (worst site)", "best-k recall",
+                "site rel-L2 (mean)", "output rel-L2"] + [f"PSNR dB (dense first {w})" for w in warmups] + \
+            [f"SSIM (dense first {w})" for w in warmups]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in self.rows:
-            cells = [str(r["tile"]), str(r["sparsity"]), _fmt(r["kept"], ".3f"), _fmt(r["recall"], ".4f"),
+            cells = [str(r["tile"]), r["setting"], _fmt(r["kept"], ".3f"), _fmt(r["recall"], ".4f"),
                      _fmt(r["recall_min"], ".4f"), _fmt(r["recall_best_k"], ".4f"), _fmt(r["site_rel_l2"], ".3e"),
                      _fmt(r["rel_l2"], ".3e")]
             cells += [_fmt(r["psnr"].get(w), ".2f") for w in warmups]
+            cells += [_fmt(r["ssim"].get(w), ".4f") for w in warmups]
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
     def site_table(self) -> str:
         """The per-site rows as a markdown table."""
-        lines = ["| tile | sparsity | site | grid | FLOPs kept | recall | best-k recall | rel-L2 |",
+        lines = ["| tile | setting | site | grid | FLOPs kept | recall | best-k recall | rel-L2 |",
                  "|---|---|---|---|---|---|---|---|"]
         for r in self.site_rows:
-            lines.append(f"| {r['tile']} | {r['sparsity']} | {r['module']} | {r['grid']} | {r['kept']:.3f} | "
+            lines.append(f"| {r['tile']} | {r['setting']} | {r['module']} | {r['grid']} | {r['kept']:.3f} | "
                          f"{r['recall']:.4f} | {r['recall_best_k']:.4f} | {r['rel_l2']:.3e} |")
         return "\n".join(lines)
 
@@ -327,8 +375,9 @@ class FidelityResult:
             r["tile"] = list(r["tile"])
             if "grid" in r:
                 r["grid"] = list(r["grid"])
-            if "psnr" in r:
-                r["psnr"] = {str(k): v for k, v in r["psnr"].items()}
+            for name in ("psnr", "ssim", "kept_sampling"):
+                if name in r:
+                    r[name] = {str(k): v for k, v in r[name].items()}
             return r
 
         return {"backend": self.backend, "rows": [clean(r) for r in self.rows],
@@ -369,10 +418,27 @@ def _rel_l2(out, ref) -> float:
     return math.sqrt(diff2 / ref2) if ref2 > 0 else math.sqrt(diff2)
 
 
-def _check_args(sparsities, tiles, warmup_steps, backend, sample_fn, peak, min_tokens):
-    if isinstance(sparsities, numbers.Real) or not len(sparsities):
-        raise ValueError(f"sparsities must be a non-empty list of numbers in [0, 1), got {sparsities!r}")
-    sparsities = [check_sparsity(s, "sparsities[]") for s in sparsities]
+def _check_args(sparsities, settings, tiles, warmup_steps, backend, sample_fn, peak, min_tokens):
+    if settings is None:
+        if isinstance(sparsities, numbers.Real) or not len(sparsities):
+            raise ValueError(f"sparsities must be a non-empty list of numbers in [0, 1), got {sparsities!r}")
+        sparsities = [check_sparsity(s, "sparsities[]") for s in sparsities]
+        settings = [(s, str(s), {"sparsity": s}) for s in sparsities]
+    else:
+        if isinstance(settings, dict) or not len(settings):
+            raise ValueError("settings must be a non-empty list of dicts of sparsity() keywords (or (label, dict) "
+                             f"pairs), e.g. [{{'policy': CumulativeMass(0.9)}}], got {settings!r}")
+        checked = []
+        for item in settings:
+            label, setting = item if isinstance(item, tuple) else (None, item)
+            if not isinstance(setting, dict):
+                raise ValueError(f"settings[] must be dicts of sparsity() keywords, got {setting!r}")
+            make_config(SparsityConfig(), **setting)  # validates the keywords and values
+            label = label or _label(setting)
+            checked.append((label, label, dict(setting)))
+        if len({c[0] for c in checked}) != len(checked):
+            raise ValueError("settings must have distinct labels")
+        settings = checked
     if not tiles or (isinstance(tiles, tuple) and len(tiles) == 3 and all(isinstance(t, int) for t in tiles)):
         raise ValueError(f"tiles must be a non-empty list of tile shapes such as [(4, 4, 4)], got {tiles!r}")
     tiles = [check_grid_and_tile((1, 1, 1), t)[1] for t in tiles]
@@ -388,11 +454,27 @@ def _check_args(sparsities, tiles, warmup_steps, backend, sample_fn, peak, min_t
         raise ValueError(f"peak must be a positive number (the signal range of the samples), got {peak!r}")
     if isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or min_tokens < 0:
         raise ValueError(f"min_tokens must be a non-negative int, got {min_tokens!r}")
-    return sparsities, tiles, list(warmup_steps)
+    return settings, tiles, list(warmup_steps)
 
 
-def fidelity(model, *inputs, sparsities=(0.5, 0.75, 0.875, 0.9375), tiles=((4, 4, 4),), warmup_steps=(0,),
-             sample_fn=None, backend: str = "sparse_inductor", min_tokens: int = 0, grid=None,
+def _label(setting: dict) -> str:
+    """A short name of a setting: its policy (or sparsity), query_keep, plan, layers."""
+    parts = []
+    if "policy" in setting and setting["policy"] is not None:
+        parts.append(setting["policy"].describe())
+    elif "sparsity" in setting:
+        parts.append(f"TopK({setting['sparsity']})")
+    if setting.get("plan") is not None:
+        parts.append(f"plan({len(setting['plan'].sites)} sites)")
+    if setting.get("query_keep", 1.0) != 1.0:
+        parts.append(f"query_keep={setting['query_keep']}")
+    if setting.get("layers"):
+        parts.append(f"layers={len(setting['layers'])}")
+    return " ".join(parts) or "default"
+
+
+def fidelity(model, *inputs, sparsities=(0.5, 0.75, 0.875, 0.9375), settings=None, tiles=((4, 4, 4),),
+             warmup_steps=(0,), sample_fn=None, backend: str = "sparse_inductor", min_tokens: int = 0, grid=None,
              kwargs: dict | None = None, peak: float = 1.0, seed: int = 0) -> FidelityResult:
     """Measure what block-sparse attention costs on ``model(*inputs, **kwargs)``.
 
@@ -400,7 +482,11 @@ def fidelity(model, *inputs, sparsities=(0.5, 0.75, 0.875, 0.9375), tiles=((4, 4
         model: the model (an ``nn.Module`` or a compiled one; its eager original is used).
             Put it in eval mode first; it runs without gradients.
         *inputs: the model's positional inputs (e.g. noised latents and a timestep).
-        sparsities: the sparsities to measure, each in ``[0, 1)``.
+        sparsities: the sparsities to measure, each in ``[0, 1)`` (``TopK``).
+        settings: instead of ``sparsities``, a list of dicts of :func:`sparse_inductor.sparsity`
+            keywords (``policy``, ``query_keep``, ``plan``, ``layers``, ``sparsity``), or
+            ``(label, dict)`` pairs, e.g. ``[{"policy": CumulativeMass(0.9)}, {"sparsity": 0.875,
+            "query_keep": 0.5}]``; rows are labelled by ``setting``.
         tiles: tile shapes to measure, e.g. ``[(4, 4, 4), (1, 8, 8)]``.
         warmup_steps: for ``sample_fn``: numbers of leading denoising steps run dense.
         sample_fn: ``sample_fn(model, step_context) -> Tensor`` draws a sample with the model it
@@ -425,19 +511,29 @@ def fidelity(model, *inputs, sparsities=(0.5, 0.75, 0.875, 0.9375), tiles=((4, 4
     from .backend import sparse_inductor_backend
     from .explain import explain
 
-    sparsities, tiles, warmups = _check_args(sparsities, tiles, warmup_steps, backend, sample_fn, peak, min_tokens)
+    settings, tiles, warmups = _check_args(sparsities, settings, tiles, warmup_steps, backend, sample_fn, peak,
+                                           min_tokens)
     kwargs = dict(kwargs or {})
     model = getattr(model, "_orig_mod", model)
     common = dict(min_tokens=min_tokens, grid=grid)
 
     # 1. Which SDPA calls are sparse sites, with their grids (decided at a non-zero sparsity).
-    probe = next((s for s in sparsities if s > 0), 0.5)
-    with torch.no_grad(), sparsity_context(probe, tile=tiles[0], **common):
+    with torch.no_grad(), sparsity_context(0.5, tile=tiles[0], **common):
         explanation = explain(model, *inputs, **kwargs)
     site_rows = list(explanation.rows)
     sites = {i: row for i, row in enumerate(site_rows) if row["decision"] == "sparse"}
     if not sites:
         raise ValueError("fidelity: no attention site would be sparse; explain() says:\n" + str(explanation))
+
+    def specs_for(site, tile):
+        """``(key, policy, query_keep)`` of every setting at this site (its own policy under
+        layers= or a plan)."""
+        out = []
+        for key, _, setting in settings:
+            cfg = make_config(SparsityConfig(tile=tile), **setting)
+            policy = cfg.policy_for("" if site["module"] == "<top>" else site["module"])
+            out.append((key, policy, cfg.query_keep))
+        return out
 
     # 2. One dense forward: measure every sparse site on the inputs it sees there.
     tallies: dict = {}
@@ -446,8 +542,11 @@ def fidelity(model, *inputs, sparsities=(0.5, 0.75, 0.875, 0.9375), tiles=((4, 4
         site = sites.get(index)
         if site is not None:
             before, after = site["text_span"] or (0, 0)
-            tallies[index] = _measure_site(call["query"], call["key"], call["value"], call["attn_mask"], call["scale"],
-                                           site["grid"], before, after, tiles, sparsities)
+            tallies[index] = {}
+            for tile in tiles:
+                tallies[index].update(_measure_site(call["query"], call["key"], call["value"], call["attn_mask"],
+                                                    call["scale"], site["grid"], before, after, [tile],
+                                                    specs_for(site, tile)))
         return _plain_sdpa(call)
 
     with torch.no_grad(), _SDPAInterceptor(measure) as mode:
@@ -459,9 +558,13 @@ def fidelity(model, *inputs, sparsities=(0.5, 0.75, 0.875, 0.9375), tiles=((4, 4
         runner = torch.compile(model, backend=sparse_inductor_backend)
     else:
         runner = _EagerSparseModel(model, sites, len(site_rows))
+    steps = [0]  # denoising steps of sample_fn, counted on the dense draw
 
     def step_context_for(warmup):
-        return lambda i: sparsity_context(0.0) if i < warmup else contextlib.nullcontext()
+        def step_context(i):
+            steps[0] = max(steps[0], i + 1)
+            return sparsity_context(0.0) if i < warmup else contextlib.nullcontext()
+        return step_context
 
     def draw(warmup):
         torch.manual_seed(seed)
@@ -473,22 +576,27 @@ def fidelity(model, *inputs, sparsities=(0.5, 0.75, 0.875, 0.9375), tiles=((4, 4
             dense_sample = draw(0) if sample_fn is not None else None
         result = FidelityResult(sites=list(sites.values()), backend=backend)
         for tile in tiles:
-            for s in sparsities:
-                with sparsity_context(s, tile=tile, **common):
+            for key, label, setting in settings:
+                with sparsity_context(tile=tile, **common), sparsity_context(**setting):
                     rel = _rel_l2(runner(*inputs, **kwargs), dense_out)
-                    psnrs = {w: psnr(draw(w), dense_sample, peak) for w in warmups} if sample_fn is not None else {}
-                per_site = [tallies[i][(tile, s)] for i in sites]
+                    samples = {w: draw(w) for w in warmups} if sample_fn is not None else {}
+                per_site = [tallies[i][(tile, key)] for i in sites]
                 for i, tally in zip(sites, per_site):
-                    result.site_rows.append(dict(tile=tile, sparsity=s, module=sites[i]["module"],
-                                                 grid=tuple(sites[i]["grid"]), kept=tally.kept,
-                                                 recall=tally.recall, recall_best_k=tally.oracle,
-                                                 rel_l2=tally.rel_l2))
+                    result.site_rows.append(dict(tile=tile, sparsity=setting.get("sparsity"), setting=label,
+                                                 module=sites[i]["module"], grid=tuple(sites[i]["grid"]),
+                                                 kept=tally.kept, recall=tally.recall,
+                                                 recall_best_k=tally.oracle, rel_l2=tally.rel_l2))
+                kept = sum(t.kept_pairs for t in per_site) / sum(t.pairs for t in per_site)
+                S = max(steps[0], 1)
                 result.rows.append(dict(
-                    tile=tile, sparsity=s,
-                    kept=sum(t.kept_pairs for t in per_site) / sum(t.pairs for t in per_site),
+                    tile=tile, sparsity=setting.get("sparsity") if "policy" not in setting else None, setting=label,
+                    kept=kept,
                     recall=sum(t.recall_sum for t in per_site) / sum(t.rows for t in per_site),
                     recall_min=min(t.recall for t in per_site),
                     recall_best_k=sum(t.oracle_sum for t in per_site) / sum(t.rows for t in per_site),
                     site_rel_l2=sum(t.rel_l2 for t in per_site) / len(per_site),
-                    rel_l2=rel, psnr=psnrs))
+                    rel_l2=rel, psnr={w: psnr(x, dense_sample, peak) for w, x in samples.items()},
+                    ssim={w: ssim(x, dense_sample, peak) for w, x in samples.items()},
+                    # Attention FLOPs kept over a whole sample: dense warm-up steps count in full.
+                    kept_sampling={w: (min(w, S) + max(S - w, 0) * kept) / S for w in samples}))
     return result

@@ -103,23 +103,25 @@ class _TemplateLowering:
         size, stride = self.api.fake_output_size_stride(index)
         return self.api.empty_strided(size, stride, dtype=like.get_dtype(), device=like.get_device())
 
-    def _meta(self, q, q_slots, q_counts, scale):
+    def _meta(self, q, q_slots, q_counts, kv_slots, kv_counts, scale):
         hint = self.api.hint
-        block = hint(q_slots.get_size()[1]) // hint(q_counts.get_size()[1])
+        block = hint(kv_slots.get_size()[-1]) // hint(kv_counts.get_size()[-1])
+        block_m = hint(q_slots.get_size()[-1]) // hint(q_counts.get_size()[-1])
         head_dim = hint(q.get_size()[3])
         meta = {
-            "BLOCK": block, "BLOCK_D": triton_launch.head_block(head_dim), "SM_SCALE": float(scale),
-            **triton_launch.kernel_flags(q.get_dtype()), **triton_launch.pack_meta(),
+            "BLOCK": block, "BLOCK_M": block_m, "BLOCK_D": triton_launch.head_block(head_dim),
+            "SM_SCALE": float(scale), **triton_launch.kernel_flags(q.get_dtype()), **triton_launch.pack_meta(),
         }
         return meta, _configs(q.get_device().type, block, head_dim)
 
-    def _table_generators(self, first: int, q, k, q_slots, q_counts, kv_counts, kv_indices, lists_first: int,
-                          extra_lists: bool):
+    def _table_generators(self, first: int, q, k, q_slots, q_counts, kv_slots, kv_counts, kv_indices,
+                          lists_first: int, extra_lists: bool):
         """Valid index tensors for autotuning (random ones would read out of bounds)."""
         hint = self.api.hint
         Lq, Lk = hint(q.get_size()[2]), hint(k.get_size()[2])
-        block = hint(q_slots.get_size()[1]) // hint(q_counts.get_size()[1])
-        Mq, Mk = hint(q_counts.get_size()[1]), hint(kv_counts.get_size()[1])
+        block_m = hint(q_slots.get_size()[-1]) // hint(q_counts.get_size()[-1])
+        block = hint(kv_slots.get_size()[-1]) // hint(kv_counts.get_size()[-1])
+        Mq, Mk = hint(q_counts.get_size()[-1]), hint(kv_counts.get_size()[-1])
         width = hint(kv_indices.get_size()[3])
 
         def table(fill):
@@ -135,7 +137,7 @@ class _TemplateLowering:
 
         gens = {
             first: positions(Lq), first + 1: positions(Lk),
-            first + 2: table(lambda size: torch.full(size, block)),
+            first + 2: table(lambda size: torch.full(size, block_m)),
             first + 3: table(lambda size: torch.full(size, block)),
             lists_first: table(lambda size: torch.full(size, width)),
             lists_first + 1: table(lambda size: (torch.arange(size[-1]) % Mk).expand(size)),
@@ -165,8 +167,8 @@ class _TemplateLowering:
         B, H, Lq, _ = q.get_size()
         order, layout = self._output_layout(0, q)
         lse = api.empty_strided([B, H, Lq], None, dtype=torch.float32, device=q.get_device())
-        Mq = tables[2].get_size()[1]
-        meta, configs = self._meta(q, tables[0], tables[2], scale)
+        Mq = tables[2].get_size()[-1]
+        meta, configs = self._meta(q, tables[0], tables[2], tables[1], tables[3], scale)
         inputs = [q, k, v, lse, *tables]
         choices = []
         for cfg in configs:
@@ -175,7 +177,8 @@ class _TemplateLowering:
                 **cfg, **meta)
         if not choices:
             raise RuntimeError("no template configuration could be generated")
-        gens = self._table_generators(4, q, k, tables[0], tables[2], tables[3], tables[5], 8, extra_lists=False)
+        gens = self._table_generators(4, q, k, tables[0], tables[2], tables[1], tables[3], tables[5], 8,
+                                      extra_lists=False)
         out = api.autotune(FWD_NAME, choices, inputs, layout, gens)
         return self._logical_view(out, order), lse
 
@@ -202,8 +205,8 @@ class _TemplateLowering:
         B, H, _, _ = q.get_size()
         order, layout = self._output_layout(1, k)
         dq, dv = self._output_buffer(0, q), self._output_buffer(2, v)
-        programs = tables[2].get_size()[1] + tables[3].get_size()[1]
-        meta, configs = self._meta(q, tables[0], tables[2], scale)
+        programs = tables[2].get_size()[-1] + tables[3].get_size()[-1]
+        meta, configs = self._meta(q, tables[0], tables[2], tables[1], tables[3], scale)
         inputs = [q, k, v, grad_out, lse, delta, dq, dv, *tables]
         choices = []
         for cfg in configs:
@@ -213,7 +216,8 @@ class _TemplateLowering:
                 **cfg, **meta)
         if not choices:
             raise RuntimeError("no template configuration could be generated")
-        gens = self._table_generators(8, q, k, tables[0], tables[2], tables[3], tables[5], 12, extra_lists=True)
+        gens = self._table_generators(8, q, k, tables[0], tables[2], tables[1], tables[3], tables[5], 12,
+                                      extra_lists=True)
         dk = api.autotune(BWD_NAME, choices, inputs, layout, gens)
         return dq, self._logical_view(dk, order), dv
 

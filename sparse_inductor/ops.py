@@ -93,48 +93,59 @@ def _unit_feature_stride(x: Tensor) -> Tensor:
 # CPU implementation: the same arithmetic as the kernels, vectorised over blocks. Rows are
 # gathered into block order through the slot tables, and results scattered back.
 # --------------------------------------------------------------------------------------------
+def _per_head(table: Tensor, B: int, H: int) -> Tensor:
+    """A ``[B, n]`` (KV) or ``[B, H, n]`` (query) table as ``[B, H, n]``."""
+    return (table.unsqueeze(1) if table.dim() == 2 else table).expand(B, H, table.shape[-1])
+
+
 def _to_blocks(x: Tensor, slots: Tensor) -> Tensor:
     """``[B, H, L, D]`` -> ``[B, H, n, D]`` in slot order (padding slots hold row 0; every use
     masks them by the counts)."""
     B, H, _, D = x.shape
-    idx = slots.clamp(min=0).long().expand(B, -1)
-    return torch.gather(x, 2, idx[:, None, :, None].expand(B, H, idx.shape[1], D))
+    idx = _per_head(slots, B, H).clamp(min=0).long()
+    return torch.gather(x, 2, idx.unsqueeze(-1).expand(B, H, idx.shape[-1], D))
 
 
-def _from_blocks(x_blocks: Tensor, slots: Tensor, length: int) -> Tensor:
-    """``[B, H, n, D]`` in slot order -> ``[B, H, length, D]``; padding slots are dropped."""
+def _from_blocks(x_blocks: Tensor, slots: Tensor, length: int, counts: Tensor | None = None) -> Tensor:
+    """``[B, H, n, D]`` in slot order -> ``[B, H, length, D]`` (zeros where no slot lands);
+    padding slots are dropped, and with ``counts`` so are the slots past each block's count."""
     B, H, n, D = x_blocks.shape
-    idx = torch.where(slots >= 0, slots, length).long().expand(B, -1)
+    slots = _per_head(slots, B, H)
+    keep = slots >= 0
+    if counts is not None:
+        S = n // counts.shape[-1]
+        keep = keep & (torch.arange(n, device=slots.device) % S < _per_head(counts, B, H).repeat_interleave(S, -1))
+    idx = torch.where(keep, slots, length).long()
     out = x_blocks.new_zeros(B, H, length + 1, D)
-    out.scatter_(2, idx[:, None, :, None].expand(B, H, n, D), x_blocks)
+    out.scatter_(2, idx.unsqueeze(-1).expand(B, H, n, D), x_blocks)
     return out[:, :, :length]
 
 
 def _gathered(q, k, v, q_counts, kv_counts, kv_num_blocks, kv_indices):
-    """Per query block, the listed K/V blocks side by side plus validity masks (block order)."""
+    """Per query block, the listed K/V blocks side by side plus validity masks (block order).
+    Query blocks have ``Sq`` slots, KV blocks ``Sk`` (smaller query blocks under query_keep)."""
     B, H, Nq, D = q.shape
     Mq, Mk = q_counts.shape[-1], kv_counts.shape[-1]
-    S = Nq // Mq
+    Sq, Sk = Nq // Mq, k.shape[2] // Mk
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    slots = torch.arange(S, device=q.device)
-    q_valid = slots < q_counts.expand(B, -1).unsqueeze(-1)  # [B, Mq, S]
-    kv_valid = slots < kv_counts.expand(B, -1).unsqueeze(-1)  # [B, Mk, S]
-    qb = torch.where(q_valid[:, None, :, :, None], q.reshape(B, H, Mq, S, D).to(dtype), 0)
-    kb = torch.where(kv_valid[:, None, :, :, None], k.reshape(B, H, Mk, S, D).to(dtype), 0)
-    vb = torch.where(kv_valid[:, None, :, :, None], v.reshape(B, H, Mk, S, D).to(dtype), 0)
+    q_valid = torch.arange(Sq, device=q.device) < _per_head(q_counts, B, H).unsqueeze(-1)  # [B, H, Mq, Sq]
+    kv_valid = torch.arange(Sk, device=q.device) < kv_counts.expand(B, -1).unsqueeze(-1)  # [B, Mk, Sk]
+    qb = torch.where(q_valid.unsqueeze(-1), q.reshape(B, H, Mq, Sq, D).to(dtype), 0)
+    kb = torch.where(kv_valid[:, None, :, :, None], k.reshape(B, H, Mk, Sk, D).to(dtype), 0)
+    vb = torch.where(kv_valid[:, None, :, :, None], v.reshape(B, H, Mk, Sk, D).to(dtype), 0)
     kv_indices = explicit_lists(kv_num_blocks, kv_indices, Mk)
     K = kv_indices.shape[-1]
     listed = torch.arange(K, device=q.device) < kv_num_blocks.unsqueeze(-1)  # [B, H, Mq, K]
     idx = torch.where(listed, kv_indices, 0).long()
     bi = torch.arange(B, device=q.device).view(B, 1, 1, 1)
     hi = torch.arange(H, device=q.device).view(1, H, 1, 1)
-    k_sel = kb[bi, hi, idx].reshape(B, H, Mq, K * S, D)
-    v_sel = vb[bi, hi, idx].reshape(B, H, Mq, K * S, D)
-    col_valid = (kv_valid[bi, idx] & listed.unsqueeze(-1)).reshape(B, H, Mq, 1, K * S)
+    k_sel = kb[bi, hi, idx].reshape(B, H, Mq, K * Sk, D)
+    v_sel = vb[bi, hi, idx].reshape(B, H, Mq, K * Sk, D)
+    col_valid = (kv_valid[bi, idx] & listed.unsqueeze(-1)).reshape(B, H, Mq, 1, K * Sk)
     # Unlisted entries gathered block 0: zero them so that nothing there (NaN included) leaks.
     k_sel = torch.where(col_valid.transpose(-1, -2), k_sel, 0)
     v_sel = torch.where(col_valid.transpose(-1, -2), v_sel, 0)
-    row_valid = q_valid[:, None, :, :, None]  # [B, 1, Mq, S, 1]
+    row_valid = q_valid.unsqueeze(-1)  # [B, H, Mq, Sq, 1]
     return qb, k_sel, v_sel, idx, row_valid, col_valid
 
 
@@ -149,7 +160,7 @@ def _torch_fwd(q, k, v, q_slots, kv_slots, q_counts, kv_counts, kv_num_blocks, k
     p = torch.where(has_mass, torch.exp(s - torch.where(has_mass, lse, 0)), 0)
     out = torch.where(row_valid, p @ v_sel, 0).reshape(B, H, -1, D)
     lse = torch.where(row_valid, lse, 0).reshape(B, H, -1, 1)
-    return _from_blocks(out, q_slots, Lq), _from_blocks(lse, q_slots, Lq).squeeze(-1)
+    return _from_blocks(out, q_slots, Lq, q_counts), _from_blocks(lse, q_slots, Lq, q_counts).squeeze(-1)
 
 
 def _torch_bwd(grad_out, q, k, v, lse, delta, q_slots, kv_slots, q_counts, kv_counts, kv_num_blocks, kv_indices,
@@ -157,28 +168,28 @@ def _torch_bwd(grad_out, q, k, v, lse, delta, q_slots, kv_slots, q_counts, kv_co
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     Mq, Mk = q_counts.shape[-1], kv_counts.shape[-1]
-    S = q_slots.shape[-1] // Mq
+    Sq, Sk = q_slots.shape[-1] // Mq, kv_slots.shape[-1] // Mk
     qt, kt, vt = _to_blocks(q, q_slots), _to_blocks(k, kv_slots), _to_blocks(v, kv_slots)
     qb, k_sel, v_sel, idx, row_valid, col_valid = _gathered(qt, kt, vt, q_counts, kv_counts, kv_num_blocks,
                                                             kv_indices)
-    do = torch.where(row_valid, _to_blocks(grad_out, q_slots).reshape(B, H, Mq, S, D).to(qb.dtype), 0)
-    lse = _to_blocks(lse.unsqueeze(-1), q_slots).reshape(B, H, Mq, S, 1).to(qb.dtype)
-    delta = _to_blocks(delta.unsqueeze(-1), q_slots).reshape(B, H, Mq, S, 1).to(qb.dtype)
+    do = torch.where(row_valid, _to_blocks(grad_out, q_slots).reshape(B, H, Mq, Sq, D).to(qb.dtype), 0)
+    lse = _to_blocks(lse.unsqueeze(-1), q_slots).reshape(B, H, Mq, Sq, 1).to(qb.dtype)
+    delta = _to_blocks(delta.unsqueeze(-1), q_slots).reshape(B, H, Mq, Sq, 1).to(qb.dtype)
     s = (qb @ k_sel.transpose(-1, -2)) * scale
     valid = col_valid & row_valid
     p = torch.where(valid, torch.exp(s - lse), 0)
     ds = torch.where(valid, p * (do @ v_sel.transpose(-1, -2) - delta), 0)
     dq = (ds @ k_sel) * scale
     K = idx.shape[-1]
-    dk_sel = ((ds.transpose(-1, -2) @ qb) * scale).reshape(B, H, Mq * K, S, D)
-    dv_sel = (p.transpose(-1, -2) @ do).reshape(B, H, Mq * K, S, D)
+    dk_sel = ((ds.transpose(-1, -2) @ qb) * scale).reshape(B, H, Mq * K, Sk, D)
+    dv_sel = (p.transpose(-1, -2) @ do).reshape(B, H, Mq * K, Sk, D)
     # Sum each listed block's contribution into its KV block (index_add is sequential on CPU).
     offset = (torch.arange(B * H, device=q.device) * Mk).view(B, H, 1)
     flat = (idx.reshape(B, H, Mq * K) + offset).reshape(-1)
-    dk = torch.zeros((B * H * Mk, S, D), dtype=qb.dtype, device=q.device)
+    dk = torch.zeros((B * H * Mk, Sk, D), dtype=qb.dtype, device=q.device)
     dv = torch.zeros_like(dk)
-    dk.index_add_(0, flat, dk_sel.reshape(-1, S, D))
-    dv.index_add_(0, flat, dv_sel.reshape(-1, S, D))
+    dk.index_add_(0, flat, dk_sel.reshape(-1, Sk, D))
+    dv.index_add_(0, flat, dv_sel.reshape(-1, Sk, D))
     return (
         _from_blocks(dq.reshape(B, H, -1, D), q_slots, Lq),
         _from_blocks(dk.reshape(B, H, -1, D), kv_slots, Lk),
@@ -223,9 +234,12 @@ def block_sparse_attn_fwd(
 
     Args:
         q, k, v: ``[B, H, Lq, D]``, ``[B, H, Lk, D]`` in sequence order.
-        q_slots, kv_slots: int32 ``[B, Mq * S]`` / ``[B, Mk * S]`` (batch stride may be 0), the
-            sequence position each block slot holds, ``-1`` for padding.
-        q_counts, kv_counts: int32 ``[B, Mq]`` / ``[B, Mk]``, slots per block that take part.
+        q_slots, kv_slots: int32 ``[B, H, Mq * Sq]`` / ``[B, Mk * S]`` (batch and head strides may
+            be 0), the sequence position each block slot holds, ``-1`` for padding. Query blocks
+            hold ``Sq`` slots and KV blocks ``S`` (``Sq < S`` under query_keep); the query tables
+            are per head because query_keep chooses rows per head.
+        q_counts, kv_counts: int32 ``[B, H, Mq]`` / ``[B, Mk]``, slots per block that take part.
+            Rows of positions in a query block's slots past its count are not written.
         kv_num_blocks, kv_indices: int32 ``[B, H, Mq]`` / ``[B, H, Mq, K]``, the selection.
         scale: softmax scale.
         kernel_version: not read; callers pass :data:`KERNEL_VERSION` so that it is part of
@@ -365,3 +379,24 @@ def top_k_tiles(scores: Tensor, k: int) -> Tensor:
 @top_k_tiles.register_fake
 def _(scores, k):
     return scores.new_empty((*scores.shape[:-1], k), dtype=torch.int32)
+
+
+@torch.library.custom_op("sparse_inductor::mass_cut_tiles", mutates_args=())
+def mass_cut_tiles(logits: Tensor, counts: Tensor, p: float, lo: int, hi: int) -> tuple[Tensor, Tensor]:
+    """BSA's cumulative-mass cut (DESIGN.md §3.7) of every row of ``logits`` (``[..., M]``,
+    scaled coarse scores), tiles weighted by ``counts`` (int32 ``[M]``): ``(num [...], idx [...,
+    hi])`` int32, the kept tiles first in increasing order, entries past ``num`` zero."""
+    if logits.is_cuda and logits.dtype == torch.float32:
+        num = logits.new_empty(logits.shape[:-1], dtype=torch.int32)
+        out = logits.new_zeros((*logits.shape[:-1], hi), dtype=torch.int32)
+        triton_launch.mass_cut_tiles(logits.contiguous(), counts.contiguous(), p, lo, hi, num, out)
+        return num, out
+    from .policies.mass import mass_cut_torch
+
+    return mass_cut_torch(logits, counts, p, lo, hi)
+
+
+@mass_cut_tiles.register_fake
+def _(logits, counts, p, lo, hi):
+    return (logits.new_empty(logits.shape[:-1], dtype=torch.int32),
+            logits.new_empty((*logits.shape[:-1], hi), dtype=torch.int32))

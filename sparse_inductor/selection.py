@@ -61,6 +61,8 @@ class BlockSelection:
         block_size: slots per tile in the tile-major layout.
         grid: the video grid ``(T, H, W)``.
         tile: the tile shape.
+        query_counts: int32 ``[B, H, Mq]``, query rows computed per tile under ``query_keep``
+            (``None``: every valid row).
     """
 
     kv_num_blocks: Tensor
@@ -69,10 +71,26 @@ class BlockSelection:
     block_size: int
     grid: tuple[int, int, int]
     tile: tuple[int, int, int]
+    query_counts: Tensor | None = None
 
     def dense_mask(self) -> Tensor:
         """The selection as a bool ``[B, H, Mq, Mk]`` block mask."""
         return mask_from_lists(self.kv_num_blocks, self.kv_indices, self.counts.shape[-1])
+
+    def kept_pairs(self) -> Tensor:
+        """float64 ``[B, H]``: the query-key pairs computed (the attention FLOPs, up to a
+        constant), from the lists: kept (query tile, KV tile) pairs weighted by the query rows
+        computed and the valid keys."""
+        counts = self.counts.to(torch.float64)
+        rows = counts if self.query_counts is None else self.query_counts.to(torch.float64)
+        keys = (self.dense_mask().to(torch.float64) * counts).sum(-1)  # [B, H, Mq]
+        return (keys * rows).sum(-1)
+
+    def kept_fraction(self) -> float:
+        """Computed pairs over dense pairs (``1 - `` this is the attention FLOPs saved)."""
+        n = float(self.counts.to(torch.float64).sum())
+        B, H = self.kv_num_blocks.shape[:2]
+        return float(self.kept_pairs().sum()) / (B * H * n * n)
 
 
 def explicit_lists(num: Tensor, indices: Tensor, num_cols: int) -> Tensor:
@@ -108,42 +126,52 @@ def lists_from_mask(mask: Tensor) -> tuple[Tensor, Tensor]:
     return num, indices.contiguous()
 
 
-def select_tiles(q: Tensor, k: Tensor, layout, sparsity: float, scale: float) -> tuple[Tensor, Tensor]:
-    """The coarse stage on sequence-order ``q, k`` (``[B, H, L, D]``). Returns
-    ``(kv_num_blocks, kv_indices)``.
+def select_tiles(q: Tensor, k: Tensor, layout, policy, scale: float, *, static_lists=None) -> tuple[Tensor, Tensor]:
+    """The coarse stage on sequence-order ``q, k`` (``[B, H, L, D]``) under a selection
+    ``policy`` (:mod:`sparse_inductor.policies`). Returns ``(kv_num_blocks, kv_indices)``.
 
-    Video query tiles keep their top-k video KV tiles by pooled score plus every text block;
-    text query blocks keep every block (DESIGN.md §3.5) as full rows, so the lists are
-    ``k + text blocks`` wide, not as wide as the number of blocks.
+    The policy chooses the video KV tiles of each video query tile (``static_lists``,
+    ``{static policy: (num, idx)}``, are precomputed lists: graph constants). Text blocks are then added
+    as DESIGN.md §3.5 says: every video row lists its video tiles and then every text block;
+    text query blocks keep every block as full rows; a skipped head's rows keep nothing. So the
+    lists are ``policy width + text blocks`` wide, not as wide as the number of blocks.
     """
+    from .policies import SelectionContext
+
     S, Mv, M = layout.block_size, layout.num_video_tiles, layout.num_tiles
-    counts = layout.counts[:Mv]
-    # Custom ops (sparse_inductor.ops): one Triton kernel each on CUDA, torch on CPU.
-    q_mean, k_mean = torch.ops.sparse_inductor.pool_tiles(q, k, layout.slots[: Mv * S], counts)
-    scores = q_mean @ k_mean.transpose(-1, -2)
-    if not (isinstance(scale, (int, float)) and scale > 0):
-        # A positive scale cannot change which tiles are the top k (it can only merge two scores
-        # into a tie by rounding), so it is applied only where it could: saving one pass over
-        # the [B, H, M, M] scores.
-        scores = scores * scale
-    k = num_selected(sparsity, Mv)
-    video_rows = torch.ops.sparse_inductor.top_k_tiles(scores, k)
     B, H = q.shape[:2]
     device = q.device
+    counts = layout.counts[:Mv]
+    def means():  # only policies that read q and k pay for the pooling
+        return torch.ops.sparse_inductor.pool_tiles(q, k, layout.slots[: Mv * S], counts)
+
+    ctx = SelectionContext(grid=layout.grid, tile=layout.tile, counts=counts, scale=scale, batch=B, heads=H,
+                           device=device, means=means, static_lists=static_lists)
+    num, idx = policy.lists(ctx)
+    W = idx.shape[-1]
+    if isinstance(W, int) and W == 0:  # e.g. every head Full or Skip: rows store no entries
+        idx, W = idx.new_zeros(*idx.shape[:-1], 1), 1
+    num, idx = num.expand(B, H, Mv), idx.expand(B, H, Mv, W)
+    skip = policy.skip_heads(H)
+    skipped = torch.tensor(skip, device=device).view(1, H, 1) if any(skip) else None
     if not _has_text(layout):
-        return torch.full((B, H, Mv), k, dtype=torch.int32, device=device), video_rows.contiguous()
-    # Video rows list their top k video tiles, then every text block (numbered after the video
-    # tiles, so the row stays increasing). Text rows are full rows: every block, no entries.
+        if skipped is not None:
+            num = torch.where(skipped, 0, num)
+        return num.to(torch.int32).contiguous(), idx.contiguous()
+    # Video rows: their video tiles, then every text block (numbered after the video tiles, so a
+    # row stays increasing); a row with all video tiles becomes a full row. Text rows are full
+    # rows: every block, no entries.
     Mt = M - Mv
-    text_blocks = torch.arange(Mv, M, dtype=torch.int32, device=device).expand(B, H, Mv, Mt)
-    video_rows = torch.cat([video_rows, text_blocks], dim=-1)
-    text_rows = torch.arange(k + Mt, dtype=torch.int32, device=device).expand(B, H, Mt, k + Mt)
-    kv_indices = torch.cat([video_rows, text_rows], dim=2).contiguous()
-    kv_num_blocks = torch.cat([
-        torch.full((B, H, Mv), k + Mt, dtype=torch.int32, device=device),
-        torch.full((B, H, Mt), M, dtype=torch.int32, device=device),
-    ], dim=2)
-    return kv_num_blocks, kv_indices
+    cols = torch.arange(W + Mt, device=device, dtype=torch.int32)
+    n = num.unsqueeze(-1)
+    padded = torch.cat([idx, idx.new_zeros(B, H, Mv, Mt)], dim=-1)
+    video_rows = torch.where(cols < n, padded, torch.where(cols < n + Mt, Mv + cols - n, 0))
+    text_rows = torch.zeros((B, H, Mt, W + Mt), dtype=torch.int32, device=device)
+    kv_indices = torch.cat([video_rows.to(torch.int32), text_rows], dim=2).contiguous()
+    kv_num_blocks = torch.cat([num + Mt, torch.full((B, H, Mt), M, dtype=num.dtype, device=device)], dim=2)
+    if skipped is not None:
+        kv_num_blocks = torch.where(skipped, 0, kv_num_blocks)
+    return kv_num_blocks.to(torch.int32).contiguous(), kv_indices
 
 
 def _has_text(layout) -> bool:

@@ -43,7 +43,15 @@ def _strides3(t: torch.Tensor):
 
 
 def _table_strides(q_slots, kv_slots, q_counts, kv_counts):
-    return q_slots.stride(0), kv_slots.stride(0), q_counts.stride(0), kv_counts.stride(0)
+    """Batch (and, for the per-head query tables, head) strides of the slot and count tables."""
+    return (q_slots.stride(0), q_slots.stride(1), kv_slots.stride(0), q_counts.stride(0), q_counts.stride(1),
+            kv_counts.stride(0))
+
+
+def blocks(q_slots, q_counts, kv_slots, kv_counts) -> dict:
+    """``BLOCK`` (slots per KV block) and ``BLOCK_M`` (slots per query block): equal, except under
+    ``query_keep`` where a query tile's kept rows fit a smaller query block."""
+    return {"BLOCK": kv_slots.shape[-1] // kv_counts.shape[-1], "BLOCK_M": q_slots.shape[-1] // q_counts.shape[-1]}
 
 
 def block_sparse_fwd(q, k, v, out, lse, q_slots, kv_slots, q_counts, kv_counts, kv_num_blocks, kv_indices, scale,
@@ -54,14 +62,14 @@ def block_sparse_fwd(q, k, v, out, lse, q_slots, kv_slots, q_counts, kv_counts, 
 
     B, H, Lq, D = q.shape
     Mq = q_counts.shape[-1]
-    block = q_slots.shape[-1] // Mq
+    sizes = blocks(q_slots, q_counts, kv_slots, kv_counts)
     block_sparse_attn_fwd_kernel[(Mq, B * H)](
         q, k, v, out, lse, q_slots, kv_slots, q_counts, kv_counts, kv_num_blocks, kv_indices,
         scale, H, Lq, Mq, kv_counts.shape[-1], kv_indices.shape[-1], D,
         *_table_strides(q_slots, kv_slots, q_counts, kv_counts),
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out),
-        BLOCK=block, BLOCK_D=head_block(D), **kernel_flags(q.dtype), **pack_meta(),
-        **(config or default_config(block, D)),
+        **sizes, BLOCK_D=head_block(D), **kernel_flags(q.dtype), **pack_meta(),
+        **(config or default_config(sizes["BLOCK"], D)),
     )
 
 
@@ -72,7 +80,7 @@ def block_sparse_bwd(grad_out, q, k, v, lse, delta, dq, dk, dv, q_slots, kv_slot
 
     B, H, Lq, D = q.shape
     Mq, Mk = q_counts.shape[-1], kv_counts.shape[-1]
-    block = q_slots.shape[-1] // Mq
+    sizes = blocks(q_slots, q_counts, kv_slots, kv_counts)
     block_sparse_attn_bwd_kernel[(Mk + Mq, B * H)](
         q, k, v, grad_out, lse, delta, dq, dk, dv,
         q_slots, kv_slots, q_counts, kv_counts, kv_num_blocks, kv_indices, q_num_blocks, q_indices,
@@ -80,8 +88,8 @@ def block_sparse_bwd(grad_out, q, k, v, lse, delta, dq, dk, dv, q_slots, kv_slot
         *_table_strides(q_slots, kv_slots, q_counts, kv_counts),
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(grad_out),
         *_strides3(dq), *_strides3(dk), *_strides3(dv),
-        BLOCK=block, BLOCK_D=head_block(D), **kernel_flags(q.dtype), **pack_meta(),
-        **default_config(block, D),
+        **sizes, BLOCK_D=head_block(D), **kernel_flags(q.dtype), **pack_meta(),
+        **default_config(sizes["BLOCK"], D),
     )
 
 
@@ -106,6 +114,18 @@ def top_k_tiles(scores, k, out):
     M = scores.shape[-1]
     cols = _row_width(M)
     top_k_tiles_kernel[(scores.numel() // M,)](scores, out, M, k, COLS=cols, num_warps=_row_warps(cols))
+
+
+def mass_cut_tiles(logits, counts, p, lo, hi, num, out):
+    """Fill ``num`` (int32 ``[...]``) and ``out`` (int32 ``[..., hi]``, zeroed) with BSA's
+    cumulative-mass cut of each row of ``logits`` (fp32 contiguous ``[..., M]``, scaled), tiles
+    weighted by ``counts`` (int32 ``[M]``)."""
+    from kernel_templates.selection_kernels import mass_cut_tiles_kernel
+
+    M = logits.shape[-1]
+    cols = _row_width(M)
+    mass_cut_tiles_kernel[(logits.numel() // M,)](logits, counts, num, out, M, float(p), lo, hi, hi,
+                                                  KEEP_ALL=p >= 1.0, COLS=cols, num_warps=_row_warps(cols))
 
 
 def compact_rows(mask, num, indices):

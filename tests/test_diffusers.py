@@ -31,8 +31,15 @@ def test_detects_video_self_attention(name):
             assert row["q"][2] != L or row["k"][2] != L, row
 
 
-@pytest.mark.parametrize("name", list(MODELS))
-def test_compiled_equals_eager_sparse_op(name):
+POLICY_CASES = {"topk": dict(sparsity=0.5),
+                # BSA's setting on a joint-text model with a key-padding mask (HunyuanVideo).
+                "mass+query_keep": dict(policy=si.CumulativeMass(0.6, min_tiles=1, max_fraction=0.5), query_keep=0.5)}
+
+
+@pytest.mark.parametrize("name,case", [(n, "topk") for n in MODELS] + [("hunyuan", "mass+query_keep"),
+                                                                      ("wan", "mass+query_keep")])
+def test_compiled_equals_eager_sparse_op(name, case):
+    settings = POLICY_CASES[case]
     model, args, kwargs, expect = MODELS[name]()
     before, after = expect["text"]
     L = math.prod(GRID) + before + after
@@ -42,8 +49,8 @@ def test_compiled_equals_eager_sparse_op(name):
         q, k, v = query, key, value
         if q.shape[2] == k.shape[2] == L:  # the video self-attentions, known from the config
             mask = None if attn_mask is None else attn_mask.reshape(q.shape[0], 1, 1, L)
-            return sparse_attention(q, k, v, GRID, sparsity=0.5, tile=(4, 4, 4), scale=scale,
-                                    text_before=before, text_after=after, key_padding_mask=mask)
+            return sparse_attention(q, k, v, GRID, tile=(4, 4, 4), scale=scale, text_before=before,
+                                    text_after=after, key_padding_mask=mask, **settings)
         return sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kw)
 
     with torch.no_grad():
@@ -51,7 +58,7 @@ def test_compiled_equals_eager_sparse_op(name):
             want = model(*args, **kwargs)[0]
         dense = model(*args, **kwargs)[0]
         torch._dynamo.reset()
-        with si.sparsity(0.5, min_tokens=0):
+        with si.sparsity(min_tokens=0, **settings):
             got = torch.compile(model, backend="sparse_inductor")(*args, **kwargs)[0]
     err = ((got - want).norm() / want.norm()).item()
     assert err < 1e-4, err

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from helpers import (HAS_TRITON, KERNEL_DEVICE, REL_TOL, assert_close_rel, grids, joint_token_mask, kernel_dtypes,
                      sparsities, text_key_keep, text_paddings, tiles)
-from sparse_inductor import triton_launch
+from sparse_inductor import TopK, triton_launch
 from sparse_inductor.attention import _text_valid_first
 from sparse_inductor.layout import build_layout, tile_layout
 from sparse_inductor.ops import transpose_block_lists
@@ -26,16 +26,17 @@ pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed"
 def run_kernels(q, k, v, grad, grid, tile, selected, scale):
     """Forward and backward kernels on sequence-order inputs (any strides)."""
     layout = tile_layout(grid, tile, q.device)
-    B = q.shape[0]
+    B, H = q.shape[:2]
     slots, counts = layout.slots.expand(B, -1), layout.counts.expand(B, -1)
+    q_slots, q_counts = layout.slots.expand(B, H, -1), layout.counts.expand(B, H, -1)  # per head
     kv_num, kv_idx = lists_from_mask(selected.to(q.device))
     out = torch.empty_like(q)
     lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
-    triton_launch.block_sparse_fwd(q, k, v, out, lse, slots, slots, counts, counts, kv_num, kv_idx, scale)
+    triton_launch.block_sparse_fwd(q, k, v, out, lse, q_slots, slots, q_counts, counts, kv_num, kv_idx, scale)
     delta = (out.float() * grad.float()).sum(-1)
     q_num, q_idx = transpose_block_lists(kv_num, kv_idx, layout.num_tiles)
     dq, dk, dv = (torch.empty_like(x) for x in (q, k, v))
-    triton_launch.block_sparse_bwd(grad, q, k, v, lse, delta, dq, dk, dv, slots, slots, counts, counts,
+    triton_launch.block_sparse_bwd(grad, q, k, v, lse, delta, dq, dk, dv, q_slots, slots, q_counts, counts,
                                    kv_num, kv_idx, q_num, q_idx, scale)
     for got, like in ((out, q), (dq, q), (dk, k), (dv, v)):  # laid out like the input (size-1 dims aside)
         assert all(a == b for a, b, n in zip(got.stride(), like.stride(), like.shape) if n > 1)
@@ -125,11 +126,12 @@ def test_kernels_joint_text_and_key_padding(grid, tile, sparsity, dtype, before,
     keep = text_key_keep(B, before, N, after, padding, g)
     layout = build_layout(grid, tile, before, after)
     slots, counts = layout.slots.expand(B, -1), layout.counts.expand(B, -1)
+    q_slots, q_counts = layout.slots.expand(B, H, -1), layout.counts.expand(B, H, -1)
     kv_slots, kv_counts = (slots, counts) if padding == "none" else _text_valid_first(layout, keep.view(B, 1, 1, L))
     scale = D ** -0.5
-    kv_num, kv_idx = select_tiles(q, k, layout, sparsity, scale)
+    kv_num, kv_idx = select_tiles(q, k, layout, TopK(sparsity), scale)
     dev = [x.to(KERNEL_DEVICE) for x in (q, k, v, grad)]
-    tables = [t.to(KERNEL_DEVICE) for t in (slots, kv_slots, counts, kv_counts, kv_num, kv_idx)]
+    tables = [t.to(KERNEL_DEVICE) for t in (q_slots, kv_slots, q_counts, kv_counts, kv_num, kv_idx)]
     out, lse = torch.empty_like(dev[0]), torch.empty(B, H, L, device=KERNEL_DEVICE)
     triton_launch.block_sparse_fwd(*dev[:3], out, lse, *tables, scale)
     delta = (out.float() * dev[3].float()).sum(-1)
@@ -174,3 +176,52 @@ def test_gradients_are_bitwise_deterministic():
         again = run_kernels(q, k, v, grad, grid, tile, selected, 0.1)
         for a, b in zip(first, again):
             assert torch.equal(a, b)
+
+
+@given(grid=grids(150), tile=tiles, r=st.sampled_from([0.25, 0.5, 0.75]), dtype=kernel_dtypes,
+       seed=st.integers(0, 2**16))
+def test_kernels_query_keep(grid, tile, r, dtype, seed):
+    """query_keep in the kernels: per-head query tables, query blocks smaller than KV blocks
+    (e.g. 32 query slots against 64-slot KV tiles), kept rows computed, dropped rows given
+    dQ = 0; outputs and gradients against the float64 definition (DESIGN.md §3.7)."""
+    from sparse_inductor.query_keep import broadcast_centres, select_queries
+    from sparse_inductor.reference import reference_attention_query_keep, reference_query_keep
+
+    B, H, D = 2, 2, 32
+    N = math.prod(grid)
+    g = torch.Generator().manual_seed(seed)
+    q, k, v, grad = (torch.randn(B, H, N, D, generator=g).to(dtype) for _ in range(4))
+    scale = D ** -0.5
+    layout = tile_layout(grid, tile)
+    selected = reference_selection(q, k, grid, 0.5, tile)
+    kv_num, kv_idx = lists_from_mask(selected)
+    keep = select_queries(q, layout, r)
+    if math.prod(tile) == 64:  # a 64-slot tile keeps at most 16 / 32 / 48 rows: 16 / 32 / 64-slot query blocks
+        assert keep.block == {0.25: 16, 0.5: 32, 0.75: 64}[r]
+    q_num_rows, q_idx_rows = keep.query_lists(kv_num, kv_idx)
+    slots, counts = layout.slots.expand(B, -1), layout.counts.expand(B, -1)
+    dev = [x.to(KERNEL_DEVICE) for x in (q, k, v, grad)]
+    tables = [t.to(KERNEL_DEVICE) for t in (keep.q_slots, slots, keep.q_counts, counts, q_num_rows, q_idx_rows)]
+    attn, lse = torch.empty_like(dev[0]), torch.empty(B, H, N, device=KERNEL_DEVICE)
+    triton_launch.block_sparse_fwd(*dev[:3], attn, lse, *tables, scale)
+    kept, source = reference_query_keep(q, grid, tile, r)
+    assert torch.equal(keep.kept.cpu(), kept)
+    attn = torch.where(keep.kept.unsqueeze(-1).to(attn.device), attn, 0)  # dropped rows are not written
+    leaf = attn.detach().float().requires_grad_()
+    out = broadcast_centres(leaf, keep)
+    (d_attn,) = torch.autograd.grad(out, leaf, dev[3].float())
+    d_attn = d_attn.to(dtype)
+    delta = (attn.float() * d_attn.float()).sum(-1)
+    q_num, q_idx = transpose_block_lists(tables[4], tables[5], layout.num_tiles)
+    dq, dk, dv = (torch.full_like(x, float("nan")) for x in dev[:3])  # every row must be written
+    triton_launch.block_sparse_bwd(d_attn, *dev[:3], lse, delta, dq, dk, dv, *tables, q_num, q_idx, scale)
+
+    mask = token_mask(selected, grid, tile)
+    q64, k64, v64 = (x.double().requires_grad_() for x in (q, k, v))
+    ref = reference_attention_query_keep(q64, k64, v64, mask, source, scale)
+    rq, rk, rv = torch.autograd.grad(ref, (q64, k64, v64), grad.double())
+    tol = REL_TOL[dtype]
+    assert_close_rel(out.to(dtype), ref, tol["out"], "out")
+    for name, got, want in (("dq", dq, rq), ("dk", dk, rk), ("dv", dv, rv)):
+        assert_close_rel(got, want, tol["grad"], name)
+    assert (dq.cpu()[~kept] == 0).all()

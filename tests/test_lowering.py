@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from helpers import HAS_CUDA, HAS_TRITON, REL_TOL, assert_close_rel, joint_token_mask
+from sparse_inductor import TopK
 from sparse_inductor._compat import TORCH_VERSION
 from sparse_inductor.attention import sparse_attention
 from sparse_inductor.reference import reference_attention
@@ -120,7 +121,7 @@ def test_templates_render_fuse_and_match(template_backend, dtype, heads_inner, g
     eager_grads = torch.autograd.grad(eager_out, (q, k, v), grad)
     layout = tile_layout(grid, tile, DEVICE, text_before=text[0], text_after=text[1])
     with torch.no_grad():
-        kv_num, kv_idx = select_tiles(q, k, layout, sparsity, D ** -0.5)
+        kv_num, kv_idx = select_tiles(q, k, layout, TopK(sparsity), D ** -0.5)
     Mv = layout.num_video_tiles
     video_selected = mask_from_lists(kv_num, kv_idx, layout.num_tiles)[:, :, :Mv, :Mv]
     keep = torch.ones(B, L, dtype=torch.bool)

@@ -1,0 +1,173 @@
+"""BSA's query sparsity, ``query_keep=r`` (arXiv 2509.01085; DESIGN.md §3.7).
+
+In each video tile of ``n`` valid tokens (tile raster order) the centre token ``c = n // 2`` is
+computed, plus the ``ceil(r·n) − 1`` tokens whose query has the lowest cosine similarity to
+``q_c`` (ties to the lower index; a NaN similarity ranks as the most similar, so it is dropped
+first). Every other token of the tile receives the centre's output: dropped tokens are by
+construction the ones most like it. (FastVideo's inference port copies from the nearest kept
+token instead.) Text queries are always computed. The KV selection does not change.
+
+The backward is the exact gradient of this definition: a dropped row's dO adds into its
+centre's row (a deterministic per-tile sum, no atomics), dropped rows get dQ = 0, and dK/dV come
+from the kept rows with the summed dO.
+
+How the kernels see it: each head gets its own query slot table in which a video tile's kept
+tokens come first (the centre first), with the tile's count set to the number kept. The query
+side is laid out in blocks of ``Sq`` slots, the smallest power of two >= ``ceil(r · tile
+tokens)`` (at least 16): a 64-token tile with ``r = 0.5`` is two query blocks of 32 slots, the
+first holding the kept rows and the second none (its programs exit at once), so the kernels run
+32-row MMAs instead of 64-row ones. KV blocks keep their ``S`` slots.
+"""
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import torch
+from torch import Tensor
+
+from .layout import TileLayout
+from .policies.base import check_fraction
+
+
+def check_query_keep(value) -> float:
+    """``query_keep`` validated: a number in ``(0, 1]``."""
+    return check_fraction(value, "query_keep")
+
+
+def num_kept(query_keep: float, n):
+    """``ceil(r · n)`` for a tile of ``n`` valid tokens, exact (the fraction read as the decimal
+    it prints as), at least 1; ``n`` may be a tensor."""
+    f = Fraction(repr(float(query_keep)))
+    kept = (n * f.numerator + f.denominator - 1) // f.denominator
+    return kept.clamp(min=1) if isinstance(kept, Tensor) else max(1, kept)
+
+
+def query_block_size(query_keep: float, tile) -> int:
+    """``Sq``: slots per query block, the smallest power of two (>= 16) holding a full tile's kept
+    rows."""
+    return max(16, 1 << (num_kept(query_keep, math.prod(tile)) - 1).bit_length())
+
+
+class QueryKeep:
+    """The kept query rows of one call: per-head query tables for the kernels, and what the
+    output and dQ need to follow the definition."""
+
+    def __init__(self, q_slots: Tensor, q_counts: Tensor, kept: Tensor, layout: TileLayout, block: int):
+        self.q_slots, self.q_counts = q_slots, q_counts  # [B, H, Mq' * Sq], [B, H, Mq']
+        self.kept = kept  # bool [B, H, L]: the row is computed
+        self.layout, self.block = layout, block
+
+    @property
+    def rows_per_tile(self) -> int:
+        """Query blocks per tile (``S / Sq``)."""
+        return self.layout.block_size // self.block
+
+    def rows_per_tile_counts(self) -> Tensor:
+        """int32 ``[B, H, M]``: query rows computed per block (tile / text block)."""
+        B, H = self.q_counts.shape[:2]
+        return self.q_counts.view(B, H, -1, self.rows_per_tile).sum(-1, dtype=torch.int32)
+
+    def query_lists(self, kv_num_blocks: Tensor, kv_indices: Tensor) -> tuple[Tensor, Tensor]:
+        """The per-tile KV lists laid out per query block: a video tile's list goes to its first
+        block and its other blocks (no rows) list nothing; a text block's full row goes to each of
+        its blocks."""
+        R = self.rows_per_tile
+        if R == 1:
+            return kv_num_blocks, kv_indices
+        Mv = self.layout.num_video_tiles
+        num = kv_num_blocks.repeat_interleave(R, dim=2)
+        first = (torch.arange(num.shape[2], device=num.device) % R) == 0
+        video = torch.arange(num.shape[2], device=num.device) < Mv * R
+        num = torch.where(first | ~video, num, 0)
+        return num.contiguous(), kv_indices.repeat_interleave(R, dim=2).contiguous()
+
+
+def select_queries(q: Tensor, layout: TileLayout, query_keep: float) -> QueryKeep:
+    """Choose the kept query rows of every video tile of every head (no gradient)."""
+    B, H, L, D = q.shape
+    S, Mv, M = layout.block_size, layout.num_video_tiles, layout.num_tiles
+    device = q.device
+    counts = layout.counts.long()
+    video_slots = layout.slots[: Mv * S].long()
+    valid = torch.arange(S, device=device) < counts[:Mv, None]  # [Mv, S]
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    with torch.no_grad():
+        qt = q.detach().index_select(2, video_slots.clamp(min=0)).to(work).view(B, H, Mv, S, D)
+        centre = (counts[:Mv] // 2).view(1, 1, Mv, 1, 1).expand(B, H, Mv, 1, D)
+        qc = torch.gather(qt, 3, centre)  # [B, H, Mv, 1, D]
+        dot = (qt * qc).sum(-1)
+        norms = qt.norm(dim=-1) * qc.norm(dim=-1)
+        cos = dot / norms.clamp_min(1e-30)
+        # Rank: the centre first, then the lowest similarity (NaN ranks as the most similar),
+        # padding last; a stable sort breaks ties to the lower slot.
+        is_centre = torch.arange(S, device=device).view(1, 1, 1, S) == (counts[:Mv] // 2).view(1, 1, Mv, 1)
+        rank = torch.where(torch.isnan(cos), 2.0, cos)
+        rank = torch.where(is_centre, -3.0, torch.where(valid, rank, 3.0))
+        order = torch.sort(rank, dim=-1, stable=True).indices  # [B, H, Mv, S]
+    n_kept = num_kept(query_keep, counts[:Mv])  # [Mv]
+    Sq = query_block_size(query_keep, layout.tile)
+    R = S // Sq
+    # Video query tables: tile m's kept slots (in rank order) fill its first block; its other
+    # blocks hold the dropped positions with no rows (so dQ writes 0 there).
+    video_tables = torch.gather(video_slots.view(1, 1, Mv, S).expand(B, H, Mv, S), 3, order).to(torch.int32)
+    video_counts = torch.zeros(B, H, Mv, R, dtype=torch.int32, device=device)
+    video_counts[..., 0] = n_kept.to(torch.int32)
+    # Text blocks: all rows kept, split into blocks of Sq slots.
+    text_slots = layout.slots[Mv * S:].view(1, 1, -1).expand(B, H, -1)
+    text_counts = (counts[Mv:].view(-1, 1) - torch.arange(R, device=device) * Sq).clamp(0, Sq)
+    q_slots = torch.cat([video_tables.reshape(B, H, -1), text_slots], dim=2).contiguous()
+    q_counts = torch.cat([video_counts.reshape(B, H, -1),
+                          text_counts.reshape(1, 1, -1).expand(B, H, -1).to(torch.int32)], dim=2).contiguous()
+    # kept[b, h, position]: rank < n_kept within its tile; text rows always.
+    kept_rank = torch.arange(S, device=device) < n_kept.view(Mv, 1)  # by rank
+    kept_slot = torch.zeros(B, H, Mv, S, dtype=torch.bool, device=device)
+    kept_slot.scatter_(3, order, kept_rank.expand(B, H, Mv, S))
+    kept_slot = torch.cat([kept_slot.reshape(B, H, -1), torch.ones(B, H, (M - Mv) * S, dtype=torch.bool,
+                                                                      device=device)], dim=2)
+    kept = kept_slot.index_select(2, layout.scatter_index)
+    return QueryKeep(q_slots, q_counts, kept, layout, Sq)
+
+
+def _centre_maps(layout: TileLayout, device):
+    """Per sequence position: the position of its tile's centre (itself for text), whether it is
+    a centre, and its video tile (0 for text)."""
+    S, Mv = layout.block_size, layout.num_video_tiles
+    pos = torch.arange(layout.num_tokens, device=device)
+    slot = layout.scatter_index
+    is_video = slot < Mv * S
+    tile = torch.where(is_video, slot // S, 0)
+    centre_slot = tile * S + layout.counts[:Mv].long()[tile] // 2
+    centre_pos = torch.where(is_video, layout.gather_index[centre_slot], pos)
+    return centre_pos, is_video & (centre_pos == pos), tile
+
+
+class _CentreBroadcast(torch.autograd.Function):
+    """``out[row] = attn[row]`` for kept rows, ``attn[centre(row)]`` for dropped ones; the
+    backward sums each tile's dropped dO into its centre's row in a fixed order."""
+
+    @staticmethod
+    def forward(ctx, attn, kept, centre_pos, is_centre, tile, video_slots):
+        ctx.save_for_backward(kept, is_centre, tile, video_slots)
+        return torch.where(kept.unsqueeze(-1), attn, attn.index_select(2, centre_pos))
+
+    @staticmethod
+    def backward(ctx, grad):
+        kept, is_centre, tile, video_slots = ctx.saved_tensors
+        B, H, L, D = grad.shape
+        dropped = torch.where(kept.unsqueeze(-1), 0, grad)
+        Mv = video_slots.shape[0]
+        # Tile-major, padding slots gather a zero row: a deterministic reduction over the tile.
+        padded = torch.cat([dropped, dropped.new_zeros(B, H, 1, D)], dim=2)
+        per_tile = padded.index_select(2, torch.where(video_slots >= 0, video_slots, L).flatten())
+        per_tile = per_tile.view(B, H, Mv, -1, D).sum(3)
+        into_centre = torch.where(is_centre.view(1, 1, L, 1), per_tile.index_select(2, tile), 0)
+        return torch.where(kept.unsqueeze(-1), grad, 0) + into_centre, None, None, None, None, None
+
+
+def broadcast_centres(attn: Tensor, keep: QueryKeep) -> Tensor:
+    """The full output from the attention of the kept rows (see :class:`_CentreBroadcast`)."""
+    layout = keep.layout
+    centre_pos, is_centre, tile = _centre_maps(layout, attn.device)
+    video_slots = layout.slots[: layout.num_video_tiles * layout.block_size].long().view(layout.num_video_tiles, -1)
+    return _CentreBroadcast.apply(attn, keep.kept, centre_pos, is_centre, tile, video_slots)

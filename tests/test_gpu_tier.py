@@ -1,0 +1,122 @@
+"""The fast GPU tier (``pytest -m tier``, about 3 minutes on an H200): fixed shapes over every
+kernel path, run first in every GPU session, before anything is timed.
+
+Paths covered: forward and backward kernels on partial tiles at D = 64 and 128 in fp16, bf16
+and fp32; joint text with a key-padding mask; query_keep (query blocks smaller than KV blocks);
+the selection kernels (pooling, top-k, the cumulative-mass cut) inside the op; the Inductor
+templates (forward and backward, with and without query_keep); the backend on a small model
+with a per-head mix. The hypothesis sweeps of the other test files cover the same paths over
+random shapes on CPU (interpreter) and, marked slow, on the GPU. Skipped without CUDA.
+"""
+import math
+
+import pytest
+import torch
+
+from helpers import HAS_CUDA, REL_TOL, assert_close_rel
+
+pytestmark = [pytest.mark.tier, pytest.mark.skipif(not HAS_CUDA, reason="the GPU tier needs CUDA")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("D", [64, 128])
+def test_kernels_partial_tiles(dtype, D):
+    from test_kernels import check_against_reference
+
+    check_against_reference((5, 6, 10), (4, 4, 4), 0.75, dtype, 2, 3, D, seed=D, heads_inner=D == 128)
+
+
+@pytest.mark.parametrize("padding", ["some", "all text"])
+def test_kernels_joint_text_key_padding(padding):
+    from test_kernels import test_kernels_joint_text_and_key_padding
+
+    test_kernels_joint_text_and_key_padding.hypothesis.inner_test(
+        grid=(3, 5, 9), tile=(4, 4, 4), sparsity=0.5, dtype=torch.bfloat16, before=70, after=5, padding=padding,
+        seed=3)
+
+
+@pytest.mark.parametrize("r", [0.25, 0.5])
+def test_kernels_query_keep(r):
+    from test_kernels import test_kernels_query_keep as check
+
+    check.hypothesis.inner_test(grid=(5, 6, 10), tile=(4, 4, 4), r=r, dtype=torch.bfloat16, seed=5)
+
+
+def test_op_policies_with_gradients():
+    import sparse_inductor as si
+    from test_policies import test_query_keep_matches_reference_with_gradients as check
+
+    for policy, r in ((si.CumulativeMass(0.7, 2, 0.5), 0.5), (si.Window(1, 1, 1) | si.Stripe(first_frames=1), 1.0)):
+        check.hypothesis.inner_test(grid=(6, 8, 10), tile=(4, 4, 4), policy=policy, r=r, dtype=torch.bfloat16, B=2,
+                                    H=2, before=7, after=0, padding="some", seed=11)
+
+
+def test_per_head_mix():
+    from test_policies import test_per_head_mix_matches_reference_with_gradients as check
+
+    check.hypothesis.inner_test(grid=(5, 8, 8), tile=(2, 3, 5), dtype=torch.float16, before=9, after=5, seed=2)
+
+
+def test_mass_cut_kernel():
+    from test_policies import test_mass_cut_kernel_matches_torch as check
+
+    class Draw:  # the data strategy's draws, fixed
+        def __init__(self, values):
+            self.values = list(values)
+
+        def draw(self, _):
+            return self.values.pop(0)
+
+    for cols, lo, hi, p in ((624, 4, 312, 0.9), (300, 1, 300, 0.5), (1000, 8, 100, 0.99)):
+        check.hypothesis.inner_test(rows=6, cols=cols, p=p, data=Draw([lo, hi]), sharp=2.0, levels=None, seed=cols)
+
+
+@pytest.mark.parametrize("query_keep", [1.0, 0.5])
+def test_templates_forward_backward(query_keep):
+    import sparse_inductor as si
+    from sparse_inductor.attention import sparse_attention
+
+    grid, tile, B, H, D = (5, 6, 10), (4, 4, 4), 2, 2, 128
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(B, math.prod(grid), H, D, generator=g).to("cuda", torch.bfloat16).transpose(1, 2)
+               .requires_grad_() for _ in range(3))
+    policy = si.CumulativeMass(0.6, 2, 0.5)
+
+    def attend(q, k, v):
+        return sparse_attention(q, k, v, grid, tile=tile, policy=policy, query_keep=query_keep) * 2.0
+
+    torch._dynamo.reset()
+    out = torch.compile(attend, fullgraph=True)(q, k, v)
+    grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    want = attend(q, k, v)
+    want_grads = torch.autograd.grad(want, (q, k, v), torch.ones_like(want))
+    tol = REL_TOL[torch.bfloat16]
+    assert_close_rel(out, want, tol["out"], "template vs eager kernels")
+    for got, ref in zip(grads, want_grads):
+        assert_close_rel(got, ref, tol["grad"], "template grad vs eager kernels")
+
+
+def test_backend_policies_on_cuda():
+    """The backend on a small model on the GPU: a per-head mix with query_keep, forward and
+    gradients equal to the model with the eager op (both on CUDA)."""
+    import sparse_inductor as si
+    from test_backend import inputs, rel
+    from test_backend_policies import POLICIES, eager_policy
+    from video_dit import TinyVideoDiT
+
+    torch.manual_seed(0)
+    model = TinyVideoDiT(heads=2, dim=64).cuda()
+    x, text = (t.cuda() for t in inputs())
+    compiled = torch.compile(model, backend="sparse_inductor")
+    policy = POLICIES["per_head"]
+    with si.sparsity(policy=policy, query_keep=0.5, min_tokens=0):
+        out = compiled(x, text)
+        out.square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    oracle = eager_policy(model, lambda i: policy, 0.5)
+    oracle.zero_grad()
+    want = oracle(x, text)
+    want.square().mean().backward()
+    assert rel(out.detach(), want.detach()) < 1e-4
+    for n, p in oracle.named_parameters():
+        assert rel(grads[n], p.grad) < 1e-3, n
