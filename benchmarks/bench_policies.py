@@ -7,8 +7,8 @@ Rows (B=1, H=12, grid 21x30x52, D=128, bf16, the same inputs for every row):
   query selection, kernels, centre broadcast); the forward is timed as a CUDA-graph replay (GPU
   time, no launch gaps), forward+backward with ``do_bench``; ``kernel``: the attention kernel
   alone on the setting's lists; ``select``: the selection alone (CUDA graph).
-* settings: ``TopK(0.875)``; ``CumulativeMass`` at the ``p`` whose mean keep is 1/8 on these
-  inputs (found by bisection); each with ``query_keep=0.5``; a static pattern near 1/8 (lists as
+* settings: ``TopK(0.875)``; ``CumulativeMass`` at the ``p`` that keeps the same attention FLOPs
+  as ``TopK(0.875)`` on these inputs (found by bisection); each with ``query_keep=0.5``; a static pattern near 1/8 (lists as
   constants, no selection: ``Window(1, 2, 2)`` keeps 75 of 624 tiles away from the borders);
   the same pattern with 25 % of the heads skipped.
 
@@ -51,14 +51,14 @@ def bench_graph(fn):
     return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
 
 
-def mass_p_for(q, k, grid, target: float, layout) -> float:
-    """The ``p`` of ``CumulativeMass(p, 1, 0.5)`` whose mean kept share of tiles is ``target``."""
+def mass_p_for(q, k, grid, target: float) -> float:
+    """The ``p`` of ``CumulativeMass(p, 1, 0.5)`` whose attention FLOPs kept (from the lists) are
+    ``target``: equal work, not an equal number of tiles (the ``ln n_j`` term of the logits
+    favours full tiles over partial border tiles, so at equal tile counts it keeps more FLOPs)."""
     lo, hi = 1e-4, 1.0
-    M = layout.num_video_tiles
     for _ in range(20):
         mid = (lo + hi) / 2
-        sel = si.select_blocks(q, k, grid, policy=si.CumulativeMass(mid, 1, 0.5))
-        if float(sel.kv_num_blocks.float().mean()) / M > target:
+        if si.select_blocks(q, k, grid, policy=si.CumulativeMass(mid, 1, 0.5)).kept_fraction() > target:
             hi = mid
         else:
             lo = mid
@@ -82,7 +82,7 @@ def main():
     layout = tile_layout(grid, (4, 4, 4), "cuda")
     M = layout.num_video_tiles
     scale = D ** -0.5
-    p = mass_p_for(q, k, grid, 1 / 8, layout)
+    p = mass_p_for(q, k, grid, si.select_blocks(q, k, grid, sparsity=0.875).kept_fraction())
     window = si.Window(1, 2, 2)
     skip_quarter = si.PerHead([si.Skip() if h % 4 == 3 else window for h in range(H)])
     settings = [("TopK(0.875)", si.TopK(0.875), 1.0), (f"CumulativeMass({p})", si.CumulativeMass(p, 1, 0.5), 1.0),

@@ -137,6 +137,7 @@ def select_tiles(q: Tensor, k: Tensor, layout, policy, scale: float, *, static_l
     lists are ``policy width + text blocks`` wide, not as wide as the number of blocks.
     """
     from .policies import SelectionContext
+    from .policies.base import flags_tensor
 
     S, Mv, M = layout.block_size, layout.num_video_tiles, layout.num_tiles
     B, H = q.shape[:2]
@@ -153,7 +154,7 @@ def select_tiles(q: Tensor, k: Tensor, layout, policy, scale: float, *, static_l
         idx, W = idx.new_zeros(*idx.shape[:-1], 1), 1
     num, idx = num.expand(B, H, Mv), idx.expand(B, H, Mv, W)
     skip = policy.skip_heads(H)
-    skipped = torch.tensor(skip, device=device).view(1, H, 1) if any(skip) else None
+    skipped = flags_tensor(skip, device).view(1, H, 1) if any(skip) else None
     if not _has_text(layout):
         if skipped is not None:
             num = torch.where(skipped, 0, num)

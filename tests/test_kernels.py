@@ -195,7 +195,7 @@ def test_kernels_query_keep(grid, tile, r, dtype, seed):
     layout = tile_layout(grid, tile)
     selected = reference_selection(q, k, grid, 0.5, tile)
     kv_num, kv_idx = lists_from_mask(selected)
-    keep = select_queries(q, layout, r)
+    keep = select_queries(q.to(KERNEL_DEVICE), tile_layout(grid, tile, KERNEL_DEVICE), r)
     if math.prod(tile) == 64:  # a 64-slot tile keeps at most 16 / 32 / 48 rows: 16 / 32 / 64-slot query blocks
         assert keep.block == {0.25: 16, 0.5: 32, 0.75: 64}[r]
     q_num_rows, q_idx_rows = keep.query_lists(kv_num, kv_idx)
@@ -206,7 +206,7 @@ def test_kernels_query_keep(grid, tile, r, dtype, seed):
     triton_launch.block_sparse_fwd(*dev[:3], attn, lse, *tables, scale)
     kept, source = reference_query_keep(q, grid, tile, r)
     assert torch.equal(keep.kept.cpu(), kept)
-    attn = torch.where(keep.kept.unsqueeze(-1).to(attn.device), attn, 0)  # dropped rows are not written
+    attn = torch.where(keep.kept.unsqueeze(-1), attn, 0)  # dropped rows are not written
     leaf = attn.detach().float().requires_grad_()
     out = broadcast_centres(leaf, keep)
     (d_attn,) = torch.autograd.grad(out, leaf, dev[3].float())

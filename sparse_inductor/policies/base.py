@@ -67,9 +67,8 @@ class SelectionContext:
         if callable(self._means):
             self._means = self._means()
         means = None
-        if self._means is not None:
-            index = torch.tensor(heads, device=self._means[0].device)
-            means = tuple(m.index_select(1, index) for m in self._means)
+        if self._means is not None:  # slices, not an index tensor: no host-to-device copy
+            means = tuple(torch.cat([m[:, h:h + 1] for h in heads], dim=1) for m in self._means)
         return SelectionContext(grid=self.grid, tile=self.tile, counts=self.counts, scale=self.scale,
                                 batch=self.batch, heads=len(heads), device=self.device, means=means,
                                 static_lists=self.static_lists)
@@ -160,4 +159,14 @@ def static_parts(policy: Policy) -> list[Policy]:
     out: list = []
     for m in members:
         out += [p for p in static_parts(m) if p not in out]
+    return out
+
+
+def flags_tensor(flags, device) -> Tensor:
+    """Bool ``[len(flags)]`` on ``device`` built from a Python sequence without a host-to-device
+    copy (so the selection can be captured in a CUDA graph)."""
+    out = torch.zeros(len(flags), dtype=torch.bool, device=device)
+    for i, flag in enumerate(flags):
+        if flag:
+            out[i] = True
     return out

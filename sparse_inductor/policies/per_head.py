@@ -65,18 +65,19 @@ class PerHead(Policy):
         W = max(1, W) if isinstance(W, int) else W  # (a zero-width list cannot be indexed)
         B = 1 if self.static else ctx.batch
         M = ctx.num_tiles
-        nums, idxs, order = [], [], []
+        per_head = {}
         for policy, heads in self.groups().items():
             num, idx = policy.lists(ctx.heads_subset(heads))
             pad = W - idx.shape[-1]
             if pad:
                 idx = torch.cat([idx, idx.new_zeros(*idx.shape[:-1], pad)], dim=-1)
-            nums.append(num.expand(B, len(heads), M))
-            idxs.append(idx.expand(B, len(heads), M, W))
-            order += heads
-        inverse = torch.tensor([order.index(h) for h in range(len(order))], device=ctx.device)
-        return (torch.cat(nums, 1).index_select(1, inverse).contiguous(),
-                torch.cat(idxs, 1).index_select(1, inverse).contiguous())
+            num, idx = num.expand(B, len(heads), M), idx.expand(B, len(heads), M, W)
+            for j, h in enumerate(heads):
+                per_head[h] = (num[:, j:j + 1], idx[:, j:j + 1])
+        # Heads back in order by slices (no index tensor: no host-to-device copy).
+        order = range(len(self.policies))
+        return (torch.cat([per_head[h][0] for h in order], 1).contiguous(),
+                torch.cat([per_head[h][1] for h in order], 1).contiguous())
 
     def describe(self) -> str:
         census: dict = {}

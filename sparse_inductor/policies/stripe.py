@@ -81,17 +81,25 @@ class Stripe(Policy):
             return len(self.tiles) + torch.sym_min(self.first_frames, nt) * nh * nw
         return len(self.tile_indices(tile_grid))
 
+    def kept_tiles(self, ctx: SelectionContext):
+        """Bool ``[M]``: the kept KV tiles, built by fills (no host-to-device copy)."""
+        nt, nh, nw = ctx.tile_grid
+        kept = torch.zeros(ctx.num_tiles, dtype=torch.bool, device=ctx.device)
+        kept[: min(self.first_frames, nt) * nh * nw] = True
+        for j in self.tile_indices(ctx.tile_grid):
+            kept[j] = True
+        return kept
+
     def keeps(self, ctx: SelectionContext):
         M = ctx.num_tiles
-        kept = torch.zeros(M, dtype=torch.bool, device=ctx.device)
-        kept[torch.tensor(self.tile_indices(ctx.tile_grid), dtype=torch.long, device=ctx.device)] = True
-        return kept.expand(M, M)
+        return self.kept_tiles(ctx).expand(M, M)
 
     def video_lists(self, ctx: SelectionContext):
-        cols = torch.tensor(self.tile_indices(ctx.tile_grid), dtype=torch.int32, device=ctx.device)
         M = ctx.num_tiles
-        return (torch.full((1, 1, M), cols.numel(), dtype=torch.int32, device=ctx.device),
-                cols.expand(1, 1, M, cols.numel()).contiguous())
+        width = self.width(ctx.tile_grid)
+        cols = torch.sort((~self.kept_tiles(ctx)).to(torch.int8), stable=True).indices[:width].to(torch.int32)
+        return (torch.full((1, 1, M), width, dtype=torch.int32, device=ctx.device),
+                cols.expand(1, 1, M, width).contiguous())
 
     def describe(self) -> str:
         parts = [f"first_frames={self.first_frames}"] if self.first_frames else []
