@@ -32,7 +32,7 @@ SIZES = {"H", "L_Q", "NUM_Q_BLOCKS", "NUM_KV_BLOCKS", "MAX_KV", "MAX_Q", "HEAD_D
 TENSORS16 = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
 TENSORS32 = {"LSE", "DELTA"}
 DIVISIBLE = {"HEAD_DIM", "NUM_Q_BLOCKS", "NUM_KV_BLOCKS"}
-SLOT_STRIDES = {"stride_qsb", "stride_kvsb", "stride_qcb", "stride_kvcb"}
+SLOT_STRIDES = {"stride_qsb", "stride_qsh", "stride_kvsb", "stride_qcb", "stride_qch", "stride_kvcb"}
 
 
 def _module(path: str):
@@ -117,10 +117,13 @@ def main():
     parser.add_argument("--warps", type=int, default=4)
     parser.add_argument("--stages", type=int, default=2)
     parser.add_argument("--ops", action="store_true", help="print each loop's opcode histogram")
+    parser.add_argument("--block-m", type=int, default=64, help="query rows per program (v12; 32 under query_keep 0.5)")
     args = parser.parse_args()
     sys.path.insert(0, ROOT)
     module = _module(args.source)
     constexprs = {"BLOCK": 64, "BLOCK_D": 128, "UPCAST": False, "IEEE": False, "CHUNK": args.chunk}
+    if "BLOCK_M" in module.block_sparse_attn_fwd_kernel.arg_names:  # v12: query blocks of their own size
+        constexprs["BLOCK_M"] = args.block_m
     for fn in (module.block_sparse_attn_fwd_kernel, module.block_sparse_attn_bwd_kernel):
         sass, shared, info = compile_sass(fn, constexprs, args.warps, args.stages)
         print(f"{fn.__name__}: shared memory {shared} B; " + "; ".join(info))

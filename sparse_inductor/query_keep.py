@@ -108,9 +108,12 @@ def select_queries(q: Tensor, layout: TileLayout, query_keep: float) -> QueryKee
     n_kept = num_kept(query_keep, counts[:Mv])  # [Mv]
     Sq = query_block_size(query_keep, layout.tile)
     R = S // Sq
-    # Video query tables: tile m's kept slots (in rank order) fill its first block; its other
-    # blocks hold the dropped positions with no rows (so dQ writes 0 there).
-    video_tables = torch.gather(video_slots.view(1, 1, Mv, S).expand(B, H, Mv, S), 3, order).to(torch.int32)
+    # Video query tables: tile m's kept slots (in rank order) fill its first block; the dropped
+    # positions follow, marked excluded (-(p + 2): not computed or written, dQ = 0; see
+    # kernel_templates/block_sparse_attention.py).
+    video_tables = torch.gather(video_slots.view(1, 1, Mv, S).expand(B, H, Mv, S), 3, order)
+    dropped = (torch.arange(S, device=device) >= n_kept.view(Mv, 1)) & (video_tables >= 0)
+    video_tables = torch.where(dropped, -video_tables - 2, video_tables).to(torch.int32)
     video_counts = torch.zeros(B, H, Mv, R, dtype=torch.int32, device=device)
     video_counts[..., 0] = n_kept.to(torch.int32)
     # Text blocks: all rows kept, split into blocks of Sq slots.
