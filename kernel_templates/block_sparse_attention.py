@@ -3,7 +3,11 @@
 Tensors stay in sequence order, ``[B, H, L, D]`` with any batch/head/token strides and a unit
 feature stride. The block layout is given by *slot* tables: ``SLOTS[b, m * BLOCK + j]`` is the
 sequence position held by slot ``j`` of block ``m`` (``-1`` for a padding slot), and
-``COUNTS[b, m]`` how many leading slots of block ``m`` take part in the attention. Kernels
+``COUNTS[b, m]`` how many leading slots of block ``m`` take part in the attention. Query tables
+are per head (``[B, H, n]``, strides may be 0) and their blocks may be smaller (``BLOCK_M`` slots)
+than KV blocks (``BLOCK``): under query_keep a tile's kept rows fill a smaller query block. A query
+slot holding ``-(p + 2)`` names position ``p`` as *excluded*: it lies past its block's count, is not
+computed or written by the forward (its output comes from elsewhere), and gets dQ = 0. Kernels
 gather their rows through the slot table and scatter results back to the same positions, so no
 permuted copy of Q, K, V or O is ever made. Slot and count tables are ``[B, n]`` (a batch
 stride of 0 shares one table). A slot at or past its block's count is never loaded and never
@@ -214,13 +218,18 @@ def fwd_tile(
                                          v_base, stride_kn, stride_vn, offs_d, HEAD_DIM)
             m_i, l_i, acc = _softmax_step(q, k, v, col_valid, m_i, l_i, acc, qk_scale, UPCAST, IEEE, True)
 
-    has_mass = l_i > 0.0
+    # No mass (l = 0) only for a row that saw no key (skipped head, every key masked): output 0,
+    # LSE -inf. A NaN l (NaN / Inf in q or in a kept k) is mass: NaN output and LSE, as in the
+    # reference.
+    has_mass = (l_i > 0.0) | (l_i != l_i)
     out = acc / tl.where(has_mass, l_i, 1.0)[:, None]
     lse = tl.where(has_mass, (m_i + tl.math.log2(tl.where(has_mass, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-    # Only the rows that took part are written: a slot past the count may hold a real position
-    # whose output comes from elsewhere (a query dropped by query_keep gets its centre's).
-    tl.store(LSE + (b * H + h) * L_Q + q_rows, lse, mask=row_valid)
-    mask = row_valid[:, None] & (offs_d < HEAD_DIM)[None, :]
+    # Rows marked excluded (-(p + 2): a query dropped by query_keep, whose output comes from its
+    # centre) are not written. (Masking by the count instead kept a row mask live across the loop:
+    # 36 more registers and a 23 % slower forward on the H200, benchmarks/NOTES.md v12.)
+    stored = q_rows >= 0
+    tl.store(LSE + (b * H + h) * L_Q + q_rows, lse, mask=stored)
+    mask = stored[:, None] & (offs_d < HEAD_DIM)[None, :]
     return out, q_rows, offs_d, mask
 
 
@@ -238,7 +247,7 @@ def dq_tile(
     IEEE: tl.constexpr, CHUNK: tl.constexpr,
 ):
     """dQ of one query block of one head, walking its KV list; stores dQ (0 for the rows of the
-    block's slots past its count that hold a real position)."""
+    block's slots past its count that hold a position, excluded rows included)."""
     offs = tl.arange(0, BLOCK)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -269,7 +278,10 @@ def dq_tile(
                                          v_base, stride_kn, stride_vn, offs_d, HEAD_DIM)
             dq = _dq_step(q, do, k, v, lse2, delta, col_valid, dq, qk_scale, UPCAST, IEEE, True)
 
-    dq = dq * sm_scale
+    # Rows that take no part get exactly 0, even next to a NaN key (0 * NaN in the loop).
+    dq = tl.where((q_rows >= 0)[:, None], dq * sm_scale, 0.0)
+    # Excluded rows (-(p + 2)) lie past the count, so their dQ is 0: written at position p.
+    q_rows = tl.where(q_rows >= -1, q_rows, -q_rows - 2)
     mask = (q_rows >= 0)[:, None] & (offs_d < HEAD_DIM)[None, :]
     dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + q_rows[:, None] * stride_dqn + offs_d[None, :]
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=mask)

@@ -72,7 +72,9 @@ def top_k_tiles_kernel(SCORES, OUT, NUM_COLS, K, COLS: tl.constexpr):
     """The ``K`` highest scores of one row (fp32, contiguous rows of ``NUM_COLS``), ties to the
     lower column; their columns are written in increasing order (``OUT`` rows of ``K``).
 
-    Floats are mapped to unsigned keys with the same order (:func:`_top_k_of_keys`).
+    Floats are mapped to unsigned keys with the same order (:func:`_top_k_of_keys`). NaN (either
+    sign) gets key 0, below ``-inf``'s: it ranks lowest, as in the CPU op
+    (:func:`sparse_inductor.selection.top_k_tiles`).
     """
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, COLS)
@@ -82,7 +84,7 @@ def top_k_tiles_kernel(SCORES, OUT, NUM_COLS, K, COLS: tl.constexpr):
     bits = s.to(tl.int32, bitcast=True)
     signed_key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # monotone in the float value
     key = (signed_key ^ (-2147483647 - 1)).to(tl.uint32, bitcast=True)  # same order, unsigned
-    key = tl.where(in_row, key, 0)
+    key = tl.where(in_row & (s == s), key, 0)  # padding and NaN: the lowest key
     _compact_columns(_top_k_of_keys(key, in_row, K), cols, OUT + row * K)
 
 
@@ -100,16 +102,23 @@ def mass_cut_tiles_kernel(LOGITS, COUNTS, NUM, OUT, NUM_COLS, P, LO, HI, WIDTH, 
     mass; that is the key at the cut. The keys above ``tau`` are kept, then ties at ``tau``
     (lowest column first) until the mass is reached. The kept set is then the top ``length``
     keys (:func:`_top_k_of_keys`), which also serves the clamped lengths.
+
+    As the CPU op: a NaN logit counts as ``-inf`` (no mass); a row whose softmax is undefined (no
+    finite logit, or a ``+inf`` one) keeps ``LO`` tiles (``HI`` with ``KEEP_ALL``), lowest first.
     """
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, COLS)
     in_row = cols < NUM_COLS
     s = tl.load(LOGITS + row * NUM_COLS + cols, mask=in_row, other=float("-inf"))
+    s = tl.where(s == s, s, float("-inf"))
     n = tl.load(COUNTS + cols, mask=in_row, other=1).to(tl.float32)
     s = s + tl.log(n)
-    e = tl.where(in_row, tl.exp(s - tl.max(s, 0)), 0.0)
+    top = tl.max(s, 0)
+    undefined = (top == float("-inf")) | (top == float("inf"))
+    e = tl.where(in_row, tl.exp(s - tl.where(undefined, 0.0, top)), 0.0)
     prob = e / tl.sum(e, 0)
     key = tl.where(in_row, prob.to(tl.uint32, bitcast=True), 0)
+    key = tl.where(undefined, 0, key)  # every column ties: the lowest are kept
     length = NUM_COLS
     if not KEEP_ALL:
         tau = tl.zeros([], tl.uint32)
@@ -127,6 +136,7 @@ def mass_cut_tiles_kernel(LOGITS, COUNTS, NUM, OUT, NUM_COLS, P, LO, HI, WIDTH, 
                           tl.sum(at.to(tl.float32), 0))
         # tau == 0: the row's float sum fell short of P by rounding; keep every tile.
         length = tl.where(tau > 0, tl.sum(above.to(tl.int32), 0) + ties.to(tl.int32), NUM_COLS)
+        length = tl.where(undefined, LO, length)
     length = tl.minimum(tl.maximum(length, LO), HI)
     tl.store(NUM + row, length)
     _compact_columns(_top_k_of_keys(key, in_row, length), cols, OUT + row * WIDTH)

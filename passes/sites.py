@@ -17,7 +17,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-from sparse_inductor.api import MAX_HEAD_DIM, SUPPORTED_DTYPES
+from sparse_inductor.api import MAX_HEAD_DIM, supported_dtypes
 
 from .grid import GridFound, GridWalker
 from .shapes import same_size, size_hint, static_int, tensor_shape
@@ -173,10 +173,12 @@ def _structural_reason(args: dict, q_shape, k_shape, v_shape, q_val) -> str:
     d = static_int(q_shape[3])
     if d is None or d > MAX_HEAD_DIM:
         return f"head dim {q_shape[3]} is symbolic or above {MAX_HEAD_DIM}"
-    if q_val.dtype not in SUPPORTED_DTYPES:
-        return f"dtype {q_val.dtype} (supported: float16, bfloat16, float32)"
     if q_val.device.type not in ("cpu", "cuda"):
         return f"device {q_val.device.type} (supported: cpu, cuda)"
+    allowed = supported_dtypes(q_val.device.type)
+    if q_val.dtype not in allowed:
+        return f"dtype {q_val.dtype} (supported on {q_val.device.type}: " + \
+            ", ".join(str(d).replace("torch.", "") for d in allowed) + ")"
     scale = args["scale"]
     if scale is not None and not isinstance(scale, (int, float)):
         return "scale is not a constant"

@@ -43,6 +43,12 @@ def tracing(context):
     return _tracing(context)
 
 
+def dispatch_mode_active() -> bool:
+    """Whether a ``TorchDispatchMode`` (``FakeTensorMode``, a proxy/functional mode of a tracer)
+    is active, so that tensors created now are not plain tensors."""
+    return torch._C._len_torch_dispatch_stack() > 0
+
+
 def mode_options(mode: str) -> dict:
     """The Inductor config patches of a ``torch.compile`` mode (e.g. ``"max-autotune"``)."""
     from torch._inductor import list_mode_options

@@ -15,9 +15,15 @@ from .policies import Policy, TopK
 from .query_keep import check_query_keep, num_kept
 from .selection import BlockSelection, select_tiles
 
-#: dtypes the op accepts (float64 only on CPU, where it is the reference's precision).
+#: dtypes the op accepts on every device; float64 too on CPU (:func:`supported_dtypes`), where it
+#: is the reference's precision (the Triton kernels and templates do not take it).
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
+
+
+def supported_dtypes(device_type: str) -> tuple:
+    """The dtypes the op accepts on a device type (``"cpu"`` adds float64)."""
+    return SUPPORTED_DTYPES + ((torch.float64,) if device_type == "cpu" else ())
 
 
 def _check_tensors(names_and_tensors) -> None:
@@ -36,7 +42,7 @@ def _check_tensors(names_and_tensors) -> None:
             raise ValueError(f"{name} is on device {t.device}; accepted devices are 'cpu' and 'cuda'")
         if t.device != first.device:
             raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; put them on one device")
-        allowed = SUPPORTED_DTYPES + ((torch.float64,) if t.device.type == "cpu" else ())
+        allowed = supported_dtypes(t.device.type)
         if t.dtype not in allowed:
             raise TypeError(f"{name} has dtype {t.dtype}; accepted dtypes on {t.device.type} are "
                             + ", ".join(str(d) for d in allowed))

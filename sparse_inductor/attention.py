@@ -44,6 +44,11 @@ def _text_valid_first(layout: TileLayout, key_padding_mask: Tensor):
     return kv_slots, kv_counts.contiguous()
 
 
+def _no_rows(B, H) -> bool:
+    """An empty batch or no heads (static sizes): nothing to choose query rows from."""
+    return isinstance(B, int) and isinstance(H, int) and B * H == 0
+
+
 def resolve_policy(policy=None, sparsity=None):
     """The policy a call asks for: ``policy`` if given, else ``TopK(sparsity)`` (default 0.875)."""
     from .policies import Policy, TopK
@@ -91,9 +96,10 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, grid, *, tile, sparsity: f
         kv_num_blocks, kv_indices = select_tiles(q.detach(), k.detach(), layout, policy, scale,
                                                  static_lists=static_lists)
     keep = None
-    if query_keep < 1.0:
+    if query_keep < 1.0 and not _no_rows(B, H):
         keep = select_queries(q, layout, query_keep)
-    if record_as is None and recording() and not torch.compiler.is_compiling():
+    # is_compiling() first: Dynamo cannot trace the ContextVar read in recording().
+    if record_as is None and not torch.compiler.is_compiling() and recording():
         record_as = "eager"
     if record_as is not None:
         q_rows = layout.counts.expand(B, H, -1) if keep is None else keep.rows_per_tile_counts()

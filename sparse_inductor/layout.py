@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import _compat
+
 Grid = tuple[int, int, int]
 
 #: The largest number of slots one tile may have (one kernel block).
@@ -162,9 +164,12 @@ def _cached_layout(grid: Grid, tile: Grid, text_before: int, text_after: int, de
 def tile_layout(grid, tile=(4, 4, 4), device="cpu", *, text_before: int = 0, text_after: int = 0) -> TileLayout:
     """The (cached) :class:`TileLayout` of ``grid`` under ``tile`` with index tensors on ``device``."""
     grid, tile = check_grid_and_tile(grid, tile)
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or _compat.dispatch_mode_active():
         # Traced (e.g. VideoSparseAttention under torch.compile): the index arithmetic becomes part
         # of the graph and is folded there; Dynamo would only warn about and skip the cache.
+        # Under a dispatch mode (FakeTensorMode of a tracing tool, torch.export, meta init...)
+        # the tensors built are the mode's: never cached, and a cached real layout is never
+        # handed to the mode either.
         return build_layout(grid, tile, int(text_before), int(text_after), torch.device(device))
     return _cached_layout(grid, tile, int(text_before), int(text_after), torch.device(device))
 

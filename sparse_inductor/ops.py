@@ -106,16 +106,12 @@ def _to_blocks(x: Tensor, slots: Tensor) -> Tensor:
     return torch.gather(x, 2, idx.unsqueeze(-1).expand(B, H, idx.shape[-1], D))
 
 
-def _from_blocks(x_blocks: Tensor, slots: Tensor, length: int, counts: Tensor | None = None) -> Tensor:
+def _from_blocks(x_blocks: Tensor, slots: Tensor, length: int) -> Tensor:
     """``[B, H, n, D]`` in slot order -> ``[B, H, length, D]`` (zeros where no slot lands);
-    padding slots are dropped, and with ``counts`` so are the slots past each block's count."""
+    padding (-1) and excluded (-(p + 2)) slots are dropped."""
     B, H, n, D = x_blocks.shape
     slots = _per_head(slots, B, H)
-    keep = slots >= 0
-    if counts is not None:
-        S = n // counts.shape[-1]
-        keep = keep & (torch.arange(n, device=slots.device) % S < _per_head(counts, B, H).repeat_interleave(S, -1))
-    idx = torch.where(keep, slots, length).long()
+    idx = torch.where(slots >= 0, slots, length).long()
     out = x_blocks.new_zeros(B, H, length + 1, D)
     out.scatter_(2, idx.unsqueeze(-1).expand(B, H, n, D), x_blocks)
     return out[:, :, :length]
@@ -156,11 +152,14 @@ def _torch_fwd(q, k, v, q_slots, kv_slots, q_counts, kv_counts, kv_num_blocks, k
     s = (qb @ k_sel.transpose(-1, -2)) * scale
     s = s.masked_fill(~col_valid, float("-inf"))
     lse = torch.logsumexp(s, dim=-1, keepdim=True)
-    has_mass = torch.isfinite(lse)
+    # Only LSE = -inf means "no key" (a skipped head, every key masked): output 0. A NaN or +inf
+    # LSE comes from NaN / Inf in q or in the kept k, v and propagates as in the reference.
+    has_mass = lse != float("-inf")
     p = torch.where(has_mass, torch.exp(s - torch.where(has_mass, lse, 0)), 0)
-    out = torch.where(row_valid, p @ v_sel, 0).reshape(B, H, -1, D)
-    lse = torch.where(row_valid, lse, 0).reshape(B, H, -1, 1)
-    return _from_blocks(out, q_slots, Lq, q_counts), _from_blocks(lse, q_slots, Lq, q_counts).squeeze(-1)
+    rows = qb.shape[2] * qb.shape[3]  # explicit sizes: -1 is ambiguous for an empty batch
+    out = torch.where(row_valid, p @ v_sel, 0).reshape(B, H, rows, D)
+    lse = torch.where(row_valid, lse, 0).reshape(B, H, rows, 1)
+    return _from_blocks(out, q_slots, Lq), _from_blocks(lse, q_slots, Lq).squeeze(-1)
 
 
 def _torch_bwd(grad_out, q, k, v, lse, delta, q_slots, kv_slots, q_counts, kv_counts, kv_num_blocks, kv_indices,
@@ -174,15 +173,20 @@ def _torch_bwd(grad_out, q, k, v, lse, delta, q_slots, kv_slots, q_counts, kv_co
                                                             kv_indices)
     do = torch.where(row_valid, _to_blocks(grad_out, q_slots).reshape(B, H, Mq, Sq, D).to(qb.dtype), 0)
     lse = _to_blocks(lse.unsqueeze(-1), q_slots).reshape(B, H, Mq, Sq, 1).to(qb.dtype)
+    # A row with a +inf score has LSE +inf and a NaN softmax (as the reference's): NaN gradients.
+    lse = torch.where(lse == float("inf"), float("nan"), lse)
     delta = _to_blocks(delta.unsqueeze(-1), q_slots).reshape(B, H, Mq, Sq, 1).to(qb.dtype)
     s = (qb @ k_sel.transpose(-1, -2)) * scale
     valid = col_valid & row_valid
     p = torch.where(valid, torch.exp(s - lse), 0)
     ds = torch.where(valid, p * (do @ v_sel.transpose(-1, -2) - delta), 0)
-    dq = (ds @ k_sel) * scale
+    # Rows and key slots that take no part get exactly 0 (a NaN elsewhere in their block must not
+    # reach them through a 0 * NaN product), as in the kernels.
+    dq = torch.where(row_valid, (ds @ k_sel) * scale, 0)
     K = idx.shape[-1]
-    dk_sel = ((ds.transpose(-1, -2) @ qb) * scale).reshape(B, H, Mq * K, Sk, D)
-    dv_sel = (p.transpose(-1, -2) @ do).reshape(B, H, Mq * K, Sk, D)
+    key_valid = col_valid.transpose(-1, -2)  # [B, H, Mq, K * Sk, 1]
+    dk_sel = torch.where(key_valid, (ds.transpose(-1, -2) @ qb) * scale, 0).reshape(B, H, Mq * K, Sk, D)
+    dv_sel = torch.where(key_valid, p.transpose(-1, -2) @ do, 0).reshape(B, H, Mq * K, Sk, D)
     # Sum each listed block's contribution into its KV block (index_add is sequential on CPU).
     offset = (torch.arange(B * H, device=q.device) * Mk).view(B, H, 1)
     flat = (idx.reshape(B, H, Mq * K) + offset).reshape(-1)
@@ -191,9 +195,9 @@ def _torch_bwd(grad_out, q, k, v, lse, delta, q_slots, kv_slots, q_counts, kv_co
     dk.index_add_(0, flat, dk_sel.reshape(-1, Sk, D))
     dv.index_add_(0, flat, dv_sel.reshape(-1, Sk, D))
     return (
-        _from_blocks(dq.reshape(B, H, -1, D), q_slots, Lq),
-        _from_blocks(dk.reshape(B, H, -1, D), kv_slots, Lk),
-        _from_blocks(dv.reshape(B, H, -1, D), kv_slots, Lk),
+        _from_blocks(dq.reshape(B, H, Mq * Sq, D), q_slots, Lq),
+        _from_blocks(dk.reshape(B, H, Mk * Sk, D), kv_slots, Lk),
+        _from_blocks(dv.reshape(B, H, Mk * Sk, D), kv_slots, Lk),
     )
 
 
@@ -239,7 +243,8 @@ def block_sparse_attn_fwd(
             hold ``Sq`` slots and KV blocks ``S`` (``Sq < S`` under query_keep); the query tables
             are per head because query_keep chooses rows per head.
         q_counts, kv_counts: int32 ``[B, H, Mq]`` / ``[B, Mk]``, slots per block that take part.
-            Rows of positions in a query block's slots past its count are not written.
+            A query slot holding ``-(p + 2)`` excludes position ``p`` (query_keep's dropped rows):
+            not computed, its output row not written, its dQ row 0.
         kv_num_blocks, kv_indices: int32 ``[B, H, Mq]`` / ``[B, H, Mq, K]``, the selection.
         scale: softmax scale.
         kernel_version: not read; callers pass :data:`KERNEL_VERSION` so that it is part of
@@ -249,6 +254,8 @@ def block_sparse_attn_fwd(
     (fp64 for fp64 inputs), natural-log units.
     """
     q_in = q
+    if q.numel() == 0:  # no batch or no heads: nothing to compute (and no kernel to launch)
+        return torch.empty_like(q_in), q.new_empty(q.shape[:-1], dtype=stats_dtype(q.dtype))
     q, k, v = (_unit_feature_stride(x) for x in (q, k, v))
     if q.is_cuda:
         out = torch.empty_like(q)
@@ -290,6 +297,8 @@ def block_sparse_attn_bwd(
     as in the forward.
     """
     inputs = (q, k, v)
+    if q.numel() == 0:
+        return tuple(torch.empty_like(x) for x in inputs)
     grad_out, q, k, v = (_unit_feature_stride(x) for x in (grad_out, q, k, v))
     if q.is_cuda:
         dq, dk, dv = (torch.empty_like(x) for x in (q, k, v))
@@ -385,7 +394,11 @@ def _(scores, k):
 def mass_cut_tiles(logits: Tensor, counts: Tensor, p: float, lo: int, hi: int) -> tuple[Tensor, Tensor]:
     """BSA's cumulative-mass cut (DESIGN.md §3.7) of every row of ``logits`` (``[..., M]``,
     scaled coarse scores), tiles weighted by ``counts`` (int32 ``[M]``): ``(num [...], idx [...,
-    hi])`` int32, the kept tiles first in increasing order, entries past ``num`` zero."""
+    hi])`` int32, the kept tiles first in increasing order, entries past ``num`` zero.
+
+    Non-finite logits (both devices): a NaN logit counts as ``-inf`` (no mass, ranked last); a row
+    whose softmax is undefined (every logit ``-inf`` or NaN, or a ``+inf`` one) keeps ``lo`` tiles
+    (``hi`` when ``p >= 1``), the lowest indices."""
     if logits.is_cuda and logits.dtype == torch.float32:
         num = logits.new_empty(logits.shape[:-1], dtype=torch.int32)
         out = logits.new_zeros((*logits.shape[:-1], hi), dtype=torch.int32)
@@ -393,7 +406,9 @@ def mass_cut_tiles(logits: Tensor, counts: Tensor, p: float, lo: int, hi: int) -
         return num, out
     from .policies.mass import mass_cut_torch
 
-    return mass_cut_torch(logits, counts, p, lo, hi)
+    # The softmax of a row with a NaN is NaN throughout: a NaN tile has no mass instead. (A row
+    # left with no finite logit has a NaN softmax, which the cut reads as "keep the minimum".)
+    return mass_cut_torch(logits.masked_fill(torch.isnan(logits), float("-inf")), counts, p, lo, hi)
 
 
 @mass_cut_tiles.register_fake

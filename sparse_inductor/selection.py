@@ -41,10 +41,20 @@ def pool_tiles(x_tiles: Tensor, counts: Tensor, block_size: int) -> Tensor:
 
 def top_k_tiles(scores: Tensor, k: int) -> Tensor:
     """Indices of the ``k`` highest scores along the last dim, ties to the lower index,
-    returned in increasing index order (int32)."""
+    returned in increasing index order (int32).
+
+    NaN ranks below every number, ``-inf`` included (whatever its sign bit), so a NaN score is
+    kept only when fewer than ``k`` scores of the row are numbers, lowest index first; ``-0.0``
+    equals ``0.0``. The GPU kernel (``top_k_tiles_kernel``) follows the same order.
+    """
     # A stable descending sort keeps equal scores in index order: deterministic ties.
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
-    return torch.sort(order, dim=-1).values.to(torch.int32)
+    nan = torch.isnan(scores)
+    if bool(nan.any()):  # torch's sort puts NaN above +inf: move it below -inf, keeping the order
+        order = torch.sort(scores.masked_fill(nan, float("-inf")), dim=-1, descending=True, stable=True).indices
+        order = order.gather(-1, torch.sort(nan.gather(-1, order).to(torch.int8), dim=-1, stable=True).indices)
+    else:
+        order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    return torch.sort(order[..., :k], dim=-1).values.to(torch.int32)
 
 
 @dataclass(frozen=True)

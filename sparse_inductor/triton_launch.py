@@ -38,6 +38,11 @@ def kernel_flags(dtype: torch.dtype) -> dict:
     return {"UPCAST": interpreting(), "IEEE": dtype == torch.float32}
 
 
+def _no_programs(grid) -> bool:
+    """An empty batch (or no heads, rows...) launches nothing: Triton rejects a grid with a 0."""
+    return any(n == 0 for n in grid)
+
+
 def _strides3(t: torch.Tensor):
     return t.stride(0), t.stride(1), t.stride(2)
 
@@ -63,6 +68,8 @@ def block_sparse_fwd(q, k, v, out, lse, q_slots, kv_slots, q_counts, kv_counts, 
     B, H, Lq, D = q.shape
     Mq = q_counts.shape[-1]
     sizes = blocks(q_slots, q_counts, kv_slots, kv_counts)
+    if _no_programs((Mq, B * H)):
+        return
     block_sparse_attn_fwd_kernel[(Mq, B * H)](
         q, k, v, out, lse, q_slots, kv_slots, q_counts, kv_counts, kv_num_blocks, kv_indices,
         scale, H, Lq, Mq, kv_counts.shape[-1], kv_indices.shape[-1], D,
@@ -81,6 +88,8 @@ def block_sparse_bwd(grad_out, q, k, v, lse, delta, dq, dk, dv, q_slots, kv_slot
     B, H, Lq, D = q.shape
     Mq, Mk = q_counts.shape[-1], kv_counts.shape[-1]
     sizes = blocks(q_slots, q_counts, kv_slots, kv_counts)
+    if _no_programs((Mk + Mq, B * H)):
+        return
     block_sparse_attn_bwd_kernel[(Mk + Mq, B * H)](
         q, k, v, grad_out, lse, delta, dq, dk, dv,
         q_slots, kv_slots, q_counts, kv_counts, kv_num_blocks, kv_indices, q_num_blocks, q_indices,
@@ -100,6 +109,8 @@ def pool_tiles(q, k, slots, counts, q_mean, k_mean):
 
     B, H, _, D = q.shape
     M = counts.shape[0]
+    if _no_programs((M, B * H)):
+        return
     pool_tiles_kernel[(M, B * H)](
         q, k, slots, counts, q_mean, k_mean, H, M, D, *_strides3(q), *_strides3(k),
         BLOCK=slots.shape[0] // M, BLOCK_D=head_block(D), num_warps=2,  # 2 measured best (0.095 ms at 480p)
@@ -112,6 +123,8 @@ def top_k_tiles(scores, k, out):
     from kernel_templates.selection_kernels import top_k_tiles_kernel
 
     M = scores.shape[-1]
+    if _no_programs((scores.numel(), k)):
+        return
     cols = _row_width(M)
     top_k_tiles_kernel[(scores.numel() // M,)](scores, out, M, k, COLS=cols, num_warps=_row_warps(cols))
 
@@ -123,6 +136,8 @@ def mass_cut_tiles(logits, counts, p, lo, hi, num, out):
     from kernel_templates.selection_kernels import mass_cut_tiles_kernel
 
     M = logits.shape[-1]
+    if _no_programs((logits.numel(),)):
+        return
     cols = _row_width(M)
     mass_cut_tiles_kernel[(logits.numel() // M,)](logits, counts, num, out, M, float(p), lo, hi, hi,
                                                   KEEP_ALL=p >= 1.0, COLS=cols, num_warps=_row_warps(cols))
@@ -134,6 +149,8 @@ def compact_rows(mask, num, indices):
     from kernel_templates.selection_kernels import compact_rows_kernel
 
     C = mask.shape[-1]
+    if _no_programs((mask.numel(),)):
+        return
     cols = _row_width(C)
     compact_rows_kernel[(mask.numel() // C,)](mask, num, indices, C, COLS=cols, num_warps=_row_warps(cols))
 
