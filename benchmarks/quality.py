@@ -11,11 +11,12 @@ same seed and noise) with the sparse sites' SDPA calls replaced by the eager op
 (``backend="eager"``: the same arithmetic as the compiled backend, no compilation per setting):
 
 - ``topk``: ``TopK`` at sparsities 0.5, 0.75, 0.875, 0.9375;
-- ``mass``: ``CumulativeMass(p, min_tiles=1, max_fraction=0.5)`` at p = 0.5, 0.7, 0.85, 0.95;
+- ``mass``: ``CumulativeMass(p, min_tiles=4, max_fraction=0.5)`` at p = 0.3, 0.5, 0.7, 0.85, 0.95;
 - ``query_keep``: ``query_keep=0.5`` on TopK(0.5), TopK(0.75) and CumulativeMass(0.85);
-- ``plan``: plans from :func:`sparse_inductor.calibrate` at mean budgets 1/8, 1/4 and 1/2,
-  calibrated on other clips (another seed) than the ones measured; the plan files are written
-  next to the results.
+- ``plan``: plans from :func:`sparse_inductor.calibrate` at mean budgets 1/8, 1/4 and 1/2
+  (static patterns and per-head TopK), calibrated on other clips and another sample (another
+  seed) than the ones measured, every denoising step included; the plan files are written next
+  to the results.
 
 Every setting is measured with 0, 2 and 4 of the 20 denoising steps dense. FLOPs kept are from
 the lists (computed query-key pairs over dense pairs, query_keep's dropped rows excluded), per
@@ -54,13 +55,13 @@ def family_settings(family: str, plans: dict) -> list:
     """``[(label, sparsity() keywords), ...]`` of one family."""
     if family == "topk":
         return [(f"TopK({s})", {"sparsity": s}) for s in (0.5, 0.75, 0.875, 0.9375)]
-    if family == "mass":
-        return [(f"CumulativeMass({p})", {"policy": si.CumulativeMass(p, min_tiles=1, max_fraction=0.5)})
-                for p in (0.5, 0.7, 0.85, 0.95)]
+    if family == "mass":  # BSA's floor of 4 tiles (with 1 the sparse steps drew clearly worse samples)
+        return [(f"CumulativeMass({p})", {"policy": si.CumulativeMass(p, min_tiles=4, max_fraction=0.5)})
+                for p in (0.3, 0.5, 0.7, 0.85, 0.95)]
     if family == "query_keep":
         return [("TopK(0.5) qk0.5", {"sparsity": 0.5, "query_keep": 0.5}),
                 ("TopK(0.75) qk0.5", {"sparsity": 0.75, "query_keep": 0.5}),
-                ("CumulativeMass(0.85) qk0.5", {"policy": si.CumulativeMass(0.85, 1, 0.5), "query_keep": 0.5})]
+                ("CumulativeMass(0.85) qk0.5", {"policy": si.CumulativeMass(0.85, 4, 0.5), "query_keep": 0.5})]
     if family == "plan":
         return [(f"plan(budget {b})", {"plan": plans[b]}) for b in PLAN_BUDGETS]
     raise ValueError(f"unknown family {family!r}; known: {FAMILIES}")
@@ -71,10 +72,16 @@ def calibrate_plans(built, cfg, device, dtype, out, tiny: bool) -> dict:
     import testbed_dit
 
     x_t, t, caption = testbed_dit.eval_inputs(cfg, CALIBRATION_SEED, device, dtype)
+    noise = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(CALIBRATION_SEED)).to(device, dtype)
+    steps = 4 if tiny else 20
+
+    def calibration_sample(model, step_context):  # every denoising step of a sample is measured too
+        return testbed_dit.sample(model, noise, caption, steps, step_context)
+
     plans = {}
     for budget in PLAN_BUDGETS:
         result = si.calibrate(built["model"], x_t, t, kwargs={"caption": caption}, budget=budget, min_tokens=0,
-                              progress=not tiny)
+                              sample_fn=calibration_sample, dynamic=True, progress=not tiny)
         print(result)
         result.plan.save(os.path.join(out, f"plan_{budget}.json"))
         plans[budget] = result.plan

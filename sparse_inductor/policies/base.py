@@ -168,5 +168,5 @@ def flags_tensor(flags, device) -> Tensor:
     out = torch.zeros(len(flags), dtype=torch.bool, device=device)
     for i, flag in enumerate(flags):
         if flag:
-            out[i] = True
+            out[i:i + 1].fill_(True)  # (``out[i] = True`` copies a host scalar: not capturable)
     return out

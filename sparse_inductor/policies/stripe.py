@@ -85,9 +85,9 @@ class Stripe(Policy):
         """Bool ``[M]``: the kept KV tiles, built by fills (no host-to-device copy)."""
         nt, nh, nw = ctx.tile_grid
         kept = torch.zeros(ctx.num_tiles, dtype=torch.bool, device=ctx.device)
-        kept[: min(self.first_frames, nt) * nh * nw] = True
+        kept[: min(self.first_frames, nt) * nh * nw].fill_(True)
         for j in self.tile_indices(ctx.tile_grid):
-            kept[j] = True
+            kept[j:j + 1].fill_(True)  # fills, not host scalars: capturable in a CUDA graph
         return kept
 
     def keeps(self, ctx: SelectionContext):
