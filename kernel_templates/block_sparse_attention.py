@@ -7,7 +7,8 @@ sequence position held by slot ``j`` of block ``m`` (``-1`` for a padding slot),
 are per head (``[B, H, n]``, strides may be 0) and their blocks may be smaller (``BLOCK_M`` slots)
 than KV blocks (``BLOCK``): under query_keep a tile's kept rows fill a smaller query block. A query
 slot holding ``-(p + 2)`` names position ``p`` as *excluded*: it lies past its block's count, is not
-computed or written by the forward (its output comes from elsewhere), and gets dQ = 0. Kernels
+computed (the forward writes 0 and LSE -inf there; its real output comes from elsewhere), and
+gets dQ = 0. Kernels
 gather their rows through the slot table and scatter results back to the same positions, so no
 permuted copy of Q, K, V or O is ever made. Slot and count tables are ``[B, n]`` (a batch
 stride of 0 shares one table). A slot at or past its block's count is never loaded and never
@@ -225,8 +226,14 @@ def fwd_tile(
     out = acc / tl.where(has_mass, l_i, 1.0)[:, None]
     lse = tl.where(has_mass, (m_i + tl.math.log2(tl.where(has_mass, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
     # Rows marked excluded (-(p + 2): a query dropped by query_keep, whose output comes from its
-    # centre) are not written. (Masking by the count instead kept a row mask live across the loop:
-    # 36 more registers and a 23 % slower forward on the H200, benchmarks/NOTES.md v12.)
+    # centre) are written as 0 with LSE -inf at position p: every position of the output is
+    # written, as an epilogue Inductor fuses into the store expects. The mask comes from the slot
+    # (live anyway), not the count (a live row mask cost 36 registers and made the forward 23 %
+    # slower on the H200, benchmarks/NOTES.md v12).
+    taking_part = q_rows >= 0
+    out = tl.where(taking_part[:, None], out, 0.0)
+    lse = tl.where(taking_part, lse, float("-inf"))
+    q_rows = tl.where(q_rows >= -1, q_rows, -q_rows - 2)
     stored = q_rows >= 0
     tl.store(LSE + (b * H + h) * L_Q + q_rows, lse, mask=stored)
     mask = stored[:, None] & (offs_d < HEAD_DIM)[None, :]

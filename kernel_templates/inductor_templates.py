@@ -46,7 +46,7 @@ _FORWARD = (
     idx_h = h
     idx_n = rows[:, None]
     idx_d = offs_d[None, :]
-    {{store_output(STORE_INDICES, "out", "mask", val_shape=("BLOCK", "BLOCK_D"))}}
+    {{store_output(STORE_INDICES, "out", "mask", val_shape=("BLOCK_M", "BLOCK_D"))}}
 '''
     + _sources(_k._dot, _k._block_rows, _k._chunk_blocks, _k._packed_rows, _k._load_rows, _k._kv_list, _k._packed_kv,
                _k._softmax_step, _k.fwd_tile)

@@ -166,3 +166,45 @@ def test_template_failure_falls_back_to_extern_call_with_warning(template_backen
         out = torch.compile(attend, backend="inductor", fullgraph=True)(q, k, v)
     assert any("stays an extern call" in r.getMessage() and "simulated" in r.getMessage() for r in caplog.records)
     assert_close_rel(out, attend(q, k, v), REL_TOL[torch.float32]["out"], "extern fallback vs eager op")
+
+
+def test_query_keep_templates_render_and_match(template_backend, caplog):
+    """query_keep runs the templates with query blocks smaller than KV blocks (BLOCK_M = 32 of
+    64): they must compile as templates (no extern fallback) and equal the eager op on the same
+    tables. (The tables are built eagerly: on CPU, Inductor's Triton kernels for the query
+    selection's sort do not run under the interpreter; on CUDA the GPU tier compiles it all.)"""
+    from torch._inductor.utils import run_and_get_code
+
+    import sparse_inductor as si
+    import torch._inductor.config as inductor_config
+    from sparse_inductor import ops
+    from sparse_inductor.query_keep import select_queries
+
+    grid, tile, B, H, D = (5, 4, 4), (4, 4, 4), 1, 2, 16 if DEVICE == "cpu" else 64
+    q, k, v = _inputs(B, H, math.prod(grid), D, torch.float32, False, seed=3)
+    layout = tile_layout(grid, tile, DEVICE)
+    with torch.no_grad():
+        num, idx = select_tiles(q, k, layout, si.CumulativeMass(0.6, 1, 0.5), D ** -0.5)
+        keep = select_queries(q, layout, 0.5)
+        num, idx = keep.query_lists(num, idx)
+    assert keep.block == 32 and layout.block_size == 64
+    kv_slots, kv_counts = layout.slots.expand(B, -1), layout.counts.expand(B, -1)
+
+    def attend(q, k, v):
+        out, _ = torch.ops.sparse_inductor.block_sparse_attn_fwd(
+            q, k, v, keep.q_slots, kv_slots, keep.q_counts, kv_counts, num, idx, D ** -0.5, ops.KERNEL_VERSION)
+        return torch.where(keep.kept.unsqueeze(-1), out, 0) * 2.0  # dropped rows are not written
+
+    torch._dynamo.reset()
+    with caplog.at_level("WARNING", logger="sparse_inductor"), inductor_config.patch(fx_graph_cache=False):
+        out, code = run_and_get_code(torch.compile(attend, backend="inductor", fullgraph=True), q, k, v)
+        grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    assert not [r for r in caplog.records if "stays an extern call" in r.getMessage()], caplog.text
+    code = "\n".join(code)
+    assert any("fwd_tile(" in _kernel_body(code, name) for name in _template_kernels(code))
+    want = attend(q, k, v)
+    want_grads = torch.autograd.grad(want, (q, k, v), torch.ones_like(want))
+    tol = REL_TOL[torch.float32]
+    assert_close_rel(out, want, tol["out"], "template vs eager op")
+    for got, ref in zip(grads, want_grads):
+        assert_close_rel(got, ref, tol["grad"], "template grad vs eager op")
