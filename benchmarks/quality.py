@@ -165,14 +165,15 @@ def write_frontier(data, out) -> None:
         print("matplotlib not installed: no plot")
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    styles = {0: "-", 2: "--", 4: ":"}
+    styles = {0: "-", 2: "--", 4: ":"}  # line style: dense warm-up steps; colour: policy family
+    colors = dict(zip(FAMILIES, ("tab:blue", "tab:red", "tab:green", "tab:purple")))
     for family in data["families"]:
         for w in WARMUPS:
             pts = sorted((r["kept_sample"], r["psnr"]) for r in frontier_rows(data)
                          if r["family"] == family and r["warmup"] == w and math.isfinite(r["psnr"]))
             if pts:
-                ax.plot(*zip(*pts), styles[w], marker="o", markersize=3,
-                        label=f"{family}" + (f" (dense first {w})" if w else ""))
+                ax.plot(*zip(*pts), styles[w], color=colors.get(family), marker="o", markersize=3,
+                        label=f"{family}" + (f" (dense first {w} of 20)" if w else ""))
     ax.set_xlabel("attention FLOPs kept over the sample (from the lists)")
     ax.set_ylabel("PSNR vs dense sample (dB)")
     ax.set_xscale("log")
