@@ -164,3 +164,28 @@ def test_bad_arguments_name_the_argument(kwargs, match):
     model = Planted((4, 8, 8), (2, 2, 2)).eval()
     with pytest.raises(ValueError, match=match):
         si.calibrate(model, torch.randn(1, 3, 4, 8, 8), progress=False, **kwargs)
+
+
+def test_plan_map_example_draws_each_head(tmp_path):
+    import importlib.util
+    import os
+
+    from sparse_inductor.reference import reference_pattern
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("plan_map", os.path.join(root, "examples", "plan_map.py"))
+    plan_map = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plan_map)
+    grid = (4, 8, 8)
+    plan = si.Plan(sites={"blocks.0": si.PerHead([si.Window(1, 1, 1), si.Temporal(0, 0), si.TopK(0.5), si.Skip()])},
+                   grid=grid, tile=(2, 2, 2))
+    heads = plan_map.head_masks(plan, "blocks.0")
+    assert torch.equal(heads[0][1], reference_pattern("window", grid, (2, 2, 2), rt=1, rh=1, rw=1))
+    assert torch.equal(heads[1][1], reference_pattern("temporal", grid, (2, 2, 2), rh=0, rw=0))
+    assert heads[2][1] is None and heads[2][2] == 0.5  # dynamic: drawn as its budget
+    assert not heads[3][1].any()
+    out = tmp_path / "map.png"
+    plan_map.main([str(tmp_path / "p.json") if plan.save(str(tmp_path / "p.json")) is None else "", "--out", str(out)])
+    assert out.stat().st_size > 1000
+    with pytest.raises(ValueError, match="no site 'x'"):
+        plan_map.head_masks(plan, "x")
