@@ -64,6 +64,7 @@ batch 4: ~1 GB per block, ~15 GB in all.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import math
@@ -726,19 +727,32 @@ def train(args) -> dict:
     if state is not None and state.get("optimizer") is not None:
         optimizer.load_state_dict(state["optimizer"])  # after .to(device): the moments follow the parameters
     del state
-    runner = torch.compile(model) if compiled else model
+    attention = parse_attention(args.attention)
+    if attention:  # trained sparse: the backend rewrites every self-attention site
+        import sparse_inductor
+        from sparse_inductor.backend import sparse_inductor_backend
+
+        runner = torch.compile(model, backend=sparse_inductor_backend)
+        stack = contextlib.ExitStack()
+        stack.enter_context(sparse_inductor.sparsity(min_tokens=0, **attention))
+    else:
+        runner = torch.compile(model) if compiled else model
+        stack = contextlib.ExitStack()
 
     def autocast():
         return torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else _Null()
 
     log = _read_log(out) if resumed_from else None
+    if log is not None and log.get("attention", "dense") != args.attention:
+        raise SystemExit(f"--attention {args.attention} differs from the run in {out} ({log.get('attention', 'dense')})")
     if step >= target and log is not None:
         print(f"nothing to do: the run in {out} is at step {step} (target {target}); "
               f"{summary_verdict(log, plateau(log['val']))}")
         return log
     if log is None:
-        log = {"config": asdict(cfg), "seed": seed, "schedule_steps": schedule_steps,
+        log = {"config": asdict(cfg), "seed": seed, "schedule_steps": schedule_steps, "attention": args.attention,
                "parameters": sum(p.numel() for p in model.parameters()), "train_loss": [], "val": [], "runs": []}
+
     # Entries past the state's step come from a run that stopped before saving: drop them.
     log["train_loss"] = [e for e in log["train_loss"] if e[0] <= step]
     log["val"] = [e for e in log["val"] if e[0] <= step]
@@ -790,6 +804,7 @@ def train(args) -> dict:
         save_seconds = max(save_seconds, time.perf_counter() - t0)
 
     stop_reason = "target step reached"
+    stack.__enter__()
     while step < target:
         if budget is not None:
             per_step = _median(step_times) if step_times else 0.0
@@ -854,6 +869,7 @@ def train(args) -> dict:
     flush_losses()
     if not log["val"] or log["val"][-1][0] != step:
         log["val"].append([step, evaluate(runner, val, cfg, autocast, compiled)])
+    stack.close()
     run["stop_reason"] = stop_reason
     save()
     status = plateau(log["val"])
@@ -864,6 +880,33 @@ def train(args) -> dict:
     if args.export:
         export(out, args.export)
     return log
+
+
+def parse_attention(spec: str) -> dict:
+    """``--attention``: ``dense`` (default), ``topk:SPARSITY``, ``mass:P`` (``CumulativeMass(P)``
+    with BSA's 4-tile floor), each optionally followed by ``,qk:R`` (query_keep) — the
+    :func:`sparse_inductor.sparsity` keywords to train and validate under (``{}`` for dense)."""
+    import sparse_inductor
+
+    if spec in (None, "dense"):
+        return {}
+    settings = {}
+    for part in spec.split(","):
+        kind, _, value = part.partition(":")
+        try:
+            number = float(value)
+        except ValueError:
+            raise SystemExit(f"--attention {spec!r}: {part!r} needs a number, e.g. mass:0.9,qk:0.5") from None
+        if kind == "topk":
+            settings["sparsity"] = number
+        elif kind == "mass":
+            settings["policy"] = sparse_inductor.CumulativeMass(number, min_tiles=4, max_fraction=0.5)
+        elif kind == "qk":
+            settings["query_keep"] = number
+        else:
+            raise SystemExit(f"--attention {spec!r}: unknown part {kind!r} (accepted: dense, topk:S, mass:P, qk:R)")
+    sparse_inductor.config.make_config(sparse_inductor.SparsityConfig(), **settings)  # validates the values
+    return settings
 
 
 def _set_field(cfg: Config, item: str):
@@ -1044,6 +1087,9 @@ def main(argv=None):
     tr.add_argument("--save-every", type=int)
     tr.add_argument("--resume", action="store_true", help="continue; needed to resume from weights.pt alone")
     tr.add_argument("--fresh", action="store_true", help="start over, overwriting what is in --out")
+    tr.add_argument("--attention", default="dense",
+                    help="dense (default) or train through backend='sparse_inductor' under topk:S / mass:P, "
+                         "optionally ,qk:R (query_keep), e.g. mass:0.9,qk:0.5 (BSA's setting); a new run only")
     tr.add_argument("--device", help="default: cuda if available (cpu with --tiny)")
     tr.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on CUDA")
     tr.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="default: on CUDA")

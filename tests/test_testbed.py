@@ -423,3 +423,21 @@ def test_census_cli_on_the_untrained_tiny_model(tmp_path, capsys):
     if __import__("importlib").util.find_spec("matplotlib"):
         assert (tmp_path / "census.png").read_bytes()[:8] == PNG
     assert "census of 2 layers x 2 heads x 2 noise levels" in capsys.readouterr().out
+
+
+def test_sparse_training_option(tmp_path):
+    """--attention trains through the backend under a policy (BSA's CumulativeMass + query_keep)."""
+    assert tb.parse_attention("dense") == {}
+    settings = tb.parse_attention("mass:0.9,qk:0.5")
+    assert settings == {"policy": si.CumulativeMass(0.9, 4, 0.5), "query_keep": 0.5}
+    with pytest.raises(SystemExit, match="unknown part"):
+        tb.parse_attention("window:1")
+    with pytest.raises(ValueError, match="query_keep"):
+        tb.parse_attention("topk:0.5,qk:2")
+    out = tmp_path / "sparse"
+    tb.main(["train", "--tiny", "--steps", "2", "--out", str(out), "--attention", "topk:0.5,qk:0.5",
+                      "--no-plot"])
+    log = json.loads((out / "log.json").read_text())
+    assert log["attention"] == "topk:0.5,qk:0.5" and len(log["train_loss"]) == 2
+    with pytest.raises(SystemExit, match="differs from the run"):
+        tb.main(["train", "--tiny", "--steps", "3", "--out", str(out), "--no-plot"])
