@@ -61,6 +61,15 @@ def parse_tile(text: str) -> tuple:
     return tile
 
 
+def build(args) -> dict:
+    """Call SETUP with the ``--checkpoint`` / ``--device`` given and check what it returns."""
+    setup_kwargs = {k: v for k, v in (("checkpoint", args.checkpoint), ("device", args.device)) if v is not None}
+    built = load_function(args.setup)(**setup_kwargs)
+    if not isinstance(built, dict) or "model" not in built or "inputs" not in built:
+        raise ValueError("SETUP must return a dict with at least 'model' and 'inputs'")
+    return built
+
+
 def fidelity_main(argv) -> int:
     import sparse_inductor
 
@@ -79,10 +88,7 @@ def fidelity_main(argv) -> int:
     parser.add_argument("--json", help="also write the result as JSON here")
     parser.add_argument("--no-sites", action="store_true", help="print only the overall table")
     args = parser.parse_args(argv)
-    setup_kwargs = {k: v for k, v in (("checkpoint", args.checkpoint), ("device", args.device)) if v is not None}
-    built = load_function(args.setup)(**setup_kwargs)
-    if not isinstance(built, dict) or "model" not in built or "inputs" not in built:
-        raise ValueError("SETUP must return a dict with at least 'model' and 'inputs'")
+    built = build(args)
     result = sparse_inductor.fidelity(
         built["model"], *built["inputs"], kwargs=built.get("kwargs"), sample_fn=built.get("sample_fn"),
         grid=built.get("grid"), peak=built.get("peak", 1.0), sparsities=args.sparsities, tiles=args.tiles,
@@ -112,10 +118,7 @@ def calibrate_main(argv) -> int:
     parser.add_argument("--no-sample", action="store_true", help="measure the inputs only, not a whole sample")
     parser.add_argument("--min-tokens", type=int, default=0)
     args = parser.parse_args(argv)
-    setup_kwargs = {k: v for k, v in (("checkpoint", args.checkpoint), ("device", args.device)) if v is not None}
-    built = load_function(args.setup)(**setup_kwargs)
-    if not isinstance(built, dict) or "model" not in built or "inputs" not in built:
-        raise ValueError("SETUP must return a dict with at least 'model' and 'inputs'")
+    built = build(args)
     result = sparse_inductor.calibrate(
         built["model"], *built["inputs"], kwargs=built.get("kwargs"), budget=args.budget, tile=args.tile,
         sample_fn=None if args.no_sample else built.get("sample_fn"), grid=built.get("grid"),

@@ -29,16 +29,9 @@ def reference_selection(q: Tensor, k: Tensor, grid, sparsity: float, tile=(4, 4,
     Mean-pools q and k per tile over its tokens, scores ``q̄ k̄ᵀ * scale`` and keeps the
     ``max(1, ceil((1 - sparsity) * M))`` best KV tiles per query tile, ties to the lower index.
     """
-    ids = tile_ids(grid, tile).to(q.device)
-    M = int(ids.max()) + 1
+    M = int(tile_ids(grid, tile).max()) + 1
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    onehot = torch.nn.functional.one_hot(ids, M).to(torch.float64)  # [N, M]
-    size = onehot.sum(0)
-
-    def pool(x):
-        return torch.einsum("bhnd,nm->bhmd", x.to(torch.float64), onehot) / size[:, None]
-
-    scores = pool(q) @ pool(k).transpose(-1, -2) * scale
+    scores = _pooled(q, grid, tile) @ _pooled(k, grid, tile).transpose(-1, -2) * scale
     keep = max(1, math.ceil(round((1.0 - sparsity) * M, 9)))
     selected = torch.zeros(scores.shape, dtype=torch.bool, device=q.device)
     B, H = scores.shape[:2]
@@ -77,6 +70,7 @@ def reference_video_sparse_attention(q, k, v, grid, sparsity=0.875, tile=(4, 4, 
 # Policies (DESIGN.md §3.7), written from their definitions with per-row Python loops.
 # ---------------------------------------------------------------------------------------------
 def _pooled(x: Tensor, grid, tile) -> Tensor:
+    """Per tile, the float64 mean of ``x`` over its tokens: ``[B, H, M, D]``."""
     ids = tile_ids(grid, tile).to(x.device)
     onehot = torch.nn.functional.one_hot(ids, int(ids.max()) + 1).to(torch.float64)
     return torch.einsum("bhnd,nm->bhmd", x.to(torch.float64), onehot) / onehot.sum(0)[:, None]
