@@ -42,6 +42,7 @@ class GridFound:
 class GridMissing:
     reason: str
     at_input: bool = False  # the walk ended at a graph input (a graph break may hide the grid)
+    node: object = None  # that input (the placeholder), for comparing where q and k come from
 
 
 # Ops that keep every axis where it is (elementwise, casts, norms over the last dim...).
@@ -129,7 +130,7 @@ class GridWalker:
         if len(axes) > 3:
             return GridMissing(f"the token axis splits into {len(axes)} axes at {node.name}")
         if node.op == "placeholder":
-            return GridMissing(f"reached graph input {node.name} without finding the grid", at_input=True)
+            return GridMissing(f"reached graph input {node.name} without finding the grid", at_input=True, node=node)
         if node.op == "get_attr":
             return GridMissing(f"reached parameter/buffer {node.target}")
         name = _name(node)

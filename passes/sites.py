@@ -7,19 +7,23 @@ graph.
 """
 from __future__ import annotations
 
+import contextvars
 import copy
 import logging
 import math
+import os
 import re
+import sys
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx
 import torch.nn.functional as F
 
+from sparse_inductor import _compat
 from sparse_inductor.api import MAX_HEAD_DIM, supported_dtypes
 
-from .grid import GridFound, GridWalker
+from .grid import GridFound, GridMissing, GridWalker
 from .shapes import same_size, size_hint, static_int, tensor_shape
 
 log = logging.getLogger("sparse_inductor")
@@ -112,18 +116,48 @@ def sdpa_arguments(node: torch.fx.Node) -> dict:
 
 
 # -------------------------------------------------------------------------------------------
-# Grids remembered across graphs of one call (a graph break between patchify and the blocks)
+# Grids remembered across the graphs of one call (a graph break between patchify and the blocks)
 # -------------------------------------------------------------------------------------------
-_remembered_grids: dict = {}
+# A graph that flattens a 5-d [B, C, T, H, W] / [B, T, H, W, C] tensor into tokens records, each
+# time it runs, ``(grids, frame)`` here: the frame is the innermost Python frame outside torch
+# and this package at that moment, i.e. the model code that ran the graph. A later graph whose
+# tokens arrive as an input may use these grids only while that frame is still on the stack:
+# Dynamo compiles the graph after a break from within the frame that ran the graph before it,
+# so the grids serve the rest of the same call and never an unrelated model compiled later.
+# Per thread / task (a ContextVar).
+_scope: contextvars.ContextVar = contextvars.ContextVar("sparse_inductor_remembered_grids", default=None)
+
+# Frames in these directories are not model code: torch, the passes, the sparse_inductor package.
+_INTERNAL_DIRS = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep
+                       for m in (torch, sys.modules[__name__], sys.modules["sparse_inductor"]))
+
+
+def _caller_frame():
+    """The innermost frame outside torch and this package (the model code), or None."""
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
+        frame = frame.f_back
+    return frame
+
+
+def _on_stack(frame_id: int, code) -> bool:
+    frame = sys._getframe(1)
+    while frame is not None:
+        if id(frame) == frame_id and frame.f_code is code:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def forget_grids() -> None:
     """Drop the grids remembered from earlier graphs (explain() starts from a clean slate)."""
-    _remembered_grids.clear()
+    _scope.set(None)
 
 
-def remember_grids(gm: torch.fx.GraphModule) -> None:
-    """Record the static grids a graph flattens into tokens, keyed by token count."""
+def grids_of(gm: torch.fx.GraphModule) -> dict:
+    """The static grids a graph flattens into tokens: ``{token count: grid}``, ``None`` for a count
+    two different grids flatten to (ambiguous)."""
+    grids: dict = {}
     for node in gm.graph.nodes:
         if node.op not in ("call_method", "call_function"):
             continue
@@ -134,13 +168,52 @@ def remember_grids(gm: torch.fx.GraphModule) -> None:
         if src_shape is None or out_shape is None or len(src_shape) != 5 or len(out_shape) != 3:
             continue
         # [B, C, T, H, W] -> [B, C, T*H*W]  (conv3d patch embedding, channels first)
-        sizes = [static_int(s) for s in src_shape[2:]]
-        if None not in sizes and static_int(out_shape[2]) == math.prod(sizes):
-            _remembered_grids[math.prod(sizes)] = tuple(sizes)
         # [B, T, H, W, C] -> [B, T*H*W, C]  (channels last)
-        sizes = [static_int(s) for s in src_shape[1:4]]
-        if None not in sizes and static_int(out_shape[1]) == math.prod(sizes):
-            _remembered_grids[math.prod(sizes)] = tuple(sizes)
+        for sizes, tokens in ((src_shape[2:], out_shape[2]), (src_shape[1:4], out_shape[1])):
+            sizes = [static_int(x) for x in sizes]
+            if None not in sizes and static_int(tokens) == math.prod(sizes):
+                _merge(grids, math.prod(sizes), tuple(sizes))
+    return grids
+
+
+def _merge(grids: dict, n: int, grid) -> None:
+    if n in grids and grids[n] != grid:
+        grids[n] = None
+    else:
+        grids[n] = grid
+
+
+def enter_grids(grids: dict) -> None:
+    """Called when a graph with ``grids`` (:func:`grids_of`) runs: later graphs compiled within the
+    same call may use them."""
+    frame = _caller_frame()
+    if frame is None:
+        return
+    key = (id(frame), frame.f_code)  # no reference to the frame: it would keep its locals alive
+    scope = _scope.get()
+    merged = dict(scope[1]) if scope is not None and scope[0] == key else {}
+    for n, g in grids.items():
+        _merge(merged, n, g)
+    _scope.set((key, merged))
+
+
+def remembered_grid(n):
+    """The grid remembered for ``n`` tokens in this call: a grid, ``None`` (none), or ``"ambiguous"``."""
+    scope = _scope.get()
+    if scope is None or n is None or n not in scope[1]:
+        return None
+    (frame_id, code), grids = scope
+    if not _on_stack(frame_id, code):
+        _scope.set(None)  # that call is over
+        return None
+    return grids[n] if grids[n] is not None else "ambiguous"
+
+
+def remember_grids(gm: torch.fx.GraphModule) -> None:
+    """Record the grids ``gm`` flattens for the rest of the current call (see :func:`enter_grids`)."""
+    grids = grids_of(gm)
+    if grids:
+        enter_grids(grids)
 
 
 # -------------------------------------------------------------------------------------------
@@ -232,11 +305,20 @@ def analyze(gm: torch.fx.GraphModule) -> list[Site]:
                 continue
             site.text_before, site.text_after = span
         else:
-            remembered = _remembered_grids.get(static_int(L)) if static_int(L) is not None else None
-            if result.at_input and remembered is not None:
+            if result.at_input:
+                # Provenance: the keys must come from the same graph input as the queries.
+                key_result = walker.query_grid(k)
+                if not (isinstance(key_result, GridMissing) and key_result.at_input and key_result.node is result.node):
+                    site.reason = ("keys do not come from the query's tokens (query and keys derive from different "
+                                   "tensors; not self-attention)")
+                    continue
+            remembered = remembered_grid(static_int(L)) if result.at_input else None
+            if isinstance(remembered, tuple):
                 site.grid, site.grid_source = remembered, "earlier graph"
             else:
                 site.reason = f"grid not found: {result.reason}"
+                if remembered == "ambiguous":
+                    site.reason += f" (earlier graphs of this call flatten {L} tokens from different grids)"
                 site.eligible = True  # a grid= in the config can still make it sparse
                 continue
         site.eligible = True
@@ -244,7 +326,10 @@ def analyze(gm: torch.fx.GraphModule) -> list[Site]:
 
 
 def _same_grid(a: GridFound, b: GridFound) -> bool:
-    return (len(a.sizes) == len(b.sizes) and all(same_size(x, y) for x, y in zip(a.sizes, b.sizes))
+    """Same grid, same video span, and found on the same tensor (the token tensor before the
+    per-branch projections): keys from another video with an equal grid are not self-attention."""
+    return (a.source[0] is b.source[0] and tuple(a.source[1]) == tuple(b.source[1])
+            and len(a.sizes) == len(b.sizes) and all(same_size(x, y) for x, y in zip(a.sizes, b.sizes))
             and same_size(a.start, b.start))
 
 
@@ -277,6 +362,17 @@ def decide(site: Site, cfg) -> Decision:
     if not site.eligible:
         return Decision(site, False, site.reason)
     grid, source = site.grid, site.grid_source
+    if cfg.grid is not None and grid is not None:
+        n_video = static_int(math.prod(grid)) if source == "graph" else math.prod(grid)
+        if n_video == math.prod(cfg.grid) and tuple(cfg.grid) != tuple(static_int(g) for g in grid):
+            if source != "graph":  # an explicit grid= wins over one remembered from an earlier graph
+                grid, source = cfg.grid, "config"
+            elif _all_static(grid):
+                raise _compat.user_error(ValueError, (
+                    f"sparse_inductor: grid={tuple(cfg.grid)} contradicts the grid "
+                    f"{tuple(static_int(g) for g in grid)} the graph proves for attention site "
+                    f"{site.module_path or '<top>'} ({n_video} video tokens); grid= is for sites whose grid the "
+                    "graph cannot prove: drop it or make it agree"))
     if grid is None:
         if cfg.grid is None:
             return Decision(site, False, site.reason + " (pass grid=(T, H, W) to sparsity() to set it)")
@@ -290,8 +386,8 @@ def decide(site: Site, cfg) -> Decision:
     heads = static_int(site.q_shape[1])
     mismatch = policy.check_heads(heads) if heads is not None else ""
     if mismatch:
-        raise ValueError(f"sparse_inductor: the policy of attention site {site.module_path or '<top>'} does not fit: "
-                         f"{mismatch}")
+        raise _compat.user_error(ValueError, f"sparse_inductor: the policy of attention site "
+                                             f"{site.module_path or '<top>'} does not fit: {mismatch}")
     n_video = math.prod(size_hint(s) for s in grid)
     if policy.is_dense() and cfg.query_keep == 1.0:
         why = "sparsity 0 (dense SDPA)" if type(policy).__name__ == "TopK" else \

@@ -36,6 +36,20 @@ def current_tracing_context():
     return TracingContext.try_get()
 
 
+_FALLBACK_LOCK = __import__("threading").RLock()
+
+
+def compile_lock():
+    """Dynamo's compile lock (an ``RLock``; held while Dynamo compiles a frame, so also while our
+    backend compiles a graph's first variant). Later variants compile under it too: one lock, so
+    no lock-order deadlock with a Dynamo compile in another thread."""
+    try:
+        from torch._dynamo.convert_frame import compile_lock as lock
+    except ImportError:  # pragma: no cover - moved in some version: our own lock
+        return _FALLBACK_LOCK
+    return lock
+
+
 def tracing(context):
     """Re-enter a saved tracing context (so a later compile sees the same symbolic shapes)."""
     from torch._guards import tracing as _tracing
@@ -47,6 +61,43 @@ def dispatch_mode_active() -> bool:
     """Whether a ``TorchDispatchMode`` (``FakeTensorMode``, a proxy/functional mode of a tracer)
     is active, so that tensors created now are not plain tensors."""
     return torch._C._len_torch_dispatch_stack() > 0
+
+
+_USER_ERRORS: dict = {}
+
+
+def user_error(kind: type, message: str) -> Exception:
+    """An exception of type ``kind`` (e.g. ``ValueError``) that Dynamo lets through unwrapped when
+    a backend raises it while compiling: any other exception from a backend reaches the user as
+    ``BackendCompilerFailed``. (Dynamo re-raises its ``ShortenTraceback`` exceptions as they are;
+    the class also derives from ``kind``, so ``except ValueError`` catches it.)"""
+    cls = _USER_ERRORS.get(kind)
+    if cls is None:
+        try:
+            from torch._dynamo.exc import ShortenTraceback
+        except ImportError:  # pragma: no cover - an older or newer Dynamo: a plain exception
+            cls = kind
+        else:
+            def __init__(self, *args):
+                ShortenTraceback.__init__(self, *args, first_useful_frame=None)
+
+            cls = type(kind.__name__, (kind, ShortenTraceback), {"__init__": __init__, "__module__": kind.__module__,
+                                                                "__doc__": kind.__doc__})
+        _USER_ERRORS[kind] = cls
+    return cls(message)
+
+
+def functorch_grad_active() -> bool:
+    """Whether a ``torch.func`` differentiation transform (``grad``, ``vjp``, ``jacrev``, ``jvp``,
+    ``jacfwd``, ``hessian``...) is active: custom ops whose autograd is registered through
+    ``torch.library`` cannot run under those (``vmap`` alone can, through torch's per-sample
+    fallback)."""
+    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is None:
+        return False
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    return any(i.key() in (TransformType.Grad, TransformType.Jvp) for i in retrieve_all_functorch_interpreters())
 
 
 def mode_options(mode: str) -> dict:

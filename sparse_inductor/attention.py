@@ -9,19 +9,22 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import ops  # registers the custom ops; KERNEL_VERSION
+from . import _compat, ops  # ops registers the custom ops
 from .layout import TileLayout, build_layout
-from .query_keep import broadcast_centres, select_queries
+from .query_keep import _centre_maps, broadcast_centres, select_queries
 from .selection import select_tiles
 from .stats import recording
 
 
-def _text_valid_first(layout: TileLayout, key_padding_mask: Tensor):
-    """Per-batch KV slot tables that put each batch's unmasked text keys first, and per-batch KV
-    counts that exclude the masked ones (DESIGN.md §3.5 with a key-padding mask).
+def _valid_keys_first(layout: TileLayout, key_padding_mask: Tensor):
+    """Per-batch KV slot tables in which every block lists its unmasked keys first, and per-batch
+    KV counts of the unmasked keys only (DESIGN.md §3.5 with a key-padding mask).
 
-    Text queries stay valid (their block counts are unchanged); only keys are masked. A masked
-    key keeps its slot past the count: never attended, and its dK/dV row is written as 0.
+    Text keys are packed across the text blocks (each batch's unmasked text keys first); each video
+    tile keeps its own slots, unmasked ones first (stable, so in raster order). Queries are never
+    masked (their block counts are unchanged); a masked key sits past its block's count: never
+    attended, and its dK/dV row is written as 0. The coarse selection does not see the mask (it
+    pools every video token). So any bool key-padding mask is exact, whatever keys it hides.
     """
     B = key_padding_mask.shape[0]
     keep = key_padding_mask.reshape(B, -1)  # [B, L] True = attend
@@ -29,19 +32,22 @@ def _text_valid_first(layout: TileLayout, key_padding_mask: Tensor):
     video_slots = Mv * S
     L_text = layout.text_before + layout.text_after
     slots = layout.slots
+    # Video tiles: unmasked keys first within each tile.
+    video = slots[:video_slots].long()
+    video_keep = ((video >= 0) & keep[:, video.clamp(min=0)]).view(B, Mv, S)
+    order = torch.sort((~video_keep).to(torch.int8), dim=2, stable=True).indices
+    video_tables = torch.gather(slots[:video_slots].view(1, Mv, S).expand(B, Mv, S), 2, order).reshape(B, video_slots)
+    video_counts = video_keep.sum(2, dtype=torch.int32)
+    # Text blocks: the unmasked text keys first, across the text blocks.
     text_pos = slots[video_slots: video_slots + L_text].long()  # text positions, in order
-    order = torch.sort((~keep[:, text_pos]).to(torch.int8), dim=1, stable=True).indices  # [B, Lt]
-    kv_slots = slots.expand(B, -1).clone()
-    kv_slots[:, video_slots: video_slots + L_text] = text_pos[order].to(torch.int32)
+    text_order = torch.sort((~keep[:, text_pos]).to(torch.int8), dim=1, stable=True).indices  # [B, Lt]
+    kv_slots = torch.cat([video_tables, slots[video_slots:].expand(B, -1)], dim=1).clone()
+    kv_slots[:, video_slots: video_slots + L_text] = text_pos[text_order].to(torch.int32)
     n_valid = keep[:, text_pos].sum(1, keepdim=True)  # [B, 1]
     text_blocks = torch.arange(layout.num_tiles - Mv, device=keep.device)
     text_counts = torch.clamp(n_valid - text_blocks * S, min=0, max=S)
-    kv_counts = torch.cat([layout.counts[:Mv].expand(B, -1), text_counts.to(torch.int32)], dim=1)
-    # Masked video keys cannot be expressed by block counts; the pass only rewrites masks that
-    # pad text, and this check makes a violation loud instead of wrong.
-    video_keep = keep[:, layout.text_before: layout.text_before + layout.num_video_tokens]
-    torch._assert_async(video_keep.all(), "sparse_inductor: attn_mask masks video keys")
-    return kv_slots, kv_counts.contiguous()
+    kv_counts = torch.cat([video_counts, text_counts.to(torch.int32)], dim=1)
+    return kv_slots.contiguous(), kv_counts.contiguous()
 
 
 def _no_rows(B, H) -> bool:
@@ -70,7 +76,8 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, grid, *, tile, sparsity: f
     ``q, k, v``: ``[B, H, L, D]``. Video query tiles attend to the video tiles the ``policy``
     (default ``TopK(sparsity)``) keeps and to all text; text queries attend to everything.
     ``query_keep < 1`` computes only some rows of each video tile (:mod:`.query_keep`).
-    ``key_padding_mask`` (bool, ``[B, 1, 1, L]``, True = attend) may mask text keys only.
+    ``key_padding_mask`` (bool, ``[B, 1, 1, L]`` or ``[1, 1, 1, L]``, True = attend) hides keys, text
+    or video, from every query (not from the coarse selection).
     ``static_lists`` (``{static policy: (num, idx)}``) passes lists precomputed for this grid
     (graph constants of static patterns, so no selection runs for them). ``record_as`` (a site
     name) records the selection in an active :func:`sparse_inductor.stats` context; eager calls
@@ -91,7 +98,7 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, grid, *, tile, sparsity: f
     if key_padding_mask is None:
         kv_slots, kv_counts = layout.slots.expand(B, -1), layout.counts.expand(B, -1)
     else:
-        kv_slots, kv_counts = _text_valid_first(layout, key_padding_mask)
+        kv_slots, kv_counts = _valid_keys_first(layout, key_padding_mask.expand(B, -1, -1, -1))
     with torch.no_grad():
         kv_num_blocks, kv_indices = select_tiles(q.detach(), k.detach(), layout, policy, scale,
                                                  static_lists=static_lists)
@@ -111,9 +118,14 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, grid, *, tile, sparsity: f
         kv_num_blocks, kv_indices = keep.query_lists(kv_num_blocks, kv_indices)
     else:
         q_slots, q_counts = layout.slots.expand(B, H, -1), layout.counts.expand(B, H, -1)
-    out, _ = torch.ops.sparse_inductor.block_sparse_attn_fwd(
-        q, k, v, q_slots, kv_slots, q_counts, kv_counts, kv_num_blocks, kv_indices, scale, ops.KERNEL_VERSION)
-    return out if keep is None else broadcast_centres(out, keep)
+    out, _ = ops.block_sparse_attention(q, k, v, q_slots, kv_slots, q_counts, kv_counts, kv_num_blocks, kv_indices,
+                                        scale)
+    if keep is None:
+        return out
+    if _compat.functorch_grad_active():  # the autograd.Function of broadcast_centres predates torch.func
+        centre_pos, _, _ = _centre_maps(layout, out.device)
+        return torch.where(keep.kept.unsqueeze(-1), out, out.index_select(2, centre_pos))
+    return broadcast_centres(out, keep)
 
 
 def sparse_attention_static_layout(q: Tensor, k: Tensor, v: Tensor, counts: Tensor, gather_index: Tensor,

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 
 import torch
 
 from . import _compat
-from .config import config_from_options, current_config
+from .config import SparsityConfig, config_from_options, current_config
 from .ops import source_hash
 from .stats import recording
 
@@ -39,20 +40,38 @@ def cache_pass(plan_key):
     return SparseInductorCacheKey()
 
 
+def check_options(options) -> SparsityConfig:
+    """The config of ``options=`` (``torch.compile(..., options={...})``), validated. Raised while
+    Dynamo compiles, a plain ``ValueError`` would reach the user wrapped in
+    ``BackendCompilerFailed``; this one arrives as it is."""
+    try:
+        return config_from_options(options)
+    except ValueError as error:
+        raise _compat.user_error(ValueError, str(error)) from None
+
+
 class SparseInductorGraph:
-    """The callable returned for one Dynamo graph: dispatches to a variant per plan."""
+    """The callable returned for one Dynamo graph: dispatches to a variant per plan.
+
+    Thread-safe: a variant is compiled under Dynamo's compile lock (a config seen for the first
+    time in two threads at once is compiled once; the saved tracing context is entered by one
+    thread at a time), and the per-config lookup of a compiled variant takes no lock.
+    """
 
     def __init__(self, gm: torch.fx.GraphModule, example_inputs, options=None, mode=None):
-        from passes.sites import analyze, remember_grids
+        from passes.sites import analyze, grids_of
 
+        self.base_config = check_options(options)
         self.gm = gm
         self.example_inputs = example_inputs
-        self.base_config = config_from_options(options)
         self.mode_patches = _mode_patches(mode)
-        remember_grids(gm)
+        # The grids this graph flattens, offered to later graphs of the same call while it runs.
+        self.grids = grids_of(gm)
         self.sites = analyze(gm)
+        self.site_paths = tuple(s.module_path for s in self.sites)
         self.variants: dict = {}  # plan key -> compiled variant
         self._by_config: dict = {}  # config -> compiled variant (skips re-planning on every call)
+        self._layers_seen: set = set()  # the layers= overrides this graph ran with
         self.tracing_context = _compat.current_tracing_context()
         self.compiled_keys: list = []  # in compile order, for tests and diagnostics
         self.variant_for(current_config(self.base_config))  # compile now, inside Dynamo's context
@@ -61,19 +80,23 @@ class SparseInductorGraph:
         fn = self._by_config.get((cfg, record))
         if fn is not None:
             return fn
-        from passes.sites import log_dense, plan, plan_key
+        with _compat.compile_lock():
+            fn = self._by_config.get((cfg, record))  # another thread may have compiled it meanwhile
+            if fn is not None:
+                return fn
+            from passes.sites import log_dense, plan, plan_key
 
-        decisions = plan(self.sites, cfg)
-        key = plan_key(decisions, cfg.tile)
-        if record and key != ("dense",):
-            key = key + ("record",)
-        fn = self.variants.get(key)
-        if fn is None:
-            log_dense(decisions)
-            fn = self._compile(decisions, cfg.tile, key, record)
-            self.variants[key] = fn
-            self.compiled_keys.append(key)
-        self._by_config[(cfg, record)] = fn
+            decisions = plan(self.sites, cfg)
+            key = plan_key(decisions, cfg.tile)
+            if record and key != ("dense",):
+                key = key + ("record",)
+            fn = self.variants.get(key)
+            if fn is None:
+                log_dense(decisions)
+                fn = self._compile(decisions, cfg.tile, key, record)
+                self.variants[key] = fn
+                self.compiled_keys.append(key)
+            self._by_config[(cfg, record)] = fn
         return fn
 
     def _compile(self, decisions, tile, key, record=False):
@@ -90,8 +113,49 @@ class SparseInductorGraph:
         return _compat.compile_fx(gm, self.example_inputs, config_patches=patches)
 
     def __call__(self, *args):
+        cfg = current_config(self.base_config)
+        if self.grids:
+            from passes.sites import enter_grids
+
+            enter_grids(self.grids)
+        if cfg.layers and cfg.layers not in _layers_checked:
+            self._check_layers(cfg.layers)
         # Inside sparse_inductor.stats(), a variant with the recording op (it syncs once a call).
-        return self.variant_for(current_config(self.base_config), recording())(*args)
+        return self.variant_for(cfg, recording())(*args)
+
+    def _check_layers(self, layers):
+        """Warn once about a ``layers=`` pattern that matches no attention site. A model's sites may
+        be spread over several graphs (graph breaks), all compiled during its first call: the
+        check runs when a graph runs a second time with the same ``layers``, by then over the sites
+        of every graph that ran with them."""
+        with _layers_lock:
+            if layers in self._layers_seen:
+                warn_unmatched_layers(layers, _layers_sites.get(layers, set()))
+                _layers_checked.add(layers)
+            else:
+                self._layers_seen.add(layers)
+                _layers_sites.setdefault(layers, set()).update(self.site_paths)
+
+
+_layers_lock = threading.Lock()
+_layers_sites: dict = {}  # layers= value -> module paths of the sites of the graphs that ran with it
+_layers_checked: set = set()
+_layers_warned: set = set()
+
+
+def warn_unmatched_layers(layers, site_paths, once: bool = True) -> None:
+    """Log a warning for each ``layers=`` pattern matching none of ``site_paths`` (with ``once``,
+    only the first time for a pattern)."""
+    from .config import layer_matches
+
+    paths = sorted(p or "<top>" for p in set(site_paths))
+    for pattern, _ in layers:
+        if once and pattern in _layers_warned:
+            continue
+        if not any(layer_matches(pattern, p) for p in set(site_paths)):
+            _layers_warned.add(pattern)
+            log.warning("sparse_inductor: layers pattern %r matches no attention site; the module paths of the "
+                        "sites are: %s", pattern, ", ".join(paths) if paths else "(none)")
 
 
 def _mode_patches(mode) -> dict:
@@ -104,7 +168,8 @@ def sparse_inductor_backend(gm, example_inputs, *, mode=None, options=None):
     """``torch.compile(model, backend="sparse_inductor", options={...})``.
 
     ``options`` takes the keys of :func:`sparse_inductor.sparsity` (``sparsity``, ``tile``,
-    ``min_tokens``, ``layers``, ``grid``) as the defaults of this compiled model; a
-    ``sparsity(...)`` context in force at call time overrides them.
+    ``min_tokens``, ``layers``, ``grid``, ``policy``, ``query_keep``, ``plan``) as the defaults of
+    this compiled model; a ``sparsity(...)`` context in force at call time overrides them. A bad
+    key or value raises ``ValueError`` (at the first call: Dynamo calls the backend then).
     """
     return SparseInductorGraph(gm, example_inputs, options=options, mode=mode)

@@ -66,13 +66,19 @@ class SparsityConfig:
         site counts as inside its module, so ``"blocks.0.*"`` matches a site of ``blocks.0``
         itself too."""
         for pattern, value in self.layers:
-            if fnmatch.fnmatchcase(module_path, pattern) or fnmatch.fnmatchcase(module_path + ".", pattern):
+            if layer_matches(pattern, module_path):
                 return value
         if self.plan is not None:
             planned = self.plan.policy_for(module_path)
             if planned is not None:
                 return planned
         return self.default_policy()
+
+
+def layer_matches(pattern: str, module_path: str) -> bool:
+    """Whether a ``layers=`` pattern names the site made by the module at ``module_path`` (a site
+    counts as inside its module, so ``"blocks.0.*"`` matches ``blocks.0`` itself too)."""
+    return fnmatch.fnmatchcase(module_path, pattern) or fnmatch.fnmatchcase(module_path + ".", pattern)
 
 
 def check_sparsity(value, name: str = "sparsity") -> float:

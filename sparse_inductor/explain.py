@@ -61,7 +61,9 @@ def explain(model, *args, **kwargs) -> Explanation:
     The model runs once, eagerly. Like ``torch._dynamo.explain`` this resets Dynamo's caches
     before and after, so already-compiled models recompile on their next call.
     """
-    from passes.sites import analyze, forget_grids, log_dense, plan, remember_grids
+    from passes.sites import analyze, enter_grids, forget_grids, grids_of, log_dense, plan
+
+    from .backend import warn_unmatched_layers
 
     model = getattr(model, "_orig_mod", model)  # an OptimizedModule from torch.compile
     cfg = current_config()
@@ -69,7 +71,7 @@ def explain(model, *args, **kwargs) -> Explanation:
     graph_index = [0]
 
     def record(gm, example_inputs):
-        remember_grids(gm)
+        grids = grids_of(gm)
         decisions = plan(analyze(gm), cfg)
         log_dense(decisions)
         for d in decisions:
@@ -85,7 +87,13 @@ def explain(model, *args, **kwargs) -> Explanation:
                 reason=d.reason,
             ))
         graph_index[0] += 1
-        return gm.forward
+        if not grids:
+            return gm.forward
+
+        def run(*graph_args):  # as the backend's graphs do: offer the grids to the rest of the call
+            enter_grids(grids)
+            return gm.forward(*graph_args)
+        return run
 
     torch.compiler.reset()
     forget_grids()
@@ -93,4 +101,7 @@ def explain(model, *args, **kwargs) -> Explanation:
         torch.compile(model, backend=record)(*args, **kwargs)
     finally:
         torch.compiler.reset()
+        forget_grids()
+    if cfg.layers:
+        warn_unmatched_layers(cfg.layers, [r["module"] if r["module"] != "<top>" else "" for r in rows], once=False)
     return Explanation(rows)

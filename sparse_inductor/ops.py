@@ -21,7 +21,7 @@ import os
 import torch
 from torch import Tensor
 
-from . import triton_launch
+from . import _compat, triton_launch
 from .selection import explicit_lists, lists_from_mask, mask_from_lists
 from .selection import pool_tiles as pool_tiles_torch
 from .selection import top_k_tiles as top_k_tiles_torch
@@ -321,6 +321,21 @@ def _(grad_out, q, k, v, lse, delta, q_slots, kv_slots, q_counts, kv_counts, kv_
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
+def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, q_slots: Tensor, kv_slots: Tensor, q_counts: Tensor,
+                           kv_counts: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor,
+                           scale: float) -> tuple[Tensor, Tensor]:
+    """``block_sparse_attn_fwd`` as callers use it: the custom op (kernels, lowering, autograd),
+    except under a ``torch.func`` differentiation transform, which custom ops do not support: then
+    the same arithmetic as plain, differentiable PyTorch (the CPU implementation, on any device;
+    exact, slower, and it materialises the gathered K/V of each query block)."""
+    if _compat.functorch_grad_active():
+        kv_indices = explicit_lists(kv_num_blocks, kv_indices, kv_counts.shape[-1], always=True)
+        out, lse = _torch_fwd(q, k, v, q_slots, kv_slots, q_counts, kv_counts, kv_num_blocks, kv_indices, scale)
+        return out.to(q.dtype), lse.to(stats_dtype(q.dtype))
+    return torch.ops.sparse_inductor.block_sparse_attn_fwd(q, k, v, q_slots, kv_slots, q_counts, kv_counts,
+                                                           kv_num_blocks, kv_indices, scale, KERNEL_VERSION)
+
+
 def _setup_context(ctx, inputs, output):
     q, k, v, q_slots, kv_slots, q_counts, kv_counts, kv_num_blocks, kv_indices, scale, kernel_version = inputs
     out, lse = output
@@ -335,6 +350,15 @@ def _backward(ctx, grad_out, grad_lse):
     if grad_lse is not None:
         # d lse / d s = softmax row, so a gradient on LSE folds into delta.
         delta = delta - grad_lse.to(stats)
+    if torch.is_grad_enabled():
+        # create_graph=True: the gradient itself is differentiated later (double backward). The
+        # backward op has no autograd formula, so the same arithmetic runs as plain, differentiable
+        # PyTorch (the CPU implementation, on any device). q, k, v, out and lse are the saved
+        # inputs and outputs, so their own graphs carry the second-order terms.
+        grads = _torch_bwd(grad_out, q, k, v, lse, delta, q_slots, kv_slots, q_counts, kv_counts, kv_num_blocks,
+                           kv_indices, ctx.scale)
+        dq, dk, dv = (g.to(x.dtype) for g, x in zip(grads, (q, k, v)))
+        return dq, dk, dv, None, None, None, None, None, None, None, None
     q_num_blocks, q_indices = transpose_block_lists(kv_num_blocks, kv_indices, kv_counts.shape[-1])
     dq, dk, dv = torch.ops.sparse_inductor.block_sparse_attn_bwd(
         grad_out, q, k, v, lse, delta.contiguous(), q_slots, kv_slots, q_counts, kv_counts, kv_num_blocks,

@@ -103,12 +103,13 @@ class BlockSelection:
         return float(self.kept_pairs().sum()) / (B * H * n * n)
 
 
-def explicit_lists(num: Tensor, indices: Tensor, num_cols: int) -> Tensor:
+def explicit_lists(num: Tensor, indices: Tensor, num_cols: int, always: bool = False) -> Tensor:
     """``indices`` with every full row (``num == num_cols``) written out as ``0 .. num_cols - 1``,
-    widened to ``num_cols`` entries if it is narrower and has a full row. For the CPU paths; the
-    kernels read full rows without their entries."""
+    widened to ``num_cols`` entries if it is narrower and has a full row (``always``: whether or
+    not it has one, with no data-dependent branch, e.g. under ``torch.vmap``). For the CPU paths;
+    the kernels read full rows without their entries."""
     full = num == num_cols
-    if not bool(full.any()):
+    if not always and indices.shape[-1] < num_cols and not bool(full.any()):
         return indices
     K = indices.shape[-1]
     if K < num_cols:

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from helpers import (HAS_TRITON, KERNEL_DEVICE, REL_TOL, assert_close_rel, grids, joint_token_mask, kernel_dtypes,
                      sparsities, text_key_keep, text_paddings, tiles)
 from sparse_inductor import TopK, triton_launch
-from sparse_inductor.attention import _text_valid_first
+from sparse_inductor.attention import _valid_keys_first
 from sparse_inductor.layout import build_layout, tile_layout
 from sparse_inductor.ops import transpose_block_lists
 from sparse_inductor.reference import reference_attention, reference_selection, token_mask
@@ -127,7 +127,7 @@ def test_kernels_joint_text_and_key_padding(grid, tile, sparsity, dtype, before,
     layout = build_layout(grid, tile, before, after)
     slots, counts = layout.slots.expand(B, -1), layout.counts.expand(B, -1)
     q_slots, q_counts = layout.slots.expand(B, H, -1), layout.counts.expand(B, H, -1)
-    kv_slots, kv_counts = (slots, counts) if padding == "none" else _text_valid_first(layout, keep.view(B, 1, 1, L))
+    kv_slots, kv_counts = (slots, counts) if padding == "none" else _valid_keys_first(layout, keep.view(B, 1, 1, L))
     scale = D ** -0.5
     kv_num, kv_idx = select_tiles(q, k, layout, TopK(sparsity), scale)
     dev = [x.to(KERNEL_DEVICE) for x in (q, k, v, grad)]

@@ -16,7 +16,7 @@ from sparse_inductor.attention import sparse_attention
 from sparse_inductor.layout import tile_layout
 from sparse_inductor.ops import transpose_block_lists
 from sparse_inductor.reference import tile_ids
-from sparse_inductor.selection import lists_from_mask, mask_from_lists
+from sparse_inductor.selection import lists_from_mask
 from video_dit import TinyVideoDiT
 
 NAN, INF = float("nan"), float("inf")
@@ -272,10 +272,61 @@ class BrokenPatchify(nn.Module):
         return F.scaled_dot_product_attention(q, k, v)
 
 
+def test_cache_isolation_grid_does_not_leak_into_another_model():
+    """Item 2: a grid remembered while compiling one model made an unrelated model with the same
+    token count sparse on that grid, and beat an explicit grid=."""
+    torch._dynamo.reset()
+    latents = torch.randn(2, 4, 4, 16, 16)  # -> grid (4, 8, 8) = 256 tokens
+    packed = torch.randn(2, 256, 32)
+    q = packed.view(2, 256, 2, 16).transpose(1, 2)
+    with torch.no_grad(), si.sparsity(0.5, min_tokens=0):
+        a = torch.compile(BrokenPatchify(), backend="sparse_inductor")
+        a(latents)
+        got = torch.compile(PrePacked(), backend="sparse_inductor")(packed)
+        torch.testing.assert_close(got, F.scaled_dot_product_attention(q, q, q))  # dense: no grid
+        row = list(si.explain(PrePacked(), packed))[0]
+        assert row["decision"] == "dense" and "grid=(T, H, W)" in row["reason"]
+        with si.sparsity(grid=(1, 16, 16)):
+            torch._dynamo.reset()
+            a = torch.compile(BrokenPatchify(), backend="sparse_inductor")
+            a(latents)
+            got = torch.compile(PrePacked(), backend="sparse_inductor")(packed)
+            want = si.video_sparse_attention(q, q, q, (1, 16, 16), sparsity=0.5)
+            torch.testing.assert_close(got, want)
+    torch._dynamo.reset()
 
 
+def test_explicit_grid_wins_over_the_grid_of_an_earlier_graph():
+    """Item 2: across a graph break the grid of the earlier graph is used, unless grid= says
+    otherwise; explain() reports the grid the run uses."""
+    torch._dynamo.reset()
+    model = BrokenPatchify()
+    latents = torch.randn(2, 4, 4, 16, 16)
+    tokens = model.embed(latents).flatten(2).transpose(1, 2)
+    q = tokens.view(2, 256, 2, 16).transpose(1, 2)
+    with torch.no_grad(), si.sparsity(0.5, min_tokens=0):
+        row = list(si.explain(model, latents))[0]
+        assert row["grid"] == (4, 8, 8) and row["grid_source"] == "earlier graph"
+        got = torch.compile(model, backend="sparse_inductor")(latents)
+        torch.testing.assert_close(got, si.video_sparse_attention(q, q, q, (4, 8, 8), sparsity=0.5))
+        with si.sparsity(grid=(1, 16, 16)):
+            row = list(si.explain(model, latents))[0]
+            assert row["grid"] == (1, 16, 16) and row["grid_source"] == "config"
+            torch._dynamo.reset()
+            got = torch.compile(model, backend="sparse_inductor")(latents)
+            torch.testing.assert_close(got, si.video_sparse_attention(q, q, q, (1, 16, 16), sparsity=0.5))
+    torch._dynamo.reset()
 
 
+def test_explicit_grid_contradicting_the_graph_is_an_error():
+    """Item 2: a grid= with the token count of a grid the graph proves, but other sizes, names both."""
+    model = TinyVideoDiT(layers=1).eval()
+    x, text = torch.randn(2, 4, 5, 12, 20), torch.randn(2, 7, 16)  # grid (5, 6, 10)
+    with torch.no_grad(), si.sparsity(0.5, min_tokens=0, grid=(1, 30, 10)):
+        with pytest.raises(ValueError, match=r"\(1, 30, 10\).*\(5, 6, 10\)"):
+            si.explain(model, x, text)
+        with si.sparsity(grid=(5, 6, 10)):  # agreeing is fine
+            assert si.explain(model, x, text).sparse_rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,6 +353,35 @@ def run_threads(targets, timeout=300):
         raise errors[0]
 
 
+def test_concurrent_threads_each_in_its_own_sparsity_compile_cold_variants():
+    """Item 3: two threads compiling new variants at once crashed (one saved tracing context
+    re-entered by both). Each thread's result must be its own config's."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = TinyVideoDiT(layers=1).eval()
+    x, text = torch.randn(2, 4, 5, 12, 20), torch.randn(2, 7, 16)
+    compiled = torch.compile(model, backend="sparse_inductor")
+    with torch.no_grad():
+        compiled(x, text)  # dense (default min_tokens): Dynamo has traced the graph
+    values = [0.25, 0.5, 0.75]
+    barrier = threading.Barrier(len(values))
+    results = {}
+
+    def work(s):
+        def run():
+            with torch.no_grad(), si.sparsity(s, min_tokens=0):
+                barrier.wait(timeout=60)
+                results[s] = compiled(x, text)
+        return run
+
+    run_threads([work(s) for s in values])
+    for s in values:
+        oracle = TinyVideoDiT(layers=1).eval()
+        oracle.load_state_dict(model.state_dict())
+        oracle.use_self_attention(lambda q, k, v, s=s: si.video_sparse_attention(q, k, v, (5, 6, 10), sparsity=s))
+        with torch.no_grad():
+            assert rel(results[s], oracle(x, text)) < 1e-5, s
+    torch._dynamo.reset()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,6 +410,23 @@ class TwoInputs(nn.Module):
                                               b.view(B, N, 2, 16).transpose(1, 2))
 
 
+def test_keys_from_another_video_stay_dense():
+    """Item 4: sdpa(tok(x), tok(y), tok(y)) with the same grid was rewritten (x != y)."""
+    torch._dynamo.reset()
+    model = TwoVideos()
+    x, y = torch.randn(2, 4, 4, 16, 16), torch.randn(2, 4, 4, 16, 16)
+    with torch.no_grad(), si.sparsity(0.5, min_tokens=0):
+        row = list(si.explain(model, x, y))[0]
+        assert row["decision"] == "dense" and "keys do not come" in row["reason"], row
+        got = torch.compile(model, backend="sparse_inductor")(x, y)
+        torch.testing.assert_close(got, model(x, y))
+        a, b = torch.randn(2, 256, 32), torch.randn(2, 256, 32)
+        with si.sparsity(grid=(4, 8, 8)):
+            row = list(si.explain(TwoInputs(), a, b))[0]
+            assert row["decision"] == "dense" and "keys do not come" in row["reason"], row
+            row = list(si.explain(TwoInputs(), a, a))[0]  # the same tensor twice: self-attention
+            assert row["decision"] == "sparse", row
+    torch._dynamo.reset()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -395,10 +492,48 @@ def _tiny(seed=0, requires_grad=True):
             for _ in range(3)]
 
 
+@pytest.mark.parametrize("query_keep", [1.0, 0.5])
+def test_double_backward_is_exact(query_keep):
+    """Item 7: second-order gradients (create_graph=True) raised "no autograd formula"."""
+    q, k, v = _tiny()
+
+    def fn(q, k, v):
+        return si.video_sparse_attention(q, k, v, (2, 4, 4), sparsity=0.5, tile=(1, 2, 4), query_keep=query_keep)
+
+    assert torch.autograd.gradgradcheck(fn, (q, k, v), atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("query_keep", [1.0, 0.5])
+def test_torch_func_grad_matches_autograd(query_keep):
+    """Item 7: torch.func.grad raised "must override setup_context"."""
+    q, k, v = _tiny(requires_grad=False)
+
+    def loss(q, k, v):
+        return si.video_sparse_attention(q, k, v, (2, 4, 4), sparsity=0.5, tile=(1, 2, 4),
+                                         query_keep=query_keep).square().sum()
+
+    got = torch.func.grad(loss, argnums=(0, 1, 2))(q, k, v)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    want = torch.autograd.grad(loss(*leaves), leaves)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
 
 
+def test_vmap_and_per_sample_gradients():
+    """Item 7: torch.vmap already ran (torch's per-sample fallback for custom ops); vmap over
+    torch.func.grad (per-sample gradients) raised like grad did."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 1, 2, 32, 4, generator=g, dtype=torch.float64) for _ in range(3))
+
+    def f(q, k, v):
+        return si.video_sparse_attention(q, k, v, (2, 4, 4), sparsity=0.5, tile=(1, 2, 4))
+
+    torch.testing.assert_close(torch.vmap(f)(q, k, v), torch.stack([f(q[i], k[i], v[i]) for i in range(3)]))
+    per_sample = torch.vmap(torch.func.grad(lambda q, k, v: f(q, k, v).square().sum()))(q, k, v)
+    for i in range(3):
+        leaf = q[i].clone().requires_grad_()
+        (want,) = torch.autograd.grad(f(leaf, k[i], v[i]).square().sum(), leaf)
+        torch.testing.assert_close(per_sample[i], want)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -419,10 +554,108 @@ class MaskedJoint(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
+def test_joint_mask_that_masks_video_keys_is_exact():
+    """Item 8: a key-padding mask over video keys crashed at run time ("attn_mask masks video
+    keys"). Masked keys (text or video) never take part; the result is the masked reference."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = MaskedJoint()
+    latents, text = torch.randn(2, 4, 4, 16, 16), torch.randn(2, 7, 16)
+    grid, N, L = (4, 8, 8), 256, 263
+    keep = torch.rand(2, L, generator=torch.Generator().manual_seed(1)) < 0.7
+    keep[:, 0] = True
+    mask = keep.view(2, 1, 1, L)
+    with torch.no_grad(), si.sparsity(0.5, min_tokens=0):
+        assert si.explain(model, latents, text, mask).sparse_rows
+        got = torch.compile(model, backend="sparse_inductor")(latents, text, mask)
+        x = torch.cat([model.embed(latents).flatten(2).transpose(1, 2), model.text(text)], dim=1)
+        q = x.view(2, L, 2, 16).transpose(1, 2)
+        eager = sparse_attention(q, q, q, grid, sparsity=0.5, tile=(4, 4, 4), text_after=7, key_padding_mask=mask)
+        selected = si.select_blocks(q[:, :, :N], q[:, :, :N], grid, sparsity=0.5).dense_mask()
+        token_mask = joint_token_mask(selected, grid, (4, 4, 4), 0, 7, keep)
+        s = (q.double() @ q.double().transpose(-1, -2)) / 4.0
+        ref = torch.softmax(s.masked_fill(~token_mask, -INF), -1) @ q.double()
+    assert (got - ref).abs().max() < 1e-5
+    assert (eager - ref).abs().max() < 1e-5
+    torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("before, after, tile", [(0, 7, (4, 4, 4)), (19, 0, (2, 3, 5))])
+def test_key_padding_mask_over_video_keys_op_and_kernels(before, after, tile):
+    """Item 8: masked video keys (besides text keys) in the op and in the kernels, with gradients:
+    the masked reference, and dK = dV = 0 for every hidden key."""
+    from sparse_inductor.attention import _valid_keys_first
+    from sparse_inductor.layout import build_layout
+    from sparse_inductor.reference import reference_attention
+
+    grid, B, H, D = (3, 6, 10), 2, 2, 16
+    N = math.prod(grid)
+    L = before + N + after
+    g = torch.Generator().manual_seed(before)
+    q, k, v, grad = (torch.randn(B, H, L, D, generator=g) for _ in range(4))
+    keep = torch.rand(B, L, generator=g) < 0.6
+    keep[1, before: before + N // 2] = False  # whole tiles hidden in batch 1
+    mask = keep.view(B, 1, 1, L)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = sparse_attention(*leaves, grid, sparsity=0.5, tile=tile, text_before=before, text_after=after,
+                           key_padding_mask=mask)
+    got = torch.autograd.grad(out, leaves, grad)
+    video = slice(before, before + N)
+    selected = si.select_blocks(q[:, :, video], k[:, :, video], grid, sparsity=0.5, tile=tile).dense_mask()
+    token_mask = joint_token_mask(selected, grid, tile, before, after, keep)
+    q64, k64, v64 = (x.double().requires_grad_() for x in (q, k, v))
+    ref, _ = reference_attention(q64, k64, v64, token_mask)
+    ref = torch.nan_to_num(ref)  # a query row that sees no key: 0 (the reference's softmax is NaN there)
+    want = torch.autograd.grad(ref, (q64, k64, v64), grad.double())
+    assert (out - ref).abs().max() < 1e-5
+    for name, a, b in zip(("dq", "dk", "dv"), got, want):
+        assert (a - torch.nan_to_num(b)).abs().max() < 1e-4, name
+    for a in got[1:]:
+        assert (a.transpose(1, 2)[~keep] == 0).all()
+    if HAS_TRITON:
+        layout = build_layout(grid, tile, before, after)
+        kv_slots, kv_counts = _valid_keys_first(layout, mask)
+        q_slots, q_counts = layout.slots.expand(B, H, -1), layout.counts.expand(B, H, -1)
+        from sparse_inductor.selection import select_tiles
+
+        kv_num, kv_idx = select_tiles(q, k, layout, TopK(0.5), D ** -0.5)
+        dev = [x.to(KERNEL_DEVICE) for x in (q, k, v, grad)]
+        tables = [t.to(KERNEL_DEVICE) for t in (q_slots, kv_slots, q_counts, kv_counts, kv_num, kv_idx)]
+        k_out, lse = torch.empty_like(dev[0]), torch.empty(B, H, L, device=KERNEL_DEVICE)
+        triton_launch.block_sparse_fwd(*dev[:3], k_out, lse, *tables, D ** -0.5)
+        assert (k_out.cpu() - ref).abs().max() < 1e-5
 
 
+def test_layers_pattern_that_matches_no_site_warns_once(caplog):
+    torch._dynamo.reset()
+    model = TinyVideoDiT(layers=1).eval()
+    x, text = torch.randn(2, 4, 5, 12, 20), torch.randn(2, 7, 16)
+    compiled = torch.compile(model, backend="sparse_inductor")
+    with torch.no_grad(), si.sparsity(0.5, min_tokens=0, layers={"block.0.*": 0.0, "blocks.0.*": 0.25}):
+        with caplog.at_level("WARNING", logger="sparse_inductor"):
+            for _ in range(3):
+                compiled(x, text)
+        warnings = [r.getMessage() for r in caplog.records if "block.0.*" in r.getMessage()]
+        assert len(warnings) == 1, warnings
+        assert "blocks.0" in warnings[0] and "blocks.0.*" not in warnings[0].split("matches")[0]
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="sparse_inductor"):
+            si.explain(model, x, text)
+        assert any("block.0.*" in r.getMessage() for r in caplog.records)
+    torch._dynamo.reset()
+
+
+def test_unknown_option_is_a_plain_value_error():
+    """Item 8: an unknown options= key surfaced wrapped in BackendCompilerFailed."""
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    torch._dynamo.reset()
+    compiled = torch.compile(PrePacked(), backend="sparse_inductor", options={"sparsty": 0.5})
+    with pytest.raises(ValueError, match="sparsty") as info:
+        compiled(torch.randn(1, 16, 32))
+    assert not isinstance(info.value, BackendCompilerFailed)
+    assert "accepted keys" in str(info.value)
+    torch._dynamo.reset()
 
 
 def test_float64_model_becomes_sparse_on_cpu():
