@@ -100,6 +100,16 @@ def functorch_grad_active() -> bool:
     return any(i.key() in (TransformType.Grad, TransformType.Jvp) for i in retrieve_all_functorch_interpreters())
 
 
+def has_forward_grad(*tensors) -> bool:
+    """Whether any tensor is a forward-mode AD dual (``torch.autograd.forward_ad``): custom ops
+    without a forward formula would silently drop its tangent."""
+    if torch.compiler.is_compiling():
+        return False
+    from torch.autograd.forward_ad import unpack_dual
+
+    return any(unpack_dual(t).tangent is not None for t in tensors)
+
+
 def mode_options(mode: str) -> dict:
     """The Inductor config patches of a ``torch.compile`` mode (e.g. ``"max-autotune"``)."""
     from torch._inductor import list_mode_options

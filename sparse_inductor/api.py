@@ -129,7 +129,13 @@ def video_sparse_attention(q: Tensor, k: Tensor, v: Tensor, grid, *, sparsity: f
         scale: softmax scale, default ``1 / sqrt(D)``.
 
     Returns:
-        ``[B, H, N, D]`` in the same token order; differentiable in ``q``, ``k`` and ``v``.
+        ``[B, H, N, D]`` in the same token order; differentiable in ``q``, ``k`` and ``v`` (also twice,
+        forward-mode and under ``torch.func``).
+
+    NaN and Inf (README, Guarantees): a row is NaN where its query or a kept key / value gives NaN,
+    as in attention over the kept tokens; a row that keeps no key is 0. The selection ranks NaN
+    coarse scores below every number, ties to the lower index (so a NaN key outside the kept tiles
+    does not reach the output).
     """
     _check_tensors([("q", q), ("k", k), ("v", v)])
     layout, scale, policy, query_keep = _prepare(q, grid, tile, scale, policy, sparsity, query_keep)

@@ -122,7 +122,9 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, grid, *, tile, sparsity: f
                                         scale)
     if keep is None:
         return out
-    if _compat.functorch_grad_active():  # the autograd.Function of broadcast_centres predates torch.func
+    if _compat.functorch_grad_active() or _compat.has_forward_grad(out):
+        # broadcast_centres' autograd.Function has no setup_context / jvp: the plain expression here
+        # has the same gradient.
         centre_pos, _, _ = _centre_maps(layout, out.device)
         return torch.where(keep.kept.unsqueeze(-1), out, out.index_select(2, centre_pos))
     return broadcast_centres(out, keep)

@@ -100,8 +100,11 @@ def _check_policy(value, name: str):
 
 
 def make_config(base: SparsityConfig, sparsity=_UNSET, *, tile=_UNSET, min_tokens=_UNSET, layers=_UNSET,
-                grid=_UNSET, policy=_UNSET, query_keep=_UNSET, plan=_UNSET) -> SparsityConfig:
-    """``base`` with the given fields replaced, each validated."""
+                grid=_UNSET, policy=_UNSET, query_keep=_UNSET, plan=_UNSET, **unknown) -> SparsityConfig:
+    """``base`` with the given fields replaced, each validated (an unknown keyword is a
+    ``ValueError`` naming it and the accepted ones)."""
+    if unknown:
+        raise ValueError(f"unknown sparsity() setting(s) {sorted(unknown)}; accepted keys are {list(_OPTION_KEYS)}")
     changes = {}
     if sparsity is not _UNSET:
         changes["sparsity"] = check_sparsity(sparsity)

@@ -325,10 +325,11 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, q_slots: Tensor, kv_
                            kv_counts: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor,
                            scale: float) -> tuple[Tensor, Tensor]:
     """``block_sparse_attn_fwd`` as callers use it: the custom op (kernels, lowering, autograd),
-    except under a ``torch.func`` differentiation transform, which custom ops do not support: then
-    the same arithmetic as plain, differentiable PyTorch (the CPU implementation, on any device;
-    exact, slower, and it materialises the gathered K/V of each query block)."""
-    if _compat.functorch_grad_active():
+    except under a ``torch.func`` differentiation transform or with forward-mode AD duals, which
+    the custom op does not support: then the same arithmetic as plain, differentiable PyTorch (the
+    CPU implementation, on any device; exact, slower, and it materialises the gathered K/V of each
+    query block)."""
+    if _compat.functorch_grad_active() or _compat.has_forward_grad(q, k, v):
         kv_indices = explicit_lists(kv_num_blocks, kv_indices, kv_counts.shape[-1], always=True)
         out, lse = _torch_fwd(q, k, v, q_slots, kv_slots, q_counts, kv_counts, kv_num_blocks, kv_indices, scale)
         return out.to(q.dtype), lse.to(stats_dtype(q.dtype))

@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from helpers import HAS_TRITON, KERNEL_DEVICE, joint_token_mask
+from reliability_helpers import INF, NAN, assert_same_nonfinite_and_close, masked_reference, reference_top_k
 import sparse_inductor as si
 from sparse_inductor import TopK, triton_launch
 from sparse_inductor.attention import sparse_attention
@@ -18,8 +19,6 @@ from sparse_inductor.ops import transpose_block_lists
 from sparse_inductor.reference import tile_ids
 from sparse_inductor.selection import lists_from_mask
 from video_dit import TinyVideoDiT
-
-NAN, INF = float("nan"), float("inf")
 
 
 def rel(a, b):
@@ -31,43 +30,6 @@ def rel(a, b):
 # keys or the query give NaN, finite elsewhere) on the CPU op and in the kernels; selection ranks
 # NaN scores lowest, on both devices.
 # ---------------------------------------------------------------------------------------------
-def masked_reference(q, k, v, selected, grid, tile, scale):
-    """float64 ``(out, lse)``: every query row attends to the tokens of its tile's kept tiles only
-    (gathered, so nothing outside them, NaN included, is ever touched). Differentiable."""
-    ids = tile_ids(grid, tile)
-    B, H, N, D = q.shape
-    q64, k64, v64 = (x.double() for x in (q, k, v))
-    outs, lses = [], []
-    for b in range(B):
-        for h in range(H):
-            out = q64.new_zeros(N, D)
-            lse = q64.new_full((N,), -INF)
-            for i in range(int(ids.max()) + 1):
-                rows = torch.nonzero(ids == i).flatten()
-                keys = torch.nonzero(selected[b, h, i][ids]).flatten()
-                if len(keys) == 0:
-                    continue
-                s = q64[b, h, rows] @ k64[b, h, keys].T * scale
-                out = out.index_put((rows,), torch.softmax(s, -1) @ v64[b, h, keys])
-                lse = lse.index_put((rows,), torch.logsumexp(s, -1))
-            outs.append(out)
-            lses.append(lse)
-    return torch.stack(outs).view(B, H, N, D), torch.stack(lses).view(B, H, N)
-
-
-def assert_same_nonfinite_and_close(got, want, tol, what, nan_exact=True):
-    """Non-finite at the same places (NaN at the same places unless ``nan_exact`` is False: an LSE
-    over +inf scores may be +inf or NaN), finite values close."""
-    got, want = got.detach().double().cpu(), want.detach().double().cpu()
-    finite = torch.isfinite(want)
-    assert torch.equal(torch.isfinite(got), finite), f"{what}: non-finite at different places"
-    if nan_exact:
-        assert torch.equal(torch.isnan(got), torch.isnan(want)), f"{what}: NaN at different places"
-    if finite.any():
-        err = (got[finite] - want[finite]).abs().max().item()
-        assert err <= tol * max(1.0, want[finite].abs().max().item()), f"{what}: max error {err:.2e}"
-
-
 POISONS = {
     "nan k": ("k", (0, 0, 37, 3), NAN),
     "nan q": ("q", (0, 1, 5, 0), NAN),
@@ -162,13 +124,6 @@ def test_nonfinite_inputs_kernels_agree_with_cpu_op(which):
     assert_same_nonfinite_and_close(lse, cpu_lse, 1e-5, "lse", nan_exact=which != "+inf q")
     for name, got, want in zip(("dq", "dk", "dv"), (dq, dk, dv), cpu_grads):
         assert_same_nonfinite_and_close(got, want, 1e-4, name)
-
-
-def reference_top_k(row, k):
-    """Columns of the k highest values, NaN below everything (-inf included), ties to the lower
-    column, increasing."""
-    order = sorted(range(len(row)), key=lambda j: (math.isnan(row[j]), -row[j] if not math.isnan(row[j]) else 0, j))
-    return sorted(order[:k])
 
 
 SCORE_ROWS = [
@@ -517,6 +472,25 @@ def test_torch_func_grad_matches_autograd(query_keep):
     want = torch.autograd.grad(loss(*leaves), leaves)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("query_keep", [1.0, 0.5])
+def test_forward_mode_ad_keeps_the_tangent(query_keep):
+    """Item 7: with torch.autograd.forward_ad duals the op silently returned no tangent."""
+    import torch.autograd.forward_ad as fwAD
+
+    q, k, v = _tiny(requires_grad=False)
+    tangent = torch.randn(q.shape, generator=torch.Generator().manual_seed(5), dtype=q.dtype)
+
+    def fn(q):
+        return si.video_sparse_attention(q, k, v, (2, 4, 4), sparsity=0.5, tile=(1, 2, 4), query_keep=query_keep)
+
+    with fwAD.dual_level():
+        got = fwAD.unpack_dual(fn(fwAD.make_dual(q, tangent))).tangent
+    assert got is not None
+    eps = 1e-6
+    torch.testing.assert_close(got, (fn(q + eps * tangent) - fn(q - eps * tangent)) / (2 * eps), rtol=1e-5,
+                               atol=1e-7)
 
 
 def test_vmap_and_per_sample_gradients():
