@@ -14,6 +14,7 @@ import math
 import os
 import re
 import sys
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -127,24 +128,42 @@ def sdpa_arguments(node: torch.fx.Node) -> dict:
 # Per thread / task (a ContextVar).
 _scope: contextvars.ContextVar = contextvars.ContextVar("sparse_inductor_remembered_grids", default=None)
 
-# Frames in these directories are not model code: torch, the passes, the sparse_inductor package.
+# Frames in these directories are not model code: torch (but torch.nn, whose containers' forwards
+# are a model's own, e.g. nn.Sequential), the passes, the sparse_inductor package.
 _INTERNAL_DIRS = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep
                        for m in (torch, sys.modules[__name__], sys.modules["sparse_inductor"]))
+_MODEL_DIRS = (os.path.join(os.path.dirname(os.path.abspath(torch.__file__)), "nn") + os.sep,)
 
 
 def _caller_frame():
-    """The innermost frame outside torch and this package (the model code), or None."""
+    """The innermost frame of model code (outside torch's machinery and this package), or None."""
     frame = sys._getframe(1)
-    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if not name.startswith(_INTERNAL_DIRS) or name.startswith(_MODEL_DIRS):
+            return frame
         frame = frame.f_back
-    return frame
+    return None
 
 
-def _on_stack(frame_id: int, code) -> bool:
+def _frame_key(frame) -> tuple:
+    """What identifies a running frame without keeping it (and its locals) alive: its id and code,
+    and a weak reference to its ``self`` (a frame's id and code are reused by the next call of the
+    same function, e.g. ``Module._call_impl`` of another model)."""
+    owner = frame.f_locals.get("self") if "self" in frame.f_code.co_varnames else None
+    try:
+        owner = weakref.ref(owner) if owner is not None else None
+    except TypeError:  # not weak-referenceable: id and code only
+        owner = None
+    return id(frame), frame.f_code, owner
+
+
+def _on_stack(key) -> bool:
+    frame_id, code, owner = key
     frame = sys._getframe(1)
     while frame is not None:
         if id(frame) == frame_id and frame.f_code is code:
-            return True
+            return owner is None or frame.f_locals.get("self") is owner()
         frame = frame.f_back
     return False
 
@@ -189,12 +208,16 @@ def enter_grids(grids: dict) -> None:
     frame = _caller_frame()
     if frame is None:
         return
-    key = (id(frame), frame.f_code)  # no reference to the frame: it would keep its locals alive
+    key = _frame_key(frame)  # no reference to the frame: it would keep its locals alive
     scope = _scope.get()
-    merged = dict(scope[1]) if scope is not None and scope[0] == key else {}
+    merged = dict(scope[1]) if scope is not None and _same_key(scope[0], key) else {}
     for n, g in grids.items():
         _merge(merged, n, g)
     _scope.set((key, merged))
+
+
+def _same_key(a, b) -> bool:
+    return a[0] == b[0] and a[1] is b[1] and (a[2] is None) == (b[2] is None) and (a[2] is None or a[2]() is b[2]())
 
 
 def remembered_grid(n):
@@ -202,18 +225,11 @@ def remembered_grid(n):
     scope = _scope.get()
     if scope is None or n is None or n not in scope[1]:
         return None
-    (frame_id, code), grids = scope
-    if not _on_stack(frame_id, code):
+    key, grids = scope
+    if not _on_stack(key):
         _scope.set(None)  # that call is over
         return None
     return grids[n] if grids[n] is not None else "ambiguous"
-
-
-def remember_grids(gm: torch.fx.GraphModule) -> None:
-    """Record the grids ``gm`` flattens for the rest of the current call (see :func:`enter_grids`)."""
-    grids = grids_of(gm)
-    if grids:
-        enter_grids(grids)
 
 
 # -------------------------------------------------------------------------------------------

@@ -84,7 +84,11 @@ def user_error(kind: type, message: str) -> Exception:
             cls = type(kind.__name__, (kind, ShortenTraceback), {"__init__": __init__, "__module__": kind.__module__,
                                                                 "__doc__": kind.__doc__})
         _USER_ERRORS[kind] = cls
-    return cls(message)
+    try:
+        return cls(message)
+    except TypeError:  # pragma: no cover - another ShortenTraceback signature: a plain exception
+        _USER_ERRORS[kind] = kind
+        return kind(message)
 
 
 def functorch_grad_active() -> bool:

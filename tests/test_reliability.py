@@ -251,6 +251,27 @@ def test_cache_isolation_grid_does_not_leak_into_another_model():
     torch._dynamo.reset()
 
 
+class Patchify(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv3d(4, 32, kernel_size=(1, 2, 2), stride=(1, 2, 2))
+
+    def forward(self, latents):
+        return self.embed(latents).flatten(2).transpose(1, 2)
+
+
+def test_cache_isolation_for_a_model_whose_forward_is_torch_code():
+    """Item 2: an nn.Sequential's forward lives in torch; its grids must still stay with its call."""
+    torch._dynamo.reset()
+    packed = torch.randn(2, 256, 32)
+    q = packed.view(2, 256, 2, 16).transpose(1, 2)
+    with torch.no_grad(), si.sparsity(0.5, min_tokens=0):
+        torch.compile(nn.Sequential(Patchify(), nn.Identity()), backend="sparse_inductor")(torch.randn(2, 4, 4, 16, 16))
+        got = torch.compile(PrePacked(), backend="sparse_inductor")(packed)
+    torch.testing.assert_close(got, F.scaled_dot_product_attention(q, q, q))
+    torch._dynamo.reset()
+
+
 def test_explicit_grid_wins_over_the_grid_of_an_earlier_graph():
     """Item 2: across a graph break the grid of the earlier graph is used, unless grid= says
     otherwise; explain() reports the grid the run uses."""
