@@ -120,11 +120,11 @@ def sdpa_arguments(node: torch.fx.Node) -> dict:
 # Grids remembered across the graphs of one call (a graph break between patchify and the blocks)
 # -------------------------------------------------------------------------------------------
 # A graph that flattens a 5-d [B, C, T, H, W] / [B, T, H, W, C] tensor into tokens records, each
-# time it runs, ``(grids, frame)`` here: the frame is the innermost Python frame outside torch
-# and this package at that moment, i.e. the model code that ran the graph. A later graph whose
-# tokens arrive as an input may use these grids only while that frame is still on the stack:
-# Dynamo compiles the graph after a break from within the frame that ran the graph before it,
-# so the grids serve the rest of the same call and never an unrelated model compiled later.
+# time it runs, ``(frame key, grids)`` here: the frame is the innermost frame of model code at that
+# moment (outside torch's machinery and this package), i.e. the code that ran the graph. A later
+# graph whose tokens arrive as an input may use these grids only while that frame is still on the
+# stack: Dynamo compiles the graph after a break from within the frame that ran the graph before
+# it, so the grids serve the rest of the same call and never an unrelated model compiled later.
 # Per thread / task (a ContextVar).
 _scope: contextvars.ContextVar = contextvars.ContextVar("sparse_inductor_remembered_grids", default=None)
 
