@@ -43,13 +43,14 @@ class Stats:
             out.setdefault((r["site"], r["policy"]), []).append(r)
         summary = {}
         for key, rows in out.items():
+            pairs = sum(r["pairs"] for r in rows)
             summary[key] = dict(
                 calls=len(rows), policy=key[1],
                 tiles_mean=sum(r["tiles_mean"] for r in rows) / len(rows),
                 tiles_min=min(r["tiles_min"] for r in rows), tiles_max=max(r["tiles_max"] for r in rows),
                 num_tiles=rows[-1]["num_tiles"],
                 query_keep=sum(r["query_keep"] for r in rows) / len(rows),
-                kept=sum(r["kept_pairs"] for r in rows) / sum(r["pairs"] for r in rows))
+                kept=sum(r["kept_pairs"] for r in rows) / pairs if pairs else math.nan)
         return summary
 
     def kept(self) -> float:
@@ -114,14 +115,17 @@ def _summarise(num, idx, q_rows, counts, Mv, label) -> dict:
     from .selection import explicit_lists
 
     M = counts.shape[0]
+    B, H = num.shape[:2]
+    site, _, policy = label.partition("|")
+    if num.numel() == 0:  # an empty batch (or no heads): nothing computed
+        return dict(site=site, policy=policy, tiles_mean=0.0, tiles_min=0, tiles_max=0, num_tiles=Mv,
+                    query_keep=1.0, kept_pairs=0.0, pairs=0.0)
     idx = explicit_lists(num, idx, M).long()
     listed = torch.arange(idx.shape[-1], device=idx.device) < num.unsqueeze(-1)
     keys = torch.where(listed, counts.long()[idx.clamp(max=M - 1)], 0).sum(-1).double()  # [B, H, M]
     video_tiles = (listed & (idx < Mv)).sum(-1)[:, :, :Mv]  # [B, H, Mv]
     n = counts.double()
     kept_pairs = float((keys * q_rows.double()).sum())
-    B, H = num.shape[:2]
-    site, _, policy = label.partition("|")
     return dict(site=site, policy=policy, tiles_mean=float(video_tiles.double().mean()),
                 tiles_min=int(video_tiles.min()), tiles_max=int(video_tiles.max()), num_tiles=Mv,
                 query_keep=float(q_rows[:, :, :Mv].double().sum() / (n[:Mv].sum() * B * H)),

@@ -155,3 +155,11 @@ def test_plan_that_does_not_fit_is_a_clear_error():
     with torch.no_grad(), si.sparsity(plan=wrong_heads, min_tokens=0):
         with pytest.raises(Exception, match="blocks.0.*3 heads.*2"):
             torch.compile(model, backend="sparse_inductor")(x, text)
+
+
+def test_stats_of_an_empty_batch():
+    q = torch.randn(0, 2, 64, 16)
+    with si.stats() as rec:
+        out = si.video_sparse_attention(q, q, q, (4, 4, 4), policy=si.CumulativeMass(0.5, 1, 1.0), tile=(2, 2, 2))
+    assert out.shape == q.shape and len(rec.rows) == 1 and rec.rows[0]["pairs"] == 0
+    assert "eager" in str(rec)
