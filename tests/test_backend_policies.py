@@ -12,6 +12,15 @@ import sparse_inductor as si
 from test_backend import GRID, Recorder, inputs, rel
 from video_dit import TinyVideoDiT
 
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test compiles its own model from scratch: without a reset, a model class compiled by an
+    earlier test at other shapes makes Dynamo recompile it with dynamic shapes ("automatic
+    dynamic"), which is not what these tests are about."""
+    torch._dynamo.reset()
+    yield
+
+
 POLICIES = {
     "mass": si.CumulativeMass(0.7, min_tiles=2, max_fraction=0.5),
     "window+stripe": si.Window(1, 1, 1) | si.Stripe(first_frames=1),
