@@ -76,18 +76,22 @@ def _pooled(x: Tensor, grid, tile) -> Tensor:
     return torch.einsum("bhnd,nm->bhmd", x.to(torch.float64), onehot) / onehot.sum(0)[:, None]
 
 
+def _mass_probabilities(q, k, grid, tile, scale) -> Tensor:
+    """``P_i = softmax_j(q̄_i·k̄_j·scale + ln n_j)`` in float64, ``[B, H, M, M]``."""
+    ids = tile_ids(grid, tile)
+    n = torch.bincount(ids, minlength=int(ids.max()) + 1).to(torch.float64).to(q.device)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    return torch.softmax(_pooled(q, grid, tile) @ _pooled(k, grid, tile).transpose(-1, -2) * scale + n.log(), dim=-1)
+
+
 def reference_mass_selection(q: Tensor, k: Tensor, grid, p: float, min_tiles: int, max_fraction: float,
                              tile=(4, 4, 4), scale=None) -> Tensor:
     """Bool ``[B, H, M, M]`` of ``CumulativeMass(p, min_tiles, max_fraction)``: logits
     ``q̄_i·k̄_j·scale + ln(n_j)``, ``P_i = softmax_j``, sorted descending (ties to the lower
     index), the shortest prefix with cumulative P >= p (every tile when p = 1), its length
     clamped to ``[min(min_tiles, M), max(ceil(max_fraction·M), that)]``."""
-    ids = tile_ids(grid, tile)
-    M = int(ids.max()) + 1
-    n = torch.bincount(ids, minlength=M).to(torch.float64).to(q.device)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    logits = _pooled(q, grid, tile) @ _pooled(k, grid, tile).transpose(-1, -2) * scale + n.log()
-    prob = torch.softmax(logits, dim=-1)
+    prob = _mass_probabilities(q, k, grid, tile, scale)
+    M = prob.shape[-1]
     lo = min(min_tiles, M)
     hi = max(math.ceil(round(max_fraction * M, 9)), lo)
     selected = torch.zeros(prob.shape, dtype=torch.bool, device=q.device)
@@ -110,12 +114,8 @@ def cut_margin(q: Tensor, k: Tensor, grid, p: float, tile=(4, 4, 4), scale=None)
     """``[B, H, M]``: how far each row's cumulative mass at its cut lies from ``p`` (the smaller
     of the two distances around the cut). Rows within rounding of ``p`` may be cut one tile
     differently by a float32 implementation; tests exempt them."""
-    ids = tile_ids(grid, tile)
-    M = int(ids.max()) + 1
-    n = torch.bincount(ids, minlength=M).to(torch.float64).to(q.device)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    logits = _pooled(q, grid, tile) @ _pooled(k, grid, tile).transpose(-1, -2) * scale + n.log()
-    cum = torch.cumsum(torch.sort(torch.softmax(logits, dim=-1), dim=-1, descending=True).values, dim=-1)
+    prob = _mass_probabilities(q, k, grid, tile, scale)
+    cum = torch.cumsum(torch.sort(prob, dim=-1, descending=True).values, dim=-1)
     return (cum - p).abs().min(-1).values
 
 
