@@ -61,6 +61,9 @@ _NOT_TOKEN_PRESERVING = {
     "softmax", "log_softmax", "cumsum", "cumprod", "roll", "flip", "sort", "argsort", "topk",
     "sum", "mean", "amax", "max", "min", "fft", "gather", "scatter", "index_select", "repeat_interleave",
 }
+# Reductions that keep the token order when they reduce other axes only (e.g. RoPE written as
+# ``(rope * x).sum(-1)``, Kandinsky).
+_REDUCTIONS = {"sum", "mean", "amax", "amin", "prod"}
 
 
 def _is_sdpa(node) -> bool:
@@ -184,9 +187,39 @@ class GridWalker:
             if src is not None and tensor_shape(src) is not None and len(tensor_shape(src)) == ndim:
                 return self.walk(src, axes)
             return GridMissing(f"module call {node.target} changes the rank")
+        if name in _REDUCTIONS:
+            return self._through_reduction(node, axes, ndim)
+        if name == "repeat_interleave":
+            # A repeat along another axis (GQA-style head repeats, Cosmos) keeps the tokens.
+            dim = _dim(_arg(node, 2, "dim"), ndim)
+            if dim is not None and dim not in axes and isinstance(node.args[0], torch.fx.Node):
+                return self.walk(node.args[0], axes)
+            return GridMissing(f"repeat_interleave along the token axis (or flattened) at {node.name}")
         if name in _NOT_TOKEN_PRESERVING:
             return GridMissing(f"{name} at {node.name} does not preserve token order")
         return self._through_elementwise(node, axes, shape)
+
+    def _through_reduction(self, node, axes, ndim):
+        """``sum`` / ``mean`` / ... over axes that hold no tokens: the token axes keep their order
+        (shifted back past the reduced axes unless ``keepdim``)."""
+        src = node.args[0]
+        in_ndim = len(tensor_shape(src) or ())
+        dims = _arg(node, 1, "dim")
+        if dims is None or in_ndim == 0:
+            return GridMissing(f"{_name(node)} over every axis at {node.name}")
+        dims = dims if isinstance(dims, (tuple, list)) else (dims,)
+        if not all(isinstance(d, int) for d in dims):
+            return GridMissing(f"non-constant {_name(node)} dims at {node.name}")
+        reduced = sorted({d % in_ndim for d in dims})
+        keepdim = bool(_arg(node, 2, "keepdim", False))
+        if keepdim:
+            src_axes = axes
+        else:
+            kept = [a for a in range(in_ndim) if a not in reduced]  # output axis i is input axis kept[i]
+            src_axes = tuple(kept[a] for a in axes)
+        if any(a in reduced for a in src_axes):
+            return GridMissing(f"{_name(node)} over the token axis at {node.name}")
+        return self.walk(src, src_axes)
 
     def _through_flatten(self, node, axes, ndim):
         """``flatten(start, end)`` names the merged axes exactly (no size matching)."""
@@ -368,11 +401,13 @@ class GridWalker:
         return GridMissing(f"several inputs of cat {node.name} carry a video grid")
 
     def _through_elementwise(self, node, axes, shape):
-        """Follow the tensor operands of the output's shape (broadcast operands carry no tokens)."""
+        """Follow the tensor operands of the output's rank whose token axes are whole (an operand
+        broadcast along a token axis carries no tokens; along other axes it may, e.g. a RoPE
+        table broadcast over the batch and heads)."""
         candidates = [a for a in list(node.args) + list(node.kwargs.values())
                       if isinstance(a, torch.fx.Node) and tensor_shape(a) is not None
                       and len(tensor_shape(a)) == len(shape)
-                      and all(same_size(x, y) for x, y in zip(tensor_shape(a), shape))]
+                      and all(same_size(tensor_shape(a)[i], shape[i]) for i in axes)]
         if not candidates:
             return GridMissing(f"cannot follow the token axis through {_name(node)} at {node.name}")
         return self._first_found([self.walk(c, axes) for c in candidates], node)

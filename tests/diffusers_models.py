@@ -53,3 +53,35 @@ def hunyuan():
 
 
 MODELS = {"wan": wan, "cogvideox": cogvideox, "hunyuan": hunyuan}
+
+
+def cosmos():
+    from diffusers import CosmosTransformer3DModel
+
+    # concat_padding_mask=False: the padding-mask path needs torchvision.
+    model = CosmosTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2, mlp_ratio=2.0,
+        text_embed_dim=32, adaln_lora_dim=8, max_size=(8, 32, 32), patch_size=(1, 2, 2), concat_padding_mask=False,
+        extra_pos_embed_type="learnable", crossattn_proj_in_channels=32, encoder_hidden_states_channels=32).eval()
+    g = torch.Generator().manual_seed(3)
+    args = (torch.randn(2, 4, 5, 16, 16, generator=g),)
+    kwargs = dict(timestep=torch.tensor([3.0, 5.0]), encoder_hidden_states=torch.randn(2, TEXT, 32, generator=g),
+                  return_dict=False)
+    return model, args, kwargs, dict(sites=2, text=(0, 0))
+
+
+def kandinsky6():
+    from diffusers import Kandinsky6Transformer3DModel
+
+    model = Kandinsky6Transformer3DModel(
+        in_visual_dim=4, out_visual_dim=4, in_text_dim=32, in_text_dim2=8, time_dim=32, patch_size=(1, 2, 2),
+        model_dim=32, ff_dim=64, num_text_blocks=1, num_visual_blocks=2, axes_dims=(4, 6, 6), visual_cond=False,
+        in_audio_dim=4, out_audio_dim=4).eval()
+    g = torch.Generator().manual_seed(4)
+    args = (torch.randn(2, 5, 16, 16, 4, generator=g),)  # (B, T, H, W, C) latents
+    kwargs = dict(encoder_hidden_states=torch.randn(2, TEXT, 32, generator=g), pooled_projections=torch.randn(
+        2, 8, generator=g), timestep=torch.tensor([3.0, 5.0]), return_dict=False)
+    return model, args, kwargs, dict(sites=2, text=(0, 0))
+
+
+MODELS.update(cosmos=cosmos, kandinsky6=kandinsky6)

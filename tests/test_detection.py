@@ -133,3 +133,51 @@ def test_grid_from_earlier_graph_and_from_config():
         with si.sparsity(grid=(5, 6, 11)):
             row = list(si.explain(PrePacked(), packed))[0]
             assert row["decision"] == "dense" and "does not match" in row["reason"]
+
+
+class RepeatedKeyHeads(nn.Module):
+    """Grouped-query attention written as a head repeat (Cosmos: ``key.repeat_interleave(n, dim)``
+    over the head axis), and RoPE written as ``(rope * x).sum(-1)`` (Kandinsky): neither mixes
+    tokens, so the site is sparse with the patch embedding's grid. ``reduce_tokens`` instead
+    averages the queries over the token axis: token-mixing (dense)."""
+
+    def __init__(self, tokens, heads=4, kv_heads=2, head_dim=8, reduce_tokens=False):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim, self.reduce_tokens = heads, kv_heads, head_dim, reduce_tokens
+        self.embed = nn.Conv3d(4, 32, (1, 2, 2), (1, 2, 2))
+        self.q = nn.Linear(32, heads * head_dim)
+        self.kv = nn.Linear(32, 2 * kv_heads * head_dim)
+        angles = torch.randn(tokens, 1, head_dim // 2, 1)
+        rot = torch.cat([angles.cos(), -angles.sin(), angles.sin(), angles.cos()], -1).view(tokens, 1, head_dim // 2, 2, 2)
+        self.register_buffer("rope", rot)
+
+    def rotate(self, x):  # [B, N, H, D] -> the same, rotated pairwise
+        B, N, H, D = x.shape
+        pairs = x.view(B, N, H, D // 2, 1, 2)
+        return (self.rope * pairs).sum(-1).flatten(-2)
+
+    def forward(self, latents):
+        tokens = self.embed(latents).flatten(2).transpose(1, 2)
+        B, N, _ = tokens.shape
+        q = self.rotate(self.q(tokens).view(B, N, self.heads, self.head_dim))
+        if self.reduce_tokens:  # every query the mean over the tokens: not a token-ordered query
+            q = q.mean(dim=1, keepdim=True).expand(B, N, self.heads, self.head_dim).contiguous()
+        k, v = self.kv(tokens).view(B, N, 2, self.kv_heads, self.head_dim).unbind(2)
+        k = self.rotate(k)
+        k, v = (x.repeat_interleave(self.heads // self.kv_heads, dim=2) for x in (k, v))
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return out.transpose(1, 2).reshape(B, N, -1)
+
+
+@given(grid=st.sampled_from([(3, 4, 5), (2, 6, 3), (5, 2, 7)]), kv_heads=st.sampled_from([1, 2, 4]))
+def test_head_repeats_and_feature_sums_keep_the_grid(grid, kv_heads):
+    latents = torch.randn(2, 4, grid[0], 2 * grid[1], 2 * grid[2])
+    model = RepeatedKeyHeads(grid[0] * grid[1] * grid[2], kv_heads=kv_heads).eval()
+    with torch.no_grad(), si.sparsity(0.5, min_tokens=0):
+        (row,) = si.explain(model, latents).rows
+    assert row["decision"] == "sparse" and row["grid"] == grid, row
+    # A reduction over the token axis on the query's path mixes tokens: dense, with the reason.
+    mixing = RepeatedKeyHeads(grid[0] * grid[1] * grid[2], kv_heads=kv_heads, reduce_tokens=True).eval()
+    with torch.no_grad(), si.sparsity(0.5, min_tokens=0):
+        (row,) = si.explain(mixing, latents).rows
+    assert row["decision"] == "dense" and "token axis" in row["reason"], row

@@ -63,3 +63,16 @@ def test_compiled_equals_eager_sparse_op(name, case):
     err = ((got - want).norm() / want.norm()).item()
     assert err < 1e-4, err
     assert ((got - dense).norm() / dense.norm()).item() > 10 * err  # the sparse path was taken
+
+
+@pytest.mark.parametrize("name", ["cosmos", "kandinsky6"])
+def test_sparsity_zero_is_dense(name):
+    """At sparsity 0 the backend compiles the model as plain Inductor does."""
+    model, args, kwargs, _ = MODELS[name]()
+    with torch.no_grad():
+        torch._dynamo.reset()
+        want = torch.compile(model, backend="inductor")(*args, **kwargs)[0]
+        torch._dynamo.reset()
+        with si.sparsity(0.0, min_tokens=0):
+            got = torch.compile(model, backend="sparse_inductor")(*args, **kwargs)[0]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
