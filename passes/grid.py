@@ -249,7 +249,30 @@ class GridWalker:
         dim %= in_ndim
         n = len(sizes)
         mapped = [a if a < dim else (dim if a < dim + n else a - n + 1) for a in axes]
-        return self.walk(src, tuple(dict.fromkeys(mapped)))
+        split = [a for a in axes if dim <= a < dim + n]
+        if not split or split == list(range(dim, dim + n)):
+            return self.walk(src, tuple(dict.fromkeys(mapped)))
+        return self._through_partial_unflatten(node, src, axes, mapped, dim, n, split)
+
+    def _through_partial_unflatten(self, node, src, axes, mapped, dim, n, split):
+        """Only the inner axes of an unflatten carry tokens: ``unflatten(0, (B, F))`` of a
+        ``[B*F, ...]`` tensor (Allegro's per-frame patch embedding) makes frames tokens while the
+        batch is not. Upstream the merged axis ``B*F`` then reads as the grid's first axis: its
+        size is divided by the outer, non-token factor (static sizes only)."""
+        out_shape = tensor_shape(node)
+        if split != list(range(dim + n - len(split), dim + n)) or split[0] != axes[0]:
+            return GridMissing(f"unflatten {node.name} splits the token axis unevenly")
+        outer = [static_int(out_shape[a]) for a in range(dim, split[0])]
+        if None in outer:
+            return GridMissing(f"unflatten {node.name} merges the tokens with a symbolic axis")
+        factor = math.prod(outer)
+        found = self.walk(src, tuple(dict.fromkeys(mapped)))
+        if not isinstance(found, GridFound):
+            return found
+        first = static_int(found.sizes[0])
+        if first is None or first % factor or not all(static_int(x) is not None for x in found.sizes):
+            return GridMissing(f"the grid found through unflatten {node.name} does not split by {factor}")
+        return GridFound((first // factor, *found.sizes[1:]), found.source, found.start)
 
     def _through_reshape(self, node, axes):
         src = node.args[0]

@@ -84,4 +84,20 @@ def kandinsky6():
     return model, args, kwargs, dict(sites=2, text=(0, 0))
 
 
-MODELS.update(cosmos=cosmos, kandinsky6=kandinsky6)
+def allegro():
+    from diffusers import AllegroTransformer3DModel
+
+    # A per-frame patch embedding merged back by unflatten(0, (B, -1)).flatten(1, 2): batch 2 tells the
+    # frames from the batch (at batch 1 a wrong walk would still find the right grid).
+    model = AllegroTransformer3DModel(
+        patch_size=2, patch_size_t=1, num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+        num_layers=2, cross_attention_dim=32, sample_height=16, sample_width=16, sample_frames=5,
+        caption_channels=32).eval()
+    g = torch.Generator().manual_seed(5)
+    args = (torch.randn(2, 4, 5, 16, 16, generator=g),)
+    kwargs = dict(encoder_hidden_states=torch.randn(2, TEXT, 32, generator=g), timestep=torch.tensor([3, 5]),
+                  return_dict=False)
+    return model, args, kwargs, dict(sites=2, text=(0, 0))
+
+
+MODELS.update(cosmos=cosmos, kandinsky6=kandinsky6, allegro=allegro)
