@@ -100,4 +100,19 @@ def allegro():
     return model, args, kwargs, dict(sites=2, text=(0, 0))
 
 
-MODELS.update(cosmos=cosmos, kandinsky6=kandinsky6, allegro=allegro)
+def ltx_video():
+    from diffusers import LTXVideoTransformer3DModel
+
+    # Tokens arrive packed ([B, F*H*W, C]); the grid is only in the RoPE built from the frame,
+    # height and width arguments.
+    model = LTXVideoTransformer3DModel(
+        in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=16, cross_attention_dim=32,
+        num_layers=2, caption_channels=32).eval()
+    g = torch.Generator().manual_seed(6)
+    args = (torch.randn(2, 5 * 8 * 8, 8, generator=g),)
+    kwargs = dict(encoder_hidden_states=torch.randn(2, TEXT, 32, generator=g), timestep=torch.tensor([3, 5]),
+                  encoder_attention_mask=torch.ones(2, TEXT), num_frames=5, height=8, width=8, return_dict=False)
+    return model, args, kwargs, dict(sites=2, text=(0, 0))
+
+
+MODELS.update(cosmos=cosmos, kandinsky6=kandinsky6, allegro=allegro, ltx_video=ltx_video)

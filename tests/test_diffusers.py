@@ -65,7 +65,7 @@ def test_compiled_equals_eager_sparse_op(name, case):
     assert ((got - dense).norm() / dense.norm()).item() > 10 * err  # the sparse path was taken
 
 
-@pytest.mark.parametrize("name", ["cosmos", "kandinsky6", "allegro"])
+@pytest.mark.parametrize("name", ["cosmos", "kandinsky6", "allegro", "ltx_video"])
 def test_sparsity_zero_is_dense(name):
     """At sparsity 0 the backend compiles the model as plain Inductor does."""
     model, args, kwargs, _ = MODELS[name]()
