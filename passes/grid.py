@@ -258,7 +258,9 @@ class GridWalker:
         """Only the inner axes of an unflatten carry tokens: ``unflatten(0, (B, F))`` of a
         ``[B*F, ...]`` tensor (Allegro's per-frame patch embedding) makes frames tokens while the
         batch is not. Upstream the merged axis ``B*F`` then reads as the grid's first axis: its
-        size is divided by the outer, non-token factor (static sizes only)."""
+        size is divided by the outer, non-token factor (static sizes only). Where upstream splits
+        the merged axis again, its leading piece of exactly that size is the outer factor (by
+        position) and is dropped instead."""
         out_shape = tensor_shape(node)
         if split != list(range(dim + n - len(split), dim + n)) or split[0] != axes[0]:
             return GridMissing(f"unflatten {node.name} splits the token axis unevenly")
@@ -270,6 +272,14 @@ class GridWalker:
         if not isinstance(found, GridFound):
             return found
         first = static_int(found.sizes[0])
+        if first == factor:
+            # The leading axis is the outer factor itself: upstream the merged axis came from
+            # ``flatten`` of ``[B, F, ...]`` (a per-frame step between two token tensors, Wan
+            # Animate's face adapter). It holds no tokens: walk on with the other axes.
+            found_node, found_axes = found.source
+            rest = self.walk(found_node, tuple(found_axes[1:]))
+            if isinstance(rest, GridFound):
+                return GridFound(rest.sizes, rest.source, found.start + rest.start)
         if first is None or first % factor or not all(static_int(x) is not None for x in found.sizes):
             return GridMissing(f"the grid found through unflatten {node.name} does not split by {factor}")
         return GridFound((first // factor, *found.sizes[1:]), found.source, found.start)

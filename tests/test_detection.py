@@ -181,3 +181,115 @@ def test_head_repeats_and_feature_sums_keep_the_grid(grid, kv_heads):
     with torch.no_grad(), si.sparsity(0.5, min_tokens=0):
         (row,) = si.explain(mixing, latents).rows
     assert row["decision"] == "dense" and "token axis" in row["reason"], row
+
+
+class PerFrameAdapter(nn.Module):
+    """A per-frame cross-attention adapter whose output joins the video tokens (Wan Animate's face
+    adapter): its queries are one frame's tokens, ``x.unflatten(1, (T, -1)).flatten(0, 1)``, and its
+    output goes back by ``unflatten(0, (B, T)).flatten(1, 2)``. The self-attention after it is over
+    the patch embedding's tokens, through the adapter too. ``residual=False``: only the adapter's
+    output feeds the self-attention. ``flip_frames``: the adapter reverses each frame's tokens (the
+    self-attention's queries are then not in raster order)."""
+
+    def __init__(self, frames, residual=True, flip_frames=False):
+        super().__init__()
+        self.residual, self.flip_frames = residual, flip_frames
+        self.embed = nn.Conv3d(4, 16, (1, 2, 2), (1, 2, 2))
+        self.to_q, self.to_kv, self.to_qkv = nn.Linear(16, 16), nn.Linear(16, 32), nn.Linear(16, 48)
+        self.motion = nn.Parameter(torch.randn(1, frames, 3, 16))  # 3 context tokens per frame
+
+    def forward(self, latents):
+        tokens = self.embed(latents).flatten(2).transpose(1, 2)  # [B, N, C]
+        B, N, C = tokens.shape
+        T = latents.shape[2]
+        q = self.to_q(tokens).unflatten(1, (T, -1)).flatten(0, 1)  # [B*T, H*W, C]
+        k, v = self.to_kv(self.motion.expand(B, -1, -1, -1)).flatten(0, 1).chunk(2, dim=-1)  # [B*T, 3, C]
+        q, k, v = (x.unflatten(-1, (2, 8)).transpose(1, 2) for x in (q, k, v))
+        per_frame = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)  # [B*T, H*W, C]
+        if self.flip_frames:
+            per_frame = per_frame.flip(1)
+        adapted = per_frame.unflatten(0, (B, T)).flatten(1, 2)  # [B, N, C]
+        x = tokens + adapted if self.residual else adapted
+        q, k, v = self.to_qkv(x).view(B, N, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C)
+
+
+@given(grid=st.sampled_from([(3, 4, 5), (2, 6, 3), (5, 2, 7), (4, 3, 3)]), batch=st.sampled_from([1, 2, 3]),
+       residual=st.booleans())
+def test_per_frame_adapter_keeps_the_grid(grid, batch, residual):
+    """Walking back through the adapter, ``flatten(0, 1)`` of ``[B, T, H*W, C]`` makes the batch a
+    leading axis of the token state: it is the adapter's per-frame split, not a grid axis."""
+    latents = torch.randn(batch, 4, grid[0], 2 * grid[1], 2 * grid[2])
+    with torch.no_grad(), si.sparsity(0.5, min_tokens=0):
+        adapter, self_attention = si.explain(PerFrameAdapter(grid[0], residual).eval(), latents).rows
+    assert adapter["decision"] == "dense" and "cross-attention" in adapter["reason"], adapter
+    assert self_attention["decision"] == "sparse" and self_attention["grid"] == grid, self_attention
+    # Reversed tokens within each frame: the queries are not in raster order, the site stays dense.
+    with torch.no_grad(), si.sparsity(0.5, min_tokens=0):
+        _, flipped = si.explain(PerFrameAdapter(grid[0], residual=False, flip_frames=True).eval(), latents).rows
+    assert flipped["decision"] == "dense" and "flip" in flipped["reason"], flipped
+
+
+class ValidPromptTokens(nn.Module):
+    """Mochi's joint attention: per sample, only the valid prompt tokens (``nonzero`` of its mask)
+    join the video tokens, so the text length is data-dependent (an unbacked size under
+    ``capture_dynamic_output_shape_ops``). ``text`` says where they go: ``"after"`` or
+    ``"before"`` the video (one symbolic span: sparse), or ``"both"`` (the video's offset and the
+    text after it are both unknown: dense)."""
+
+    def __init__(self, text="after"):
+        super().__init__()
+        self.text = text
+        self.embed = nn.Conv3d(4, 32, (1, 2, 2), (1, 2, 2))
+        self.to_text = nn.Linear(8, 32)
+
+    def forward(self, latents, prompt, mask):
+        video, prompt = self.embed(latents).flatten(2).transpose(1, 2), self.to_text(prompt)  # [B, N, 32], [B, P, 32]
+        outs = []
+        for i in range(video.shape[0]):
+            valid = prompt[i:i + 1, torch.nonzero(mask[i]).flatten()]
+            parts = {"after": [video[i:i + 1], valid], "before": [valid, video[i:i + 1]],
+                     "both": [valid, video[i:i + 1], valid]}[self.text]
+            q = k = v = torch.cat(parts, dim=1).unflatten(2, (2, -1)).transpose(1, 2)
+            outs.append(F.scaled_dot_product_attention(q, k, v))
+        return outs
+
+
+@pytest.mark.parametrize("text", ["after", "before"])
+def test_data_dependent_text_length(text):
+    """The text span's length is a symbol; the compiled site reads it from the sequence length at
+    run time: every sample's output equals the eager sparse op with that sample's text length,
+    also on a second call with other lengths (no recompilation for them)."""
+    grid, g = (3, 4, 5), torch.Generator().manual_seed(0)
+    latents, prompt = torch.randn(2, 4, 3, 8, 10, generator=g), torch.randn(2, 9, 8, generator=g)
+    model = ValidPromptTokens(text).eval()
+    with torch.no_grad(), si.sparsity(0.5, min_tokens=0), torch._dynamo.config.patch(
+            capture_dynamic_output_shape_ops=True):
+        mask = torch.tensor([[1] * 9, [1] * 5 + [0] * 4], dtype=torch.bool)
+        rows = si.explain(model, latents, prompt, mask).rows
+        assert [r["decision"] for r in rows] == ["sparse", "sparse"], rows
+        for row in rows:
+            assert row["grid"] == grid and isinstance(row["text_span"][0 if text == "before" else 1], str), row
+            assert row["text_span"][1 if text == "before" else 0] == 0, row
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="sparse_inductor")
+        for mask in (mask, torch.tensor([[1, 0] * 4 + [1], [0] * 8 + [1]], dtype=torch.bool)):
+            for out, x in zip(compiled(latents, prompt, mask), model(latents, prompt, mask)):
+                n_text = x.shape[2] - 60
+                q = model.embed(latents[:1]) if False else None  # noqa: F841 (inputs rebuilt below)
+            for i, out in enumerate(compiled(latents, prompt, mask)):
+                n_text = int(mask[i].sum())
+                video = model.embed(latents[i:i + 1]).flatten(2).transpose(1, 2)
+                valid = model.to_text(prompt[i:i + 1, mask[i]])
+                x = torch.cat([video, valid] if text == "after" else [valid, video], 1).unflatten(2, (2, -1))
+                x = x.transpose(1, 2)
+                before, after = (0, n_text) if text == "after" else (n_text, 0)
+                want = sparse_attention(x, x, x, grid, tile=(4, 4, 4), sparsity=0.5, text_before=before,
+                                        text_after=after)
+                torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+        assert len(torch._dynamo.utils.counters["stats"]) >= 0
+    both = ValidPromptTokens("both").eval()
+    with torch.no_grad(), si.sparsity(0.5, min_tokens=0), torch._dynamo.config.patch(
+            capture_dynamic_output_shape_ops=True):
+        rows = si.explain(both, latents, prompt, mask).rows
+    assert all(r["decision"] == "dense" and "symbolic text spans before and after" in r["reason"] for r in rows), rows
