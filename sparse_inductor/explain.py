@@ -81,7 +81,7 @@ def explain(model, *args, **kwargs) -> Explanation:
                 k=_shape(s.k_shape), v=_shape(s.v_shape),
                 grid=None if d.grid is None and s.grid is None else tuple(d.grid or s.grid),
                 grid_source=d.grid_source or s.grid_source,
-                text_span=(s.text_before, s.text_after) if (s.text_before or s.text_after) else None,
+                text_span=s.text_span,
                 decision="sparse" if d.sparse else "dense", sparsity=d.sparsity,
                 policy=d.policy.describe() if d.sparse else "", query_keep=d.query_keep if d.sparse else None,
                 reason=d.reason,

@@ -116,3 +116,25 @@ def ltx_video():
 
 
 MODELS.update(cosmos=cosmos, kandinsky6=kandinsky6, allegro=allegro, ltx_video=ltx_video)
+
+
+def mochi():
+    from diffusers import MochiTransformer3DModel
+
+    # Each sample's attention keeps only its valid prompt tokens (torch.nonzero of the mask): the
+    # text length is data-dependent. Dynamo traces the attention only with
+    # capture_dynamic_output_shape_ops (without it the frame is skipped: nothing is rewritten).
+    model = MochiTransformer3DModel(
+        patch_size=2, num_attention_heads=2, attention_head_dim=16, num_layers=2, pooled_projection_dim=16,
+        in_channels=4, text_embed_dim=32, time_embed_dim=32, max_sequence_length=TEXT).eval()
+    g = torch.Generator().manual_seed(7)
+    mask = torch.ones(2, TEXT, dtype=torch.bool)
+    mask[1, 4:] = False  # a padded prompt: sample 1 attends over 4 text tokens, sample 0 over 7
+    args = (torch.randn(2, 4, 5, 16, 16, generator=g),)
+    kwargs = dict(encoder_hidden_states=torch.randn(2, TEXT, 32, generator=g), timestep=torch.tensor([3, 5]),
+                  encoder_attention_mask=mask, return_dict=False)
+    # One attention per sample and layer; text after the video, of a length known only at run time.
+    return model, args, kwargs, dict(sites=4, text=(0, None), dynamo=dict(capture_dynamic_output_shape_ops=True))
+
+
+MODELS.update(mochi=mochi)

@@ -1,5 +1,6 @@
 """Hypothesis over model variants: every video self-attention is found with the right grid and
 text span; cross-attention, causal, dropout, masked and short SDPAs stay exactly as written."""
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -7,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import sparse_inductor as si
+from sparse_inductor.attention import sparse_attention
 from video_dit import TinyVideoDiT
 
 
@@ -255,41 +257,47 @@ class ValidPromptTokens(nn.Module):
         return outs
 
 
+def _eager_sparse_prompt_attention(model, latents, prompt, mask, grid):
+    """What ``model`` computes with the eager sparse op, each sample with its own text length."""
+    outs = []
+    for i in range(latents.shape[0]):
+        video = model.embed(latents[i:i + 1]).flatten(2).transpose(1, 2)
+        valid = model.to_text(prompt[i:i + 1, mask[i]])
+        x = torch.cat([video, valid] if model.text == "after" else [valid, video], 1).unflatten(2, (2, -1))
+        x = x.transpose(1, 2)
+        n_text = int(mask[i].sum())
+        before, after = (0, n_text) if model.text == "after" else (n_text, 0)
+        outs.append(sparse_attention(x, x, x, grid, tile=(4, 4, 4), sparsity=0.5, text_before=before,
+                                     text_after=after))
+    return outs
+
+
 @pytest.mark.parametrize("text", ["after", "before"])
 def test_data_dependent_text_length(text):
-    """The text span's length is a symbol; the compiled site reads it from the sequence length at
-    run time: every sample's output equals the eager sparse op with that sample's text length,
-    also on a second call with other lengths (no recompilation for them)."""
+    """The text span's length is a symbol; the compiled site computes it from the sequence length
+    at run time: every sample's output equals the eager sparse op with that sample's text length,
+    also on a second call with other lengths (without recompiling)."""
     grid, g = (3, 4, 5), torch.Generator().manual_seed(0)
     latents, prompt = torch.randn(2, 4, 3, 8, 10, generator=g), torch.randn(2, 9, 8, generator=g)
+    masks = (torch.tensor([[1] * 9, [1] * 5 + [0] * 4], dtype=torch.bool),
+             torch.tensor([[1, 0] * 4 + [1], [0] * 8 + [1]], dtype=torch.bool))
     model = ValidPromptTokens(text).eval()
-    with torch.no_grad(), si.sparsity(0.5, min_tokens=0), torch._dynamo.config.patch(
-            capture_dynamic_output_shape_ops=True):
-        mask = torch.tensor([[1] * 9, [1] * 5 + [0] * 4], dtype=torch.bool)
-        rows = si.explain(model, latents, prompt, mask).rows
+    captured = torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True)
+    with torch.no_grad(), si.sparsity(0.5, min_tokens=0), captured:
+        rows = si.explain(model, latents, prompt, masks[0]).rows
         assert [r["decision"] for r in rows] == ["sparse", "sparse"], rows
+        symbolic = 0 if text == "before" else 1
         for row in rows:
-            assert row["grid"] == grid and isinstance(row["text_span"][0 if text == "before" else 1], str), row
-            assert row["text_span"][1 if text == "before" else 0] == 0, row
+            assert row["grid"] == grid and isinstance(row["text_span"][symbolic], str), row
+            assert row["text_span"][1 - symbolic] == 0, row
         torch._dynamo.reset()
         compiled = torch.compile(model, backend="sparse_inductor")
-        for mask in (mask, torch.tensor([[1, 0] * 4 + [1], [0] * 8 + [1]], dtype=torch.bool)):
-            for out, x in zip(compiled(latents, prompt, mask), model(latents, prompt, mask)):
-                n_text = x.shape[2] - 60
-                q = model.embed(latents[:1]) if False else None  # noqa: F841 (inputs rebuilt below)
-            for i, out in enumerate(compiled(latents, prompt, mask)):
-                n_text = int(mask[i].sum())
-                video = model.embed(latents[i:i + 1]).flatten(2).transpose(1, 2)
-                valid = model.to_text(prompt[i:i + 1, mask[i]])
-                x = torch.cat([video, valid] if text == "after" else [valid, video], 1).unflatten(2, (2, -1))
-                x = x.transpose(1, 2)
-                before, after = (0, n_text) if text == "after" else (n_text, 0)
-                want = sparse_attention(x, x, x, grid, tile=(4, 4, 4), sparsity=0.5, text_before=before,
-                                        text_after=after)
+        for n, mask in enumerate(masks):
+            with torch._dynamo.config.patch(error_on_recompile=n > 0):
+                got = compiled(latents, prompt, mask)
+            for out, want in zip(got, _eager_sparse_prompt_attention(model, latents, prompt, mask, grid)):
                 torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
-        assert len(torch._dynamo.utils.counters["stats"]) >= 0
-    both = ValidPromptTokens("both").eval()
-    with torch.no_grad(), si.sparsity(0.5, min_tokens=0), torch._dynamo.config.patch(
-            capture_dynamic_output_shape_ops=True):
-        rows = si.explain(both, latents, prompt, mask).rows
+        both = ValidPromptTokens("both").eval()
+        rows = si.explain(both, latents, prompt, masks[0]).rows
     assert all(r["decision"] == "dense" and "symbolic text spans before and after" in r["reason"] for r in rows), rows
+
