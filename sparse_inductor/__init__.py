@@ -13,7 +13,8 @@ Eager use::
     out = sparse_inductor.video_sparse_attention(q, k, v, grid=(T, H, W), sparsity=0.875)
 
 Models trained with sparse attention: ``sparse_inductor.nn.VideoSparseAttention`` (VSA's gated
-coarse branch). What sparsity costs on a model: ``print(sparse_inductor.fidelity(model, *inputs))``.
+coarse branch). What sparsity costs on a model: ``print(sparse_inductor.fidelity(model, *inputs))``. Serving:
+``sparse_inductor.export(model, args, kwargs, sparsity=0.875)`` is ``torch.export`` with the sparse sites.
 """
 import logging
 
@@ -25,6 +26,8 @@ from .api import select_blocks, video_sparse_attention
 from .calibrate import CalibrationResult, calibrate
 from .config import SparsityConfig, current_config, sparsity
 from .explain import Explanation, explain
+# Like fidelity, the function shadows its module's name.
+from .export import export
 # The function shadows its module's name as a package attribute (sparse_inductor.fidelity is the
 # function); import names from the module with `from sparse_inductor.fidelity import ...`.
 from .fidelity import FidelityResult, fidelity
@@ -57,6 +60,7 @@ __all__ = [
     "current_config",
     "calibrate",
     "explain",
+    "export",
     "fidelity",
     "nn",
     "sparsity",
