@@ -39,6 +39,14 @@ in how the main output is stored (Inductor's ``store_output``, where epilogues f
 
 Softmax runs in base 2 (``exp2`` with log2(e) folded into the scale, one FMA per score); LSE is
 stored in natural log units, like SDPA's.
+
+Block-causal masks (diffusion forcing; :mod:`sparse_inductor.causal`): with the constexpr
+``CAUSAL_TOKENS`` > 0 (video tokens per causal block, ``H·W·frames``; video-only sequences, so a
+position is its raster index) a query at position ``p`` attends a key at ``p'`` only if
+``p' // CAUSAL_TOKENS <= p // CAUSAL_TOKENS``. Every step then masks its scores (forward, dQ) or
+its transposed probabilities (dK/dV) per token: that is how a listed tile that straddles the
+causal boundary contributes only its allowed keys. With ``CAUSAL_TOKENS = 0`` (the default) the
+mask is compiled out.
 """
 import triton
 import triton.language as tl
@@ -121,24 +129,37 @@ def _kv_list(KV_NUM_BLOCKS, KV_INDICES, b, h, m, H, NUM_Q_BLOCKS, NUM_KV_BLOCKS,
 @triton.jit
 def _packed_kv(KV_SLOTS, stride_kvsb, b, end, jump, base, step, n_rows, offs, k_base, v_base, stride_kn, stride_vn,
                offs_d, HEAD_DIM):
-    """K and V rows of loop step ``step`` over the packed rows, and which columns are real."""
+    """K and V rows of loop step ``step`` over the packed rows, which columns are real, and their
+    sequence positions."""
     kv_rows, col_valid = _packed_rows(KV_SLOTS, stride_kvsb, b, end, jump, base, step, n_rows, offs)
     k = _load_rows(k_base, kv_rows, col_valid, stride_kn, offs_d, HEAD_DIM)
     v = _load_rows(v_base, kv_rows, col_valid, stride_vn, offs_d, HEAD_DIM)
-    return k, v, col_valid
+    return k, v, col_valid, kv_rows
+
+
+@triton.jit
+def _causal_block(rows, CAUSAL_TOKENS: tl.constexpr):
+    """The causal block of each position (the positions themselves without a mask)."""
+    if CAUSAL_TOKENS > 0:
+        return rows // CAUSAL_TOKENS
+    else:
+        return rows
 
 
 @triton.jit
 def _softmax_step(q, k, v, col_valid, m_i, l_i, acc, qk_scale, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-                  MASKED: tl.constexpr):
+                  MASKED: tl.constexpr, kv_rows, q_block, CAUSAL_TOKENS: tl.constexpr):
     """One online-softmax step over a ``BLOCK`` of keys; ``m_i`` is in scaled base-2 units.
 
     Only a partly filled step (``MASKED``) masks columns: the others hold valid keys only. The
-    scale is applied to the row maximum and fused into the exponent (one FMA per score).
+    scale is applied to the row maximum and fused into the exponent (one FMA per score). Under a
+    block-causal mask (``CAUSAL_TOKENS``) keys of a later causal block than the row's are masked.
     """
     s = _dot(q, tl.trans(k), UPCAST, IEEE)
     if MASKED:
         s = tl.where(col_valid[None, :], s, float("-inf"))
+    if CAUSAL_TOKENS > 0:
+        s = tl.where(_causal_block(kv_rows, CAUSAL_TOKENS)[None, :] <= q_block[:, None], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     # A row that has seen only masked columns keeps m = -inf; shift by 0 to avoid inf - inf.
     m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -164,12 +185,14 @@ def _gradient_lse2(LSE, stats, row_valid):
 
 @triton.jit
 def _dq_step(q, do, k, v, lse2, delta, col_valid, dq, qk_scale, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-             MASKED: tl.constexpr):
+             MASKED: tl.constexpr, kv_rows, q_block, CAUSAL_TOKENS: tl.constexpr):
     """dQ contribution of a ``BLOCK`` of keys; only a partly filled step (``MASKED``) masks its
-    padding columns (see :func:`_gradient_lse2`)."""
+    padding columns (see :func:`_gradient_lse2`); a block-causal mask masks later keys."""
     p = tl.math.exp2(_dot(q, tl.trans(k), UPCAST, IEEE) * qk_scale - lse2[:, None])
     if MASKED:
         p = tl.where(col_valid[None, :], p, 0.0)
+    if CAUSAL_TOKENS > 0:
+        p = tl.where(_causal_block(kv_rows, CAUSAL_TOKENS)[None, :] <= q_block[:, None], p, 0.0)
     ds = p * (_dot(do, tl.trans(v), UPCAST, IEEE) - delta[:, None])
     return dq + _dot(ds.to(k.dtype), k, UPCAST, IEEE)
 
@@ -183,7 +206,7 @@ def fwd_tile(
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
-    IEEE: tl.constexpr, CHUNK: tl.constexpr,
+    IEEE: tl.constexpr, CHUNK: tl.constexpr, CAUSAL_TOKENS: tl.constexpr,
 ):
     """One query block of one head: flash-style online softmax over its listed KV blocks.
 
@@ -196,6 +219,7 @@ def fwd_tile(
     q_rows, row_valid = _block_rows(Q_SLOTS + h * stride_qsh, stride_qsb, Q_COUNTS + h * stride_qch, stride_qcb, b, m,
                                     offs_m)
     q = _load_rows(Q + b * stride_qb + h * stride_qh, q_rows, row_valid, stride_qn, offs_d, HEAD_DIM)
+    q_block = _causal_block(q_rows, CAUSAL_TOKENS)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
     qk_scale = sm_scale * 1.4426950408889634
@@ -211,13 +235,15 @@ def fwd_tile(
                                                 CHUNK)
         n_full = n_rows // BLOCK
         for step in range(0, n_full):
-            k, v, col_valid = _packed_kv(KV_SLOTS, stride_kvsb, b, end, jump, base, step, n_rows, offs, k_base, v_base,
-                                         stride_kn, stride_vn, offs_d, HEAD_DIM)
-            m_i, l_i, acc = _softmax_step(q, k, v, col_valid, m_i, l_i, acc, qk_scale, UPCAST, IEEE, False)
+            k, v, col_valid, kv_rows = _packed_kv(KV_SLOTS, stride_kvsb, b, end, jump, base, step, n_rows, offs,
+                                                  k_base, v_base, stride_kn, stride_vn, offs_d, HEAD_DIM)
+            m_i, l_i, acc = _softmax_step(q, k, v, col_valid, m_i, l_i, acc, qk_scale, UPCAST, IEEE, False, kv_rows,
+                                          q_block, CAUSAL_TOKENS)
         if n_full * BLOCK < n_rows:  # the chunk's last, partly filled step
-            k, v, col_valid = _packed_kv(KV_SLOTS, stride_kvsb, b, end, jump, base, n_full, n_rows, offs, k_base,
-                                         v_base, stride_kn, stride_vn, offs_d, HEAD_DIM)
-            m_i, l_i, acc = _softmax_step(q, k, v, col_valid, m_i, l_i, acc, qk_scale, UPCAST, IEEE, True)
+            k, v, col_valid, kv_rows = _packed_kv(KV_SLOTS, stride_kvsb, b, end, jump, base, n_full, n_rows, offs,
+                                                  k_base, v_base, stride_kn, stride_vn, offs_d, HEAD_DIM)
+            m_i, l_i, acc = _softmax_step(q, k, v, col_valid, m_i, l_i, acc, qk_scale, UPCAST, IEEE, True, kv_rows,
+                                          q_block, CAUSAL_TOKENS)
 
     # No mass (l = 0) only for a row that saw no key (skipped head, every key masked): output 0,
     # LSE -inf. A NaN l (NaN / Inf in q or in a kept k) is mass: NaN output and LSE, as in the
@@ -251,7 +277,7 @@ def dq_tile(
     stride_dob, stride_doh, stride_don,
     stride_dqb, stride_dqh, stride_dqn,
     BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
-    IEEE: tl.constexpr, CHUNK: tl.constexpr,
+    IEEE: tl.constexpr, CHUNK: tl.constexpr, CAUSAL_TOKENS: tl.constexpr,
 ):
     """dQ of one query block of one head, walking its KV list; stores dQ (0 for the rows of the
     block's slots past its count that hold a position, excluded rows included)."""
@@ -265,6 +291,7 @@ def dq_tile(
     stats = (b * H + h) * L_Q + q_rows
     lse2 = _gradient_lse2(LSE, stats, row_valid)
     delta = tl.load(DELTA + stats, mask=row_valid, other=0.0)
+    q_block = _causal_block(q_rows, CAUSAL_TOKENS)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
     qk_scale = sm_scale * 1.4426950408889634
@@ -277,13 +304,15 @@ def dq_tile(
                                                 CHUNK)
         n_full = n_rows // BLOCK
         for step in range(0, n_full):
-            k, v, col_valid = _packed_kv(KV_SLOTS, stride_kvsb, b, end, jump, base, step, n_rows, offs, k_base, v_base,
-                                         stride_kn, stride_vn, offs_d, HEAD_DIM)
-            dq = _dq_step(q, do, k, v, lse2, delta, col_valid, dq, qk_scale, UPCAST, IEEE, False)
+            k, v, col_valid, kv_rows = _packed_kv(KV_SLOTS, stride_kvsb, b, end, jump, base, step, n_rows, offs,
+                                                  k_base, v_base, stride_kn, stride_vn, offs_d, HEAD_DIM)
+            dq = _dq_step(q, do, k, v, lse2, delta, col_valid, dq, qk_scale, UPCAST, IEEE, False, kv_rows, q_block,
+                          CAUSAL_TOKENS)
         if n_full * BLOCK < n_rows:  # the chunk's last, partly filled step
-            k, v, col_valid = _packed_kv(KV_SLOTS, stride_kvsb, b, end, jump, base, n_full, n_rows, offs, k_base,
-                                         v_base, stride_kn, stride_vn, offs_d, HEAD_DIM)
-            dq = _dq_step(q, do, k, v, lse2, delta, col_valid, dq, qk_scale, UPCAST, IEEE, True)
+            k, v, col_valid, kv_rows = _packed_kv(KV_SLOTS, stride_kvsb, b, end, jump, base, n_full, n_rows, offs,
+                                                  k_base, v_base, stride_kn, stride_vn, offs_d, HEAD_DIM)
+            dq = _dq_step(q, do, k, v, lse2, delta, col_valid, dq, qk_scale, UPCAST, IEEE, True, kv_rows, q_block,
+                          CAUSAL_TOKENS)
 
     # Rows that take no part get exactly 0, even next to a NaN key (0 * NaN in the loop).
     dq = tl.where((q_rows >= 0)[:, None], dq * sm_scale, 0.0)
@@ -297,15 +326,17 @@ def dq_tile(
 @triton.jit
 def _dkdv_step(k, v, q_base, do_base, LSE, DELTA, stats_base, Q_SLOTS, stride_qsb, Q_COUNTS, stride_qcb, b, qb,
                offs_m, offs_d, stride_qn, stride_don, HEAD_DIM, dk, dv, qk_scale, UPCAST: tl.constexpr,
-               IEEE: tl.constexpr):
+               IEEE: tl.constexpr, kv_block, CAUSAL_TOKENS: tl.constexpr):
     """dK and dV contributions of query block ``qb``, with transposed scores ``[kv slots, q slots]``
-    (no masks: see :func:`_gradient_lse2`)."""
+    (no padding masks: see :func:`_gradient_lse2`; a block-causal mask masks later keys)."""
     q_rows, row_valid = _block_rows(Q_SLOTS, stride_qsb, Q_COUNTS, stride_qcb, b, qb, offs_m)
     q = _load_rows(q_base, q_rows, row_valid, stride_qn, offs_d, HEAD_DIM)
     do = _load_rows(do_base, q_rows, row_valid, stride_don, offs_d, HEAD_DIM)
     lse2 = _gradient_lse2(LSE, stats_base + q_rows, row_valid)
     delta = tl.load(DELTA + stats_base + q_rows, mask=row_valid, other=0.0)
     p_t = tl.math.exp2(_dot(k, tl.trans(q), UPCAST, IEEE) * qk_scale - lse2[None, :])
+    if CAUSAL_TOKENS > 0:
+        p_t = tl.where(kv_block[:, None] <= _causal_block(q_rows, CAUSAL_TOKENS)[None, :], p_t, 0.0)
     dv += _dot(p_t.to(do.dtype), do, UPCAST, IEEE)
     ds_t = p_t * (_dot(v, tl.trans(do), UPCAST, IEEE) - delta[None, :])
     dk += _dot(ds_t.to(q.dtype), q, UPCAST, IEEE)
@@ -323,7 +354,7 @@ def dkdv_tile(
     stride_dob, stride_doh, stride_don,
     stride_dvb, stride_dvh, stride_dvn,
     BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
-    IEEE: tl.constexpr,
+    IEEE: tl.constexpr, CAUSAL_TOKENS: tl.constexpr,
 ):
     """dK and dV of one KV block of one head, walking its (transposed) query list.
 
@@ -337,6 +368,7 @@ def dkdv_tile(
     kv_rows, col_valid = _block_rows(KV_SLOTS, stride_kvsb, KV_COUNTS, stride_kvcb, b, n, offs)
     k = _load_rows(K + b * stride_kb + h * stride_kh, kv_rows, col_valid, stride_kn, offs_d, HEAD_DIM)
     v = _load_rows(V + b * stride_vb + h * stride_vh, kv_rows, col_valid, stride_vn, offs_d, HEAD_DIM)
+    kv_block = _causal_block(kv_rows, CAUSAL_TOKENS)
     q_base = Q + b * stride_qb + h * stride_qh
     do_base = DO + b * stride_dob + h * stride_doh
     stats_base = (b * H + h) * L_Q
@@ -349,7 +381,8 @@ def dkdv_tile(
     for i in range(0, n_q):
         qb = tl.load(Q_INDICES + list_row * MAX_Q + i)
         dk, dv = _dkdv_step(k, v, q_base, do_base, LSE, DELTA, stats_base, q_slots, stride_qsb, q_counts, stride_qcb,
-                            b, qb, offs_m, offs_d, stride_qn, stride_don, HEAD_DIM, dk, dv, qk_scale, UPCAST, IEEE)
+                            b, qb, offs_m, offs_d, stride_qn, stride_don, HEAD_DIM, dk, dv, qk_scale, UPCAST, IEEE,
+                            kv_block, CAUSAL_TOKENS)
     # The padding key slots took part unmasked; a slot past the count that holds a real position
     # (a key hidden by a key-padding mask) must get dK = dV = 0.
     dk = tl.where(col_valid[:, None], dk, 0.0)
@@ -376,7 +409,7 @@ def block_sparse_attn_fwd_kernel(
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
     BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
-    IEEE: tl.constexpr, CHUNK: tl.constexpr,
+    IEEE: tl.constexpr, CHUNK: tl.constexpr, CAUSAL_TOKENS: tl.constexpr = 0,
 ):
     m = tl.program_id(0)
     b = tl.program_id(1) // H
@@ -386,7 +419,7 @@ def block_sparse_attn_fwd_kernel(
         b, h, m, H, L_Q, NUM_Q_BLOCKS, NUM_KV_BLOCKS, MAX_KV, HEAD_DIM, sm_scale,
         stride_qsb, stride_qsh, stride_kvsb, stride_qcb, stride_qch, stride_kvcb,
         stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-        BLOCK, BLOCK_M, BLOCK_D, UPCAST, IEEE, CHUNK,
+        BLOCK, BLOCK_M, BLOCK_D, UPCAST, IEEE, CHUNK, CAUSAL_TOKENS,
     )
     o_ptrs = O + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + offs_d[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=mask)
@@ -406,7 +439,7 @@ def block_sparse_attn_bwd_kernel(
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
     BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
-    IEEE: tl.constexpr, CHUNK: tl.constexpr,
+    IEEE: tl.constexpr, CHUNK: tl.constexpr, CAUSAL_TOKENS: tl.constexpr = 0,
 ):
     pid = tl.program_id(0)
     b = tl.program_id(1) // H
@@ -418,7 +451,7 @@ def block_sparse_attn_bwd_kernel(
             stride_qsb, stride_qsh, stride_kvsb, stride_qcb, stride_qch, stride_kvcb,
             stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
             stride_dob, stride_doh, stride_don, stride_dvb, stride_dvh, stride_dvn,
-            BLOCK, BLOCK_M, BLOCK_D, UPCAST, IEEE,
+            BLOCK, BLOCK_M, BLOCK_D, UPCAST, IEEE, CAUSAL_TOKENS,
         )
         dk_ptrs = DK + b * stride_dkb + h * stride_dkh + rows[:, None] * stride_dkn + offs_d[None, :]
         tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=mask)
@@ -429,5 +462,5 @@ def block_sparse_attn_bwd_kernel(
             stride_qsb, stride_qsh, stride_kvsb, stride_qcb, stride_qch, stride_kvcb,
             stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
             stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
-            BLOCK, BLOCK_M, BLOCK_D, UPCAST, IEEE, CHUNK,
+            BLOCK, BLOCK_M, BLOCK_D, UPCAST, IEEE, CHUNK, CAUSAL_TOKENS,
         )

@@ -40,7 +40,7 @@ _FORWARD = (
         {{size("Q", 3)}}, SM_SCALE,
         ''' + _TABLE_STRIDES + ''',
         ''' + _strides("Q", "K", "V") + ''',
-        BLOCK, BLOCK_M, BLOCK_D, UPCAST, IEEE, CHUNK,
+        BLOCK, BLOCK_M, BLOCK_D, UPCAST, IEEE, CHUNK, CAUSAL_TOKENS,
     )
     idx_b = b
     idx_h = h
@@ -49,7 +49,7 @@ _FORWARD = (
     {{store_output(STORE_INDICES, "out", "mask", val_shape=("BLOCK_M", "BLOCK_D"))}}
 '''
     + _sources(_k._dot, _k._block_rows, _k._chunk_blocks, _k._packed_rows, _k._load_rows, _k._kv_list, _k._packed_kv,
-               _k._softmax_step, _k.fwd_tile)
+               _k._causal_block, _k._softmax_step, _k.fwd_tile)
 )
 
 _BACKWARD = (
@@ -65,7 +65,7 @@ _BACKWARD = (
             b, h, pid, H, {{size("Q", 2)}}, NUM_KV_BLOCKS, {{size("Q_INDICES", 3)}}, {{size("Q", 3)}}, SM_SCALE,
             ''' + _TABLE_STRIDES + ''',
             ''' + _strides("Q", "K", "V", "DO", "DV") + ''',
-            BLOCK, BLOCK_M, BLOCK_D, UPCAST, IEEE,
+            BLOCK, BLOCK_M, BLOCK_D, UPCAST, IEEE, CAUSAL_TOKENS,
         )
         idx_b = b
         idx_h = h
@@ -79,11 +79,11 @@ _BACKWARD = (
             {{size("KV_INDICES", 3)}}, {{size("Q", 3)}}, SM_SCALE,
             ''' + _TABLE_STRIDES + ''',
             ''' + _strides("Q", "K", "V", "DO", "DQ") + ''',
-            BLOCK, BLOCK_M, BLOCK_D, UPCAST, IEEE, CHUNK,
+            BLOCK, BLOCK_M, BLOCK_D, UPCAST, IEEE, CHUNK, CAUSAL_TOKENS,
         )
 '''
     + _sources(_k._dot, _k._block_rows, _k._chunk_blocks, _k._packed_rows, _k._load_rows, _k._kv_list, _k._packed_kv,
-               _k._gradient_lse2, _k._dq_step, _k.dq_tile, _k._dkdv_step, _k.dkdv_tile)
+               _k._causal_block, _k._gradient_lse2, _k._dq_step, _k.dq_tile, _k._dkdv_step, _k.dkdv_tile)
 )
 
 

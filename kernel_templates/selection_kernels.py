@@ -68,6 +68,17 @@ def _top_k_of_keys(key, in_row, K):
 
 
 @triton.jit
+def _score_keys(s, in_row):
+    """Unsigned keys ordered like the fp32 scores ``s``; columns outside the row and NaN (either
+    sign) get key 0, below ``-inf``'s."""
+    s = s + 0.0  # -0.0 -> +0.0: equal scores must get equal keys
+    bits = s.to(tl.int32, bitcast=True)
+    signed_key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # monotone in the float value
+    key = (signed_key ^ (-2147483647 - 1)).to(tl.uint32, bitcast=True)  # same order, unsigned
+    return tl.where(in_row & (s == s), key, 0)
+
+
+@triton.jit
 def top_k_tiles_kernel(SCORES, OUT, NUM_COLS, K, COLS: tl.constexpr):
     """The ``K`` highest scores of one row (fp32, contiguous rows of ``NUM_COLS``), ties to the
     lower column; their columns are written in increasing order (``OUT`` rows of ``K``).
@@ -80,12 +91,60 @@ def top_k_tiles_kernel(SCORES, OUT, NUM_COLS, K, COLS: tl.constexpr):
     cols = tl.arange(0, COLS)
     in_row = cols < NUM_COLS
     s = tl.load(SCORES + row * NUM_COLS + cols, mask=in_row, other=float("-inf"))
-    s = s + 0.0  # -0.0 -> +0.0: equal scores must get equal keys
-    bits = s.to(tl.int32, bitcast=True)
-    signed_key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # monotone in the float value
-    key = (signed_key ^ (-2147483647 - 1)).to(tl.uint32, bitcast=True)  # same order, unsigned
-    key = tl.where(in_row & (s == s), key, 0)  # padding and NaN: the lowest key
+    key = _score_keys(s, in_row)
     _compact_columns(_top_k_of_keys(key, in_row, K), cols, OUT + row * K)
+
+
+@triton.jit
+def top_k_tiles_allowed_kernel(SCORES, ALLOWED, K_ROWS, OUT, NUM_COLS, NUM_Q_ROWS, WIDTH, COLS: tl.constexpr):
+    """:func:`top_k_tiles_kernel` under a block-causal mask: row ``r`` (query tile ``i = r %
+    NUM_Q_ROWS``) keeps its ``K_ROWS[i]`` highest scores among the columns ``ALLOWED[i]`` (int8
+    ``[NUM_Q_ROWS, NUM_COLS]``) holds; disallowed columns are outside the row, so they rank below
+    NaN. ``OUT`` rows of ``WIDTH``, zero past the kept columns (zeroed by the caller)."""
+    row = tl.program_id(0).to(tl.int64)
+    i = row % NUM_Q_ROWS
+    cols = tl.arange(0, COLS)
+    in_row = cols < NUM_COLS
+    in_row = in_row & (tl.load(ALLOWED + i * NUM_COLS + cols, mask=in_row, other=0) != 0)
+    s = tl.load(SCORES + row * NUM_COLS + cols, mask=in_row, other=float("-inf"))
+    key = _score_keys(s, in_row)
+    _compact_columns(_top_k_of_keys(key, in_row, tl.load(K_ROWS + i)), cols, OUT + row * WIDTH)
+
+
+@triton.jit
+def _mass_cut_row(s, n, in_row, cols, OUT_ROW, P, LO, HI, KEEP_ALL: tl.constexpr):
+    """The cut of one row of logits ``s`` over the columns ``in_row`` holds (tile counts ``n``);
+    writes the kept columns at ``OUT_ROW`` and returns the length (:func:`mass_cut_tiles_kernel`)."""
+    s = tl.where(in_row & (s == s), s, float("-inf"))
+    s = s + tl.log(n)
+    top = tl.max(s, 0)
+    undefined = (top == float("-inf")) | (top == float("inf"))
+    e = tl.where(in_row, tl.exp(s - tl.where(undefined, 0.0, top)), 0.0)
+    prob = e / tl.sum(e, 0)
+    key = tl.where(in_row, prob.to(tl.uint32, bitcast=True), 0)
+    key = tl.where(undefined, 0, key)  # every column ties: the lowest are kept
+    n_in_row = tl.sum(in_row.to(tl.int32), 0)
+    length = n_in_row
+    if not KEEP_ALL:
+        tau = tl.zeros([], tl.uint32)
+        bit = tl.full([], 30, tl.int32)  # probabilities <= 1.0 = 0x3F800000 < 2^30
+        while bit >= 0:
+            candidate = tau | (tl.full([], 1, tl.uint32) << bit.to(tl.uint32))
+            if tl.sum(tl.where(key >= candidate, prob, 0.0), 0) >= P:
+                tau = candidate
+            bit -= 1
+        above = key > tau
+        at = (key == tau) & in_row
+        p_tie = tl.max(tl.where(at, prob, 0.0), 0)
+        missing = P - tl.sum(tl.where(above, prob, 0.0), 0)
+        ties = tl.minimum(tl.maximum(tl.math.ceil(missing / tl.where(p_tie > 0, p_tie, 1.0)), 1.0),
+                          tl.sum(at.to(tl.float32), 0))
+        # tau == 0: the row's float sum fell short of P by rounding; keep every tile.
+        length = tl.where(tau > 0, tl.sum(above.to(tl.int32), 0) + ties.to(tl.int32), n_in_row)
+        length = tl.where(undefined, LO, length)
+    length = tl.minimum(tl.maximum(length, LO), HI)
+    _compact_columns(_top_k_of_keys(key, in_row, length), cols, OUT_ROW)
+    return length
 
 
 @triton.jit
@@ -110,36 +169,27 @@ def mass_cut_tiles_kernel(LOGITS, COUNTS, NUM, OUT, NUM_COLS, P, LO, HI, WIDTH, 
     cols = tl.arange(0, COLS)
     in_row = cols < NUM_COLS
     s = tl.load(LOGITS + row * NUM_COLS + cols, mask=in_row, other=float("-inf"))
-    s = tl.where(s == s, s, float("-inf"))
     n = tl.load(COUNTS + cols, mask=in_row, other=1).to(tl.float32)
-    s = s + tl.log(n)
-    top = tl.max(s, 0)
-    undefined = (top == float("-inf")) | (top == float("inf"))
-    e = tl.where(in_row, tl.exp(s - tl.where(undefined, 0.0, top)), 0.0)
-    prob = e / tl.sum(e, 0)
-    key = tl.where(in_row, prob.to(tl.uint32, bitcast=True), 0)
-    key = tl.where(undefined, 0, key)  # every column ties: the lowest are kept
-    length = NUM_COLS
-    if not KEEP_ALL:
-        tau = tl.zeros([], tl.uint32)
-        bit = tl.full([], 30, tl.int32)  # probabilities <= 1.0 = 0x3F800000 < 2^30
-        while bit >= 0:
-            candidate = tau | (tl.full([], 1, tl.uint32) << bit.to(tl.uint32))
-            if tl.sum(tl.where(key >= candidate, prob, 0.0), 0) >= P:
-                tau = candidate
-            bit -= 1
-        above = key > tau
-        at = (key == tau) & in_row
-        p_tie = tl.max(tl.where(at, prob, 0.0), 0)
-        missing = P - tl.sum(tl.where(above, prob, 0.0), 0)
-        ties = tl.minimum(tl.maximum(tl.math.ceil(missing / tl.where(p_tie > 0, p_tie, 1.0)), 1.0),
-                          tl.sum(at.to(tl.float32), 0))
-        # tau == 0: the row's float sum fell short of P by rounding; keep every tile.
-        length = tl.where(tau > 0, tl.sum(above.to(tl.int32), 0) + ties.to(tl.int32), NUM_COLS)
-        length = tl.where(undefined, LO, length)
-    length = tl.minimum(tl.maximum(length, LO), HI)
+    length = _mass_cut_row(s, n, in_row, cols, OUT + row * WIDTH, P, LO, HI, KEEP_ALL)
     tl.store(NUM + row, length)
-    _compact_columns(_top_k_of_keys(key, in_row, length), cols, OUT + row * WIDTH)
+
+
+@triton.jit
+def mass_cut_tiles_allowed_kernel(LOGITS, COUNTS, ALLOWED, LO_ROWS, HI_ROWS, NUM, OUT, NUM_COLS, NUM_Q_ROWS, P, WIDTH,
+                                  KEEP_ALL: tl.constexpr, COLS: tl.constexpr):
+    """:func:`mass_cut_tiles_kernel` under a block-causal mask: row ``r`` (query tile ``i = r %
+    NUM_Q_ROWS``) is cut over the columns ``ALLOWED[i]`` (int8 ``[NUM_Q_ROWS, NUM_COLS]``) holds,
+    as if it had only those, its length clamped to ``[LO_ROWS[i], HI_ROWS[i]]``."""
+    row = tl.program_id(0).to(tl.int64)
+    i = row % NUM_Q_ROWS
+    cols = tl.arange(0, COLS)
+    in_row = cols < NUM_COLS
+    in_row = in_row & (tl.load(ALLOWED + i * NUM_COLS + cols, mask=in_row, other=0) != 0)
+    s = tl.load(LOGITS + row * NUM_COLS + cols, mask=in_row, other=float("-inf"))
+    n = tl.load(COUNTS + cols, mask=cols < NUM_COLS, other=1).to(tl.float32)
+    length = _mass_cut_row(s, n, in_row, cols, OUT + row * WIDTH, P, tl.load(LO_ROWS + i), tl.load(HI_ROWS + i),
+                           KEEP_ALL)
+    tl.store(NUM + row, length)
 
 
 @triton.jit

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from sparse_inductor import _compat
 from sparse_inductor.api import MAX_HEAD_DIM, supported_dtypes
 
+from . import masks
 from .grid import GridFound, GridMissing, GridWalker
 from .shapes import expr, same_size, size_hint, static_int, tensor_shape
 
@@ -51,6 +52,7 @@ class Site:
     text_after: int = 0
     eligible: bool = False
     reason: str = ""
+    causal_block_size: int | None = None  # frames per causal block of a recognised block-causal mask
 
     @property
     def video_tokens(self) -> int | None:
@@ -323,6 +325,9 @@ def analyze(gm: torch.fx.GraphModule) -> list[Site]:
         reason = _structural_reason(args, q_shape, k_shape, v_shape, q.meta.get("example_value"))
         if not reason:
             reason = _mask_reason(args["attn_mask"], q_shape)
+        square_mask = bool(reason) and masks.is_square(args["attn_mask"], q_shape)  # maybe block-causal
+        if square_mask:
+            reason = ""
         if reason:
             site.reason = reason
             continue
@@ -355,6 +360,10 @@ def analyze(gm: torch.fx.GraphModule) -> list[Site]:
                 if remembered == "ambiguous":
                     site.reason += f" (earlier graphs of this call flatten {L} tokens from different grids)"
                 site.eligible = True  # a grid= in the config can still make it sparse
+                continue
+        if square_mask:  # sparse only if it is exactly block-causal over the site's frames
+            site.reason = masks.recognise_block_causal(gm, site)
+            if site.reason:
                 continue
         site.eligible = True
     return sites
@@ -417,7 +426,11 @@ def decide(site: Site, cfg) -> Decision:
         if L is None or L != math.prod(cfg.grid):
             return Decision(site, False, f"{site.reason}; configured grid {cfg.grid} does not match {site.q_shape[2]} tokens")
         grid, source = cfg.grid, "config"
-    if site.args["attn_mask"] is not None and not site.has_text:
+    if site.causal_block_size is not None:
+        why = masks.block_causal_reason(site, cfg, grid)
+        if why:
+            return Decision(site, False, why, None, 1.0, grid, source)
+    elif site.args["attn_mask"] is not None and not site.has_text:
         return Decision(site, False, "attn_mask on attention without text tokens (it would mask video keys)")
     policy = cfg.policy_for(site.module_path)
     heads = static_int(site.q_shape[1])
@@ -471,7 +484,7 @@ def rewrite(gm: torch.fx.GraphModule, decisions, tile, record: bool = False) -> 
         args = sdpa_arguments(node)
         with new_gm.graph.inserting_before(node):
             grid = _grid_args(new_gm.graph, d, nodes)
-            options = dict(scale=args["scale"], key_padding_mask=args["attn_mask"])
+            options = dict(scale=args["scale"], **masks.mask_options(d.site, args["attn_mask"]))
             if record:
                 options["record_as"] = d.site.module_path or "<top>"
             spans = _span_args(new_gm.graph, d, args["query"], grid)
@@ -530,18 +543,19 @@ def _site_function(decision, grid, tile, static: bool, num_constants: int = 0):
 
     if static:
         def sparse_site_attention(q, k, v, counts, gather_index, scatter_index, *lists, scale=None,
-                                  key_padding_mask=None, record_as=None):
+                                  key_padding_mask=None, record_as=None, causal_block_size=None):
             static_lists = {p: (lists[2 * i], lists[2 * i + 1]) for i, p in enumerate(parts)}
             return sparse_attention_static_layout(q, k, v, counts, gather_index, scatter_index, grid, tile=tile,
                                                   policy=policy, query_keep=query_keep, scale=scale,
                                                   key_padding_mask=key_padding_mask, static_lists=static_lists,
-                                                  record_as=record_as, **spans)
+                                                  record_as=record_as, causal_block_size=causal_block_size, **spans)
     else:
         def sparse_site_attention(q, k, v, grid, *, text_before, text_after, scale=None, key_padding_mask=None,
-                                  record_as=None):
+                                  record_as=None, causal_block_size=None):
             return sparse_attention(q, k, v, grid, tile=tile, policy=policy, query_keep=query_keep, scale=scale,
                                     text_before=text_before, text_after=text_after,
-                                    key_padding_mask=key_padding_mask, record_as=record_as)
+                                    key_padding_mask=key_padding_mask, record_as=record_as,
+                                    causal_block_size=causal_block_size)
     return sparse_site_attention
 
 

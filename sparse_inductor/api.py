@@ -9,6 +9,7 @@ from torch import Tensor
 
 from . import ops  # noqa: F401  (registers the custom ops)
 from .attention import sparse_attention
+from .causal import check_causal_block_size, effective_block_size, tiles_split_blocks
 from .config import check_sparsity
 from .layout import check_grid_and_tile, tile_layout
 from .policies import Policy, TopK
@@ -76,7 +77,7 @@ def _prepare(q: Tensor, grid, tile, scale, policy, sparsity, query_keep):
 
 
 def select_blocks(q: Tensor, k: Tensor, grid, *, sparsity: float = 0.875, policy=None, query_keep: float = 1.0,
-                  tile=(4, 4, 4), scale: float | None = None) -> BlockSelection:
+                  tile=(4, 4, 4), scale: float | None = None, causal_block_size: int | None = None) -> BlockSelection:
     """The tile selection :func:`video_sparse_attention` makes for these ``q`` and ``k``.
 
     Args:
@@ -89,6 +90,8 @@ def select_blocks(q: Tensor, k: Tensor, grid, *, sparsity: float = 0.875, policy
             in ``query_counts``.
         tile: tile shape ``(t, h, w)``; border tiles of a non-dividing grid are partial.
         scale: softmax scale, default ``1 / sqrt(D)``.
+        causal_block_size: the selection under a block-causal mask of this many frames per
+            causal block (as in :func:`video_sparse_attention`).
 
     Returns:
         A :class:`BlockSelection` (query-major ``kv_num_blocks`` / ``kv_indices`` over tiles in
@@ -96,8 +99,9 @@ def select_blocks(q: Tensor, k: Tensor, grid, *, sparsity: float = 0.875, policy
     """
     _check_tensors([("q", q), ("k", k)])
     layout, scale, policy, query_keep = _prepare(q, grid, tile, scale, policy, sparsity, query_keep)
+    causal_block_size = _check_causal(layout, causal_block_size, query_keep)
     with torch.no_grad():
-        kv_num_blocks, kv_indices = select_tiles(q, k, layout, policy, scale)
+        kv_num_blocks, kv_indices = select_tiles(q, k, layout, policy, scale, causal_block_size=causal_block_size)
         query_counts = None
         if query_keep < 1.0:
             query_counts = num_kept(query_keep, layout.counts.long()).to(torch.int32).expand(*q.shape[:2], -1)
@@ -106,7 +110,8 @@ def select_blocks(q: Tensor, k: Tensor, grid, *, sparsity: float = 0.875, policy
 
 
 def video_sparse_attention(q: Tensor, k: Tensor, v: Tensor, grid, *, sparsity: float = 0.875, policy=None,
-                           query_keep: float = 1.0, tile=(4, 4, 4), scale: float | None = None) -> Tensor:
+                           query_keep: float = 1.0, tile=(4, 4, 4), scale: float | None = None,
+                           causal_block_size: int | None = None) -> Tensor:
     """Block-sparse self-attention over 3D video tokens.
 
     Each query tile attends exactly (softmax over the kept tokens only) to the KV tiles a
@@ -127,6 +132,14 @@ def video_sparse_attention(q: Tensor, k: Tensor, v: Tensor, grid, *, sparsity: f
             centre's output (:mod:`sparse_inductor.query_keep`).
         tile: tile shape ``(t, h, w)``, default VSA's ``(4, 4, 4)`` (at most 256 tokens).
         scale: softmax scale, default ``1 / sqrt(D)``.
+        causal_block_size: a block-causal mask over frames (diffusion forcing, SkyReels-V2's
+            ``causal_block_size``): a query of frame ``f`` attends the keys of frames ``f'`` with
+            ``f' // c <= f // c``. Every policy then chooses among each query tile's allowed KV
+            tiles (TopK keeps ``max(1, ceil((1 - sparsity) · A_i))`` of the ``A_i`` tiles not
+            wholly in the future), each query tile also keeps its own tile, and tiles that
+            straddle the boundary are masked per token; at ``sparsity=0`` this is SDPA under
+            that mask. ``query_keep < 1`` needs tiles that do not cross a causal block boundary.
+            ``None`` (default): no mask.
 
     Returns:
         ``[B, H, N, D]`` in the same token order; differentiable in ``q``, ``k`` and ``v`` (also twice,
@@ -139,5 +152,18 @@ def video_sparse_attention(q: Tensor, k: Tensor, v: Tensor, grid, *, sparsity: f
     """
     _check_tensors([("q", q), ("k", k), ("v", v)])
     layout, scale, policy, query_keep = _prepare(q, grid, tile, scale, policy, sparsity, query_keep)
+    causal_block_size = _check_causal(layout, causal_block_size, query_keep)
     return sparse_attention(q, k, v, layout.grid, policy=policy, query_keep=query_keep, tile=layout.tile,
-                            scale=scale, layout=layout)
+                            scale=scale, layout=layout, causal_block_size=causal_block_size)
+
+
+def _check_causal(layout, causal_block_size, query_keep) -> int | None:
+    """``causal_block_size`` validated against the tile and ``query_keep`` (errors name both)."""
+    causal_block_size = check_causal_block_size(causal_block_size)
+    c = effective_block_size(layout.grid, causal_block_size)
+    if c is not None and query_keep < 1.0 and tiles_split_blocks(layout.grid, layout.tile, c):
+        raise ValueError(f"query_keep={query_keep} does not compose with causal_block_size={c} on tile {layout.tile}: "
+                         "a tile holds frames of two causal blocks, and its dropped tokens would receive the output "
+                         "of a token that sees other keys; use query_keep=1.0, or a causal_block_size that is a "
+                         f"multiple of the tile's {layout.tile[0]} frames")
+    return causal_block_size

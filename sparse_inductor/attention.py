@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from . import _compat, ops  # ops registers the custom ops
+from .causal import effective_block_size, tiles_split_blocks, tokens_per_block
 from .layout import TileLayout, build_layout
 from .query_keep import _centre_maps, broadcast_centres, select_queries
 from .selection import select_tiles
@@ -70,7 +71,8 @@ def resolve_policy(policy=None, sparsity=None):
 def sparse_attention(q: Tensor, k: Tensor, v: Tensor, grid, *, tile, sparsity: float | None = None, policy=None,
                      query_keep: float = 1.0, scale: float | None = None, text_before=0, text_after=0,
                      key_padding_mask: Tensor | None = None, layout: TileLayout | None = None,
-                     static_lists=None, record_as: str | None = None) -> Tensor:
+                     static_lists=None, record_as: str | None = None,
+                     causal_block_size: int | None = None) -> Tensor:
     """Block-sparse attention over ``[text_before | video T*H*W | text_after]`` tokens.
 
     ``q, k, v``: ``[B, H, L, D]``. Video query tiles attend to the video tiles the ``policy``
@@ -78,6 +80,9 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, grid, *, tile, sparsity: f
     ``query_keep < 1`` computes only some rows of each video tile (:mod:`.query_keep`).
     ``key_padding_mask`` (bool, ``[B, 1, 1, L]`` or ``[1, 1, 1, L]``, True = attend) hides keys, text
     or video, from every query (not from the coarse selection).
+    ``causal_block_size`` (frames per causal block; video-only sequences, no key-padding mask)
+    applies the block-causal mask of diffusion forcing: the selection is intersected with it and
+    straddling tiles are masked per token (:func:`sparse_inductor.reference.causal_token_mask`).
     ``static_lists`` (``{static policy: (num, idx)}``) passes lists precomputed for this grid
     (graph constants of static patterns, so no selection runs for them). ``record_as`` (a site
     name) records the selection in an active :func:`sparse_inductor.stats` context; eager calls
@@ -95,13 +100,22 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, grid, *, tile, sparsity: f
     if scale is None:
         scale = q.shape[-1] ** -0.5
     B, H = q.shape[:2]
+    causal_block_size = effective_block_size(layout.grid, causal_block_size)
+    if causal_block_size is not None and key_padding_mask is not None:
+        raise ValueError("causal_block_size: a block-causal mask does not combine with a key-padding mask")
+    if causal_block_size is not None and query_keep < 1.0 and tiles_split_blocks(layout.grid, layout.tile,
+                                                                                  causal_block_size):
+        raise ValueError(f"query_keep={query_keep} with causal_block_size={causal_block_size}: tile {layout.tile} "
+                         f"holds frames of two causal blocks, so a dropped token would receive the output of a token "
+                         f"that sees other keys; use query_keep=1.0 or a causal block size that is a multiple of "
+                         f"the tile's {layout.tile[0]} frames")
     if key_padding_mask is None:
         kv_slots, kv_counts = layout.slots.expand(B, -1), layout.counts.expand(B, -1)
     else:
         kv_slots, kv_counts = _valid_keys_first(layout, key_padding_mask.expand(B, -1, -1, -1))
     with torch.no_grad():
         kv_num_blocks, kv_indices = select_tiles(q.detach(), k.detach(), layout, policy, scale,
-                                                 static_lists=static_lists)
+                                                 static_lists=static_lists, causal_block_size=causal_block_size)
     keep = None
     if query_keep < 1.0 and not _no_rows(B, H):
         keep = select_queries(q, layout, query_keep)
@@ -119,7 +133,7 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, grid, *, tile, sparsity: f
     else:
         q_slots, q_counts = layout.slots.expand(B, H, -1), layout.counts.expand(B, H, -1)
     out, _ = ops.block_sparse_attention(q, k, v, q_slots, kv_slots, q_counts, kv_counts, kv_num_blocks, kv_indices,
-                                        scale)
+                                        scale, tokens_per_block(layout.grid, causal_block_size))
     if keep is None:
         return out
     if _compat.functorch_grad_active() or _compat.has_forward_grad(out):

@@ -103,7 +103,7 @@ class _TemplateLowering:
         size, stride = self.api.fake_output_size_stride(index)
         return self.api.empty_strided(size, stride, dtype=like.get_dtype(), device=like.get_device())
 
-    def _meta(self, q, q_slots, q_counts, kv_slots, kv_counts, scale):
+    def _meta(self, q, q_slots, q_counts, kv_slots, kv_counts, scale, causal_tokens=0):
         hint = self.api.hint
         block = hint(kv_slots.get_size()[-1]) // hint(kv_counts.get_size()[-1])
         block_m = hint(q_slots.get_size()[-1]) // hint(q_counts.get_size()[-1])
@@ -111,6 +111,7 @@ class _TemplateLowering:
         meta = {
             "BLOCK": block, "BLOCK_M": block_m, "BLOCK_D": triton_launch.head_block(head_dim),
             "SM_SCALE": float(scale), **triton_launch.kernel_flags(q.get_dtype()), **triton_launch.pack_meta(),
+            "CAUSAL_TOKENS": int(causal_tokens),
         }
         return meta, _configs(q.get_device().type, block, head_dim)
 
@@ -149,18 +150,19 @@ class _TemplateLowering:
 
     # ---- lowerings ----------------------------------------------------------------------
     def forward(self, q, k, v, q_slots, kv_slots, q_counts, kv_counts, kv_num_blocks, kv_indices, scale,
-                kernel_version=0):
+                kernel_version=0, causal_tokens=0):
         op = torch.ops.sparse_inductor.block_sparse_attn_fwd.default
         args = (q, k, v, q_slots, kv_slots, q_counts, kv_counts, kv_num_blocks, kv_indices, scale)
         reason = self._why_not(q)
         if reason is not None:
-            return self._fallback(op, args, reason)
+            return self._fallback(op, (*args, kernel_version, causal_tokens), reason)
         try:
-            return self._forward(*args)
+            return self._forward(*args, causal_tokens)
         except Exception as error:  # an Inductor change must cost speed, never correctness
-            return self._fallback(op, args, f"template failed: {error!r}", warn=True)
+            return self._fallback(op, (*args, kernel_version, causal_tokens), f"template failed: {error!r}", warn=True)
 
-    def _forward(self, q, k, v, q_slots, kv_slots, q_counts, kv_counts, kv_num_blocks, kv_indices, scale):
+    def _forward(self, q, k, v, q_slots, kv_slots, q_counts, kv_counts, kv_num_blocks, kv_indices, scale,
+                 causal_tokens=0):
         api = self.api
         q, k, v = (api.fixed_input(x) for x in (q, k, v))
         tables = [api.contiguous_input(t) for t in (q_slots, kv_slots, q_counts, kv_counts, kv_num_blocks, kv_indices)]
@@ -168,7 +170,7 @@ class _TemplateLowering:
         order, layout = self._output_layout(0, q)
         lse = api.empty_strided([B, H, Lq], None, dtype=torch.float32, device=q.get_device())
         Mq = tables[2].get_size()[-1]
-        meta, configs = self._meta(q, tables[0], tables[2], tables[1], tables[3], scale)
+        meta, configs = self._meta(q, tables[0], tables[2], tables[1], tables[3], scale, causal_tokens)
         inputs = [q, k, v, lse, *tables]
         choices = []
         for cfg in configs:
@@ -183,20 +185,20 @@ class _TemplateLowering:
         return self._logical_view(out, order), lse
 
     def backward(self, grad_out, q, k, v, lse, delta, q_slots, kv_slots, q_counts, kv_counts,
-                 kv_num_blocks, kv_indices, q_num_blocks, q_indices, scale, kernel_version=0):
+                 kv_num_blocks, kv_indices, q_num_blocks, q_indices, scale, kernel_version=0, causal_tokens=0):
         op = torch.ops.sparse_inductor.block_sparse_attn_bwd.default
         args = (grad_out, q, k, v, lse, delta, q_slots, kv_slots, q_counts, kv_counts,
                 kv_num_blocks, kv_indices, q_num_blocks, q_indices, scale)
         reason = self._why_not(q)
         if reason is not None:
-            return self._fallback(op, args, reason)
+            return self._fallback(op, (*args, kernel_version, causal_tokens), reason)
         try:
-            return self._backward(*args)
+            return self._backward(*args, causal_tokens)
         except Exception as error:
-            return self._fallback(op, args, f"template failed: {error!r}", warn=True)
+            return self._fallback(op, (*args, kernel_version, causal_tokens), f"template failed: {error!r}", warn=True)
 
     def _backward(self, grad_out, q, k, v, lse, delta, q_slots, kv_slots, q_counts, kv_counts,
-                  kv_num_blocks, kv_indices, q_num_blocks, q_indices, scale):
+                  kv_num_blocks, kv_indices, q_num_blocks, q_indices, scale, causal_tokens=0):
         api = self.api
         q, k, v, grad_out = (api.fixed_input(x) for x in (q, k, v, grad_out))
         lse, delta = api.contiguous_input(lse), api.contiguous_input(delta)
@@ -206,7 +208,7 @@ class _TemplateLowering:
         order, layout = self._output_layout(1, k)
         dq, dv = self._output_buffer(0, q), self._output_buffer(2, v)
         programs = tables[2].get_size()[-1] + tables[3].get_size()[-1]
-        meta, configs = self._meta(q, tables[0], tables[2], tables[1], tables[3], scale)
+        meta, configs = self._meta(q, tables[0], tables[2], tables[1], tables[3], scale, causal_tokens)
         inputs = [q, k, v, grad_out, lse, delta, dq, dv, *tables]
         choices = []
         for cfg in configs:

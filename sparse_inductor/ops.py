@@ -24,6 +24,7 @@ from torch import Tensor
 from . import _compat, triton_launch
 from .selection import explicit_lists, lists_from_mask, mask_from_lists
 from .selection import pool_tiles as pool_tiles_torch
+from .selection import top_k_allowed_tiles as top_k_allowed_tiles_torch
 from .selection import top_k_tiles as top_k_tiles_torch
 
 
@@ -117,9 +118,11 @@ def _from_blocks(x_blocks: Tensor, slots: Tensor, length: int) -> Tensor:
     return out[:, :, :length]
 
 
-def _gathered(q, k, v, q_counts, kv_counts, kv_num_blocks, kv_indices):
+def _gathered(q, k, v, q_counts, kv_counts, kv_num_blocks, kv_indices, causal=None):
     """Per query block, the listed K/V blocks side by side plus validity masks (block order).
-    Query blocks have ``Sq`` slots, KV blocks ``Sk`` (smaller query blocks under query_keep)."""
+    Query blocks have ``Sq`` slots, KV blocks ``Sk`` (smaller query blocks under query_keep).
+    ``causal``: ``(q_slots, kv_slots, tokens per causal block)`` of a block-causal mask; then the
+    last result is the pairs it allows, ``[B, H, Mq, Sq, K * Sk]`` (else ``None``)."""
     B, H, Nq, D = q.shape
     Mq, Mk = q_counts.shape[-1], kv_counts.shape[-1]
     Sq, Sk = Nq // Mq, k.shape[2] // Mk
@@ -142,15 +145,32 @@ def _gathered(q, k, v, q_counts, kv_counts, kv_num_blocks, kv_indices):
     k_sel = torch.where(col_valid.transpose(-1, -2), k_sel, 0)
     v_sel = torch.where(col_valid.transpose(-1, -2), v_sel, 0)
     row_valid = q_valid.unsqueeze(-1)  # [B, H, Mq, Sq, 1]
-    return qb, k_sel, v_sel, idx, row_valid, col_valid
+    allowed = None
+    if causal is not None:
+        # Block-causal mask: key position p' is allowed for query position p iff
+        # p' // tokens <= p // tokens (video-only sequences). Padding / excluded query slots are
+        # invalid rows anyway.
+        q_slots, kv_slots, tokens = causal
+        q_block = _per_head(q_slots, B, H).reshape(B, H, Mq, Sq).clamp(min=0) // tokens
+        kv_block = _per_head(kv_slots, B, H).reshape(B, H, Mk, Sk).clamp(min=0) // tokens
+        key_block = kv_block[bi, hi, idx].reshape(B, H, Mq, 1, K * Sk)
+        allowed = key_block <= q_block.unsqueeze(-1)
+    return qb, k_sel, v_sel, idx, row_valid, col_valid, allowed
 
 
-def _torch_fwd(q, k, v, q_slots, kv_slots, q_counts, kv_counts, kv_num_blocks, kv_indices, scale):
+def _causal(q_slots, kv_slots, causal_tokens):
+    return (q_slots, kv_slots, causal_tokens) if causal_tokens > 0 else None
+
+
+def _torch_fwd(q, k, v, q_slots, kv_slots, q_counts, kv_counts, kv_num_blocks, kv_indices, scale, causal_tokens=0):
     B, H, Lq, D = q.shape
     qt, kt, vt = _to_blocks(q, q_slots), _to_blocks(k, kv_slots), _to_blocks(v, kv_slots)
-    qb, k_sel, v_sel, _, row_valid, col_valid = _gathered(qt, kt, vt, q_counts, kv_counts, kv_num_blocks, kv_indices)
+    qb, k_sel, v_sel, _, row_valid, col_valid, allowed = _gathered(qt, kt, vt, q_counts, kv_counts, kv_num_blocks,
+                                                                   kv_indices, _causal(q_slots, kv_slots, causal_tokens))
     s = (qb @ k_sel.transpose(-1, -2)) * scale
     s = s.masked_fill(~col_valid, float("-inf"))
+    if allowed is not None:
+        s = s.masked_fill(~allowed, float("-inf"))
     lse = torch.logsumexp(s, dim=-1, keepdim=True)
     # Only LSE = -inf means "no key" (a skipped head, every key masked): output 0. A NaN or +inf
     # LSE comes from NaN / Inf in q or in the kept k, v and propagates as in the reference.
@@ -163,14 +183,15 @@ def _torch_fwd(q, k, v, q_slots, kv_slots, q_counts, kv_counts, kv_num_blocks, k
 
 
 def _torch_bwd(grad_out, q, k, v, lse, delta, q_slots, kv_slots, q_counts, kv_counts, kv_num_blocks, kv_indices,
-               scale):
+               scale, causal_tokens=0):
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     Mq, Mk = q_counts.shape[-1], kv_counts.shape[-1]
     Sq, Sk = q_slots.shape[-1] // Mq, kv_slots.shape[-1] // Mk
     qt, kt, vt = _to_blocks(q, q_slots), _to_blocks(k, kv_slots), _to_blocks(v, kv_slots)
-    qb, k_sel, v_sel, idx, row_valid, col_valid = _gathered(qt, kt, vt, q_counts, kv_counts, kv_num_blocks,
-                                                            kv_indices)
+    qb, k_sel, v_sel, idx, row_valid, col_valid, allowed = _gathered(qt, kt, vt, q_counts, kv_counts, kv_num_blocks,
+                                                                     kv_indices, _causal(q_slots, kv_slots,
+                                                                                         causal_tokens))
     do = torch.where(row_valid, _to_blocks(grad_out, q_slots).reshape(B, H, Mq, Sq, D).to(qb.dtype), 0)
     lse = _to_blocks(lse.unsqueeze(-1), q_slots).reshape(B, H, Mq, Sq, 1).to(qb.dtype)
     # A row with a +inf score has LSE +inf and a NaN softmax (as the reference's): NaN gradients.
@@ -178,6 +199,8 @@ def _torch_bwd(grad_out, q, k, v, lse, delta, q_slots, kv_slots, q_counts, kv_co
     delta = _to_blocks(delta.unsqueeze(-1), q_slots).reshape(B, H, Mq, Sq, 1).to(qb.dtype)
     s = (qb @ k_sel.transpose(-1, -2)) * scale
     valid = col_valid & row_valid
+    if allowed is not None:
+        valid = valid & allowed
     p = torch.where(valid, torch.exp(s - lse), 0)
     ds = torch.where(valid, p * (do @ v_sel.transpose(-1, -2) - delta), 0)
     # Rows and key slots that take no part get exactly 0 (a NaN elsewhere in their block must not
@@ -232,7 +255,7 @@ def block_sparse_attn_fwd(
     q: Tensor, k: Tensor, v: Tensor,
     q_slots: Tensor, kv_slots: Tensor, q_counts: Tensor, kv_counts: Tensor,
     kv_num_blocks: Tensor, kv_indices: Tensor,
-    scale: float, kernel_version: int = 0,
+    scale: float, kernel_version: int = 0, causal_tokens: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """Block-sparse attention forward.
 
@@ -249,6 +272,9 @@ def block_sparse_attn_fwd(
         scale: softmax scale.
         kernel_version: not read; callers pass :data:`KERNEL_VERSION` so that it is part of
             the graph a compiler caches.
+        causal_tokens: a block-causal mask over video-only sequences (diffusion forcing): the
+            query at position ``p`` attends the key at ``p'`` only if ``p' // causal_tokens <=
+            p // causal_tokens`` (``H·W·frames per causal block``); 0: no mask.
 
     Returns ``(out, lse)``: ``out`` laid out like ``q``; ``lse`` contiguous ``[B, H, Lq]`` in fp32
     (fp64 for fp64 inputs), natural-log units.
@@ -262,9 +288,10 @@ def block_sparse_attn_fwd(
         lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
         tables = (t.contiguous() if t.stride(-1) != 1 else t for t in (q_slots, kv_slots, q_counts, kv_counts))
         triton_launch.block_sparse_fwd(q, k, v, out, lse, *tables, kv_num_blocks.contiguous(),
-                                       kv_indices.contiguous(), scale)
+                                       kv_indices.contiguous(), scale, causal_tokens=causal_tokens)
         return like(q_in, out), lse
-    out, lse = _torch_fwd(q, k, v, q_slots, kv_slots, q_counts, kv_counts, kv_num_blocks, kv_indices, scale)
+    out, lse = _torch_fwd(q, k, v, q_slots, kv_slots, q_counts, kv_counts, kv_num_blocks, kv_indices, scale,
+                          causal_tokens)
     return like(q_in, torch.empty_like(q_in).copy_(out)), lse.to(stats_dtype(q.dtype)).contiguous()
 
 
@@ -277,7 +304,8 @@ def _register_lowerings():
 
 
 @block_sparse_attn_fwd.register_fake
-def _(q, k, v, q_slots, kv_slots, q_counts, kv_counts, kv_num_blocks, kv_indices, scale, kernel_version=0):
+def _(q, k, v, q_slots, kv_slots, q_counts, kv_counts, kv_num_blocks, kv_indices, scale, kernel_version=0,
+      causal_tokens=0):
     _register_lowerings()
     return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=stats_dtype(q.dtype))
 
@@ -287,14 +315,14 @@ def block_sparse_attn_bwd(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Tensor,
     q_slots: Tensor, kv_slots: Tensor, q_counts: Tensor, kv_counts: Tensor,
     kv_num_blocks: Tensor, kv_indices: Tensor, q_num_blocks: Tensor, q_indices: Tensor,
-    scale: float, kernel_version: int = 0,
+    scale: float, kernel_version: int = 0, causal_tokens: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Block-sparse attention backward. ``delta = rowsum(out * grad_out) - grad_lse``
     (contiguous ``[B, H, Lq]``, like ``lse``).
 
     Returns ``(dq, dk, dv)`` laid out like ``q``, ``k``, ``v``; dQ walks the query-major lists,
     dK/dV the kv-major ``(q_num_blocks [B, H, Mk], q_indices [B, H, Mk, Mq])``. ``kernel_version``
-    as in the forward.
+    and ``causal_tokens`` as in the forward.
     """
     inputs = (q, k, v)
     if q.numel() == 0:
@@ -305,25 +333,25 @@ def block_sparse_attn_bwd(
         tables = (t.contiguous() if t.stride(-1) != 1 else t for t in (q_slots, kv_slots, q_counts, kv_counts))
         lists = (t.contiguous() for t in (kv_num_blocks, kv_indices, q_num_blocks, q_indices))
         triton_launch.block_sparse_bwd(grad_out, q, k, v, lse.contiguous(), delta.contiguous(), dq, dk, dv,
-                                       *tables, *lists, scale)
+                                       *tables, *lists, scale, causal_tokens=causal_tokens)
         grads = (dq, dk, dv)
     else:
         grads = _torch_bwd(grad_out, q, k, v, lse, delta, q_slots, kv_slots, q_counts, kv_counts, kv_num_blocks,
-                           kv_indices, scale)
+                           kv_indices, scale, causal_tokens)
         grads = [torch.empty_like(x).copy_(g) for x, g in zip(inputs, grads)]
     return tuple(like(x, g) for x, g in zip(inputs, grads))
 
 
 @block_sparse_attn_bwd.register_fake
 def _(grad_out, q, k, v, lse, delta, q_slots, kv_slots, q_counts, kv_counts, kv_num_blocks, kv_indices,
-      q_num_blocks, q_indices, scale, kernel_version=0):
+      q_num_blocks, q_indices, scale, kernel_version=0, causal_tokens=0):
     _register_lowerings()
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, q_slots: Tensor, kv_slots: Tensor, q_counts: Tensor,
                            kv_counts: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor,
-                           scale: float) -> tuple[Tensor, Tensor]:
+                           scale: float, causal_tokens: int = 0) -> tuple[Tensor, Tensor]:
     """``block_sparse_attn_fwd`` as callers use it: the custom op (kernels, lowering, autograd),
     except under a ``torch.func`` differentiation transform or with forward-mode AD duals, which
     the custom op does not support: then the same arithmetic as plain, differentiable PyTorch (the
@@ -331,17 +359,19 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, q_slots: Tensor, kv_
     query block)."""
     if _compat.functorch_grad_active() or _compat.has_forward_grad(q, k, v):
         kv_indices = explicit_lists(kv_num_blocks, kv_indices, kv_counts.shape[-1], always=True)
-        out, lse = _torch_fwd(q, k, v, q_slots, kv_slots, q_counts, kv_counts, kv_num_blocks, kv_indices, scale)
+        out, lse = _torch_fwd(q, k, v, q_slots, kv_slots, q_counts, kv_counts, kv_num_blocks, kv_indices, scale,
+                              causal_tokens)
         return out.to(q.dtype), lse.to(stats_dtype(q.dtype))
     return torch.ops.sparse_inductor.block_sparse_attn_fwd(q, k, v, q_slots, kv_slots, q_counts, kv_counts,
-                                                           kv_num_blocks, kv_indices, scale, KERNEL_VERSION)
+                                                           kv_num_blocks, kv_indices, scale, KERNEL_VERSION,
+                                                           causal_tokens)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, q_slots, kv_slots, q_counts, kv_counts, kv_num_blocks, kv_indices, scale, kernel_version = inputs
+    q, k, v, q_slots, kv_slots, q_counts, kv_counts, kv_num_blocks, kv_indices, scale, kernel_version, causal = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, q_slots, kv_slots, q_counts, kv_counts, kv_num_blocks, kv_indices)
-    ctx.scale, ctx.kernel_version = scale, kernel_version
+    ctx.scale, ctx.kernel_version, ctx.causal_tokens = scale, kernel_version, causal
 
 
 def _backward(ctx, grad_out, grad_lse):
@@ -357,15 +387,15 @@ def _backward(ctx, grad_out, grad_lse):
         # PyTorch (the CPU implementation, on any device). q, k, v, out and lse are the saved
         # inputs and outputs, so their own graphs carry the second-order terms.
         grads = _torch_bwd(grad_out, q, k, v, lse, delta, q_slots, kv_slots, q_counts, kv_counts, kv_num_blocks,
-                           kv_indices, ctx.scale)
+                           kv_indices, ctx.scale, ctx.causal_tokens)
         dq, dk, dv = (g.to(x.dtype) for g, x in zip(grads, (q, k, v)))
-        return dq, dk, dv, None, None, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None
     q_num_blocks, q_indices = transpose_block_lists(kv_num_blocks, kv_indices, kv_counts.shape[-1])
     dq, dk, dv = torch.ops.sparse_inductor.block_sparse_attn_bwd(
         grad_out, q, k, v, lse, delta.contiguous(), q_slots, kv_slots, q_counts, kv_counts, kv_num_blocks,
-        kv_indices, q_num_blocks, q_indices, ctx.scale, ctx.kernel_version,
+        kv_indices, q_num_blocks, q_indices, ctx.scale, ctx.kernel_version, ctx.causal_tokens,
     )
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
 block_sparse_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -413,6 +443,51 @@ def top_k_tiles(scores: Tensor, k: int) -> Tensor:
 @top_k_tiles.register_fake
 def _(scores, k):
     return scores.new_empty((*scores.shape[:-1], k), dtype=torch.int32)
+
+
+@torch.library.custom_op("sparse_inductor::top_k_tiles_allowed", mutates_args=())
+def top_k_tiles_allowed(scores: Tensor, allowed: Tensor, k_rows: Tensor, width: int) -> Tensor:
+    """Top-k under a block-causal mask: per row ``i`` of ``scores [..., Mq, M]`` the ``k_rows[i]``
+    highest among the columns ``allowed[i]`` holds (bool ``[Mq, M]``), ties to the lower column,
+    NaN below every number and disallowed columns below NaN; int32 ``[..., Mq, width]``, the kept
+    columns first in increasing order, then zeros. Deterministic."""
+    if scores.is_cuda and scores.dtype == torch.float32:
+        out = scores.new_zeros((*scores.shape[:-1], width), dtype=torch.int32)
+        triton_launch.top_k_tiles_allowed(scores.contiguous(), allowed.contiguous(), k_rows.to(torch.int32).contiguous(),
+                                          out)
+        return out
+    return top_k_allowed_tiles_torch(scores, allowed, k_rows, width)
+
+
+@top_k_tiles_allowed.register_fake
+def _(scores, allowed, k_rows, width):
+    return scores.new_empty((*scores.shape[:-1], width), dtype=torch.int32)
+
+
+@torch.library.custom_op("sparse_inductor::mass_cut_tiles_allowed", mutates_args=())
+def mass_cut_tiles_allowed(logits: Tensor, counts: Tensor, allowed: Tensor, p: float, lo: Tensor, hi: Tensor,
+                           width: int) -> tuple[Tensor, Tensor]:
+    """:func:`mass_cut_tiles` under a block-causal mask: each row ``i`` of ``logits [..., Mq, M]``
+    is cut over the columns ``allowed[i]`` holds (bool ``[Mq, M]``) only, its length clamped to
+    ``[lo[i], hi[i]]`` (int32 ``[Mq]``); ``(num [..., Mq], idx [..., Mq, width])`` int32, entries
+    past ``num`` zero. Non-finite logits as in :func:`mass_cut_tiles`."""
+    if logits.is_cuda and logits.dtype == torch.float32:
+        num = logits.new_empty(logits.shape[:-1], dtype=torch.int32)
+        out = logits.new_zeros((*logits.shape[:-1], width), dtype=torch.int32)
+        triton_launch.mass_cut_tiles_allowed(logits.contiguous(), counts.contiguous(), allowed.contiguous(), p,
+                                             lo.to(torch.int32).contiguous(), hi.to(torch.int32).contiguous(), num,
+                                             out)
+        return num, out
+    from .policies.mass import mass_cut_allowed_torch
+
+    return mass_cut_allowed_torch(logits.masked_fill(torch.isnan(logits), float("-inf")), counts, allowed, p, lo, hi,
+                                  width)
+
+
+@mass_cut_tiles_allowed.register_fake
+def _(logits, counts, allowed, p, lo, hi, width):
+    return (logits.new_empty(logits.shape[:-1], dtype=torch.int32),
+            logits.new_empty((*logits.shape[:-1], width), dtype=torch.int32))
 
 
 @torch.library.custom_op("sparse_inductor::mass_cut_tiles", mutates_args=())

@@ -20,7 +20,11 @@ def num_selected(sparsity: float, num_kv_tiles):
     may be a SymInt.
     """
     keep = 1 - Fraction(repr(float(sparsity)))
+    if isinstance(num_kv_tiles, Tensor):
+        num_kv_tiles = num_kv_tiles.long()  # (a long decimal's numerator overflows int32)
     k = (num_kv_tiles * keep.numerator + keep.denominator - 1) // keep.denominator
+    if isinstance(k, Tensor):  # per-row counts (allowed tiles under a block-causal mask)
+        return k.clamp(min=1).to(torch.int32)
     # Plain ints stay plain (Dynamo on torch 2.11 cannot trace sym_max over two ints).
     return max(k, 1) if isinstance(k, int) else torch.sym_max(k, 1)
 
@@ -55,6 +59,42 @@ def top_k_tiles(scores: Tensor, k: int) -> Tensor:
     else:
         order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
     return torch.sort(order[..., :k], dim=-1).values.to(torch.int32)
+
+
+def top_k_allowed_tiles(scores: Tensor, allowed: Tensor, k_rows: Tensor, width: int) -> Tensor:
+    """Per row i of ``scores [..., Mq, M]``: the ``k_rows[i]`` highest scores among the columns
+    ``allowed[i]`` holds (bool ``[Mq, M]``; ``k_rows`` int ``[Mq]``, at most the row's allowed
+    count), ties to the lower column and NaN below every number as in :func:`top_k_tiles`;
+    int32 ``[..., Mq, width]``, the kept columns first in increasing order, then zeros."""
+    nan = torch.isnan(scores)
+    order = torch.sort(scores.masked_fill(nan, float("-inf")), dim=-1, descending=True, stable=True).indices
+    # Stable re-sorts by rank class: allowed numbers, then allowed NaN, then disallowed columns.
+    rank = (nan.to(torch.int8) + 2 * (~allowed).to(torch.int8)).expand(scores.shape)
+    order = order.gather(-1, torch.sort(rank.gather(-1, order), dim=-1, stable=True).indices)
+    M = scores.shape[-1]
+    kept = torch.arange(M, device=scores.device) < k_rows.unsqueeze(-1)
+    cols = torch.sort(torch.where(kept, order, M), dim=-1).values[..., :width]
+    return torch.where(cols < M, cols, 0).to(torch.int32).contiguous()
+
+
+def restrict_to_allowed(num: Tensor, idx: Tensor, allowed: Tensor, full_rows: bool) -> tuple[Tensor, Tensor]:
+    """Video lists ``(num [B, H, Mv], idx [B, H, Mv, W])`` under a block-causal mask: the listed
+    tiles that ``allowed`` (bool ``[Mv, Mv]``) holds, plus each row's own tile, in increasing
+    order, ``min(W + 1, Mv)`` wide (``full_rows``: rows may be full, every tile with no stored
+    entries, e.g. ``Full()``; they are written out first). Static shapes, no host sync."""
+    Mv = allowed.shape[-1]
+    if full_rows:
+        idx = explicit_lists(num, idx, Mv, always=True)
+    W = idx.shape[-1]
+    listed = torch.arange(W, device=idx.device) < num.unsqueeze(-1)
+    rows = torch.arange(Mv, device=idx.device).view(Mv, 1)
+    kept = listed & allowed[rows, idx.long().clamp(0, Mv - 1)]
+    own = rows.expand(*idx.shape[:-1], 1)
+    has_own = (kept & (idx == own)).any(-1, keepdim=True)
+    entries = torch.cat([torch.where(kept, idx, Mv), torch.where(has_own, Mv, own)], dim=-1)
+    entries = torch.sort(entries, dim=-1).values[..., :min(W + 1, Mv)]
+    valid = entries < Mv
+    return valid.sum(-1, dtype=torch.int32), torch.where(valid, entries, 0).to(torch.int32).contiguous()
 
 
 @dataclass(frozen=True)
@@ -137,7 +177,8 @@ def lists_from_mask(mask: Tensor) -> tuple[Tensor, Tensor]:
     return num, indices.contiguous()
 
 
-def select_tiles(q: Tensor, k: Tensor, layout, policy, scale: float, *, static_lists=None) -> tuple[Tensor, Tensor]:
+def select_tiles(q: Tensor, k: Tensor, layout, policy, scale: float, *, static_lists=None,
+                 causal_block_size: int | None = None) -> tuple[Tensor, Tensor]:
     """The coarse stage on sequence-order ``q, k`` (``[B, H, L, D]``) under a selection
     ``policy`` (:mod:`sparse_inductor.policies`). Returns ``(kv_num_blocks, kv_indices)``.
 
@@ -146,7 +187,13 @@ def select_tiles(q: Tensor, k: Tensor, layout, policy, scale: float, *, static_l
     as DESIGN.md §3.5 says: every video row lists its video tiles and then every text block;
     text query blocks keep every block as full rows; a skipped head's rows keep nothing. So the
     lists are ``policy width + text blocks`` wide, not as wide as the number of blocks.
+
+    ``causal_block_size`` (frames per causal block; video-only sequences): under that
+    block-causal mask the policy chooses among each row's allowed tiles (its budget counts only
+    them), then every row's list is intersected with the allowed tiles and gets its own tile
+    (:func:`sparse_inductor.reference.causal_token_mask` has the rules); lists are one entry wider.
     """
+    from .causal import allowed_tiles, effective_block_size
     from .policies import SelectionContext
     from .policies.base import flags_tensor
 
@@ -157,13 +204,24 @@ def select_tiles(q: Tensor, k: Tensor, layout, policy, scale: float, *, static_l
     def means():  # only policies that read q and k pay for the pooling
         return torch.ops.sparse_inductor.pool_tiles(q, k, layout.slots[: Mv * S], counts)
 
+    causal_block_size = effective_block_size(layout.grid, causal_block_size)
+    allowed = None
+    if causal_block_size is not None:
+        if _has_text(layout):
+            raise ValueError("causal_block_size: a block-causal mask is supported on video-only attention "
+                             "(no text tokens)")
+        allowed = allowed_tiles(layout.grid, layout.tile, causal_block_size, device)
     ctx = SelectionContext(grid=layout.grid, tile=layout.tile, counts=counts, scale=scale, batch=B, heads=H,
-                           device=device, means=means, static_lists=static_lists)
+                           device=device, means=means, static_lists=static_lists, allowed=allowed)
     num, idx = policy.lists(ctx)
     W = idx.shape[-1]
     if isinstance(W, int) and W == 0:  # e.g. every head Full or Skip: rows store no entries
         idx, W = idx.new_zeros(*idx.shape[:-1], 1), 1
     num, idx = num.expand(B, H, Mv), idx.expand(B, H, Mv, W)
+    if allowed is not None:
+        # The common path of every policy: static patterns and Full are intersected here, and
+        # every row gets its own tile (budget policies already chose among allowed tiles only).
+        num, idx = restrict_to_allowed(num, idx, allowed, full_rows=_may_have_full_rows(policy))
     skip = policy.skip_heads(H)
     skipped = flags_tensor(skip, device).view(1, H, 1) if any(skip) else None
     if not _has_text(layout):
@@ -184,6 +242,16 @@ def select_tiles(q: Tensor, k: Tensor, layout, policy, scale: float, *, static_l
     if skipped is not None:
         kv_num_blocks = torch.where(skipped, 0, kv_num_blocks)
     return kv_num_blocks.to(torch.int32).contiguous(), kv_indices
+
+
+def _may_have_full_rows(policy) -> bool:
+    """Whether ``policy`` may yield full rows (``Full()`` anywhere in it)."""
+    from .policies import Full
+
+    if isinstance(policy, Full):
+        return True
+    members = getattr(policy, "policies", None) or getattr(policy, "members", None) or ()
+    return any(_may_have_full_rows(m) for m in members)
 
 
 def _has_text(layout) -> bool:

@@ -60,9 +60,10 @@ def blocks(q_slots, q_counts, kv_slots, kv_counts) -> dict:
 
 
 def block_sparse_fwd(q, k, v, out, lse, q_slots, kv_slots, q_counts, kv_counts, kv_num_blocks, kv_indices, scale,
-                     config: dict | None = None):
+                     config: dict | None = None, causal_tokens: int = 0):
     """Fill ``out`` (any strides, unit feature stride) and ``lse`` (contiguous ``[B, H, Lq]``).
-    ``config``: ``num_warps`` and ``num_stages`` (default :func:`default_config`)."""
+    ``config``: ``num_warps`` and ``num_stages`` (default :func:`default_config`).
+    ``causal_tokens``: tokens per causal block of a block-causal mask (0: none)."""
     from kernel_templates.block_sparse_attention import block_sparse_attn_fwd_kernel
 
     B, H, Lq, D = q.shape
@@ -75,14 +76,15 @@ def block_sparse_fwd(q, k, v, out, lse, q_slots, kv_slots, q_counts, kv_counts, 
         scale, H, Lq, Mq, kv_counts.shape[-1], kv_indices.shape[-1], D,
         *_table_strides(q_slots, kv_slots, q_counts, kv_counts),
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out),
-        **sizes, BLOCK_D=head_block(D), **kernel_flags(q.dtype), **pack_meta(),
+        **sizes, BLOCK_D=head_block(D), **kernel_flags(q.dtype), **pack_meta(), CAUSAL_TOKENS=int(causal_tokens),
         **(config or default_config(sizes["BLOCK"], D)),
     )
 
 
 def block_sparse_bwd(grad_out, q, k, v, lse, delta, dq, dk, dv, q_slots, kv_slots, q_counts, kv_counts,
-                     kv_num_blocks, kv_indices, q_num_blocks, q_indices, scale):
-    """Fill ``dq``, ``dk``, ``dv`` (one launch: dK/dV programs, then dQ programs)."""
+                     kv_num_blocks, kv_indices, q_num_blocks, q_indices, scale, causal_tokens: int = 0):
+    """Fill ``dq``, ``dk``, ``dv`` (one launch: dK/dV programs, then dQ programs);
+    ``causal_tokens`` as in :func:`block_sparse_fwd`."""
     from kernel_templates.block_sparse_attention import block_sparse_attn_bwd_kernel
 
     B, H, Lq, D = q.shape
@@ -97,7 +99,7 @@ def block_sparse_bwd(grad_out, q, k, v, lse, delta, dq, dk, dv, q_slots, kv_slot
         *_table_strides(q_slots, kv_slots, q_counts, kv_counts),
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(grad_out),
         *_strides3(dq), *_strides3(dk), *_strides3(dv),
-        **sizes, BLOCK_D=head_block(D), **kernel_flags(q.dtype), **pack_meta(),
+        **sizes, BLOCK_D=head_block(D), **kernel_flags(q.dtype), **pack_meta(), CAUSAL_TOKENS=int(causal_tokens),
         **default_config(sizes["BLOCK"], D),
     )
 
@@ -141,6 +143,35 @@ def mass_cut_tiles(logits, counts, p, lo, hi, num, out):
     cols = _row_width(M)
     mass_cut_tiles_kernel[(logits.numel() // M,)](logits, counts, num, out, M, float(p), lo, hi, hi,
                                                   KEEP_ALL=p >= 1.0, COLS=cols, num_warps=_row_warps(cols))
+
+
+def top_k_tiles_allowed(scores, allowed, k_rows, out):
+    """Fill ``out`` (int32 ``[..., Mq, width]``, zeroed) with the top ``k_rows[i]`` (int32 ``[Mq]``)
+    columns of each row of ``scores`` (fp32 contiguous ``[..., Mq, M]``) among those ``allowed``
+    (bool ``[Mq, M]``) holds, in increasing order."""
+    from kernel_templates.selection_kernels import top_k_tiles_allowed_kernel
+
+    M = scores.shape[-1]
+    if _no_programs((scores.numel(), out.shape[-1])):
+        return
+    cols = _row_width(M)
+    top_k_tiles_allowed_kernel[(scores.numel() // M,)](scores, allowed.to(torch.int8), k_rows, out, M,
+                                                       allowed.shape[0], out.shape[-1], COLS=cols,
+                                                       num_warps=_row_warps(cols))
+
+
+def mass_cut_tiles_allowed(logits, counts, allowed, p, lo, hi, num, out):
+    """:func:`mass_cut_tiles` of each row ``i`` over the columns ``allowed[i]`` holds, clamped to
+    ``[lo[i], hi[i]]`` (int32 ``[Mq]``); ``out`` (int32 ``[..., Mq, width]``) zeroed."""
+    from kernel_templates.selection_kernels import mass_cut_tiles_allowed_kernel
+
+    M = logits.shape[-1]
+    if _no_programs((logits.numel(),)):
+        return
+    cols = _row_width(M)
+    mass_cut_tiles_allowed_kernel[(logits.numel() // M,)](logits, counts, allowed.to(torch.int8), lo, hi, num, out, M,
+                                                          allowed.shape[0], float(p), out.shape[-1],
+                                                          KEEP_ALL=p >= 1.0, COLS=cols, num_warps=_row_warps(cols))
 
 
 def compact_rows(mask, num, indices):

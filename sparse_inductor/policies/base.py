@@ -35,10 +35,15 @@ class SelectionContext:
         batch, heads: of the call (``heads`` is the number of heads this context covers).
         device: where the lists must live.
         grid, tile: the token grid and the tile shape.
+        allowed: bool ``[num_tiles, num_tiles]`` under a block-causal mask (KV tile j is not
+            wholly in the future of query tile i; :mod:`sparse_inductor.causal`), else ``None``.
+            Policies with a budget count only allowed tiles (:attr:`num_allowed`) and never
+            keep others; the common path (:func:`sparse_inductor.selection.select_tiles`)
+            intersects every policy's lists with it.
     """
 
     def __init__(self, *, grid, tile, counts: Tensor, scale: float, batch, heads, device, means=None,
-                 static_lists=None):
+                 static_lists=None, allowed: Tensor | None = None):
         self.grid, self.tile = tuple(grid), tuple(tile)
         self.tile_grid = tuple(ceil_div(g, t) for g, t in zip(self.grid, self.tile))
         self.num_tiles = math.prod(self.tile_grid)
@@ -47,6 +52,12 @@ class SelectionContext:
         self._means = means  # a callable () -> (q_mean, k_mean) [B, H, Mv, D] fp32, or the pair
         # Precomputed lists of static policies ({policy: (num, idx)}): graph constants.
         self.static_lists = static_lists or {}
+        self.allowed = allowed
+
+    @property
+    def num_allowed(self) -> Tensor | None:
+        """int32 ``[num_tiles]``: allowed KV tiles per query tile (``None`` without a mask)."""
+        return None if self.allowed is None else self.allowed.sum(-1, dtype=torch.int32)
 
     def means(self) -> tuple[Tensor, Tensor]:
         """Tile means of q and k, ``[B, heads, num_tiles, D]`` in fp32 (fp64 for fp64 input)."""
@@ -71,7 +82,7 @@ class SelectionContext:
             means = tuple(torch.cat([m[:, h:h + 1] for h in heads], dim=1) for m in self._means)
         return SelectionContext(grid=self.grid, tile=self.tile, counts=self.counts, scale=self.scale,
                                 batch=self.batch, heads=len(heads), device=self.device, means=means,
-                                static_lists=self.static_lists)
+                                static_lists=self.static_lists, allowed=self.allowed)
 
     def coords(self) -> Tensor:
         """int64 ``[num_tiles, 3]``: the ``(t, h, w)`` tile coordinates of each tile, tiles in

@@ -26,11 +26,17 @@ from .base import Policy, SelectionContext, check_count, check_fraction
 
 
 def mass_bounds(num_tiles, min_tiles: int, max_fraction: float):
-    """``(lo, hi)``: the clamp of the kept length on ``num_tiles`` tiles (plain ints or SymInts):
+    """``(lo, hi)``: the clamp of the kept length on ``num_tiles`` tiles (plain ints or SymInts, or
+    an integer tensor of per-row counts, giving int32 tensors):
     ``lo = min(min_tiles, M)``, ``hi = max(ceil(max_fraction · M), lo)``, the ceiling exact (the
     fraction read as the decimal it prints as)."""
     f = Fraction(repr(float(max_fraction)))
+    if isinstance(num_tiles, Tensor):
+        num_tiles = num_tiles.long()  # (a long decimal's numerator overflows int32)
     hi = (num_tiles * f.numerator + f.denominator - 1) // f.denominator
+    if isinstance(num_tiles, Tensor):  # per-row counts (allowed tiles under a block-causal mask)
+        lo = num_tiles.clamp(max=min_tiles)
+        return lo.to(torch.int32), torch.maximum(hi, lo).to(torch.int32)
     if isinstance(num_tiles, int):
         lo = min(min_tiles, num_tiles)
         return lo, max(hi, lo)
@@ -53,6 +59,27 @@ def mass_cut_torch(logits: Tensor, counts: Tensor, p: float, lo: int, hi: int) -
     kept = torch.arange(hi, device=logits.device) < length.unsqueeze(-1)
     idx = torch.where(kept, order.indices[..., :hi], M)
     idx = torch.sort(idx, dim=-1).values
+    return length.to(torch.int32), torch.where(idx < M, idx, 0).to(torch.int32).contiguous()
+
+
+def mass_cut_allowed_torch(logits: Tensor, counts: Tensor, allowed: Tensor, p: float, lo: Tensor, hi: Tensor,
+                           width: int) -> tuple[Tensor, Tensor]:
+    """:func:`mass_cut_torch` of each row ``i`` of ``logits [..., Mq, M]`` over the columns
+    ``allowed[i]`` holds (bool ``[Mq, M]``) only, as if the row had just those tiles, with per-row
+    clamps ``lo``, ``hi`` (int ``[Mq]``); ``(num [..., Mq], idx [..., Mq, width])``."""
+    work = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    prob = torch.softmax((logits.to(work) + counts.to(work).log()).masked_fill(~allowed, float("-inf")), dim=-1)
+    # Disallowed columns rank after every allowed one (an undefined row's NaN included).
+    order = torch.sort(torch.where(allowed, prob, -1.0), dim=-1, descending=True, stable=True)
+    values = order.values.clamp(min=0)
+    before = torch.cumsum(values, dim=-1) - values  # mass of the tiles ahead of each
+    M = logits.shape[-1]
+    n_allowed = allowed.sum(-1)
+    in_row = torch.arange(M, device=logits.device) < n_allowed.unsqueeze(-1)
+    length = n_allowed.expand(logits.shape[:-1]) if p >= 1.0 else ((before < p) & in_row).sum(-1)
+    length = torch.minimum(torch.maximum(length, lo), hi)
+    kept = torch.arange(M, device=logits.device) < length.unsqueeze(-1)
+    idx = torch.sort(torch.where(kept, order.indices, M), dim=-1).values[..., :width]
     return length.to(torch.int32), torch.where(idx < M, idx, 0).to(torch.int32).contiguous()
 
 
@@ -89,6 +116,12 @@ class CumulativeMass(Policy):
     def video_lists(self, ctx: SelectionContext):
         lo, hi = self.bounds(ctx.num_tiles)
         logits = ctx.scores() * ctx.scale  # softmax is not scale-invariant: the scale matters here
+        if ctx.allowed is not None:
+            # Block-causal mask: the softmax, the cut and the clamp run over each row's allowed
+            # tiles (M replaced by A_i); the width is that of a row that sees every tile.
+            lo_rows, hi_rows = self.bounds(ctx.num_allowed)
+            return torch.ops.sparse_inductor.mass_cut_tiles_allowed(logits, ctx.counts, ctx.allowed, self.p, lo_rows,
+                                                                    hi_rows, hi)
         return torch.ops.sparse_inductor.mass_cut_tiles(logits, ctx.counts, self.p, lo, hi)
 
     def describe(self) -> str:

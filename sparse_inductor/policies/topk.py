@@ -44,6 +44,12 @@ class TopK(Policy):
     def video_lists(self, ctx: SelectionContext):
         k = self.keep(ctx.num_tiles)
         scores = ctx.scores()
+        if ctx.allowed is not None:
+            # Block-causal mask: row i keeps k_i = max(1, ceil((1 - sparsity) * A_i)) of its A_i
+            # allowed tiles (the width k is that of a row that sees every tile).
+            k_rows = self.keep(ctx.num_allowed)
+            idx = torch.ops.sparse_inductor.top_k_tiles_allowed(scores, ctx.allowed, k_rows, k)
+            return k_rows.expand(idx.shape[:-1]).contiguous(), idx
         if not (isinstance(ctx.scale, (int, float)) and ctx.scale > 0):
             # A positive scale cannot change which tiles are the top k (it can only merge two
             # scores into a tie by rounding), so it is applied only where it could: saving one
