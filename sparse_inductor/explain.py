@@ -13,7 +13,8 @@ class Explanation:
     ``grid_source``, ``text_span``, ``decision`` (``"sparse"`` or ``"dense"``), ``policy`` (its
     description, e.g. ``"TopK(0.875)"`` or a per-head census ``"PerHead(3x Window(1, 1, 1), 1x
     Skip())"``), ``query_keep``, ``sparsity`` (TopK's, ``None`` for other policies, 0 when
-    dense), ``reason``.
+    dense), ``reason``, ``mask`` (``"block-causal (c frames per block)"`` for a recognised
+    block-causal mask, else ``""``; a column only when some row has it).
     """
 
     COLUMNS = ("graph", "module", "q", "k", "v", "grid", "text_span", "decision", "policy", "query_keep", "reason")
@@ -38,8 +39,11 @@ class Explanation:
                 return f"{value} ({row['grid_source']})"
             return "" if value is None else str(value)
 
-        table = [list(self.COLUMNS)] + [[cell(r, c) for c in self.COLUMNS] for r in self.rows]
-        widths = [max(len(line[i]) for line in table) for i in range(len(self.COLUMNS))]
+        columns = self.COLUMNS
+        if any(r.get("mask") for r in self.rows):
+            columns = columns[:7] + ("mask",) + columns[7:]
+        table = [list(columns)] + [[cell(r, c) for c in columns] for r in self.rows]
+        widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
         lines = ["  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip() for line in table]
         lines.insert(1, "  ".join("-" * w for w in widths))
         n_sparse = len(self.sparse_rows)
@@ -85,6 +89,7 @@ def explain(model, *args, **kwargs) -> Explanation:
                 decision="sparse" if d.sparse else "dense", sparsity=d.sparsity,
                 policy=d.policy.describe() if d.sparse else "", query_keep=d.query_keep if d.sparse else None,
                 reason=d.reason,
+                mask=f"block-causal ({s.causal_block_size} frames per block)" if s.causal_block_size else "",
             ))
         graph_index[0] += 1
         if not grids:

@@ -456,8 +456,10 @@ def test_block_causal_mask_is_recognised_and_sparse_with_gradients(kind, c):
     model = MaskedAttention(kind, c)
     x = _video()
     with si.sparsity(0.5, min_tokens=0):
-        rows = list(si.explain(model, x))
+        explanation = si.explain(model, x)
+        rows = list(explanation)
         assert [r["decision"] for r in rows] == ["sparse"], rows
+        assert rows[0]["mask"] == f"block-causal ({c} frames per block)" and "block-causal" in str(explanation)
         torch._dynamo.reset()
         got = torch.compile(model, backend="sparse_inductor")(x)
         got.square().sum().backward()
