@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import operator
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.fx
@@ -36,6 +36,7 @@ class GridFound:
     sizes: tuple
     source: tuple
     start: object = 0
+    parallel: object = None  # passes.collectives.Ulysses when the tokens were gathered from ranks
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class GridMissing:
     reason: str
     at_input: bool = False  # the walk ended at a graph input (a graph break may hide the grid)
     node: object = None  # that input (the placeholder), for comparing where q and k come from
+    parallel: object = None  # as GridFound's
 
 
 # Ops that keep every axis where it is (elementwise, casts, norms over the last dim...).
@@ -128,6 +130,11 @@ class GridWalker:
         shape = tensor_shape(node)
         if shape is None:
             return GridMissing(f"no shape recorded for {node.name}")
+        from .collectives import step as collective_step  # (imports this module)
+
+        through_collective = collective_step(self, node, axes)
+        if through_collective is not None:
+            return through_collective
         if len(axes) == 3:
             return GridFound(tuple(shape[a] for a in axes), (node, axes))
         if len(axes) > 3:
@@ -279,10 +286,10 @@ class GridWalker:
             found_node, found_axes = found.source
             rest = self.walk(found_node, tuple(found_axes[1:]))
             if isinstance(rest, GridFound):
-                return GridFound(rest.sizes, rest.source, found.start + rest.start)
+                return replace(rest, start=found.start + rest.start)
         if first is None or first % factor or not all(static_int(x) is not None for x in found.sizes):
             return GridMissing(f"the grid found through unflatten {node.name} does not split by {factor}")
-        return GridFound((first // factor, *found.sizes[1:]), found.source, found.start)
+        return replace(found, sizes=(first // factor, *found.sizes[1:]))
 
     def _through_reshape(self, node, axes):
         src = node.args[0]
@@ -385,7 +392,7 @@ class GridWalker:
                     return GridMissing(f"slice {node.name} keeps no video token")
                 if video_start < start or video_end > stop_:
                     return GridMissing(f"slice {node.name} cuts the video span")
-            return GridFound(found.sizes, found.source, video_start - start)
+            return replace(found, start=video_start - start)
         return found
 
     def _through_tuple_item(self, src, index, axes):
@@ -425,7 +432,7 @@ class GridWalker:
         for t in tensors:
             r = self.walk(t, axes)
             if isinstance(r, GridFound):
-                found.append(GridFound(r.sizes, r.source, r.start + offset))
+                found.append(replace(r, start=r.start + offset))
             offset = offset + tensor_shape(t)[dim]
         if len(found) == 1:
             return found[0]

@@ -192,3 +192,38 @@ class InductorAPI:
 
 def inductor_api() -> InductorAPI:
     return InductorAPI()
+
+
+# --------------------------------------------------------------------------------------------
+# Functional collectives (torch.distributed._functional_collectives) in Dynamo graphs.
+# --------------------------------------------------------------------------------------------
+# 2.13 records every functional collective in ``_c10d_functional`` (its ops gained autograd); older
+# versions record the autograd variants (``all_to_all_single_autograd``) in ``_c10d_functional_autograd``.
+_FUNCTIONAL_COLLECTIVE_NAMESPACES = ("_c10d_functional", "_c10d_functional_autograd")
+
+
+def functional_collective_name(target) -> str | None:
+    """The op name (``"all_to_all_single"``, ``"wait_tensor"``, ``"all_gather_into_tensor"``...)
+    of a functional-collective FX target (an op overload or its packet), else None."""
+    packet = getattr(target, "_overloadpacket", target)  # an OpOverload -> its OpOverloadPacket
+    qualified = getattr(packet, "_qualified_op_name", None)
+    if not isinstance(qualified, str):
+        return None
+    namespace, _, name = qualified.partition("::")
+    return name if namespace in _FUNCTIONAL_COLLECTIVE_NAMESPACES else None
+
+
+def process_group_rank_and_size(group_name) -> tuple[int, int] | None:
+    """``(this process's rank in it, its size)`` for the process group a functional collective
+    names (``_resolve_process_group``), or None if it cannot be resolved here."""
+    import torch.distributed as dist
+
+    if not isinstance(group_name, str) or not dist.is_available() or not dist.is_initialized():
+        return None
+    try:
+        from torch.distributed.distributed_c10d import _resolve_process_group
+
+        group = _resolve_process_group(group_name)
+        return dist.get_rank(group), dist.get_world_size(group)
+    except (ImportError, LookupError, ValueError, RuntimeError):
+        return None
