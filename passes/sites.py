@@ -11,6 +11,7 @@ import contextvars
 import copy
 import logging
 import math
+import operator
 import os
 import re
 import sys
@@ -24,9 +25,9 @@ import torch.nn.functional as F
 from sparse_inductor import _compat
 from sparse_inductor.api import MAX_HEAD_DIM, supported_dtypes
 
-from . import collectives
+from . import collectives, masks
 from .grid import GridFound, GridMissing, GridWalker
-from .shapes import same_size, size_hint, static_int, tensor_shape
+from .shapes import expr, same_size, size_hint, static_int, tensor_shape
 
 log = logging.getLogger("sparse_inductor")
 
@@ -47,15 +48,34 @@ class Site:
     grid: tuple | None = None
     grid_source: str = ""  # "graph", "earlier graph", or "" (none)
     found: GridFound | None = field(default=None, repr=False)
-    text_before: int = 0
+    text_before: int = 0  # an int, or a SymInt for a data-dependent text length (Mochi)
     text_after: int = 0
     eligible: bool = False
     reason: str = ""
     parallel: object = None  # collectives.Ulysses when q, k, v were gathered from ranks by an all-to-all
+    causal_block_size: int | None = None  # frames per causal block of a recognised block-causal mask
 
     @property
     def video_tokens(self) -> int | None:
         return None if self.grid is None else math.prod(size_hint(s) for s in self.grid)
+
+    @property
+    def static_text(self) -> bool:
+        """Both text lengths are ints (a data-dependent one is only known at run time)."""
+        return static_int(self.text_before) is not None and static_int(self.text_after) is not None
+
+    @property
+    def has_text(self) -> bool:
+        return not (static_int(self.text_before) == 0 and static_int(self.text_after) == 0)
+
+    @property
+    def text_span(self):
+        """``(text_before, text_after)`` for reports, ``None`` without text; a data-dependent length
+        reads as its symbol (e.g. ``"u0"``)."""
+        if not self.has_text:
+            return None
+        return tuple(static_int(n) if static_int(n) is not None else str(expr(n))
+                     for n in (self.text_before, self.text_after))
 
 
 @dataclass(frozen=True)
@@ -310,6 +330,9 @@ def analyze(gm: torch.fx.GraphModule) -> list[Site]:
             reason = _structural_reason(args, q_shape, k_shape, v_shape, q.meta.get("example_value"))
         if not reason:
             reason = _mask_reason(args["attn_mask"], q_shape)
+        square_mask = bool(reason) and masks.is_square(args["attn_mask"], q_shape)  # maybe block-causal
+        if square_mask:
+            reason = ""
         if reason:
             site.reason = reason
             continue
@@ -348,6 +371,10 @@ def analyze(gm: torch.fx.GraphModule) -> list[Site]:
                     site.reason += f" (earlier graphs of this call flatten {L} tokens from different grids)"
                 site.eligible = True  # a grid= in the config can still make it sparse
                 continue
+        if square_mask:  # sparse only if it is exactly block-causal over the site's frames
+            site.reason = masks.recognise_block_causal(gm, site)
+            if site.reason:
+                continue
         site.eligible = True
     return sites
 
@@ -360,21 +387,23 @@ def _same_grid(a: GridFound, b: GridFound) -> bool:
             and same_size(a.start, b.start) and a.parallel == b.parallel)
 
 
-def _text_span(found: GridFound, L) -> tuple[int, int] | str:
-    """``(text_before, text_after)`` around the video span, or the reason it is not static."""
+def _text_span(found: GridFound, L) -> tuple | str:
+    """``(text_before, text_after)`` around the video span, or the reason it cannot be used.
+
+    One of the two may be symbolic: a text length known only at run time (Mochi keeps each
+    sample's valid prompt tokens, an unbacked size); the rewrite computes it from the sequence
+    length then. Both symbolic would leave the video's offset unknown."""
     n_video = math.prod(found.sizes)
-    start = static_int(found.start) if not isinstance(found.start, int) else found.start
-    if start is None:
-        return "symbolic text span (only a static text length is supported)"
-    after = static_int(L - start - n_video)
-    if after is None:
-        if start == 0 and same_size(n_video, L):
-            after = 0
-        else:
-            return "symbolic text span (only a static text length is supported)"
-    if start < 0 or after < 0:
-        return f"video span ({start} + {n_video} tokens) does not fit the sequence ({L})"
-    return start, after
+    start = static_int(found.start)
+    after = static_int(L - found.start - n_video)
+    if after is None and start == 0 and same_size(n_video, L):
+        after = 0
+    if start is None and after is None:
+        return "symbolic text spans before and after the video (one of them must be static)"
+    if (start is not None and start < 0) or (after is not None and after < 0):
+        return f"video span ({found.start} + {n_video} tokens) does not fit the sequence ({L})"
+    before = start if start is not None else found.start
+    return before, after if after is not None else L - found.start - n_video
 
 
 def _all_static(sizes) -> bool:
@@ -407,7 +436,11 @@ def decide(site: Site, cfg) -> Decision:
         if L is None or L != math.prod(cfg.grid):
             return Decision(site, False, f"{site.reason}; configured grid {cfg.grid} does not match {site.q_shape[2]} tokens")
         grid, source = cfg.grid, "config"
-    if site.args["attn_mask"] is not None and site.text_before == 0 and site.text_after == 0:
+    if site.causal_block_size is not None:
+        why = masks.block_causal_reason(site, cfg, grid)
+        if why:
+            return Decision(site, False, why, None, 1.0, grid, source)
+    elif site.args["attn_mask"] is not None and not site.has_text:
         return Decision(site, False, "attn_mask on attention without text tokens (it would mask video keys)")
     policy = cfg.policy_for(site.module_path)
     heads = static_int(site.q_shape[1])
@@ -464,11 +497,11 @@ def rewrite(gm: torch.fx.GraphModule, decisions, tile, record: bool = False) -> 
         args = sdpa_arguments(node)
         with new_gm.graph.inserting_before(node):
             grid = _grid_args(new_gm.graph, d, nodes)
-            options = dict(scale=args["scale"], key_padding_mask=args["attn_mask"])
+            options = dict(scale=args["scale"], **masks.mask_options(d.site, args["attn_mask"]))
             if record:
                 options["record_as"] = d.site.module_path or "<top>"
-            spans = dict(text_before=d.site.text_before, text_after=d.site.text_after)
-            if all(isinstance(g, int) for g in grid):
+            spans = _span_args(new_gm.graph, d, args["query"], grid)
+            if all(isinstance(g, int) for g in grid) and d.site.static_text:
                 # Static sizes: the layout's index tensors and the lists of static patterns become
                 # constants of the graph.
                 device = args["query"].meta["example_value"].device
@@ -523,19 +556,37 @@ def _site_function(decision, grid, tile, static: bool, num_constants: int = 0):
 
     if static:
         def sparse_site_attention(q, k, v, counts, gather_index, scatter_index, *lists, scale=None,
-                                  key_padding_mask=None, record_as=None):
+                                  key_padding_mask=None, record_as=None, causal_block_size=None):
             static_lists = {p: (lists[2 * i], lists[2 * i + 1]) for i, p in enumerate(parts)}
             return sparse_attention_static_layout(q, k, v, counts, gather_index, scatter_index, grid, tile=tile,
                                                   policy=policy, query_keep=query_keep, scale=scale,
                                                   key_padding_mask=key_padding_mask, static_lists=static_lists,
-                                                  record_as=record_as, **spans)
+                                                  record_as=record_as, causal_block_size=causal_block_size, **spans)
     else:
         def sparse_site_attention(q, k, v, grid, *, text_before, text_after, scale=None, key_padding_mask=None,
-                                  record_as=None):
+                                  record_as=None, causal_block_size=None):
             return sparse_attention(q, k, v, grid, tile=tile, policy=policy, query_keep=query_keep, scale=scale,
                                     text_before=text_before, text_after=text_after,
-                                    key_padding_mask=key_padding_mask, record_as=record_as)
+                                    key_padding_mask=key_padding_mask, record_as=record_as,
+                                    causal_block_size=causal_block_size)
     return sparse_site_attention
+
+
+def _span_args(graph, decision, query, grid) -> dict:
+    """The text lengths as ints, or, for a data-dependent one, as ``L - other - T*H*W`` computed
+    in the graph from the query's token count (its sizes are only known at run time)."""
+    site = decision.site
+    before, after = (static_int(n) for n in (site.text_before, site.text_after))
+    if before is not None and after is not None:
+        return dict(text_before=before, text_after=after)
+    n_video = math.prod(g for g in grid if isinstance(g, int))
+    for g in grid:
+        if not isinstance(g, int):
+            n_video = graph.call_function(operator.mul, (n_video, g))
+    known = before if before is not None else after
+    rest = graph.call_function(operator.sub, (graph.call_method("size", (query, 2)), n_video))
+    rest = graph.call_function(operator.sub, (rest, known))
+    return dict(text_before=rest, text_after=after) if before is None else dict(text_before=before, text_after=rest)
 
 
 def _grid_args(graph, decision, nodes):

@@ -13,8 +13,10 @@ class Explanation:
     ``grid_source``, ``text_span``, ``decision`` (``"sparse"`` or ``"dense"``), ``policy`` (its
     description, e.g. ``"TopK(0.875)"`` or a per-head census ``"PerHead(3x Window(1, 1, 1), 1x
     Skip())"``), ``query_keep``, ``sparsity`` (TopK's, ``None`` for other policies, 0 when
-    dense), ``reason``, ``parallel`` (``"sequence-parallel (Ulysses, degree N)"`` for attention over a
-    sequence gathered from ``N`` ranks by an all-to-all, else ``""``; a column only when some row has it).
+    dense), ``reason``, ``mask`` (``"block-causal (c frames per block)"`` for a recognised
+    block-causal mask, else ``""``; a column only when some row has it), ``parallel``
+    (``"sequence-parallel (Ulysses, degree N)"`` for attention over a sequence gathered from ``N``
+    ranks by an all-to-all, else ``""``; a column only when some row has it).
     """
 
     COLUMNS = ("graph", "module", "q", "k", "v", "grid", "text_span", "decision", "policy", "query_keep", "reason")
@@ -40,6 +42,8 @@ class Explanation:
             return "" if value is None else str(value)
 
         columns = self.COLUMNS
+        if any(r.get("mask") for r in self.rows):
+            columns = columns[:7] + ("mask",) + columns[7:]
         if any(r.get("parallel") for r in self.rows):
             columns = columns[:-1] + ("parallel",) + columns[-1:]
         table = [list(columns)] + [[cell(r, c) for c in columns] for r in self.rows]
@@ -85,10 +89,12 @@ def explain(model, *args, **kwargs) -> Explanation:
                 k=_shape(s.k_shape), v=_shape(s.v_shape),
                 grid=None if d.grid is None and s.grid is None else tuple(d.grid or s.grid),
                 grid_source=d.grid_source or s.grid_source,
-                text_span=(s.text_before, s.text_after) if (s.text_before or s.text_after) else None,
+                text_span=s.text_span,
                 decision="sparse" if d.sparse else "dense", sparsity=d.sparsity,
                 policy=d.policy.describe() if d.sparse else "", query_keep=d.query_keep if d.sparse else None,
-                reason=d.reason, parallel=str(s.parallel) if s.parallel is not None else "",
+                reason=d.reason,
+                mask=f"block-causal ({s.causal_block_size} frames per block)" if s.causal_block_size else "",
+                parallel=str(s.parallel) if s.parallel is not None else "",
             ))
         graph_index[0] += 1
         if not grids:
