@@ -176,6 +176,15 @@ def run_case(name, H, grid, sparsity, records, meta, with_flex=True, with_dense=
 
             impls.insert(1, ("flex_dense", torch.compile(flex_attention, dynamic=False), (q, k, v), grad,
                              dense_flops))
+    # Issue 22's ceiling: our TMA-descriptor forwards (kernel_templates/tma_attention.py), dense and
+    # walking the same lists over contiguous tile-major inputs; forward only.
+    from kernel_templates.tma_attention import tma_block_list_attention, tma_dense_attention
+
+    if with_dense:
+        impls.append(("tma_dense", tma_dense_attention, (q, k, v), None, dense_flops))
+    tq_t, tk_t, tv_t = (x.contiguous() for x in (tq, tk, tv))
+    impls.append(("tma_list_kernel", lambda q, k, v: tma_block_list_attention(
+        q, k, v, selection.kv_num_blocks, selection.kv_indices, layout.counts), (tq_t, tk_t, tv_t), None, sparse_flops))
     fastvideo = fastvideo_setup(layout, selection)
     if fastvideo is not None:
         tq_c, tk_c, tv_c, tg_c = (x.contiguous() for x in (tq, tk, tv, tgrad))
