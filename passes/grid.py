@@ -20,6 +20,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
+from .coordinates import may_be_coordinates
 from .shapes import reshape_groups, same_size, static_int, tensor_shape
 
 MAX_VISITS = 4000
@@ -462,5 +463,9 @@ class GridWalker:
                         same_size(a, b) for a, b in zip(other.sizes, first.sizes)):
                     return GridMissing(f"operands of {node.name} disagree on the grid")
             return first
-        at_input = [r for r in results if isinstance(r, GridMissing) and r.at_input]
+        # Of the graph inputs reached, one that may hold the tokens' coordinates first (the RoPE's
+        # source, LTX: passes/coordinates.py reads the grid from its values; the features' input
+        # tells nothing).
+        at_input = sorted((r for r in results if isinstance(r, GridMissing) and r.at_input),
+                          key=lambda r: not may_be_coordinates(tensor_shape(r.node)))
         return at_input[0] if at_input else (results[0] if results else GridMissing(f"nothing to follow at {node.name}"))

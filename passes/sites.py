@@ -26,6 +26,7 @@ from sparse_inductor import _compat
 from sparse_inductor.api import MAX_HEAD_DIM, supported_dtypes
 
 from . import collectives, masks
+from .coordinates import coordinate_layout
 from .grid import GridFound, GridMissing, GridWalker
 from .shapes import expr, same_size, size_hint, static_int, tensor_shape
 
@@ -52,6 +53,9 @@ class Site:
     text_after: int = 0
     eligible: bool = False
     reason: str = ""
+    # (graph input index, token axis, coordinate axis) of the coordinates input whose values give the
+    # grid at each call (passes/coordinates.py); ``grid`` stays None.
+    coordinates: tuple | None = None
     parallel: object = None  # collectives.Ulysses when q, k, v were gathered from ranks by an all-to-all
     causal_block_size: int | None = None  # frames per causal block of a recognised block-causal mask
 
@@ -366,6 +370,11 @@ def analyze(gm: torch.fx.GraphModule) -> list[Site]:
             if isinstance(remembered, tuple):
                 site.grid, site.grid_source = remembered, "earlier graph"
             else:
+                site.coordinates = _coordinates_of(gm, result, L)
+                if site.coordinates is not None:
+                    site.grid_source, site.eligible = "coordinates", True
+                    site.reason = f"grid read from the values of the coordinates input {result.node.name} at each call"
+                    continue
                 site.reason = f"grid not found: {result.reason}"
                 if remembered == "ambiguous":
                     site.reason += f" (earlier graphs of this call flatten {L} tokens from different grids)"
@@ -377,6 +386,19 @@ def analyze(gm: torch.fx.GraphModule) -> list[Site]:
                 continue
         site.eligible = True
     return sites
+
+
+def _coordinates_of(gm, result: GridMissing, L) -> tuple | None:
+    """``(input index, token axis, coordinate axis)`` when the query's token axis reached a graph
+    input that may hold the tokens' coordinates, all ``L`` of them (the grid is then in its values,
+    checked at each call: passes/coordinates.py), else None."""
+    if not result.at_input or result.node is None:
+        return None
+    layout = coordinate_layout(tensor_shape(result.node), L)
+    if layout is None:
+        return None
+    index = [p for p in gm.graph.nodes if p.op == "placeholder"].index(result.node)
+    return (index, *layout)
 
 
 def _same_grid(a: GridFound, b: GridFound) -> bool:
@@ -413,22 +435,27 @@ def _all_static(sizes) -> bool:
 # -------------------------------------------------------------------------------------------
 # Per-config decisions
 # -------------------------------------------------------------------------------------------
-def decide(site: Site, cfg) -> Decision:
-    """The decision for one site under one :class:`~sparse_inductor.config.SparsityConfig`."""
+def decide(site: Site, cfg, read_grids: dict | None = None) -> Decision:
+    """The decision for one site under one :class:`~sparse_inductor.config.SparsityConfig`;
+    ``read_grids``: ``{site index: grid, or why none}`` read from coordinates inputs at this call."""
     if not site.eligible:
         return Decision(site, False, site.reason)
     grid, source = site.grid, site.grid_source
+    if site.coordinates is not None:
+        grid = (read_grids or {}).get(site.index, "no values at this call")
+        if not isinstance(grid, tuple):
+            return Decision(site, False, f"no grid in the coordinates input: {grid}")
     if cfg.grid is not None and grid is not None:
         n_video = static_int(math.prod(grid)) if source == "graph" else math.prod(grid)
         if n_video == math.prod(cfg.grid) and tuple(cfg.grid) != tuple(static_int(g) for g in grid):
-            if source != "graph":  # an explicit grid= wins over one remembered from an earlier graph
+            if source not in ("graph", "coordinates"):  # grid= wins over one remembered from an earlier graph
                 grid, source = cfg.grid, "config"
             elif _all_static(grid):
                 raise _compat.user_error(ValueError, (
                     f"sparse_inductor: grid={tuple(cfg.grid)} contradicts the grid "
-                    f"{tuple(static_int(g) for g in grid)} the graph proves for attention site "
-                    f"{site.module_path or '<top>'} ({n_video} video tokens); grid= is for sites whose grid the "
-                    "graph cannot prove: drop it or make it agree"))
+                    f"{tuple(static_int(g) for g in grid)} the graph{' (its coordinates)' if source != 'graph' else ''} "
+                    f"proves for attention site {site.module_path or '<top>'} ({n_video} video tokens); grid= is for "
+                    "sites whose grid the graph cannot prove: drop it or make it agree"))
     if grid is None:
         if cfg.grid is None:
             return Decision(site, False, site.reason + " (pass grid=(T, H, W) to sparsity() to set it)")
@@ -461,15 +488,16 @@ def decide(site: Site, cfg) -> Decision:
     return Decision(site, True, "", policy, cfg.query_keep, grid, source)
 
 
-def plan(sites: list[Site], cfg) -> tuple[Decision, ...]:
+def plan(sites: list[Site], cfg, read_grids: dict | None = None) -> tuple[Decision, ...]:
     if cfg.plan is not None:
         cfg.plan.check_sites({s.module_path: static_int(s.q_shape[1]) if s.q_shape else None for s in sites})
-    return tuple(decide(s, cfg) for s in sites)
+    return tuple(decide(s, cfg, read_grids) for s in sites)
 
 
 def plan_key(decisions, tile) -> tuple:
     """Hashable key of what a plan compiles to: configs with equal keys share a variant."""
-    sparse = tuple((d.site.index, d.policy, d.query_keep, tuple(d.grid) if d.grid_source == "config" else None)
+    sparse = tuple((d.site.index, d.policy, d.query_keep,
+                    tuple(d.grid) if d.grid_source in ("config", "coordinates") else None)
                    for d in decisions if d.sparse)
     return (sparse, tuple(tile)) if sparse else ("dense",)
 

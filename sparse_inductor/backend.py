@@ -69,24 +69,37 @@ class SparseInductorGraph:
         self.grids = grids_of(gm)
         self.sites = analyze(gm)
         self.site_paths = tuple(s.module_path for s in self.sites)
+        # Sites whose grid is read from a coordinates input's values at each call (LTX).
+        self.reads_coordinates = any(s.coordinates is not None for s in self.sites)
+        self._coordinate_readers: dict = {}
         self.variants: dict = {}  # plan key -> compiled variant
         self._by_config: dict = {}  # config -> compiled variant (skips re-planning on every call)
         self._layers_seen: set = set()  # the layers= overrides this graph ran with
         self.tracing_context = _compat.current_tracing_context()
         self.compiled_keys: list = []  # in compile order, for tests and diagnostics
-        self.variant_for(current_config(self.base_config))  # compile now, inside Dynamo's context
+        # Compile now, inside Dynamo's context (the example inputs' coordinates give their grids).
+        self.variant_for(current_config(self.base_config), read_grids=self._read_grids(example_inputs))
 
-    def variant_for(self, cfg, record: bool = False):
-        fn = self._by_config.get((cfg, record))
+    def _read_grids(self, inputs):
+        """``{site index: grid or why none}`` from the coordinates inputs of this call, or None."""
+        if not self.reads_coordinates:
+            return None
+        from passes.coordinates import read_grids
+
+        return read_grids(self.sites, inputs, self._coordinate_readers)
+
+    def variant_for(self, cfg, record: bool = False, read_grids: dict | None = None):
+        read_key = tuple(sorted(read_grids.items())) if read_grids else ()
+        fn = self._by_config.get((cfg, record, read_key))
         if fn is not None:
             return fn
         with _compat.compile_lock():
-            fn = self._by_config.get((cfg, record))  # another thread may have compiled it meanwhile
+            fn = self._by_config.get((cfg, record, read_key))  # another thread may have compiled it meanwhile
             if fn is not None:
                 return fn
             from passes.sites import log_dense, plan, plan_key
 
-            decisions = plan(self.sites, cfg)
+            decisions = plan(self.sites, cfg, read_grids)
             key = plan_key(decisions, cfg.tile)
             if record and key != ("dense",):
                 key = key + ("record",)
@@ -96,7 +109,7 @@ class SparseInductorGraph:
                 fn = self._compile(decisions, cfg.tile, key, record)
                 self.variants[key] = fn
                 self.compiled_keys.append(key)
-            self._by_config[(cfg, record)] = fn
+            self._by_config[(cfg, record, read_key)] = fn
         return fn
 
     def _compile(self, decisions, tile, key, record=False):
@@ -121,7 +134,7 @@ class SparseInductorGraph:
         if cfg.layers and cfg.layers not in _layers_checked:
             self._check_layers(cfg.layers)
         # Inside sparse_inductor.stats(), a variant with the recording op (it syncs once a call).
-        return self.variant_for(cfg, recording())(*args)
+        return self.variant_for(cfg, recording(), self._read_grids(args))(*args)
 
     def _check_layers(self, layers):
         """Warn once about a ``layers=`` pattern that matches no attention site. A model's sites may

@@ -69,6 +69,7 @@ def explain(model, *args, **kwargs) -> Explanation:
     The model runs once, eagerly. Like ``torch._dynamo.explain`` this resets Dynamo's caches
     before and after, so already-compiled models recompile on their next call.
     """
+    from passes.coordinates import read_grids
     from passes.sites import analyze, enter_grids, forget_grids, grids_of, log_dense, plan
 
     from .backend import warn_unmatched_layers
@@ -80,7 +81,8 @@ def explain(model, *args, **kwargs) -> Explanation:
 
     def record(gm, example_inputs):
         grids = grids_of(gm)
-        decisions = plan(analyze(gm), cfg)
+        sites = analyze(gm)
+        decisions = plan(sites, cfg, read_grids(sites, example_inputs, {}))  # grids in coordinates inputs
         log_dense(decisions)
         for d in decisions:
             s = d.site

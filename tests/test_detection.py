@@ -301,3 +301,98 @@ def test_data_dependent_text_length(text):
         rows = si.explain(both, latents, prompt, masks[0]).rows
     assert all(r["decision"] == "dense" and "symbolic text spans before and after" in r["reason"] for r in rows), rows
 
+
+
+def raster_coordinates(batch, grid, bounds=False):
+    """``[B, 3, N]`` frame / row / column coordinates of a raster over ``grid`` as a pipeline
+    precomputes them (LTX: frames scaled by the VAE stride with the first frame clamped, then by
+    1/fps; rows and columns by the spatial stride); ``bounds``: LTX-2's ``[B, 3, N, 2]``
+    ``[start, end)`` pairs."""
+    t, h, w = torch.meshgrid(*(torch.arange(n, dtype=torch.float32) for n in grid), indexing="ij")
+    t = (t * 8 + 1 - 8).clamp(min=0) / 25.0
+    coords = torch.stack([t, h * 32, w * 32]).flatten(1).unsqueeze(0).repeat(batch, 1, 1)
+    if bounds:
+        coords = torch.stack([coords, coords + torch.tensor([8 / 25.0, 32, 32])[None, :, None]], dim=-1)
+    return coords
+
+
+class CoordinateRoPE(nn.Module):
+    """Packed tokens ``[B, N, C]`` whose positions arrive as a coordinates input (LTX-Video's
+    condition pipeline, LTX-2): the RoPE built from them is the only place the grid shows, and
+    only in their values. ``bounds``: coordinates are ``[start, end)`` pairs, midpoints used."""
+
+    def __init__(self, heads=2, head_dim=12, bounds=False):
+        super().__init__()
+        self.heads, self.head_dim, self.bounds = heads, head_dim, bounds
+        self.to_qkv = nn.Linear(8, 3 * heads * head_dim)
+        self.register_buffer("freqs", torch.linspace(1.0, 4.0, head_dim // 6))
+
+    def forward(self, tokens, coords):
+        B, N, _ = tokens.shape
+        if self.bounds:
+            start, end = coords.chunk(2, dim=-1)
+            coords = ((start + end) / 2).squeeze(-1)
+        pos = torch.stack([coords[:, i] / 100.0 for i in range(3)], dim=-1)  # [B, N, 3]
+        angles = (pos.unsqueeze(-1) * self.freqs).flatten(2)  # [B, N, head_dim / 2]
+        cos, sin = (f(angles).repeat_interleave(2, dim=-1)[:, :, None] for f in (torch.cos, torch.sin))
+        q, k, v = self.to_qkv(tokens).view(B, N, 3, self.heads, self.head_dim).unbind(2)
+
+        def rope(x):  # [B, N, H, D], pairs rotated
+            x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+            return x * cos + torch.stack([-x2, x1], dim=-1).flatten(-2) * sin
+
+        out = F.scaled_dot_product_attention(rope(q).transpose(1, 2), rope(k).transpose(1, 2), v.transpose(1, 2))
+        return out.transpose(1, 2).flatten(2)
+
+    def eager_sparse(self, tokens, coords, grid, sparsity):
+        """The model with the eager sparse op on ``grid`` in place of its attention."""
+        from unittest import mock
+
+        from sparse_inductor.attention import sparse_attention
+
+        def sparse_sdpa(q, k, v, **kw):
+            return sparse_attention(q, k, v, grid, tile=(4, 4, 4), sparsity=sparsity)
+        with mock.patch.object(F, "scaled_dot_product_attention", sparse_sdpa):
+            return self(tokens, coords)
+
+
+@given(grid=st.sampled_from([(3, 4, 5), (2, 6, 3), (5, 2, 7), (1, 4, 4)]), batch=st.sampled_from([1, 2, 3]),
+       bounds=st.booleans(), layout=st.sampled_from(["raster", "shuffled", "two grids", "repeated"]))
+def test_grid_read_from_coordinates_values(grid, batch, bounds, layout):
+    """The query's RoPE comes from a coordinates input: the grid is read from its values, exact
+    raster order over the distinct coordinate values; anything else stays dense with the reason."""
+    n = torch.Size(grid).numel()
+    coords = raster_coordinates(batch, grid, bounds)
+    if layout == "shuffled":  # two tokens' positions swapped
+        coords = coords.clone()
+        coords[:, :, [0, n - 1]] = coords[:, :, [n - 1, 0]]
+    elif layout == "two grids":  # a conditioning clip's tokens before the video's (LTX conditions)
+        coords = torch.cat([raster_coordinates(batch, (1, grid[1], grid[2]), bounds), coords], dim=2)
+    elif layout == "repeated":  # every token of the first frame again (a repeated position)
+        coords = torch.cat([coords[:, :, : grid[1] * grid[2]], coords], dim=2)
+    tokens = torch.randn(batch, coords.shape[2], 8)
+    with torch.no_grad(), si.sparsity(0.5, min_tokens=0):
+        (row,) = si.explain(CoordinateRoPE(bounds=bounds).eval(), tokens, coords).rows
+    if layout == "raster":
+        assert row["decision"] == "sparse" and row["grid"] == grid and row["grid_source"] == "coordinates", row
+    else:
+        assert row["decision"] == "dense" and "coordinates" in row["reason"], row
+        assert ("raster order" if layout == "shuffled" else "not one grid") in row["reason"], row
+
+
+def test_grid_from_coordinates_read_at_each_call():
+    """Compiled once: each call reads the grid of the coordinates it gets (a new grid of the same
+    token count runs that grid's variant; coordinates that are no grid run dense SDPA)."""
+    torch.manual_seed(0)
+    model = CoordinateRoPE().eval()
+    tokens = torch.randn(2, 60, 8)
+    compiled = torch.compile(model, backend="sparse_inductor")
+    with torch.no_grad(), si.sparsity(0.5, min_tokens=0):
+        torch._dynamo.reset()
+        for grid in ((3, 4, 5), (5, 4, 3), (3, 4, 5)):
+            coords = raster_coordinates(2, grid)
+            got = compiled(tokens, coords)
+            torch.testing.assert_close(got, model.eager_sparse(tokens, coords, grid, 0.5), rtol=1e-5, atol=1e-5)
+            assert (got - model(tokens, coords)).abs().max() > 1e-3  # sparse, not dense
+        shuffled = raster_coordinates(2, (3, 4, 5))[:, :, torch.randperm(60)]
+        torch.testing.assert_close(compiled(tokens, shuffled), model(tokens, shuffled), rtol=1e-5, atol=1e-5)
