@@ -99,13 +99,15 @@ class _SparseSites(TorchFunctionMode):
                 "between the Dynamo run and the export trace (data-dependent control flow?)")
         if not decision.sparse:
             return func(*args, **kwargs)
+        from passes.masks import mask_options
         from passes.sites import _site_function
 
         grid = tuple(int(g) for g in decision.grid)
         target = _site_function(decision, grid, self.tile, static=False)
         self.rewritten += 1
+        # A recognised block-causal mask becomes causal_block_size; any other mask is a key-padding mask.
         return target(call["query"], call["key"], call["value"], grid, text_before=site.text_before,
-                      text_after=site.text_after, scale=call.get("scale"), key_padding_mask=call.get("attn_mask"))
+                      text_after=site.text_after, scale=call.get("scale"), **mask_options(site, call.get("attn_mask")))
 
 
 def export(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *, dynamic_shapes=None,

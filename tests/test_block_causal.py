@@ -511,6 +511,17 @@ def test_sparsity_zero_compiles_the_masked_sdpa():
         assert rel_l2(got, model.sparse_oracle(x, 3, sparsity=0.0)) < 1e-5, "the op at sparsity 0 agrees"
 
 
+def test_export_keeps_the_block_causal_mask():
+    """sparse_inductor.export rewrites a recognised block-causal site with the mask as
+    causal_block_size (not as a key-padding mask): the exported program equals the eager op."""
+    torch.manual_seed(0)
+    model = MaskedAttention("block_causal", 3).eval()
+    x = _video()
+    with torch.no_grad():
+        program = si.export(model, (x,), sparsity=0.5, min_tokens=0)
+        assert rel_l2(program.module()(x), model.sparse_oracle(x, 3, sparsity=0.5)) < 1e-5
+
+
 def test_query_keep_on_straddling_tiles_stays_dense():
     model = MaskedAttention("block_causal", 3)
     with torch.no_grad(), si.sparsity(0.5, min_tokens=0, query_keep=0.5):
