@@ -54,6 +54,181 @@ def hunyuan():
 
 MODELS = {"wan": wan, "cogvideox": cogvideox, "hunyuan": hunyuan}
 
+# Wan-family tiny settings shared by its variants (VACE, Animate, SkyReels-V2).
+WAN_TINY = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, text_dim=32, freq_dim=32,
+                ffn_dim=64, num_layers=2, qk_norm="rms_norm_across_heads")
+
+
+def wan_vace():
+    from diffusers import WanVACETransformer3DModel
+
+    # The control branch (one VACE block) attends over the control video's tokens plus the
+    # latents' (added after its input projection); its hint joins the main stream after block 0.
+    model = WanVACETransformer3DModel(in_channels=16, out_channels=16, vace_layers=[0], vace_in_channels=8,
+                                      **WAN_TINY).eval()
+    g = torch.Generator().manual_seed(20)
+    args = (torch.randn(2, 16, 5, 16, 16, generator=g),)
+    kwargs = dict(timestep=torch.tensor([3, 5]), encoder_hidden_states=torch.randn(2, TEXT, 32, generator=g),
+                  control_hidden_states=torch.randn(2, 8, 5, 16, 16, generator=g), return_dict=False)
+    return model, args, kwargs, dict(sites=3, text=(0, 0))
+
+
+def wan_animate():
+    from diffusers import WanAnimateTransformer3DModel
+
+    # Pose latents added to frames 1.. in place; a face adapter after block 0 attends per frame
+    # (queries [B*T, H*W]) to the motion tokens and adds its output to the video tokens. The
+    # image-conditioned cross-attention takes all but the last 512 context tokens as the image's.
+    model = WanAnimateTransformer3DModel(
+        latent_channels=4, in_channels=12, out_channels=4, image_dim=24, added_kv_proj_dim=32,
+        motion_encoder_channel_sizes={"8": 8, "4": 8}, motion_encoder_size=8, motion_style_dim=16, motion_dim=4,
+        motion_encoder_dim=16, face_encoder_hidden_dim=16, face_encoder_num_heads=2, inject_face_latents_blocks=2,
+        **WAN_TINY).eval()
+    g = torch.Generator().manual_seed(21)
+    args = (torch.randn(2, 12, 5, 16, 16, generator=g),)
+    # 13 face frames -> 5 motion frames (two stride-2 causal convs, one padding frame), one per latent frame.
+    kwargs = dict(timestep=torch.tensor([3, 5]), encoder_hidden_states=torch.randn(2, 512, 32, generator=g),
+                  encoder_hidden_states_image=torch.randn(2, 3, 24, generator=g),
+                  pose_hidden_states=torch.randn(2, 4, 4, 16, 16, generator=g),
+                  face_pixel_values=torch.randn(2, 3, 13, 8, 8, generator=g), return_dict=False)
+    return model, args, kwargs, dict(sites=2, text=(0, 0))
+
+
+def skyreels_v2():
+    from diffusers import SkyReelsV2Transformer3DModel
+
+    # Plain (no diffusion forcing): Wan's architecture with its own module code.
+    model = SkyReelsV2Transformer3DModel(in_channels=16, out_channels=16, **dict(WAN_TINY, num_layers=1)).eval()
+    g = torch.Generator().manual_seed(22)
+    args = (torch.randn(2, 16, 5, 16, 16, generator=g),)
+    kwargs = dict(timestep=torch.tensor([3, 5]), encoder_hidden_states=torch.randn(2, TEXT, 32, generator=g),
+                  return_dict=False)
+    return model, args, kwargs, dict(sites=1, text=(0, 0))
+
+
+def consisid():
+    from diffusers import ConsisIDTransformer3DModel
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+
+    # CogVideoX's joint attention (text first) plus the identity branch: a perceiver over the face
+    # embeddings whose cross-attention output (matmul + softmax, no SDPA) is added to the video tokens.
+    # The perceiver's key width is 2/3 of the model width: 3 heads of 16 -> 32 = LFE_output_dim.
+    model = ConsisIDTransformer3DModel(
+        num_attention_heads=3, attention_head_dim=16, in_channels=4, out_channels=4, num_layers=2, patch_size=2,
+        text_embed_dim=32, time_embed_dim=32, sample_height=16, sample_width=16, sample_frames=17,
+        max_text_seq_length=TEXT, use_rotary_positional_embeddings=True, is_train_face=True, is_kps=False,
+        cross_attn_interval=1, cross_attn_dim_head=8, cross_attn_num_heads=2, LFE_id_dim=16, LFE_vit_dim=16,
+        LFE_depth=2, LFE_dim_head=8, LFE_num_heads=2, LFE_num_id_token=2, LFE_num_querie=4, LFE_output_dim=32,
+        LFE_ff_mult=1, LFE_num_scale=2).eval()
+    g = torch.Generator().manual_seed(23)
+    rope = get_3d_rotary_pos_embed(16, ((0, 0), (8, 8)), (8, 8), 5)
+    args = (torch.randn(2, 5, 4, 16, 16, generator=g),)
+    kwargs = dict(encoder_hidden_states=torch.randn(2, TEXT, 32, generator=g), timestep=torch.tensor([3, 5]),
+                  image_rotary_emb=rope, id_cond=torch.randn(2, 16, generator=g),
+                  id_vit_hidden=[torch.randn(2, 3, 16, generator=g) for _ in range(2)], return_dict=False)
+    return model, args, kwargs, dict(sites=2, text=(TEXT, 0))
+
+
+def easyanimate():
+    from diffusers import EasyAnimateTransformer3DModel
+
+    # Per-frame Conv2d patch embedding ([B*F, C, H, W], merged back by unflatten(0, (B, -1))) and
+    # MMDiT joint attention with the text first.
+    model = EasyAnimateTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, patch_size=2, sample_width=16,
+        sample_height=16, num_layers=1, mmdit_layers=1, time_embed_dim=32, text_embed_dim=32).eval()
+    g = torch.Generator().manual_seed(24)
+    args = (torch.randn(2, 4, 5, 16, 16, generator=g),)
+    kwargs = dict(timestep=torch.tensor([3, 5]), encoder_hidden_states=torch.randn(2, TEXT, 32, generator=g),
+                  return_dict=False)
+    return model, args, kwargs, dict(sites=1, text=(TEXT, 0))
+
+
+def motif_video():
+    from diffusers import MotifVideoTransformer3DModel
+
+    # HunyuanVideo-like: joint attention with the text after the video and a bool key-padding mask.
+    model = MotifVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1,
+        num_single_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=32, rope_axes_dim=(4, 6, 6)).eval()
+    g = torch.Generator().manual_seed(25)
+    mask = torch.ones(2, TEXT, dtype=torch.bool)
+    mask[1, 4:] = False  # a padded prompt
+    args = (torch.randn(2, 4, 5, 16, 16, generator=g),)
+    kwargs = dict(timestep=torch.tensor([3, 5]), encoder_hidden_states=torch.randn(2, TEXT, 32, generator=g),
+                  encoder_attention_mask=mask, return_dict=False)
+    return model, args, kwargs, dict(sites=2, text=(0, TEXT))
+
+
+def kandinsky5():
+    from diffusers import Kandinsky5Transformer3DModel
+
+    # Channels-last latents [B, T, H, W, C], RoPE as (rope * x).sum(-1); a text-only encoder
+    # self-attention (left dense) and separate cross-attention.
+    model = Kandinsky5Transformer3DModel(
+        in_visual_dim=4, out_visual_dim=4, in_text_dim=32, in_text_dim2=8, time_dim=32, patch_size=(1, 2, 2),
+        model_dim=32, ff_dim=64, num_text_blocks=1, num_visual_blocks=1, axes_dims=(4, 6, 6), visual_cond=False).eval()
+    g = torch.Generator().manual_seed(26)
+    # Its modulations start at zero (every gate 0: attention would not reach the output): random instead.
+    for module in model.modules():
+        if type(module).__name__ == "Kandinsky5Modulation":
+            for p in module.out_layer.parameters():
+                p.data = 0.1 * torch.randn(p.shape, generator=g)
+    args = (torch.randn(2, 5, 16, 16, 4, generator=g),)
+    # return_dict=True: with False the model returns the bare tensor, and [0] would be sample 0.
+    kwargs = dict(encoder_hidden_states=torch.randn(2, TEXT, 32, generator=g), timestep=torch.tensor([3.0, 5.0]),
+                  pooled_projections=torch.randn(2, 8, generator=g),
+                  visual_rope_pos=[torch.arange(5), torch.arange(8), torch.arange(8)], text_rope_pos=torch.arange(TEXT),
+                  return_dict=True)
+    return model, args, kwargs, dict(sites=1, text=(0, 0))
+
+
+def ltx_coordinates(batch, grid, frame_rate=25.0):
+    """``[B, 3, N]`` frame / row / column coordinates of packed tokens in raster order over ``grid``,
+    as LTX-Video's condition pipeline precomputes them: latent indices times the VAE strides (8
+    frames, 32 pixels), the first frame shifted and clamped to 0, frames divided by the frame rate."""
+    t, h, w = torch.meshgrid(*(torch.arange(n, dtype=torch.float32) for n in grid), indexing="ij")
+    coords = torch.stack([(t * 8 + 1 - 8).clamp(min=0) / frame_rate, h * 32, w * 32]).flatten(1)
+    return coords.unsqueeze(0).repeat(batch, 1, 1)
+
+
+def ltx_video_condition():
+    """LTX-Video as its condition pipeline calls it: tokens packed, positions passed as
+    ``video_coords`` (a graph input); the grid is read from the coordinates' values at each call."""
+    model, args, kwargs, expect = ltx_video()
+    for name in ("num_frames", "height", "width"):
+        del kwargs[name]
+    kwargs["video_coords"] = ltx_coordinates(2, GRID)
+    return model, args, kwargs, dict(expect, grid_source="coordinates")
+
+
+def ltx2():
+    from diffusers import LTX2VideoTransformer3DModel
+
+    # Audio and video streams; the pipeline passes the video's patch bounds [B, 3, N, 2] from the
+    # model's own rope.prepare_video_coords (a graph input). Video self-attention is sparse with the
+    # grid of those values; audio self-attention (1-d) and the cross-modal attentions stay dense.
+    model = LTX2VideoTransformer3DModel(
+        in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=16,
+        cross_attention_dim=32, audio_in_channels=8, audio_out_channels=8, audio_num_attention_heads=2,
+        audio_attention_head_dim=16, audio_cross_attention_dim=32, num_layers=1, caption_channels=32).eval()
+    g = torch.Generator().manual_seed(27)
+    audio_frames = 6
+    kwargs = dict(hidden_states=torch.randn(2, 5 * 8 * 8, 8, generator=g),
+                  audio_hidden_states=torch.randn(2, audio_frames, 8, generator=g),
+                  encoder_hidden_states=torch.randn(2, TEXT, 32, generator=g),
+                  audio_encoder_hidden_states=torch.randn(2, TEXT, 32, generator=g), timestep=torch.tensor([3, 5]),
+                  encoder_attention_mask=torch.ones(2, TEXT), audio_encoder_attention_mask=torch.ones(2, TEXT),
+                  video_coords=model.rope.prepare_video_coords(2, *GRID, device="cpu", fps=24.0),
+                  audio_coords=model.audio_rope.prepare_audio_coords(2, audio_frames, device="cpu"),
+                  return_dict=False)
+    return model, (), kwargs, dict(sites=1, text=(0, 0), grid_source="coordinates")
+
+
+MODELS.update(wan_vace=wan_vace, wan_animate=wan_animate, skyreels_v2=skyreels_v2, consisid=consisid,
+              easyanimate=easyanimate, motif_video=motif_video, kandinsky5=kandinsky5,
+              ltx_video_condition=ltx_video_condition, ltx2=ltx2)
+
 
 def cosmos():
     from diffusers import CosmosTransformer3DModel

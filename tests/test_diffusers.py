@@ -1,6 +1,7 @@
 """Real diffusers video DiTs from tiny configs (random weights, CPU): the backend finds every
 video self-attention, and only those, with the right grid and text span; the compiled model
 equals the model run with the eager sparse op in place of exactly those attentions."""
+import contextlib
 import math
 from unittest import mock
 
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 pytest.importorskip("diffusers")
 
 import sparse_inductor as si  # noqa: E402
+from sparse_inductor import _compat  # noqa: E402
 from diffusers_models import GRID, MODELS  # noqa: E402
 from sparse_inductor.attention import sparse_attention  # noqa: E402
 
@@ -30,6 +32,21 @@ def is_video_self_attention(q_len, k_len, before, after):
     return q_len == k_len == before + N_VIDEO + after
 
 
+# Models checked through the backend with Inductor's compile replaced by running the rewritten FX
+# graph as it is: what differs between models is the pass (sites, grids, the rewrite), and a CPU
+# Inductor compile costs 30-70 s of CI per model (the op's lowering is tested by test_lowering and
+# test_backend, end to end by the models above with Inductor).
+GRAPH_ONLY = {"wan_vace", "wan_animate", "skyreels_v2", "consisid", "easyanimate", "motif_video", "kandinsky5",
+              "ltx_video_condition", "ltx2"}
+
+
+def backend_compiles(name):
+    """How the backend compiles ``name``'s graphs: with Inductor, or (``GRAPH_ONLY``) by running them."""
+    if name not in GRAPH_ONLY:
+        return contextlib.nullcontext()
+    return mock.patch.object(_compat, "compile_fx", lambda gm, example_inputs, config_patches=None: gm.forward)
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_detects_video_self_attention(name):
     model, args, kwargs, expect = MODELS[name]()
@@ -39,7 +56,7 @@ def test_detects_video_self_attention(name):
     assert len(sparse) == expect["sites"], str(explanation)
     before, after = expect["text"]
     for row in sparse:
-        assert row["grid"] == GRID and row["grid_source"] == "graph"
+        assert row["grid"] == GRID and row["grid_source"] == expect.get("grid_source", "graph"), row
         got_before, got_after = row["text_span"] or (0, 0)
         assert got_before == before
         # A data-dependent text length is shown as its symbol (e.g. "u0").
@@ -76,11 +93,26 @@ def test_compiled_equals_eager_sparse_op(name, case):
             want = model(*args, **kwargs)[0]
         dense = model(*args, **kwargs)[0]
         torch._dynamo.reset()
-        with si.sparsity(min_tokens=0, **settings), dynamo_config(expect):
+        with si.sparsity(min_tokens=0, **settings), dynamo_config(expect), backend_compiles(name):
             got = torch.compile(model, backend="sparse_inductor")(*args, **kwargs)[0]
     err = ((got - want).norm() / want.norm()).item()
     assert err < 1e-4, err
     assert ((got - dense).norm() / dense.norm()).item() > 10 * err  # the sparse path was taken
+
+
+@pytest.mark.parametrize("name", sorted(GRAPH_ONLY))
+def test_sparsity_zero_leaves_the_graph_as_traced(name):
+    """At sparsity 0 the backend hands on the graph Dynamo traced, untouched: run as it is, it gives
+    bitwise the output of that graph under ``backend="eager"`` (what Inductor then compiles is what
+    plain Inductor compiles)."""
+    model, args, kwargs, expect = MODELS[name]()
+    with torch.no_grad(), dynamo_config(expect):
+        torch._dynamo.reset()
+        want = torch.compile(model, backend="eager")(*args, **kwargs)[0]
+        torch._dynamo.reset()
+        with si.sparsity(0.0, min_tokens=0), backend_compiles(name):
+            got = torch.compile(model, backend="sparse_inductor")(*args, **kwargs)[0]
+    assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("name", ["cosmos", "kandinsky6", "allegro", "ltx_video", "mochi"])
