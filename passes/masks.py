@@ -6,7 +6,10 @@ site's grid for some number ``c`` of frames per causal block (:mod:`sparse_induc
 query frame ``f`` attends key frame ``f'`` iff ``f' // c <= f // c``. The value is known when the
 mask is computed inside the graph from constants only (SkyReels-V2 builds it from ``arange`` of the
 frame count: no graph input, no random op); the pass then evaluates that subgraph once and
-compares. Any other mask (a graph input, whose value may change between calls; a symbolic size;
+compares. Where the graph shows that the token mask only repeats a ``[T, T]`` frame mask over the
+height and width (SkyReels' ``view(T, 1, 1, T, 1, 1).repeat(1, H, W, 1, H, W).reshape(N, N)``),
+only the frame mask is evaluated and checked, so large videos need no ``N x N`` tensor at compile
+time. Any other mask (a graph input, whose value may change between calls; a symbolic size;
 any other pattern) is reported with its reason and the site stays dense. The pass only finds the
 structure; the selection under it is chosen at run time (DESIGN.md §9).
 """
@@ -77,6 +80,62 @@ def constant_value(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.Tenso
     return value
 
 
+_RESHAPES = {"view", "reshape", "unsqueeze", "_unsafe_view"}
+_BROADCASTS = {"repeat", "expand", "expand_as", "broadcast_to"}
+
+
+def _static_shape(node) -> tuple | None:
+    shape = tensor_shape(node)
+    if shape is None:
+        return None
+    shape = tuple(static_int(s) for s in shape)
+    return None if None in shape else shape
+
+
+def _without_leading_ones(shape: tuple) -> tuple:
+    while shape and shape[0] == 1:
+        shape = shape[1:]
+    return shape
+
+
+def frame_mask_node(node: torch.fx.Node, grid) -> torch.fx.Node | None:
+    """The ``[T, T]`` node the token mask ``node`` repeats over the height and width of ``grid``
+    (``mask[q, k] = frames[frame(q), frame(k)]``), read off the graph: leading unit dims, a
+    raster flatten of ``[T, H, W, T, H, W]``, a repeat / expand of ``[T, 1, 1, T, 1, 1]``, a view of
+    ``[T, T]``. ``None`` if the graph does not show that structure."""
+    T, H, W = grid
+    N = T * H * W
+
+    def step(n, names):
+        if isinstance(n, torch.fx.Node) and n.op in ("call_method", "call_function") and \
+                _target_name(n) in names and n.args and isinstance(n.args[0], torch.fx.Node):
+            return n.args[0]
+        return None
+
+    def unit_index(n):  # x[None, None] (adds leading unit dims only)
+        index = n.args[1] if n.op == "call_function" and _target_name(n) == "getitem" and len(n.args) == 2 else 0
+        index = index if isinstance(index, tuple) else (index,)
+        return bool(n.args) and isinstance(n.args[0], torch.fx.Node) and all(i is None or i == slice(None) or i is Ellipsis
+                                                            for i in index)
+
+    shape = _static_shape(node)
+    while shape is not None and _without_leading_ones(shape) == (N, N) and len(shape) > 2:
+        node = node.args[0] if unit_index(node) else step(node, _RESHAPES)  # [1, 1, N, N] <- [N, N]
+        shape = None if node is None else _static_shape(node)
+    if shape != (N, N):
+        return None
+    node = step(node, _RESHAPES)
+    if node is None or _static_shape(node) != (T, H, W, T, H, W):
+        return None
+    node = step(node, _BROADCASTS)
+    if node is None or _static_shape(node) != (T, 1, 1, T, 1, 1):
+        return None
+    node = step(node, _RESHAPES)
+    if node is None or _static_shape(node) != (T, T):
+        return None
+    return node
+
+
 def block_causal_frames(value: torch.Tensor, grid, num_tokens) -> int | str:
     """The frames per causal block ``c`` if the mask ``value`` (broadcastable to ``[B, H, N, N]``,
     bool or float 0 / -inf) is exactly the block-causal mask over ``grid`` (``c = T`` when it
@@ -141,11 +200,17 @@ def recognise_block_causal(gm: torch.fx.GraphModule, site) -> str:
     what = f"attn_mask {list(tensor_shape(mask))}"
     if static_int(site.text_before) != 0 or static_int(site.text_after) != 0:
         return f"{what} on joint text + video attention (a block-causal mask is supported on video-only attention)"
-    value = constant_value(gm, mask)
+    grid = tuple(static_int(g) for g in site.grid)
+    frames_node = frame_mask_node(mask, grid) if None not in grid else None
+    if frames_node is not None:  # the token mask repeats a frame mask: check that one
+        node, check_grid, tokens = frames_node, (grid[0], 1, 1), grid[0]
+    else:
+        node, check_grid, tokens = mask, site.grid, site.q_shape[2]
+    value = constant_value(gm, node)
     if isinstance(value, str):
         return f"{what} is not known at compile time: {value}; only a block-causal mask computed in the graph " \
                "from constants (as SkyReels-V2 diffusion forcing builds it) is recognised"
-    frames = block_causal_frames(value, site.grid, site.q_shape[2])
+    frames = block_causal_frames(value, check_grid, tokens)
     if isinstance(frames, str):
         return f"{what}: {frames}"
     site.causal_block_size = frames

@@ -407,9 +407,12 @@ class MaskedAttention(torch.nn.Module):
 
     def mask(self, T, H, W, device):
         N = T * H * W
-        if self.kind in ("block_causal", "float"):
+        if self.kind in ("block_causal", "float", "frame_window"):
             r = torch.arange(T // self.c, device=device).repeat_interleave(self.c)
-            m = (r.unsqueeze(0) <= r.unsqueeze(1)).view(T, 1, 1, T, 1, 1).repeat(1, H, W, 1, H, W).reshape(N, N)
+            frames = r.unsqueeze(0) <= r.unsqueeze(1)
+            if self.kind == "frame_window":  # built like SkyReels' mask, but not causal
+                frames = (r.unsqueeze(0) - r.unsqueeze(1)).abs() <= 1
+            m = frames.view(T, 1, 1, T, 1, 1).repeat(1, H, W, 1, H, W).reshape(N, N)
             if self.kind == "float":
                 m = torch.zeros(N, N, device=device).masked_fill(~m, float("-inf"))
             return m[None, None]
@@ -479,6 +482,7 @@ def test_block_causal_mask_is_recognised_and_sparse_with_gradients(kind, c):
     ("token_causal", "not block-causal over frames of the grid"),
     ("anti_causal", "not block-causal over frames"),
     ("window", "not block-causal over frames of the grid"),
+    ("frame_window", "not block-causal over frames of the grid"),
     ("random", "random op"),
     ("bias", "values other than 0 and -inf"),
     ("input", "graph input"),
@@ -496,6 +500,20 @@ def test_other_masks_stay_dense_with_a_reason(kind, words, caplog):
             got = torch.compile(model, backend="sparse_inductor")(*args)
             assert torch.allclose(got, model(*args), atol=1e-5), "a dense site is plain SDPA with its mask"
     assert any("stays dense" in r.getMessage() and words in r.getMessage() for r in caplog.records)
+
+
+def test_a_mask_repeated_from_frames_is_checked_on_its_frames(monkeypatch):
+    """Where the graph shows the token mask repeating a [T, T] frame mask (SkyReels), only that is
+    evaluated: recognised with no N x N tensor at compile time; a mask built another way still
+    needs its full value, here refused as too large."""
+    from passes import masks
+
+    monkeypatch.setattr(masks, "MAX_MASK_ELEMENTS", 100)  # a [6, 6] frame mask fits, [192, 192] does not
+    x = _video()
+    with torch.no_grad(), si.sparsity(0.5, min_tokens=0):
+        assert [r["decision"] for r in si.explain(MaskedAttention("block_causal", 3), x)] == ["sparse"]
+        rows = list(si.explain(MaskedAttention("float", 3), x))
+    assert rows[0]["decision"] == "dense" and "too large to check" in rows[0]["reason"], rows
 
 
 def test_sparsity_zero_compiles_the_masked_sdpa():
@@ -535,13 +553,19 @@ def test_query_keep_on_straddling_tiles_stays_dense():
 # ---------------------------------------------------------------------------------------------
 # End to end: SkyReels-V2 diffusion forcing (diffusers)
 # ---------------------------------------------------------------------------------------------
-def test_skyreels_diffusion_forcing_is_sparse_and_equals_the_masked_reference():
+def test_skyreels_diffusion_forcing_is_sparse_and_equals_the_masked_reference(monkeypatch):
     """SkyReelsV2Transformer3DModel with num_frame_per_block=3 (``causal_block_size``, set by its
     diffusion-forcing pipeline through ``_set_ar_attention``) and per-frame timesteps: both
     self-attention sites are rewritten under the block-causal mask (tile (4, 4, 4) straddles the
-    3-frame blocks) and the compiled model equals the model with the eager op in their place."""
+    3-frame blocks) and the compiled model equals the model with the eager op in their place. The
+    mask is recognised from its [T, T] frame mask (no N x N tensor at compile time: a real 720p
+    model has N = 90,000)."""
     pytest.importorskip("diffusers")
     from diffusers import SkyReelsV2Transformer3DModel
+
+    from passes import masks
+
+    monkeypatch.setattr(masks, "MAX_MASK_ELEMENTS", 100)
 
     torch.manual_seed(0)
     model = SkyReelsV2Transformer3DModel(
