@@ -225,9 +225,98 @@ def ltx2():
     return model, (), kwargs, dict(sites=1, text=(0, 0), grid_source="coordinates")
 
 
+def _wan_like(cls_name, seed, frames_first=False, no_qk_norm=False, **timesteps):
+    """A Wan 2.1-backbone video DiT (one layer) with latents ``[B, C, F, H, W]`` (``frames_first``:
+    ``[B, F, C, H, W]``)."""
+    import diffusers
+
+    config = dict(WAN_TINY, num_layers=1)
+    if no_qk_norm:
+        del config["qk_norm"]
+    model = getattr(diffusers, cls_name)(in_channels=16, out_channels=16, **config).eval()
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn(2, 5, 16, 16, 16, generator=g) if frames_first else torch.randn(2, 16, 5, 16, 16, generator=g)
+    kwargs = dict(encoder_hidden_states=torch.randn(2, TEXT, 32, generator=g), return_dict=False,
+                  **(timesteps or dict(timestep=torch.tensor([3, 5]))))
+    return model, (latents,), kwargs, dict(sites=1, text=(0, 0))
+
+
+def anyflow():
+    # Wan 2.1 with per-frame flow-map timesteps (t, r); latents frames-first.
+    return _wan_like("AnyFlowTransformer3DModel", 28, frames_first=True, no_qk_norm=True,
+                     timestep=torch.tensor([[3] * 5, [5] * 5]), r_timestep=torch.tensor([[1] * 5, [2] * 5]))
+
+
+def chronoedit():
+    return _wan_like("ChronoEditTransformer3DModel", 29)
+
+
+def helios():
+    # Without history latents (with them, coarser history grids precede the window, as in Framepack).
+    import diffusers
+
+    model = diffusers.HeliosTransformer3DModel(in_channels=16, out_channels=16, rope_dim=(4, 6, 6),
+                                               **dict(WAN_TINY, num_layers=1)).eval()
+    g = torch.Generator().manual_seed(30)
+    args = (torch.randn(2, 16, 5, 16, 16, generator=g),)
+    kwargs = dict(timestep=torch.tensor([3, 5]), encoder_hidden_states=torch.randn(2, TEXT, 32, generator=g),
+                  return_dict=False)
+    return model, args, kwargs, dict(sites=1, text=(0, 0))
+
+
 MODELS.update(wan_vace=wan_vace, wan_animate=wan_animate, skyreels_v2=skyreels_v2, consisid=consisid,
               easyanimate=easyanimate, motif_video=motif_video, kandinsky5=kandinsky5,
-              ltx_video_condition=ltx_video_condition, ltx2=ltx2)
+              ltx_video_condition=ltx_video_condition, ltx2=ltx2, anyflow=anyflow, chronoedit=chronoedit,
+              helios=helios)
+
+
+# Video transformers with no attention the pass may rewrite: every SDPA site stays dense, for the
+# reason in ``dense`` (a substring of explain()'s reason, per site in graph order); ``note`` says why
+# that is right.
+def sana_video():
+    from diffusers import SanaVideoTransformer3DModel
+
+    model = SanaVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1,
+        num_cross_attention_heads=2, cross_attention_head_dim=16, cross_attention_dim=32, caption_channels=32,
+        sample_size=16, patch_size=(1, 2, 2)).eval()
+    g = torch.Generator().manual_seed(40)
+    args = (torch.randn(2, 4, 5, 16, 16, generator=g),)
+    kwargs = dict(encoder_hidden_states=torch.randn(2, TEXT, 32, generator=g), timestep=torch.tensor([3, 5]),
+                  return_dict=False)
+    return model, args, kwargs, dict(sites=0, text=(0, 0), dense=["cross-attention"],
+                                     note="its self-attention is linear attention (no SDPA)")
+
+
+def latte():
+    from diffusers import LatteTransformer3DModel
+
+    model = LatteTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=1,
+        cross_attention_dim=32, sample_size=16, patch_size=2, norm_type="ada_norm_single", caption_channels=32,
+        video_length=5, num_embeds_ada_norm=1000).eval()
+    g = torch.Generator().manual_seed(41)
+    args = (torch.randn(2, 4, 5, 16, 16, generator=g),)
+    kwargs = dict(encoder_hidden_states=torch.randn(2, TEXT, 32, generator=g), timestep=torch.tensor([3, 5]),
+                  return_dict=False)
+    return model, args, kwargs, dict(sites=0, text=(0, 0), dense=["grid not found", "cross-attention", "grid not found"],
+                                     note="factorised attention: spatial per frame, temporal per pixel (no 3D attention)")
+
+
+def kandinsky6_sr():
+    from diffusers import Kandinsky6SRTransformer3DModel
+
+    model = Kandinsky6SRTransformer3DModel(
+        in_visual_dim=4, out_visual_dim=4, time_dim=32, patch_size=(1, 2, 2), model_dim=32, ff_dim=64,
+        num_visual_blocks=1, axes_dims=(4, 6, 6)).eval()
+    g = torch.Generator().manual_seed(42)
+    args = (torch.randn(2, 5, 16, 16, 9, generator=g),)  # latents, low-resolution condition and its mask, per pixel
+    kwargs = dict(timestep=torch.tensor([3.0, 5.0]), return_dict=False)
+    return model, args, kwargs, dict(sites=0, text=(0, 0), dense=[],
+                                     note="already sparse: its own NABLA block-sparse flex_attention (no SDPA)")
+
+
+DENSE_MODELS = dict(sana_video=sana_video, latte=latte, kandinsky6_sr=kandinsky6_sr)
 
 
 def cosmos():

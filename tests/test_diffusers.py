@@ -13,7 +13,7 @@ pytest.importorskip("diffusers")
 
 import sparse_inductor as si  # noqa: E402
 from sparse_inductor import _compat  # noqa: E402
-from diffusers_models import GRID, MODELS  # noqa: E402
+from diffusers_models import DENSE_MODELS, GRID, MODELS  # noqa: E402
 from sparse_inductor.attention import sparse_attention  # noqa: E402
 
 N_VIDEO = math.prod(GRID)
@@ -37,7 +37,7 @@ def is_video_self_attention(q_len, k_len, before, after):
 # Inductor compile costs 30-70 s of CI per model (the op's lowering is tested by test_lowering and
 # test_backend, end to end by the models above with Inductor).
 GRAPH_ONLY = {"wan_vace", "wan_animate", "skyreels_v2", "consisid", "easyanimate", "motif_video", "kandinsky5",
-              "ltx_video_condition", "ltx2"}
+              "ltx_video_condition", "ltx2", "anyflow", "chronoedit", "helios"}
 
 
 def backend_compiles(name):
@@ -113,6 +113,18 @@ def test_sparsity_zero_leaves_the_graph_as_traced(name):
         with si.sparsity(0.0, min_tokens=0), backend_compiles(name):
             got = torch.compile(model, backend="sparse_inductor")(*args, **kwargs)[0]
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("name", list(DENSE_MODELS))
+def test_models_without_rewritable_attention_stay_dense(name):
+    """Video transformers whose attention is not full 3D self-attention over SDPA: every site dense,
+    each for the reason expected."""
+    model, args, kwargs, expect = DENSE_MODELS[name]()
+    with torch.no_grad(), si.sparsity(0.5, min_tokens=0):
+        rows = si.explain(model, *args, **kwargs).rows
+    assert len(rows) == len(expect["dense"]), rows
+    for row, why in zip(rows, expect["dense"]):
+        assert row["decision"] == "dense" and why in row["reason"], row
 
 
 @pytest.mark.parametrize("name", ["cosmos", "kandinsky6", "allegro", "ltx_video", "mochi"])
