@@ -306,6 +306,22 @@ def test_query_keep_composes_when_tiles_stay_in_one_causal_block(grid, tile, r, 
         assert_close_rel(got, want, tol["grad"], name)
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="float64 runs on the CPU path")
+def test_gradients_are_exact():
+    """gradcheck of the op (float64, CPU path) under a mask whose 1-frame causal blocks straddle
+    every 2-frame tile (a static policy, so no perturbation can change the selection); the same
+    gradient under torch.func."""
+    grid, tile = (3, 2, 3), (2, 2, 2)
+    q, k, v = _qkv(1, 1, math.prod(grid), 2, torch.float64, 0, requires_grad=True)
+
+    def attend(q, k, v):
+        return si.video_sparse_attention(q, k, v, grid, policy=si.Window(0, 0, 1), tile=tile, causal_block_size=1)
+
+    assert torch.autograd.gradcheck(attend, (q, k, v))
+    grads = torch.func.grad(lambda q: attend(q, k, v).square().sum())(q)
+    assert torch.allclose(grads, torch.autograd.grad(attend(q, k, v).square().sum(), q)[0])
+
+
 def test_bad_causal_arguments_are_named():
     q, k, v = _qkv(1, 1, 6 * 16, 16, torch.float32, 0)
     for bad in (0, -1, 1.5, True, "2"):
