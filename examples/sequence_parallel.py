@@ -97,7 +97,7 @@ class UlyssesVideoDiT(TinyVideoDiT):
     def forward(self, latents, text):
         import torch.distributed._functional_collectives as funcol
 
-        B, C, T, H, W = latents.shape
+        T, H, W = latents.shape[2:]
         pt, ph, pw = self.patch
         grid = (T // pt, H // ph, W // pw)
         x = self.patch_embed(latents).flatten(2).transpose(1, 2)  # [B, N, dim]: the whole sequence

@@ -51,11 +51,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(fn, rank, world, port, results, timeout):
+def _entry(fn, rank, world, port, results, timeout, backend):
     os.environ.pop("TRITON_INTERPRET", None)  # the CPU op runs in torch; nothing to interpret
     sys.path[:0] = [ROOT, os.path.join(ROOT, "examples")]
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout))
         torch.manual_seed(0)
         results.put((rank, True, fn(rank, world)))
@@ -66,8 +68,8 @@ def _entry(fn, rank, world, port, results, timeout):
             dist.destroy_process_group()
 
 
-def spawn(fn, world: int, timeout: float = 240.0) -> list:
-    """Run ``fn(rank, world)`` in ``world`` processes joined by gloo; its return values by rank.
+def spawn(fn, world: int, timeout: float = 240.0, backend: str = "gloo") -> list:
+    """Run ``fn(rank, world)`` in ``world`` processes joined by ``backend``; its return values by rank.
     A failure on any rank, or no answer within ``timeout`` seconds, fails the test (the processes
     are killed, so a hung collective cannot stall the run)."""
     import torch.multiprocessing as mp
@@ -75,7 +77,7 @@ def spawn(fn, world: int, timeout: float = 240.0) -> list:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_entry, args=(fn, rank, world, port, results, timeout), daemon=True)
+    procs = [ctx.Process(target=_entry, args=(fn, rank, world, port, results, timeout, backend), daemon=True)
              for rank in range(world)]
     for p in procs:
         p.start()
@@ -106,9 +108,10 @@ class UlyssesAttention(nn.Module):
     """A Conv3d patch embedding, then one self-attention block whose tokens are sharded across the
     ranks of ``group`` (Ulysses all-to-alls around SDPA; ``group=None``: one process, no
     collectives). ``variant`` makes the ways it can go wrong: ``"ring"`` attends the local
-    queries over all-gathered keys and values, ``"shifted"`` gives each rank the next rank's
-    shard, ``"uneven"`` splits the heads unevenly across ranks (a head count the degree does not
-    divide)."""
+    queries over all-gathered keys and values, ``"ring_step"`` over the keys and values of the
+    next rank (one step of ring attention, a point-to-point exchange), ``"shifted"`` gives each
+    rank the next rank's shard, ``"uneven"`` splits the heads unevenly across ranks (a head count
+    the degree does not divide)."""
 
     def __init__(self, heads=4, head_dim=16, group=None, variant="ulysses", gather_output=True):
         super().__init__()
@@ -134,6 +137,13 @@ class UlyssesAttention(nn.Module):
             o = self.attention_fn(q, k, v)
         elif self.variant == "ring":
             k, v = (_all_gather_tokens(t, self.group) for t in (k, v))
+            o = F.scaled_dot_product_attention(q, k, v)
+        elif self.variant == "ring_step":
+            import torch.distributed._functional_collectives as funcol
+
+            P = dist.get_world_size(self.group)
+            send_to = [(i + 1) % P for i in range(P)]  # (permute_tensor moves 1-d tensors)
+            k, v = (funcol.permute_tensor(t.flatten(), send_to, self.group).view(t.shape) for t in (k, v))
             o = F.scaled_dot_product_attention(q, k, v)
         elif self.variant == "uneven":
             o = _uneven_heads_attention(q, k, v, self.group)
@@ -176,13 +186,13 @@ def _uneven_heads_attention(q, k, v, group):
     return o.permute(2, 0, 1, 3)
 
 
-def _models(heads, variant="ulysses", dtype=torch.float64):
+def _models(heads, variant="ulysses", dtype=torch.float64, device="cpu"):
     """The single-process model and its sharded copy (same parameters)."""
     torch.manual_seed(0)
-    single = UlyssesAttention(heads).to(dtype)
-    sharded = UlyssesAttention(heads, group=dist.group.WORLD, variant=variant).to(dtype)
+    single = UlyssesAttention(heads).to(device, dtype)
+    sharded = UlyssesAttention(heads, group=dist.group.WORLD, variant=variant).to(device, dtype)
     sharded.load_state_dict(single.state_dict())
-    latents = torch.randn(*LATENT, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    latents = torch.randn(*LATENT, generator=torch.Generator().manual_seed(1), dtype=dtype).to(device)
     return single, sharded, latents
 
 
@@ -197,17 +207,32 @@ def _sparse_reference(single, latents, sparsity=SPARSITY, grid=GRID):
         single.attention_fn = F.scaled_dot_product_attention
 
 
-class GraphCounter:
-    """A backend that counts the graphs Dynamo hands to ``sparse_inductor``."""
+class Recorder:
+    """``sparse_inductor`` (or, with ``rewrite_only``, its pass without Inductor) that counts the
+    graphs Dynamo hands it and keeps, per attention site, the row ``_rows`` makes of ``explain()``
+    (what the compiled variant in force decided: no second trace of the model)."""
 
-    def __init__(self):
-        self.graphs = 0
+    def __init__(self, rewrite_only=False):
+        self.graphs, self.rows, self.rewrite_only = 0, [], rewrite_only
 
     def __call__(self, gm, example_inputs, **kwargs):
+        import sparse_inductor as si
+        from passes.sites import analyze, plan, rewrite
         from sparse_inductor.backend import sparse_inductor_backend
 
         self.graphs += 1
+        cfg = si.current_config()
+        sites = analyze(gm)
+        self.rows += [_row(d.site, d) for d in plan(sites, cfg)]
+        if self.rewrite_only:
+            return rewrite(gm, plan(sites, cfg), cfg.tile).forward
         return sparse_inductor_backend(gm, example_inputs, **kwargs)
+
+
+def _row(site, decision):
+    grid = decision.grid or site.grid
+    return (site.module_path or "<top>", "sparse" if decision.sparse else "dense", None if grid is None else tuple(grid),
+            site.q_shape[1], str(site.parallel) if site.parallel is not None else "", decision.reason)
 
 
 def _rows(explanation):
@@ -224,21 +249,28 @@ def ulysses_checks(rank, world):
     single, sharded, latents = _models(heads)
     report = {}
     with torch.no_grad(), si.sparsity(SPARSITY, min_tokens=0):
-        report["explain"] = _rows(si.explain(sharded, latents))
+        if world == 2:  # (at 4 the compiled graph's own decisions are checked: one trace less)
+            report["explain"] = _rows(si.explain(sharded, latents))
         expected = _sparse_reference(single, latents)
         dense = single(latents)
         torch._dynamo.utils.counters.clear()
-        counter = GraphCounter()
-        out = torch.compile(sharded, backend=counter)(latents)
+        recorder = Recorder()
+        out = torch.compile(sharded, backend=recorder)(latents)
         report["graph_breaks"] = sum(torch._dynamo.utils.counters["graph_break"].values())
-        report["graphs"] = counter.graphs
+        report["graphs"], report["compiled"] = recorder.graphs, recorder.rows
     report["error"] = (out - expected).abs().max().item()
     report["dense_gap"] = (out - dense).abs().max().item()
     # What can go wrong stays dense, with the reason.
     with torch.no_grad(), si.sparsity(SPARSITY, min_tokens=0):
-        for variant in ("ring", "shifted", "uneven") if world == 2 else ():
+        for variant in ("ring", "ring_step", "shifted", "uneven") if world == 2 else ():
             _, model, x = _models(3 if variant == "uneven" else heads, variant)
             report[variant] = _rows(si.explain(model, x))
+        if world == 2:  # a per-head policy of the model's 4 heads meets 2 on each rank
+            try:
+                with si.sparsity(policy=si.PerHead([si.TopK(0.5)] * heads)):
+                    si.explain(sharded, latents)
+            except ValueError as error:
+                report["per_head"] = str(error)
     return report
 
 
@@ -246,16 +278,21 @@ def ulysses_checks(rank, world):
 def test_ulysses_sparse_equals_single_process(world):
     reports = spawn(ulysses_checks, world)
     for rank, report in enumerate(reports):
-        # explain() on each rank: the self-attention site is sparse over the whole sequence's grid
-        # with H/P heads, and says it is sequence-parallel.
-        assert report["explain"] == [("<top>", "sparse", GRID, 4 // world, f"sequence-parallel (Ulysses, degree {world})",
-                                      "")], (rank, report["explain"])
+        # explain() on each rank (and the compiled graph): the self-attention site is sparse over
+        # the whole sequence's grid with H/P heads, and says it is sequence-parallel.
+        expected_rows = [("<top>", "sparse", GRID, 4 // world, f"sequence-parallel (Ulysses, degree {world})", "")]
+        assert report["compiled"] == expected_rows, (rank, report["compiled"])
+        if world == 2:
+            assert report["explain"] == expected_rows, (rank, report["explain"])
         assert report["error"] <= F64_TOL["atol"], (rank, report["error"])
         assert report["dense_gap"] > 1e-3, "the sparse selection must change the output (else the test cannot fail)"
         assert report["graphs"] == 1 and report["graph_breaks"] == 0, report
         if world == 2:  # what can go wrong, once
             (ring,) = report["ring"]
             assert ring[1] == "dense" and ring[5].startswith("ring attention") and "all_gather" in ring[5], ring
+            (ring_step,) = report["ring_step"]
+            assert ring_step[1] == "dense" and ring_step[5].startswith("ring attention"), ring_step
+            assert "Ulysses, degree 2" in report["per_head"] and "not split across ranks" in report["per_head"]
             (shifted,) = report["shifted"]
             assert shifted[1] == "dense" and "would not gather the sequence in order" in shifted[5], shifted
             (uneven,) = report["uneven"]
@@ -294,31 +331,31 @@ def fsdp_ulysses_training(rank, world):
     sharded = UlyssesAttention(4, group=dist.group.WORLD, gather_output=False).double()
     sharded.load_state_dict(single.state_dict())
     fully_shard(sharded)
-    # The optimizer takes the sharded parameters now: after a forward under no_grad (explain below)
-    # FSDP2 leaves the unsharded ones registered on the module.
+    # The optimizer takes the sharded parameters right away: after a forward under no_grad (e.g.
+    # explain()) FSDP2 leaves the unsharded ones registered on the module.
     opt = torch.optim.SGD(sharded.parameters(), lr=0.5)
     latents = torch.randn(*TRAIN_LATENT, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     sparse = lambda q, k, v: si.video_sparse_attention(q, k, v, TRAIN_GRID, sparsity=0.875)  # noqa: E731
     single.attention_fn = sparse
     expected = _train(single, torch.optim.SGD(single.parameters(), lr=0.5), latents, TRAIN_STEPS,
                       lambda out: out.square().mean())
+    recorder = Recorder()
     with si.sparsity(0.875, min_tokens=0):
-        with torch.no_grad():
-            explanation = _rows(si.explain(sharded, latents))
-        compiled = torch.compile(sharded, backend="sparse_inductor")
+        compiled = torch.compile(sharded, backend=recorder)
         losses = _train(compiled, opt, latents, TRAIN_STEPS, lambda out: out.square().mean())
     for loss in losses:  # the whole sequence's loss: the mean of the ranks' (equal shards)
         dist.all_reduce(loss)
         loss /= world
     params = {name: p.full_tensor() for name, p in sharded.named_parameters()}
-    return dict(explain=explanation, losses=[x.item() for x in losses], expected=[x.item() for x in expected],
+    return dict(explain=recorder.rows, losses=[x.item() for x in losses], expected=[x.item() for x in expected],
                 param_error=max((params[n] - p).abs().max().item() for n, p in single.named_parameters()))
 
 
 def test_fsdp2_ulysses_training_matches_one_process():
     reports = spawn(fsdp_ulysses_training, 2)
     for rank, report in enumerate(reports):
-        assert report["explain"] == [("<top>", "sparse", TRAIN_GRID, 2, "sequence-parallel (Ulysses, degree 2)", "")]
+        # (a recompile after the first step would record the same site again)
+        assert set(report["explain"]) == {("<top>", "sparse", TRAIN_GRID, 2, "sequence-parallel (Ulysses, degree 2)", "")}
         assert report["losses"] == pytest.approx(report["expected"], rel=1e-9, abs=1e-12), report
         assert len(set(report["losses"])) == TRAIN_STEPS  # it trains (the loss moves)
         assert report["param_error"] <= 1e-9, (rank, report["param_error"])
@@ -330,35 +367,23 @@ def test_fsdp2_ulysses_training_matches_one_process():
 WAN_GRID = (5, 8, 8)  # tests/diffusers_models.wan(): 8 tiles
 
 
-def _rewrite_only(gm, example_inputs):
-    """The backend's pass without Inductor: the rewritten graph runs eagerly (diffusers' parallel
-    Wan compiles 7 graphs; its compiled run is the GPU test below)."""
-    import sparse_inductor as si
-    from passes.sites import analyze, plan, rewrite
-
-    cfg = si.current_config()
-    return rewrite(gm, plan(analyze(gm), cfg), cfg.tile).forward
-
-
 def diffusers_context_parallel(rank, world):
     """Wan under ``enable_parallelism(ContextParallelConfig(ulysses_degree=world))``: diffusers'
     hooks break the graph in the block loop, so the patch embedding runs outside every graph and
-    ``grid=`` names the grid; each block's graph sees the flattened all-to-alls."""
-    import diffusers_models
-
+    ``grid=`` names the grid; each block's graph sees the flattened all-to-alls. The pass runs
+    without Inductor (the rewritten graphs run eagerly): the parallel Wan makes 7 graphs, and
+    ``examples/sequence_parallel.py --impl diffusers`` compiles them for real."""
     import sparse_inductor as si
-    from sequence_parallel import build_diffusers  # noqa: F401 - (its CPU workarounds, applied below)
 
     single, parallel, args, kwargs = _diffusers_wan(world)
+    recorder = Recorder(rewrite_only=True)
     with torch.no_grad(), si.sparsity(0.875, min_tokens=0, grid=WAN_GRID):
-        rows = _rows(si.explain(parallel, *args, **kwargs))
-        out = torch.compile(parallel, backend=_rewrite_only)(*args, **kwargs)[0]
+        out = torch.compile(parallel, backend=recorder)(*args, **kwargs)[0]
         torch.compiler.reset()
-        expected = torch.compile(single, backend=_rewrite_only)(*args, **kwargs)[0]
+        expected = torch.compile(single, backend=Recorder(rewrite_only=True))(*args, **kwargs)[0]
         torch.compiler.reset()
         dense = single(*args, **kwargs)[0]
-    del diffusers_models
-    return dict(explain=rows, error=(out - expected).abs().max().item(), dense_gap=(out - dense).abs().max().item())
+    return dict(explain=recorder.rows, error=(out - expected).abs().max().item(), dense_gap=(out - dense).abs().max().item())
 
 
 def _diffusers_wan(world):
@@ -390,3 +415,41 @@ def test_diffusers_context_parallel_traced():
         assert all(r[1:5] == ("sparse", WAN_GRID, 1, "sequence-parallel (Ulysses, degree 2)") for r in attn1), attn1
         assert report["error"] <= F64_TOL["atol"], (rank, report)
         assert report["dense_gap"] > 1e-3, report
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU (NCCL): one rank, a degenerate Ulysses group
+# ---------------------------------------------------------------------------------------------
+def gpu_degree_one(rank, world):
+    """On one GPU: the functional collectives over a one-rank NCCL group inside the Inductor graph
+    with the Triton templates, forward and backward. (diffusers refuses ulysses_degree=1, and two
+    ranks cannot share one GPU under NCCL: its context-parallel run needs two GPUs.)"""
+    import sparse_inductor as si
+
+    report = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        single, sharded, latents = _models(4, dtype=dtype, device="cuda")
+        with si.sparsity(SPARSITY, min_tokens=0):
+            report[f"explain_{dtype}"] = _rows(si.explain(sharded, latents))
+            out = torch.compile(sharded, backend="sparse_inductor")(latents)
+            out.float().square().mean().backward()
+        expected = _sparse_reference(single, latents)
+        expected.float().square().mean().backward()
+        scale = expected.float().abs().max().item()
+        report[f"error_{dtype}"] = (out.float() - expected.float()).abs().max().item() / scale
+        report[f"grad_error_{dtype}"] = max(
+            ((a.grad.float() - b.grad.float()).abs().max() / b.grad.float().abs().max().clamp_min(1e-30)).item()
+            for a, b in zip(sharded.parameters(), single.parameters()))
+        torch.compiler.reset()
+    return report
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or not dist.is_nccl_available(), reason="needs CUDA and NCCL")
+def test_ulysses_degree_one_on_gpu():
+    (report,) = spawn(gpu_degree_one, 1, timeout=600, backend="nccl")
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
+        assert report[f"explain_{dtype}"] == [("<top>", "sparse", GRID, 4, "sequence-parallel (Ulysses, degree 1)",
+                                               "")], report
+        assert report[f"error_{dtype}"] <= tol, report
+        assert report[f"grad_error_{dtype}"] <= 5 * tol, report
