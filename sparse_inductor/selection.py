@@ -89,7 +89,7 @@ def restrict_to_allowed(num: Tensor, idx: Tensor, allowed: Tensor, full_rows: bo
     listed = torch.arange(W, device=idx.device) < num.unsqueeze(-1)
     rows = torch.arange(Mv, device=idx.device).view(Mv, 1)
     kept = listed & allowed[rows, idx.long().clamp(0, Mv - 1)]
-    own = rows.expand(*idx.shape[:-1], 1)
+    own = rows.to(idx.dtype).expand(*idx.shape[:-1], 1)
     has_own = (kept & (idx == own)).any(-1, keepdim=True)
     entries = torch.cat([torch.where(kept, idx, Mv), torch.where(has_own, Mv, own)], dim=-1)
     entries = torch.sort(entries, dim=-1).values[..., :min(W + 1, Mv)]
