@@ -118,12 +118,16 @@ def main():
     parser.add_argument("--stages", type=int, default=2)
     parser.add_argument("--ops", action="store_true", help="print each loop's opcode histogram")
     parser.add_argument("--block-m", type=int, default=64, help="query rows per program (v12; 32 under query_keep 0.5)")
+    parser.add_argument("--causal-tokens", type=int, default=0,
+                        help="tokens per causal block of a block-causal mask (0: none; Wan 480p, 1 frame: 1560)")
     args = parser.parse_args()
     sys.path.insert(0, ROOT)
     module = _module(args.source)
     constexprs = {"BLOCK": 64, "BLOCK_D": 128, "UPCAST": False, "IEEE": False, "CHUNK": args.chunk}
     if "BLOCK_M" in module.block_sparse_attn_fwd_kernel.arg_names:  # v12: query blocks of their own size
         constexprs["BLOCK_M"] = args.block_m
+    if "CAUSAL_TOKENS" in module.block_sparse_attn_fwd_kernel.arg_names:  # block-causal masks
+        constexprs["CAUSAL_TOKENS"] = args.causal_tokens
     for fn in (module.block_sparse_attn_fwd_kernel, module.block_sparse_attn_bwd_kernel):
         sass, shared, info = compile_sass(fn, constexprs, args.warps, args.stages)
         print(f"{fn.__name__}: shared memory {shared} B; " + "; ".join(info))

@@ -29,6 +29,7 @@ from sparse_inductor.reference import (causal_allowed_tiles, causal_tiles_split_
                                        reference_mass_selection, reference_pattern, reference_query_keep,
                                        reference_selection, tile_coords, tile_ids)
 from sparse_inductor.selection import lists_from_mask, mask_from_lists
+from test_lowering import template_backend  # noqa: F401  (the fixture renders templates on CPU)
 
 DEVICE = KERNEL_DEVICE
 # Tiles of 1 to 4 frames, so that causal blocks of 1 to 5 frames straddle some of them.
@@ -402,9 +403,6 @@ def test_templates_match_eager_and_reference(template_backend, caplog):
     assert_close_rel(out / 2.0, ref[0], tol["out"], "template vs reference")
     for name, got, want in zip(("dq", "dk", "dv"), grads, ref[2:]):
         assert_close_rel(got, want, tol["grad"], name + " vs reference")
-
-
-from test_lowering import template_backend  # noqa: E402,F401  (the fixture)
 
 
 # ---------------------------------------------------------------------------------------------
