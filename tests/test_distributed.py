@@ -55,6 +55,7 @@ def _entry(fn, rank, world, port, results, timeout, backend):
     os.environ.pop("TRITON_INTERPRET", None)  # the CPU op runs in torch; nothing to interpret
     sys.path[:0] = [ROOT, os.path.join(ROOT, "examples")]
     try:
+        _register_backend()
         if backend == "nccl":
             torch.cuda.set_device(rank)
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
@@ -66,6 +67,18 @@ def _entry(fn, rank, world, port, results, timeout, backend):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _register_backend():
+    """As conftest.py does: from a source tree that is not pip-installed, register the backend."""
+    from importlib.metadata import entry_points
+
+    if not any(ep.name == "sparse_inductor" for ep in entry_points(group="torch_dynamo_backends")):
+        import torch._dynamo
+
+        from sparse_inductor.backend import sparse_inductor_backend
+
+        torch._dynamo.register_backend(name="sparse_inductor")(sparse_inductor_backend)
 
 
 def spawn(fn, world: int, timeout: float = 240.0, backend: str = "gloo") -> list:
