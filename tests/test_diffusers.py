@@ -138,3 +138,17 @@ def test_sparsity_zero_is_dense(name):
         with si.sparsity(0.0, min_tokens=0):
             got = torch.compile(model, backend="sparse_inductor")(*args, **kwargs)[0]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_coverage_script_rows_and_classes():
+    """examples/model_coverage.py (the README's coverage table): a row is explain() on a zoo config,
+    and every class of the zoo is among the video classes it enumerates from diffusers."""
+    import model_coverage
+
+    row = model_coverage.coverage_row("ltx2")
+    assert (row["sparse"], row["total"], row["source"], row["grids"]) == (1, 6, "coordinates", [GRID]), row
+    assert "separate cross-attention" in row["text"] and "audio_attn1" in model_coverage._dense_summary(row["dense"])
+    classes = set(model_coverage.video_classes())
+    for configs in (MODELS, DENSE_MODELS):
+        for name, make in configs.items():
+            assert type(make()[0]).__name__ in classes, name
