@@ -333,8 +333,10 @@ class CoordinateRoPE(nn.Module):
             start, end = coords.chunk(2, dim=-1)
             coords = ((start + end) / 2).squeeze(-1)
         pos = torch.stack([coords[:, i] / 100.0 for i in range(3)], dim=-1)  # [B, N, 3]
-        angles = (pos.unsqueeze(-1) * self.freqs).flatten(2)  # [B, N, head_dim / 2]
+        angles = (pos.unsqueeze(-1) * self.freqs).flatten(2)  # [B, N, 3 * (head_dim // 6)]
         cos, sin = (f(angles).repeat_interleave(2, dim=-1)[:, :, None] for f in (torch.cos, torch.sin))
+        pad = self.head_dim - cos.shape[-1]  # leading features not rotated (LTX pads the same way)
+        cos, sin = F.pad(cos, (pad, 0), value=1.0), F.pad(sin, (pad, 0), value=0.0)
         q, k, v = self.to_qkv(tokens).view(B, N, 3, self.heads, self.head_dim).unbind(2)
 
         def rope(x):  # [B, N, H, D], pairs rotated
@@ -396,3 +398,23 @@ def test_grid_from_coordinates_read_at_each_call():
             assert (got - model(tokens, coords)).abs().max() > 1e-3  # sparse, not dense
         shuffled = raster_coordinates(2, (3, 4, 5))[:, :, torch.randperm(60)]
         torch.testing.assert_close(compiled(tokens, shuffled), model(tokens, shuffled), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_grid_from_coordinates_on_gpu():
+    """On CUDA (coordinates read from device memory; Inductor's templates): two grids of one token
+    count, each equal to the eager op on its grid; coordinates that are no grid run dense SDPA."""
+    torch.manual_seed(0)
+    model = CoordinateRoPE(head_dim=64).cuda().eval()
+    tokens = torch.randn(2, 256, 8, device="cuda")
+    compiled = torch.compile(model, backend="sparse_inductor")
+    with torch.no_grad(), si.sparsity(0.5, min_tokens=0):
+        torch._dynamo.reset()
+        for grid in ((4, 8, 8), (8, 4, 8)):
+            coords = raster_coordinates(2, grid).cuda()
+            got = compiled(tokens, coords)
+            torch.testing.assert_close(got, model.eager_sparse(tokens, coords, grid, 0.5), rtol=2e-3, atol=2e-3)
+            assert (got - model(tokens, coords)).abs().max() > 1e-3  # sparse, not dense
+        shuffled = raster_coordinates(2, (4, 8, 8))[:, :, torch.randperm(256)].cuda()
+        torch.testing.assert_close(compiled(tokens, shuffled), model(tokens, shuffled), rtol=2e-3, atol=2e-3)
