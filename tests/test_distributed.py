@@ -126,12 +126,13 @@ class UlyssesAttention(nn.Module):
     rank the next rank's shard, ``"uneven"`` splits the heads unevenly across ranks (a head count
     the degree does not divide)."""
 
-    def __init__(self, heads=4, head_dim=16, group=None, variant="ulysses", gather_output=True):
+    def __init__(self, heads=4, head_dim=16, group=None, variant="ulysses", gather_output=True, patch=(1, 2, 2),
+                 layout="bhnd", splitter="chunk"):
         super().__init__()
         self.heads, self.head_dim, self.group, self.variant = heads, head_dim, group, variant
-        self.gather_output = gather_output
+        self.gather_output, self.layout, self.splitter = gather_output, layout, splitter
         dim = heads * head_dim
-        self.patch = nn.Conv3d(LATENT[1], dim, kernel_size=(1, 2, 2), stride=(1, 2, 2))
+        self.patch = nn.Conv3d(LATENT[1], dim, kernel_size=patch, stride=patch)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
         self.attention_fn = F.scaled_dot_product_attention  # the single-process reference swaps in the eager op
@@ -139,13 +140,20 @@ class UlyssesAttention(nn.Module):
     def forward(self, latents):
         x = self.patch(latents).flatten(2).transpose(1, 2)  # [B, N, dim]
         if self.group is not None:
+            P, r = dist.get_world_size(self.group), dist.get_rank(self.group)
             if self.variant == "shifted":
-                P, r = dist.get_world_size(self.group), dist.get_rank(self.group)
                 x = x.chunk(P, dim=1)[(r + 1) % P]
+            elif self.splitter == "tensor_split":
+                x = x.tensor_split(P, dim=1)[r]
+            elif self.splitter == "split":
+                x = x.split(x.shape[1] // P, dim=1)[r]
             else:
                 x = shard(x, 1, self.group)
         B, n, C = x.shape
-        q, k, v = self.qkv(x).view(B, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.layout == "bhnd":
+            q, k, v = self.qkv(x).view(B, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        else:  # three [B, n, H, D] chunks, transposed
+            q, k, v = (t.view(B, n, self.heads, self.head_dim).transpose(1, 2) for t in self.qkv(x).chunk(3, dim=-1))
         if self.group is None:
             o = self.attention_fn(q, k, v)
         elif self.variant == "ring":
@@ -160,6 +168,8 @@ class UlyssesAttention(nn.Module):
             o = F.scaled_dot_product_attention(q, k, v)
         elif self.variant == "uneven":
             o = _uneven_heads_attention(q, k, v, self.group)
+        elif self.variant == "flat":  # diffusers' exchange: flattened around the all-to-all
+            o = _flat_ulysses_attention(q, k, v, self.group)
         else:
             o = scatter_sequence(F.scaled_dot_product_attention(
                 *(gather_sequence(t, self.group) for t in (q, k, v))), self.group)
@@ -176,6 +186,30 @@ def _all_gather_tokens(x, group):
     gather = getattr(funcol, "all_gather_tensor_autograd", funcol.all_gather_tensor)
     dim = 2 if x.dim() == 4 else 0
     return gather(x.contiguous(), dim, group)
+
+
+def _flat_all_to_all(x, group):
+    import torch.distributed._functional_collectives as funcol
+
+    shape = x.shape
+    x = funcol.all_to_all_single(x.contiguous().flatten(), None, None, group).reshape(shape)
+    return funcol.wait_tensor(x)
+
+
+def _flat_ulysses_attention(q, k, v, group):
+    """Ulysses as diffusers' TemplatedUlyssesAttention writes it (on ``[B, n, H, D]``, each
+    exchange flattened)."""
+    P = dist.get_world_size(group)
+    B, H, n, D = q.shape
+
+    def gather(t):  # [B, H, n, D] -> [B, H/P, P*n, D]
+        t = t.transpose(1, 2).reshape(B, n, P, H // P, D).permute(2, 1, 0, 3, 4)  # [P, n, B, H/P, D]
+        return _flat_all_to_all(t, group).flatten(0, 1).permute(1, 0, 2, 3).permute(0, 2, 1, 3)
+
+    o = F.scaled_dot_product_attention(gather(q), gather(k), gather(v)).permute(0, 2, 1, 3)  # [B, N, H/P, D]
+    o = o.reshape(B, P, n, H // P, D).permute(1, 3, 0, 2, 4)  # [P, H/P, B, n, D]: the tokens of rank j to it
+    o = _flat_all_to_all(o, group).flatten(0, 1)  # [H, B, n, D]
+    return o.permute(1, 0, 2, 3)
 
 
 def _uneven_heads_attention(q, k, v, group):
@@ -310,6 +344,52 @@ def test_ulysses_sparse_equals_single_process(world):
             assert shifted[1] == "dense" and "would not gather the sequence in order" in shifted[5], shifted
             (uneven,) = report["uneven"]
             assert uneven[1] == "dense" and "splits unevenly" in uneven[5], uneven
+
+
+def varied_layouts(rank, world):
+    """Hypothesis inside the spawn, over grids, patch sizes, heads, q/k/v layouts, how the
+    sequence is sharded and how the exchange is written: the pass finds the whole grid and the
+    rewritten graph (run eagerly, without Inductor) equals the single-process eager sparse op.
+    Both ranks draw the same examples (derandomized, no example database), as their collectives
+    need."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    import sparse_inductor as si
+
+    seen = []
+
+    @settings(max_examples=12, derandomize=True, database=None, deadline=None)
+    @given(grid=st.tuples(st.integers(1, 5), st.integers(2, 5), st.integers(2, 6)).filter(lambda g: g[0] * g[1] * g[2] % 2 == 0),
+           patch=st.sampled_from([(1, 2, 2), (1, 1, 1), (2, 2, 2)]), heads=st.sampled_from([2, 4]),
+           head_dim=st.sampled_from([8, 16]), layout=st.sampled_from(["bhnd", "bnhd"]),
+           splitter=st.sampled_from(["chunk", "tensor_split", "split"]), exchange=st.sampled_from(["ulysses", "flat"]))
+    def check(grid, patch, heads, head_dim, layout, splitter, exchange):
+        options = dict(heads=heads, head_dim=head_dim, patch=patch, layout=layout, splitter=splitter)
+        torch.manual_seed(0)
+        single = UlyssesAttention(**options).double()
+        sharded = UlyssesAttention(**options, group=dist.group.WORLD, variant=exchange).double()
+        sharded.load_state_dict(single.state_dict())
+        latents = torch.randn(2, LATENT[1], *(g * p for g, p in zip(grid, patch)), dtype=torch.float64,
+                              generator=torch.Generator().manual_seed(1))
+        recorder = Recorder(rewrite_only=True)
+        with torch.no_grad(), si.sparsity(0.5, min_tokens=0, tile=(2, 2, 2)):
+            out = torch.compile(sharded, backend=recorder, dynamic=False)(latents)
+            single.attention_fn = lambda q, k, v: si.video_sparse_attention(q, k, v, grid, sparsity=0.5, tile=(2, 2, 2))
+            expected = single(latents)
+        torch.compiler.reset()
+        assert recorder.rows == [("<top>", "sparse", grid, heads // world, f"sequence-parallel (Ulysses, degree {world})",
+                                  "")], recorder.rows
+        torch.testing.assert_close(out, expected, **F64_TOL)
+        seen.append((grid, exchange))
+
+    check()
+    return seen
+
+
+def test_ulysses_layouts_property():
+    seen = spawn(varied_layouts, 2)
+    assert seen[0] == seen[1] and len(seen[0]) >= 10, seen  # the ranks drew the same examples
 
 
 # ---------------------------------------------------------------------------------------------
