@@ -113,10 +113,10 @@ class UlyssesVideoDiT(TinyVideoDiT):
 # ---------------------------------------------------------------------------------------------
 # The run on each rank
 # ---------------------------------------------------------------------------------------------
-def build_functional(size, device, dtype, group):
+def build_functional(size, device, dtype, group, layers=None):
     cfg = SIZES[size]
     torch.manual_seed(0)
-    kwargs = dict(in_channels=cfg["latent"][1], dim=cfg["dim"], heads=cfg["heads"], layers=cfg["layers"],
+    kwargs = dict(in_channels=cfg["latent"][1], dim=cfg["dim"], heads=cfg["heads"], layers=layers or cfg["layers"],
                   text_dim=cfg["text_dim"])
     single = TinyVideoDiT(**kwargs).to(device, dtype).eval()
     parallel = UlyssesVideoDiT(**kwargs, group=group).to(device, dtype).eval()
@@ -128,7 +128,7 @@ def build_functional(size, device, dtype, group):
     return single, parallel, (latents, text), {}, grid
 
 
-def build_diffusers(size, device, dtype, group):
+def build_diffusers(size, device, dtype, group, layers=None):
     import diffusers.hooks.context_parallel as cp_hooks
     from diffusers import ContextParallelConfig, WanTransformer3DModel
     from wan_t2v import LATENT_480P, LATENT_TINY, TINY, WAN_1_3B
@@ -140,6 +140,7 @@ def build_diffusers(size, device, dtype, group):
     if not hasattr(cp_hooks.logger, "warning_once"):  # diffusers 0.42.1 calls it for Wan 2.1's 1-d timestep
         cp_hooks.logger.warning_once = cp_hooks.logger.warning
     config, latent = (TINY, LATENT_TINY) if size == "tiny" else (WAN_1_3B, LATENT_480P)
+    config = dict(config, num_layers=layers or config["num_layers"])
     torch.manual_seed(0)
     single = WanTransformer3DModel(**config).to(device, dtype).eval()
     parallel = WanTransformer3DModel(**config).to(device, dtype).eval()
@@ -178,7 +179,7 @@ def run(rank, world, args, device):
     group = dist.group.WORLD
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     build = build_functional if args.impl == "functional" else build_diffusers
-    single, parallel, inputs, kwargs, grid = build(args.size, device, dtype, group)
+    single, parallel, inputs, kwargs, grid = build(args.size, device, dtype, group, args.layers)
     # The functional model's graph proves its grid; diffusers' patch embedding runs outside the graphs.
     options = dict(min_tokens=0, grid=grid if args.impl == "diffusers" else None)
     with torch.no_grad(), sparse_inductor.sparsity(args.sparsity, **options):
@@ -196,7 +197,8 @@ def run(rank, world, args, device):
     for r in range(world):  # one rank at a time
         dist.barrier()
         if r == rank:
-            print(f"--- rank {rank} of {world} ({device}, {dtype}, {args.impl}, grid {grid}, sparsity {args.sparsity})")
+            print(f"--- rank {rank} of {world} ({device}, {dtype}, {args.impl} {args.size}, grid {grid}, "
+                  f"sparsity {args.sparsity})")
             print(explanation)
             print(f"compile + first step {compile_s:.1f} s; step {step_ms:.2f} ms under Ulysses (degree {world}), "
                   f"{single_ms:.2f} ms on one process")
@@ -227,6 +229,7 @@ def main(argv=None):
     parser.add_argument("--nproc", type=int, default=2, help="processes to spawn on CPU (without torchrun)")
     parser.add_argument("--sparsity", type=float, default=0.875)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--layers", type=int, default=None, help="fewer transformer blocks (shorter compiles)")
     args = parser.parse_args(argv)
     if "RANK" in os.environ:  # torchrun: one process per GPU, NCCL
         use_cuda = torch.cuda.is_available()
