@@ -190,6 +190,9 @@ def run(rank, world, args, device):
         compile_s = time.perf_counter() - start
         out, step_ms = _timed(lambda: _output(compiled(*inputs, **kwargs)), device, args.repeats)
         # The same model on one process (every rank computes it alone), sparse through the backend.
+        # A fresh Dynamo first: code shared by both models (the blocks' forward), seen with the
+        # shards' token count, would recompile with a symbolic count (automatic dynamic shapes).
+        torch.compiler.reset()
         reference = torch.compile(single, backend="sparse_inductor")
         expected = _output(reference(*inputs, **kwargs))
         _, single_ms = _timed(lambda: _output(reference(*inputs, **kwargs)), device, args.repeats)

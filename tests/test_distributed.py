@@ -483,25 +483,28 @@ def diffusers_context_parallel(rank, world):
     return dict(explain=recorder.rows, error=(out - expected).abs().max().item(), dense_gap=(out - dense).abs().max().item())
 
 
-def _diffusers_wan(world):
+def _diffusers_wan(world, device="cpu", dtype=torch.float64):
     import diffusers.hooks.context_parallel as cp_hooks
     import diffusers_models
     from diffusers import ContextParallelConfig
 
-    torch.accelerator.device_count = lambda: 1  # diffusers picks rank % device_count: 0 on CPU
+    if device == "cpu":
+        torch.accelerator.device_count = lambda: 1  # diffusers picks rank % device_count: 0 on CPU
     if not hasattr(cp_hooks.logger, "warning_once"):  # diffusers 0.42.1, Wan 2.1's 1-d timestep
         cp_hooks.logger.warning_once = cp_hooks.logger.warning
     torch.manual_seed(0)
     single, args, kwargs, _ = diffusers_models.wan()
     parallel, _, _, _ = diffusers_models.wan()
-    single, parallel = single.double(), parallel.double()
+    single, parallel = single.to(device, dtype), parallel.to(device, dtype)
     parallel.load_state_dict(single.state_dict())
     parallel.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
-    args = tuple(a.double() for a in args)
-    kwargs = dict(kwargs, encoder_hidden_states=kwargs["encoder_hidden_states"].double())
+    args = tuple(a.to(device, dtype) for a in args)
+    kwargs = dict(kwargs, encoder_hidden_states=kwargs["encoder_hidden_states"].to(device, dtype),
+                  timestep=kwargs["timestep"].to(device))
     return single, parallel, args, kwargs
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="diffusers would pick the GPU: the NCCL variant runs there")
 def test_diffusers_context_parallel_traced():
     pytest.importorskip("diffusers")
     reports = spawn(diffusers_context_parallel, 2)
@@ -515,12 +518,12 @@ def test_diffusers_context_parallel_traced():
 
 
 # ---------------------------------------------------------------------------------------------
-# GPU (NCCL): one rank, a degenerate Ulysses group
+# GPUs (NCCL): one rank (a degenerate Ulysses group) on the one-GPU machine, two where there are two
 # ---------------------------------------------------------------------------------------------
-def gpu_degree_one(rank, world):
-    """On one GPU: the functional collectives over a one-rank NCCL group inside the Inductor graph
-    with the Triton templates, forward and backward. (diffusers refuses ulysses_degree=1, and two
-    ranks cannot share one GPU under NCCL: its context-parallel run needs two GPUs.)"""
+def gpu_checks(rank, world):
+    """The functional collectives over an NCCL group inside the Inductor graph with the Triton
+    templates, forward and backward, fp32 and bf16. Every rank computes the same loss of the
+    gathered output, so the ranks' mean gradient is the single-process one."""
     import sparse_inductor as si
 
     report = {}
@@ -530,6 +533,9 @@ def gpu_degree_one(rank, world):
             report[f"explain_{dtype}"] = _rows(si.explain(sharded, latents))
             out = torch.compile(sharded, backend="sparse_inductor")(latents)
             out.float().square().mean().backward()
+        for p in sharded.parameters():
+            dist.all_reduce(p.grad)
+            p.grad /= world
         expected = _sparse_reference(single, latents)
         expected.float().square().mean().backward()
         scale = expected.float().abs().max().item()
@@ -541,12 +547,46 @@ def gpu_degree_one(rank, world):
     return report
 
 
+def _gpus(n):
+    return pytest.mark.skipif(not torch.cuda.is_available() or not dist.is_nccl_available()
+                              or torch.cuda.device_count() < n, reason=f"needs {n} CUDA device(s) and NCCL")
+
+
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available() or not dist.is_nccl_available(), reason="needs CUDA and NCCL")
-def test_ulysses_degree_one_on_gpu():
-    (report,) = spawn(gpu_degree_one, 1, timeout=600, backend="nccl")
-    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
-        assert report[f"explain_{dtype}"] == [("<top>", "sparse", GRID, 4, "sequence-parallel (Ulysses, degree 1)",
-                                               "")], report
-        assert report[f"error_{dtype}"] <= tol, report
-        assert report[f"grad_error_{dtype}"] <= 5 * tol, report
+@pytest.mark.parametrize("world", [pytest.param(1, marks=_gpus(1)), pytest.param(2, marks=_gpus(2))])
+def test_ulysses_on_gpus(world):
+    for rank, report in enumerate(spawn(gpu_checks, world, timeout=600, backend="nccl")):
+        for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
+            assert report[f"explain_{dtype}"] == [("<top>", "sparse", GRID, 4 // world,
+                                                   f"sequence-parallel (Ulysses, degree {world})", "")], report
+            assert report[f"error_{dtype}"] <= tol, (rank, report)
+            assert report[f"grad_error_{dtype}"] <= 5 * tol, (rank, report)
+
+
+def gpu_diffusers_checks(rank, world):
+    """diffusers' Wan under ContextParallelConfig(ulysses_degree=world) compiled with the backend
+    (bf16), against the same model on one GPU (diffusers refuses ulysses_degree=1, and NCCL
+    cannot put two ranks on one GPU: this needs two)."""
+    import sparse_inductor as si
+
+    single, parallel, args, kwargs = _diffusers_wan(world, device="cuda", dtype=torch.bfloat16)
+    recorder = Recorder()
+    with torch.no_grad(), si.sparsity(0.875, min_tokens=0, grid=WAN_GRID):
+        out = torch.compile(parallel, backend=recorder)(*args, **kwargs)[0]
+        # A fresh Dynamo: the blocks' code, seen with the shards' token count, would recompile
+        # with a symbolic one for the whole sequence (automatic dynamic shapes), which grid= cannot match.
+        torch.compiler.reset()
+        expected = torch.compile(single, backend="sparse_inductor")(*args, **kwargs)[0]
+    return dict(explain=recorder.rows, error=((out.float() - expected.float()).abs().max()
+                                              / expected.float().abs().max()).item())
+
+
+@pytest.mark.gpu
+@_gpus(2)
+def test_diffusers_context_parallel_on_gpus():
+    pytest.importorskip("diffusers")
+    for rank, report in enumerate(spawn(gpu_diffusers_checks, 2, timeout=600, backend="nccl")):
+        attn1 = [r for r in report["explain"] if r[0].endswith("attn1")]
+        assert len(attn1) == 2 and all(r[1:5] == ("sparse", WAN_GRID, 1, "sequence-parallel (Ulysses, degree 2)")
+                                       for r in attn1), report
+        assert report["error"] <= 3e-2, (rank, report)
