@@ -51,7 +51,7 @@ class OtherAttentions(nn.Module):
         tokens = self.patch(x).flatten(2).transpose(1, 2)  # [B, N, 32]
         B, N, _ = tokens.shape
         q = k = v = tokens.view(B, N, 2, 16).transpose(1, 2)
-        float_mask = torch.zeros(N, N, device=x.device)
+        float_mask = torch.linspace(0, 1, N, device=x.device).expand(N, N)  # an additive bias
         bool_mask = torch.ones(B, 1, 1, N, dtype=torch.bool, device=x.device)
         outs = [
             F.scaled_dot_product_attention(q, k, v, is_causal=True),
@@ -72,13 +72,45 @@ def test_other_attentions_stay_dense_with_reasons():
     assert [r["decision"] for r in rows] == ["dense"] * 6, reasons
     assert reasons[0] == "causal attention"
     assert reasons[1].startswith("dropout_p=0.1")
-    assert "dtype torch.float32" in reasons[2] and "key-padding" in reasons[2]
+    assert "additive bias" in reasons[2]  # (an all-zero float mask is exactly no mask: below)
     assert "without text tokens" in reasons[3]
     assert reasons[4] == "300 video tokens < min_tokens=301"
     assert "grid not found" in reasons[5] and "slice" in reasons[5]
     with torch.no_grad(), si.sparsity(0.5, min_tokens=0):
         rows = list(si.explain(OtherAttentions().eval(), x))
     assert rows[4]["decision"] == "sparse" and rows[4]["grid"] == (5, 6, 10)
+
+
+class ZeroFloatMask(nn.Module):
+    """One video self-attention with an all-zero additive mask (exactly no mask), or none."""
+
+    def __init__(self, with_mask):
+        super().__init__()
+        self.with_mask = with_mask
+        self.patch = nn.Conv3d(4, 32, kernel_size=(1, 2, 2), stride=(1, 2, 2))
+
+    def forward(self, x):
+        tokens = self.patch(x).flatten(2).transpose(1, 2)
+        B, N, _ = tokens.shape
+        q = k = v = tokens.view(B, N, 2, 16).transpose(1, 2)
+        mask = torch.zeros(N, N, device=x.device) if self.with_mask else None
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def test_all_zero_float_mask_is_no_mask():
+    x = torch.randn(3, 4, 5, 12, 20)
+    models = []
+    for with_mask in (True, False):
+        torch.manual_seed(0)
+        models.append(ZeroFloatMask(with_mask).eval())
+    with torch.no_grad(), si.sparsity(0.5, min_tokens=0):
+        assert [r["decision"] for r in si.explain(models[0], x)] == ["sparse"]
+        outs = []
+        for model in models:
+            torch._dynamo.reset()
+            outs.append(torch.compile(model, backend="sparse_inductor")(x))
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    assert ((outs[0] - models[1](x)).norm() / outs[1].norm()).item() > 1e-2  # sparse, not dense
 
 
 def test_compiled_model_with_untouched_attentions_equals_inductor():
