@@ -40,6 +40,25 @@ from .stats import Stats, stats
 
 logging.getLogger("sparse_inductor").addHandler(logging.NullHandler())
 
+
+def _register_backend_from_source_tree() -> None:
+    """``backend="sparse_inductor"`` is found through the package's entry point once it is
+    pip-installed. Run from a source tree on ``PYTHONPATH`` there is none: register the name here
+    (only then: registering it twice is an error in Dynamo)."""
+    from importlib.metadata import entry_points
+
+    if any(ep.name == "sparse_inductor" for ep in entry_points(group="torch_dynamo_backends")):
+        return
+    import torch._dynamo
+
+    if "sparse_inductor" not in torch._dynamo.list_backends(exclude_tags=()):
+        from .backend import sparse_inductor_backend
+
+        torch._dynamo.register_backend(name="sparse_inductor")(sparse_inductor_backend)
+
+
+_register_backend_from_source_tree()
+
 __all__ = [
     "BlockSelection",
     "CalibrationResult",

@@ -227,6 +227,23 @@ def test_entry_point_needs_no_import():
     assert "sparse_inductor.backend sparse_inductor_backend" in result.stdout
 
 
+
+def test_source_tree_import_registers_the_backend():
+    """Without the entry point (a source tree on PYTHONPATH, as on the GPU machine), importing the
+    package registers backend="sparse_inductor"; with it, importing registers nothing (Dynamo would
+    refuse a second registration of the name)."""
+    code = ("import importlib.metadata as md, torch\n"
+            "real = md.entry_points\n"
+            "md.entry_points = lambda **kw: md.EntryPoints([]) if kw.get('group') == 'torch_dynamo_backends' else real(**kw)\n"
+            "import sparse_inductor\n"
+            "fn = torch._dynamo.lookup_backend('sparse_inductor')\n"
+            "print(fn.__module__, fn.__name__)\n"
+            "out = torch.compile(lambda x: x * 2, backend='sparse_inductor')(torch.ones(3))\n"
+            "assert out.tolist() == [2.0, 2.0, 2.0]\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "sparse_inductor.backend sparse_inductor_backend" in result.stdout
+
 def test_bad_options_and_context_arguments():
     with pytest.raises(ValueError, match="unknown sparse_inductor option"):
         sparse_inductor_backend(None, [], options={"sparsty": 0.5})

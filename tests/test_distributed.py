@@ -72,15 +72,8 @@ def _entry(fn, rank, world, port, results, timeout, backend):
 
 
 def _register_backend():
-    """As conftest.py does: from a source tree that is not pip-installed, register the backend."""
-    from importlib.metadata import entry_points
-
-    if not any(ep.name == "sparse_inductor" for ep in entry_points(group="torch_dynamo_backends")):
-        import torch._dynamo
-
-        from sparse_inductor.backend import sparse_inductor_backend
-
-        torch._dynamo.register_backend(name="sparse_inductor")(sparse_inductor_backend)
+    """From a source tree that is not pip-installed, importing the package registers the backend."""
+    import sparse_inductor  # noqa: F401
 
 
 def spawn(fn, world: int, timeout: float = 240.0, backend: str = "gloo") -> list:
