@@ -45,6 +45,10 @@ class GridMissing:
     reason: str
     at_input: bool = False  # the walk ended at a graph input (a graph break may hide the grid)
     node: object = None  # that input (the placeholder), for comparing where q and k come from
+    # ``(placeholder, start, tokens)`` per graph input the token axis reached (several through a
+    # ``cat``: video tokens and text tokens that both arrive as inputs), with its token range on the
+    # starting node's token axis: a grid remembered for that many tokens places the video span.
+    inputs: tuple = ()
     parallel: object = None  # as GridFound's
 
 
@@ -105,11 +109,15 @@ class GridWalker:
         shape = tensor_shape(q_node)
         if shape is None or len(shape) != 4:
             return GridMissing("query is not a 4-d tensor")
+        return self.grid_of(q_node, 2)
+
+    def grid_of(self, node: torch.fx.Node, axis: int) -> GridFound | GridMissing:
+        """The grid of the token axis ``axis`` of ``node`` (e.g. 1 of a ``[B, N, C]`` graph output)."""
         # The walk recurses once per node on the path; deep models need more than Python's 1000.
         limit = sys.getrecursionlimit()
         sys.setrecursionlimit(max(limit, 4 * MAX_VISITS + 1000))
         try:
-            return self.walk(q_node, (2,))
+            return self.walk(node, (axis,))
         finally:
             sys.setrecursionlimit(limit)
 
@@ -141,7 +149,9 @@ class GridWalker:
         if len(axes) > 3:
             return GridMissing(f"the token axis splits into {len(axes)} axes at {node.name}")
         if node.op == "placeholder":
-            return GridMissing(f"reached graph input {node.name} without finding the grid", at_input=True, node=node)
+            tokens = math.prod(shape[a] for a in axes)
+            return GridMissing(f"reached graph input {node.name} without finding the grid", at_input=True, node=node,
+                               inputs=((node, 0, tokens),))
         if node.op == "get_attr":
             return GridMissing(f"reached parameter/buffer {node.target}")
         name = _name(node)
@@ -394,6 +404,12 @@ class GridWalker:
                 if video_start < start or video_end > stop_:
                     return GridMissing(f"slice {node.name} cuts the video span")
             return replace(found, start=video_start - start)
+        if found.inputs and (start or stop is not None):
+            # The graph inputs' token ranges on the slice: those it keeps whole, shifted.
+            kept = tuple((p, s - start, n) for p, s, n in found.inputs
+                         if static_int(s) is not None and static_int(n) is not None and static_int(s) >= start
+                         and (stop is None or static_int(s) + static_int(n) <= stop))
+            return replace(found, inputs=kept, at_input=bool(kept))
         return found
 
     def _through_tuple_item(self, src, index, axes):
@@ -429,17 +445,38 @@ class GridWalker:
             return self._first_found([self.walk(t, axes) for t in tensors], node)
         if len(axes) != 1:
             return GridMissing(f"cat along a multi-axis token state at {node.name}")
-        found, offset = [], 0
+        found, inputs, missing, offset = [], [], [], 0
         for t in tensors:
             r = self.walk(t, axes)
             if isinstance(r, GridFound):
                 found.append(replace(r, start=r.start + offset))
+            elif r.at_input:
+                inputs.extend((p, start + offset, n) for p, start, n in r.inputs)
+            else:
+                missing.append(r.reason)
             offset = offset + tensor_shape(t)[dim]
         if len(found) == 1:
             return found[0]
         if not found:
-            return GridMissing(f"no input of cat {node.name} carries a video grid")
-        return GridMissing(f"several inputs of cat {node.name} carry a video grid")
+            reason = f"no input of cat {node.name} carries a video grid" + (f" ({missing[0]})" if missing else "")
+            if inputs:  # e.g. video and text tokens both graph inputs (a graph break before the cat)
+                return GridMissing(reason, at_input=True, node=inputs[0][0], inputs=tuple(inputs))
+            return GridMissing(reason)
+        return self._largest_grid(found, node)
+
+    @staticmethod
+    def _largest_grid(found, node):
+        """Several video grids in one sequence (Framepack: history latents at coarser grids before
+        the current window): the grid with the most tokens is the site's video span; the others'
+        tokens are kept dense, like text tokens (DESIGN.md §3.5). A tie is ambiguous."""
+        sizes = [static_int(math.prod(f.sizes)) for f in found]
+        if None in sizes:
+            return GridMissing(f"several inputs of cat {node.name} carry a video grid, some of symbolic size")
+        largest = max(sizes)
+        if sizes.count(largest) > 1:
+            return GridMissing(f"several inputs of cat {node.name} carry video grids of the same size ({largest} "
+                               "tokens): which one is the video is ambiguous")
+        return found[sizes.index(largest)]
 
     def _through_elementwise(self, node, axes, shape):
         """Follow the tensor operands of the output's rank whose token axes are whole (an operand

@@ -28,7 +28,7 @@ from sparse_inductor.api import MAX_HEAD_DIM, supported_dtypes
 from . import collectives, masks
 from .coordinates import coordinate_layout
 from .grid import GridFound, GridMissing, GridWalker
-from .shapes import expr, same_size, size_hint, static_int, tensor_shape
+from .shapes import example_value, expr, same_size, size_hint, static_int, tensor_shape
 
 log = logging.getLogger("sparse_inductor")
 
@@ -200,9 +200,24 @@ def forget_grids() -> None:
 
 
 def grids_of(gm: torch.fx.GraphModule) -> dict:
-    """The static grids a graph flattens into tokens: ``{token count: grid}``, ``None`` for a count
-    two different grids flatten to (ambiguous)."""
+    """The static token layouts a graph hands on: ``{token count: (grid, video start)}``, ``None``
+    for a count two different layouts have (ambiguous). They are the grids it flattens into tokens
+    (video start 0) and the layouts of its ``[B, N, C]`` outputs whose token axis the grid walk
+    resolves (e.g. Framepack's history tokens concatenated before the video's, start > 0)."""
     grids: dict = {}
+    walker = GridWalker(gm)
+    for node in gm.graph.nodes:
+        if node.op != "output":
+            continue
+        for out in _flat_nodes(node.args):
+            shape = tensor_shape(out)
+            if shape is None or len(shape) != 3:
+                continue
+            found = walker.grid_of(out, 1)
+            n = static_int(shape[1])
+            if isinstance(found, GridFound) and n is not None and _all_static(found.sizes) \
+                    and static_int(found.start) is not None:
+                _merge(grids, n, (tuple(static_int(x) for x in found.sizes), static_int(found.start)))
     for node in gm.graph.nodes:
         if node.op not in ("call_method", "call_function"):
             continue
@@ -217,8 +232,19 @@ def grids_of(gm: torch.fx.GraphModule) -> dict:
         for sizes, tokens in ((src_shape[2:], out_shape[2]), (src_shape[1:4], out_shape[1])):
             sizes = [static_int(x) for x in sizes]
             if None not in sizes and static_int(tokens) == math.prod(sizes):
-                _merge(grids, math.prod(sizes), tuple(sizes))
+                _merge(grids, math.prod(sizes), (tuple(sizes), 0))
     return grids
+
+
+def _flat_nodes(args) -> list:
+    """The nodes in a (nested) tuple / list / dict of graph outputs."""
+    if isinstance(args, torch.fx.Node):
+        return [args]
+    if isinstance(args, (tuple, list)):
+        return [n for a in args for n in _flat_nodes(a)]
+    if isinstance(args, dict):
+        return [n for a in args.values() for n in _flat_nodes(a)]
+    return []
 
 
 def _merge(grids: dict, n: int, grid) -> None:
@@ -246,8 +272,9 @@ def _same_key(a, b) -> bool:
     return a[0] == b[0] and a[1] is b[1] and (a[2] is None) == (b[2] is None) and (a[2] is None or a[2]() is b[2]())
 
 
-def remembered_grid(n):
-    """The grid remembered for ``n`` tokens in this call: a grid, ``None`` (none), or ``"ambiguous"``."""
+def remembered_layout(n):
+    """The layout remembered for ``n`` tokens in this call: ``(grid, video start)``, ``None`` (none),
+    or ``"ambiguous"``."""
     scope = _scope.get()
     if scope is None or n is None or n not in scope[1]:
         return None
@@ -309,10 +336,123 @@ def _mask_reason(mask, q_shape) -> str:
     shape, val = tensor_shape(mask), mask.meta.get("example_value")
     if shape is None or val.dtype != torch.bool:
         return f"attn_mask of dtype {getattr(val, 'dtype', None)} (only a bool key-padding mask is supported)"
+    if padding_mask(mask, q_shape) is not None:
+        return ""
     if len(shape) != 4 or not (same_size(shape[0], q_shape[0]) or same_size(shape[0], 1)) \
             or not same_size(shape[1], 1) or not same_size(shape[2], 1) or not same_size(shape[3], q_shape[2]):
-        return f"attn_mask of shape {list(shape)} is not a key-padding mask [B, 1, 1, N]"
+        return (f"attn_mask of shape {list(shape)} is not a key-padding mask [B, 1, 1, N] (nor one broadcast over "
+                "the queries, nor the outer product m_i & m_j of one)")
     return ""
+
+
+# Ops that leave a bool mask's values as they are, and the ops of an elementwise AND.
+_SAME_MASK = {"bool", "contiguous", "clone", "to"}
+_AND = {"and_", "__and__", "logical_and", "bitwise_and", "__iand__"}
+
+
+def _op_name(node) -> str:
+    if node.op == "call_method":
+        return node.target
+    return getattr(node.target, "__name__", "") if node.op == "call_function" else ""
+
+
+def _strip_same_mask(node):
+    while isinstance(node, torch.fx.Node) and _op_name(node) in _SAME_MASK and node.args \
+            and getattr(example_value(node), "dtype", None) == torch.bool \
+            and getattr(example_value(node.args[0]), "dtype", None) == torch.bool:
+        node = node.args[0]
+    return node
+
+
+def padding_mask(mask, q_shape):
+    """``(key mask, padded queries)`` if the bool ``mask`` is a key-padding mask: ``key mask`` the
+    node of a ``[B, 1, 1, L]`` (or ``[1, 1, 1, L]``) mask m, and ``padded queries`` whether ``mask``
+    is m_i & m_j, its outer product with itself (HunyuanVideo 1.5's ``[B, 1, L, L]``: a padded
+    query sees no key, which SDPA answers with a row of zeros). ``None`` for any other mask.
+
+    Recognised by structure: m itself; m broadcast over the queries (``repeat`` / ``expand`` along
+    the query axis); and the AND of such a key mask with a query mask of the same m
+    (``transpose(2, 3)`` of it, or ``m`` indexed as ``[:, None, :, None]``)."""
+    if not isinstance(mask, torch.fx.Node) or q_shape is None:
+        return None
+    shape = tensor_shape(mask)
+    if shape is None or len(shape) != 4 or getattr(example_value(mask), "dtype", None) != torch.bool:
+        return None
+    L = q_shape[2]
+    if not (same_size(shape[0], q_shape[0]) or same_size(shape[0], 1)) or not same_size(shape[3], L):
+        return None
+    keys = _mask_vector(mask, 3)
+    if keys is not None:
+        return keys, False
+    node = _strip_same_mask(mask)
+    if _op_name(node) not in _AND or len(node.args) != 2 or not all(isinstance(a, torch.fx.Node) for a in node.args):
+        return None
+    a, b = node.args
+    for key_side, query_side in ((a, b), (b, a)):
+        keys, queries = _mask_vector(key_side, 3), _mask_vector(query_side, 2)
+        if keys is not None and queries is not None and _mask_root(keys) is _mask_root(queries) \
+                and same_size(tensor_shape(keys)[3], L):
+            return keys, True
+    return None
+
+
+def _mask_vector(node, axis):
+    """The mask ``node`` as one vector broadcast along the other of the last two axes: the node of
+    that vector, shaped ``[B, 1, 1, L]`` (``axis`` 3: it varies over the keys) or ``[B, 1, L, 1]``
+    (``axis`` 2: over the queries); ``None`` if it is not one."""
+    for _ in range(64):  # a chain of a few ops in practice
+        node = _strip_same_mask(node)
+        shape = tensor_shape(node)
+        if shape is None or len(shape) != 4 or not same_size(shape[1], 1):
+            return None
+        other = 5 - axis  # the axis it is broadcast along
+        if same_size(shape[other], 1):
+            return node
+        name, src = _op_name(node), node.args[0] if node.args else None
+        src_shape = tensor_shape(src)
+        if src_shape is None or len(src_shape) != 4:
+            return None
+        if name == "repeat":  # repeats of the size-1 broadcast axis only
+            reps = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
+            if len(reps) != 4 or not same_size(src_shape[other], 1) \
+                    or not all(isinstance(r, int) and r == 1 for i, r in enumerate(reps) if i != other):
+                return None
+        elif name == "expand":
+            if not same_size(src_shape[other], 1) or not same_size(src_shape[axis], shape[axis]):
+                return None
+        elif name in ("transpose", "swapaxes"):
+            dims = {d % 4 for d in node.args[1:3] if isinstance(d, int)}
+            if dims != {2, 3}:
+                return None
+            axis = other
+        else:
+            return None
+        node = src
+    return None
+
+
+def _mask_root(node):
+    """The tensor a mask vector is a view of, its elements in the same order (through reshapes,
+    unsqueezes, transposes of a size-1 axis, and indexing by ``:`` and ``None`` only): the same
+    root means the same padding mask."""
+    while isinstance(node, torch.fx.Node) and node.args and isinstance(node.args[0], torch.fx.Node):
+        node = _strip_same_mask(node)
+        name, src = _op_name(node), node.args[0]
+        shape, src_shape = tensor_shape(node), tensor_shape(src)
+        if shape is None or src_shape is None or not same_size(math.prod(shape), math.prod(src_shape)):
+            break
+        if name == "getitem":
+            index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+            if not all(i is None or i is Ellipsis or i == slice(None) for i in index):
+                break  # e.g. a permutation of the tokens
+        elif name == "transpose":
+            dims = node.args[1:3]
+            if not all(isinstance(d, int) for d in dims) or not any(same_size(src_shape[d], 1) for d in dims):
+                break
+        elif name not in ("view", "reshape", "unsqueeze"):
+            break
+        node = src
+    return node
 
 
 def analyze(gm: torch.fx.GraphModule) -> list[Site]:
@@ -361,14 +501,19 @@ def analyze(gm: torch.fx.GraphModule) -> list[Site]:
             if result.at_input:
                 # Provenance: the keys must come from the same graph input as the queries.
                 key_result = walker.query_grid(k)
-                if not (isinstance(key_result, GridMissing) and key_result.at_input and key_result.node is result.node
-                        and key_result.parallel == result.parallel):
+                if not (isinstance(key_result, GridMissing) and key_result.at_input
+                        and _same_inputs(key_result, result) and key_result.parallel == result.parallel):
                     site.reason = ("keys do not come from the query's tokens (query and keys derive from different "
                                    "tensors; not self-attention)")
                     continue
-            remembered = remembered_grid(static_int(L)) if result.at_input else None
+            remembered = _remembered_span(result) if result.at_input else None
             if isinstance(remembered, tuple):
-                site.grid, site.grid_source = remembered, "earlier graph"
+                site.grid, site.grid_source = remembered[0], "earlier graph"
+                span = _text_span(GridFound(*remembered), L)
+                if isinstance(span, str):
+                    site.reason = span
+                    continue
+                site.text_before, site.text_after = span
             else:
                 site.coordinates = _coordinates_of(gm, result, L)
                 if site.coordinates is not None:
@@ -377,7 +522,8 @@ def analyze(gm: torch.fx.GraphModule) -> list[Site]:
                     continue
                 site.reason = f"grid not found: {result.reason}"
                 if remembered == "ambiguous":
-                    site.reason += f" (earlier graphs of this call flatten {L} tokens from different grids)"
+                    site.reason += (" (earlier graphs of this call remember different grids for the token count of "
+                                    "a graph input it comes from, or grids for several of them)")
                 site.eligible = True  # a grid= in the config can still make it sparse
                 continue
         if square_mask:  # sparse only if it is exactly block-causal over the site's frames
@@ -386,6 +532,28 @@ def analyze(gm: torch.fx.GraphModule) -> list[Site]:
                 continue
         site.eligible = True
     return sites
+
+
+def _same_inputs(a: GridMissing, b: GridMissing) -> bool:
+    """The same graph inputs at the same token ranges."""
+    return len(a.inputs) == len(b.inputs) and all(
+        pa is pb and same_size(sa, sb) and same_size(na, nb) for (pa, sa, na), (pb, sb, nb) in zip(a.inputs, b.inputs))
+
+
+def _remembered_span(result: GridMissing):
+    """``(grid, source, video start)`` from the layout an earlier graph of this call remembers for
+    the token count of one of the graph inputs the tokens come from (its range placing the video
+    span, e.g. video tokens before text tokens, both inputs); ``"ambiguous"``, or ``None``."""
+    spans, ambiguous = [], False
+    for placeholder, start, n in result.inputs:
+        layout = remembered_layout(static_int(n))
+        if layout == "ambiguous":
+            ambiguous = True
+        elif layout is not None:
+            spans.append((layout[0], (placeholder, ()), start + layout[1]))
+    if len(spans) == 1 and not ambiguous:
+        return spans[0]
+    return "ambiguous" if spans or ambiguous else None
 
 
 def _coordinates_of(gm, result: GridMissing, L) -> tuple | None:
@@ -526,6 +694,9 @@ def rewrite(gm: torch.fx.GraphModule, decisions, tile, record: bool = False) -> 
         with new_gm.graph.inserting_before(node):
             grid = _grid_args(new_gm.graph, d, nodes)
             options = dict(scale=args["scale"], **masks.mask_options(d.site, args["attn_mask"]))
+            padding = padding_mask(args["attn_mask"], d.site.q_shape)
+            if padding is not None:  # the [B, 1, 1, L] mask m of a broadcast one, or of m_i & m_j
+                options["key_padding_mask"] = padding[0]
             if record:
                 options["record_as"] = d.site.module_path or "<top>"
             spans = _span_args(new_gm.graph, d, args["query"], grid)
@@ -541,7 +712,12 @@ def rewrite(gm: torch.fx.GraphModule, decisions, tile, record: bool = False) -> 
                 target = _site_function(d, grid, tile, static=False)
                 new = new_gm.graph.call_function(target, (args["query"], args["key"], args["value"], grid),
                                                  dict(**spans, **options))
-        new.meta.update(node.meta)
+            new.meta.update(node.meta)
+            if padding is not None and padding[1]:
+                # m_i & m_j: a padded query's row is 0 (SDPA's answer for a row without keys).
+                rows = new_gm.graph.call_method("transpose", (padding[0], 2, 3))
+                new = new_gm.graph.call_function(torch.where, (rows, new, 0.0))
+                new.meta.update(node.meta)
         node.replace_all_uses_with(new)
         new_gm.graph.erase_node(node)
     new_gm.graph.lint()

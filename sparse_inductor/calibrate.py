@@ -97,7 +97,8 @@ class _SiteMeasure:
     module: str
     grid: tuple
     heads: int
-    text: tuple = (0, 0)
+    text: tuple = (0, 0)  # explain()'s text_span (a data-dependent length is its symbol)
+    layout_key: tuple | None = None  # of the layout its calls used (their video tiles are the same)
     mass: Tensor | None = None  # [H, Mv, Mv] summed over calls and batch
     text_mass: Tensor | None = None  # [H, Mv]
     rows: Tensor | None = None  # [Mv] valid rows per query tile x (calls * batch)
@@ -286,7 +287,7 @@ def calibrate(model, *inputs, budget: float = 0.125, kwargs: dict | None = None,
     """
     from .config import sparsity as sparsity_context
     from .explain import explain
-    from .fidelity import _check_count, _SDPAInterceptor
+    from .fidelity import _check_count, _SDPAInterceptor, call_text_span, key_padding
 
     _check(budget, skip_threshold, tile, min_tokens)
     tile = tuple(tile)
@@ -309,12 +310,13 @@ def calibrate(model, *inputs, budget: float = 0.125, kwargs: dict | None = None,
         if site is None:
             return out
         q, k = call["query"], call["key"]
-        key = (site.grid, site.text, q.device)
+        text = call_text_span(site.text, site.grid, q.shape[2])
+        key = site.layout_key = (site.grid, text, q.device)
         if key not in layouts:
-            layouts[key] = build_layout(site.grid, tile, site.text[0], site.text[1], q.device)
+            layouts[key] = build_layout(site.grid, tile, text[0], text[1], q.device)
         layout = layouts[key]
         scale = call["scale"] if call["scale"] is not None else q.shape[-1] ** -0.5
-        mass, text = tile_mass(q, k, layout, scale, call["attn_mask"])
+        mass, text = tile_mass(q, k, layout, scale, key_padding(call["attn_mask"])[0])
         Mv = layout.num_video_tiles
         rows = layout.counts[:Mv].to(torch.float64) * q.shape[0]
         energy = out.float().pow(2).sum((0, 2, 3)).double()
@@ -340,7 +342,7 @@ def calibrate(model, *inputs, budget: float = 0.125, kwargs: dict | None = None,
     skipped = []
     masks: dict = {}
     for i, site in measures.items():
-        layout = layouts[(site.grid, site.text, site.mass.device)]
+        layout = layouts[site.layout_key]
         Mv = layout.num_video_tiles
         counts = layout.counts[:Mv]
         energy = site.energy / site.energy.mean().clamp_min(1e-30)

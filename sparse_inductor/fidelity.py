@@ -102,6 +102,30 @@ class _SiteTally:
         return math.sqrt(self.diff2 / self.ref2) if self.ref2 > 0 else 0.0
 
 
+def call_text_span(text_span, grid, L) -> tuple[int, int]:
+    """An explain() row's ``text_span`` as ints for a call with ``L`` tokens: a data-dependent
+    length (shown as its symbol, e.g. ``"u0"``: Mochi's valid prompt tokens) is what the call's
+    other tokens leave."""
+    before, after = text_span or (0, 0)
+    n_video = math.prod(grid)
+    if isinstance(before, str):
+        before = L - n_video - after
+    if isinstance(after, str):
+        after = L - n_video - before
+    return before, after
+
+
+def key_padding(attn_mask):
+    """A sparse site's bool mask as the op takes it: ``(key-padding mask [B, 1, 1, L], rows)``.
+    The pass rewrites a ``[B, 1, 1, L]`` mask, one broadcast over the queries, and the outer product
+    ``m_i & m_j`` of one (``[B, 1, L, L]``); for those, the keys some query sees, and ``rows``
+    ``[B, 1, L, 1]``: the queries that see a key (a row that sees none is 0, as in SDPA). ``rows`` is
+    ``None`` for a ``[B, 1, 1, L]`` mask."""
+    if attn_mask is None or attn_mask.shape[-2] == 1:
+        return attn_mask, None
+    return attn_mask.any(dim=-2, keepdim=True), attn_mask.any(dim=-1, keepdim=True)
+
+
 def _measure_site(q, k, v, attn_mask, scale, grid, text_before, text_after, tiles, specs,
                   outputs: bool = True) -> dict:
     """Recall, kept share and output error of one site for every (tile, spec).
@@ -162,9 +186,12 @@ def _measure_site(q, k, v, attn_mask, scale, grid, text_before, text_after, tile
             text_rows = (L - N) * L * (B * H - B * sum(policy.skip_heads(H)))
             tally.kept_pairs = float((kept_keys * rows).sum()) + text_rows
             if outputs:
+                key_mask, rows_with_keys = key_padding(attn_mask)
                 sparse_out = sparse_attention(q, k, v, grid, policy=policy, query_keep=query_keep, tile=tile,
                                               scale=scale, text_before=text_before, text_after=text_after,
-                                              key_padding_mask=attn_mask, layout=layout)
+                                              key_padding_mask=key_mask, layout=layout)
+                if rows_with_keys is not None:
+                    sparse_out = torch.where(rows_with_keys, sparse_out, 0)
                 tally.diff2 = float(((sparse_out.to(torch.float64) - dense64) ** 2).sum())
             results[(tile, key)] = tally
     return results
@@ -275,13 +302,14 @@ class _EagerSparseModel:
         policy = cfg.policy_for("" if site["module"] == "<top>" else site["module"])
         if policy.is_dense() and cfg.query_keep == 1.0:
             return _plain_sdpa(call)
-        before, after = site["text_span"] or (0, 0)
-        return sparse_attention(call["query"], call["key"], call["value"], site["grid"], policy=policy,
-                                query_keep=cfg.query_keep, tile=cfg.tile, scale=call["scale"], text_before=before,
-                                text_after=after,
-                                key_padding_mask=call["attn_mask"],
-                                layout=tile_layout(site["grid"], cfg.tile, call["query"].device,
-                                                   text_before=before, text_after=after))
+        before, after = call_text_span(site["text_span"], site["grid"], call["query"].shape[2])
+        key_mask, rows_with_keys = key_padding(call["attn_mask"])
+        out = sparse_attention(call["query"], call["key"], call["value"], site["grid"], policy=policy,
+                               query_keep=cfg.query_keep, tile=cfg.tile, scale=call["scale"], text_before=before,
+                               text_after=after, key_padding_mask=key_mask,
+                               layout=tile_layout(site["grid"], cfg.tile, call["query"].device,
+                                                  text_before=before, text_after=after))
+        return out if rows_with_keys is None else torch.where(rows_with_keys, out, 0)
 
     def __call__(self, *args, **kwargs):
         with _SDPAInterceptor(self._handle) as mode:
@@ -541,7 +569,7 @@ def fidelity(model, *inputs, sparsities=(0.5, 0.75, 0.875, 0.9375), settings=Non
     def measure(index, call):
         site = sites.get(index)
         if site is not None:
-            before, after = site["text_span"] or (0, 0)
+            before, after = call_text_span(site["text_span"], site["grid"], call["query"].shape[2])
             tallies[index] = {}
             for tile in tiles:
                 tallies[index].update(_measure_site(call["query"], call["key"], call["value"], call["attn_mask"],

@@ -402,3 +402,58 @@ def mochi():
 
 
 MODELS.update(mochi=mochi)
+
+
+def hunyuan_video15():
+    from diffusers import HunyuanVideo15Transformer3DModel
+
+    # Graph breaks before the blocks (`if is_t2v:`, a per-sample text reorder): each block is its own
+    # graph (one, shared by both blocks) whose video tokens are an input behind a cat with the text;
+    # its grid is the patch embedding's, remembered from the first graph. The self-attention mask is
+    # m_i & m_j of the padding mask m ([B, 1, L, L]): a key-padding mask, and padded queries get 0.
+    model = HunyuanVideo15Transformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
+        num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=32, text_embed_2_dim=24,
+        image_embed_dim=16, rope_axes_dim=(4, 6, 6)).eval()
+    g = torch.Generator().manual_seed(8)
+    mask, mask_2 = torch.ones(2, TEXT, dtype=torch.bool), torch.ones(2, 3, dtype=torch.bool)
+    mask[1, 4:] = False  # padded prompts
+    mask_2[0, 2:] = False
+    args = (torch.randn(2, 4, 5, 16, 16, generator=g),)
+    kwargs = dict(timestep=torch.tensor([3.0, 5.0]), encoder_hidden_states=torch.randn(2, TEXT, 32, generator=g),
+                  encoder_attention_mask=mask, encoder_hidden_states_2=torch.randn(2, 3, 24, generator=g),
+                  encoder_attention_mask_2=mask_2, image_embeds=torch.randn(2, 2, 16, generator=g), return_dict=False)
+    # Text after the video: 2 image + 3 ByT5 + 7 prompt tokens.
+    return model, args, kwargs, dict(sites=1, text=(0, TEXT + 5), grid_source="earlier graph")
+
+
+def hunyuan_framepack():
+    from diffusers import HunyuanVideoFramepackTransformer3DModel
+
+    # The current window (5, 8, 8) comes after history latents embedded at three grids: clean (2, 8, 8),
+    # 2x (1, 4, 4), 4x (4, 2, 2): 160 history tokens kept dense like text (the largest grid is the
+    # window). A graph break (a slice bounded by a tensor's value) makes the blocks separate graphs
+    # whose tokens are an input: the layout of the first graph's output is remembered.
+    model = HunyuanVideoFramepackTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=32,
+        pooled_projection_dim=8, rope_axes_dim=(4, 6, 6), has_image_proj=True, image_proj_dim=16,
+        has_clean_x_embedder=True).eval()
+    g = torch.Generator().manual_seed(9)
+    mask = torch.ones(2, TEXT, dtype=torch.bool)
+    mask[1, 4:] = False
+    args = (torch.randn(2, 4, 5, 16, 16, generator=g),)
+    kwargs = dict(timestep=torch.tensor([3, 5]), encoder_hidden_states=torch.randn(2, TEXT, 32, generator=g),
+                  encoder_attention_mask=mask, pooled_projections=torch.randn(2, 8, generator=g),
+                  image_embeds=torch.randn(2, 2, 16, generator=g), indices_latents=torch.arange(3, 8),
+                  guidance=torch.tensor([3.0, 4.0]), latents_clean=torch.randn(2, 4, 2, 16, 16, generator=g),
+                  indices_latents_clean=torch.tensor([0, 1]),
+                  latents_history_2x=torch.randn(2, 4, 2, 16, 16, generator=g),
+                  indices_latents_history_2x=torch.tensor([8, 9]),
+                  latents_history_4x=torch.randn(2, 4, 16, 16, 16, generator=g),
+                  indices_latents_history_4x=torch.arange(10, 26), return_dict=False)
+    # A dual-stream and a single-stream block; 2 image + 7 prompt tokens after the video.
+    return model, args, kwargs, dict(sites=2, text=(160, TEXT + 2), grid_source="earlier graph")
+
+
+MODELS.update(hunyuan_video15=hunyuan_video15, hunyuan_framepack=hunyuan_framepack)

@@ -189,3 +189,25 @@ def test_plan_map_example_draws_each_head(tmp_path):
     assert out.stat().st_size > 1000
     with pytest.raises(ValueError, match="no site 'x'"):
         plan_map.head_masks(plan, "x")
+
+
+@pytest.mark.parametrize("case", ["data-dependent text", "outer-product mask"])
+def test_calibrate_on_joint_layouts(case):
+    """Mochi's data-dependent prompt length (each call its own text length) and HunyuanVideo 1.5's
+    ``m_i & m_j`` mask: calibration measures every head of the site within the budget; the mass a
+    Full() head keeps is all of it."""
+    from joint_models import JointTokens, ValidPromptTokens, joint_inputs
+
+    if case == "outer-product mask":
+        model, inputs = JointTokens(graph_break=True, mask="outer").eval(), joint_inputs((4, 4, 6), 5)
+    else:
+        g = torch.Generator().manual_seed(0)
+        inputs = (torch.randn(2, 4, 3, 8, 10, generator=g), torch.randn(2, 9, 8, generator=g),
+                  torch.tensor([[1] * 9, [1] * 5 + [0] * 4], dtype=torch.bool))
+        model = ValidPromptTokens("after").eval()
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        result = si.calibrate(model, *inputs, budget=0.5, tile=(2, 2, 2), skip_threshold=0.0, progress=False)
+    sites = 2 if case == "data-dependent text" else 1  # Mochi-like: one attention per sample
+    assert len(result.heads) == 2 * sites, result.heads  # 2 heads each
+    assert sum(h["flops"] for h in result.heads) / len(result.heads) <= 0.5 + 1e-9
+    assert all(h["mass"] > 0.999 for h in result.heads if h["mode"] == "full"), result.heads

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
+from joint_models import JointTokens, ValidPromptTokens, eager_sparse_prompt_attention, joint_inputs
 import sparse_inductor as si
 from sparse_inductor.attention import sparse_attention
 from video_dit import TinyVideoDiT
@@ -264,46 +265,6 @@ def test_per_frame_adapter_keeps_the_grid(grid, batch, residual):
     assert flipped["decision"] == "dense" and "flip" in flipped["reason"], flipped
 
 
-class ValidPromptTokens(nn.Module):
-    """Mochi's joint attention: per sample, only the valid prompt tokens (``nonzero`` of its mask)
-    join the video tokens, so the text length is data-dependent (an unbacked size under
-    ``capture_dynamic_output_shape_ops``). ``text`` says where they go: ``"after"`` or
-    ``"before"`` the video (one symbolic span: sparse), or ``"both"`` (the video's offset and the
-    text after it are both unknown: dense)."""
-
-    def __init__(self, text="after"):
-        super().__init__()
-        self.text = text
-        self.embed = nn.Conv3d(4, 32, (1, 2, 2), (1, 2, 2))
-        self.to_text = nn.Linear(8, 32)
-
-    def forward(self, latents, prompt, mask):
-        video, prompt = self.embed(latents).flatten(2).transpose(1, 2), self.to_text(prompt)  # [B, N, 32], [B, P, 32]
-        outs = []
-        for i in range(video.shape[0]):
-            valid = prompt[i:i + 1, torch.nonzero(mask[i]).flatten()]
-            parts = {"after": [video[i:i + 1], valid], "before": [valid, video[i:i + 1]],
-                     "both": [valid, video[i:i + 1], valid]}[self.text]
-            q = k = v = torch.cat(parts, dim=1).unflatten(2, (2, -1)).transpose(1, 2)
-            outs.append(F.scaled_dot_product_attention(q, k, v))
-        return outs
-
-
-def _eager_sparse_prompt_attention(model, latents, prompt, mask, grid):
-    """What ``model`` computes with the eager sparse op, each sample with its own text length."""
-    outs = []
-    for i in range(latents.shape[0]):
-        video = model.embed(latents[i:i + 1]).flatten(2).transpose(1, 2)
-        valid = model.to_text(prompt[i:i + 1, mask[i]])
-        x = torch.cat([video, valid] if model.text == "after" else [valid, video], 1).unflatten(2, (2, -1))
-        x = x.transpose(1, 2)
-        n_text = int(mask[i].sum())
-        before, after = (0, n_text) if model.text == "after" else (n_text, 0)
-        outs.append(sparse_attention(x, x, x, grid, tile=(4, 4, 4), sparsity=0.5, text_before=before,
-                                     text_after=after))
-    return outs
-
-
 @pytest.mark.parametrize("text", ["after", "before"])
 def test_data_dependent_text_length(text):
     """The text span's length is a symbol; the compiled site computes it from the sequence length
@@ -327,12 +288,67 @@ def test_data_dependent_text_length(text):
         for n, mask in enumerate(masks):
             with torch._dynamo.config.patch(error_on_recompile=n > 0):
                 got = compiled(latents, prompt, mask)
-            for out, want in zip(got, _eager_sparse_prompt_attention(model, latents, prompt, mask, grid)):
+            for out, want in zip(got, eager_sparse_prompt_attention(model, latents, prompt, mask, grid)):
                 torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
         both = ValidPromptTokens("both").eval()
         rows = si.explain(both, latents, prompt, masks[0]).rows
     assert all(r["decision"] == "dense" and "symbolic text spans before and after" in r["reason"] for r in rows), rows
 
+
+@given(grid=st.sampled_from([(4, 4, 6), (2, 6, 4), (4, 2, 8)]), text_len=st.integers(2, 9), history=st.booleans(),
+       graph_break=st.booleans(), mask=st.sampled_from([None, "key", "outer", "outer-broadcast"]))
+def test_joint_tokens_behind_cats_and_graph_breaks(grid, text_len, history, graph_break, mask):
+    """The video span is found behind a ``cat`` with history and text tokens, also when a graph
+    break makes the tokens a graph input (the layout of the earlier graph's output is remembered);
+    a padding mask, or the outer product of one, is a key-padding mask."""
+    inputs = joint_inputs(grid, text_len)
+    model = JointTokens(history=history, graph_break=graph_break, mask=mask).eval()
+    with torch.no_grad(), si.sparsity(0.5, min_tokens=0):
+        (row,) = si.explain(model, *inputs).rows
+    n_history = grid[0] // 2 * (grid[1] // 2) * (grid[2] // 2) if history else 0
+    assert row["decision"] == "sparse", row
+    assert row["grid"] == grid and row["text_span"] == (n_history, text_len), row
+    assert row["grid_source"] == ("earlier graph" if graph_break else "graph"), row
+
+
+@pytest.mark.parametrize("history,graph_break,mask", [(False, True, "outer"), (True, True, "key"),
+                                                      (True, False, "outer-broadcast")])
+def test_joint_tokens_compiled_equal_eager_sparse_op(history, graph_break, mask):
+    """The rewritten site equals the eager op over the video span (history and text dense, padded
+    keys hidden, a padded query's row 0); at sparsity 0 the compiled model equals SDPA."""
+    grid = (4, 4, 6)
+    inputs = joint_inputs(grid, 5)
+    model = JointTokens(history=history, graph_break=graph_break, mask=mask).eval()
+    with torch.no_grad():
+        want = model.eager_sparse(*inputs, grid, sparsity=0.5)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="sparse_inductor")
+        with si.sparsity(0.5, min_tokens=0):
+            got = compiled(*inputs)
+        with si.sparsity(0.0):
+            dense = compiled(*inputs)
+        sdpa = model(*inputs)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (got - sdpa).abs().max() > 1e-3  # the sparse path was taken
+    torch.testing.assert_close(dense, sdpa, rtol=1e-5, atol=1e-5)
+
+
+def test_joint_tokens_that_stay_dense():
+    """Not an outer product of one padding mask; two video grids of one size in a sequence: dense,
+    with the reason."""
+    grid = (4, 4, 6)
+    inputs = joint_inputs(grid, 5)
+    with torch.no_grad(), si.sparsity(0.5, min_tokens=0):
+        (mixed,) = si.explain(JointTokens(mask="mixed").eval(), *inputs).rows
+        (permuted,) = si.explain(JointTokens(mask="permuted").eval(), *inputs).rows
+        (equal,) = si.explain(JointTokens(history=True, equal_history=True).eval(), *inputs).rows
+        (equal_break,) = si.explain(JointTokens(history=True, equal_history=True, graph_break=True).eval(),
+                                    *inputs).rows
+    for row in (mixed, permuted):
+        assert row["decision"] == "dense" and "attn_mask" in row["reason"], row
+    assert equal["decision"] == "dense" and "grids of the same size" in equal["reason"], equal
+    # Behind a graph break the earlier graph remembers no layout for the two grids' tokens.
+    assert equal_break["decision"] == "dense" and "grid not found" in equal_break["reason"], equal_break
 
 
 def raster_coordinates(batch, grid, bounds=False):

@@ -24,6 +24,18 @@ def dynamo_config(expect):
     return torch._dynamo.config.patch(**expect.get("dynamo", {}))
 
 
+def key_padding(attn_mask, L):
+    """A model's bool mask as the op takes it: the key-padding mask ``[B, 1, 1, L]``, and the query
+    rows to zero (SDPA's rows without keys) for a mask that is the outer product ``m_i & m_j`` of
+    one (HunyuanVideo 1.5), else ``None``."""
+    B = attn_mask.shape[0]
+    if attn_mask.shape[-2] == 1:
+        return attn_mask.reshape(B, 1, 1, L), None
+    m = attn_mask.reshape(B, L, L).diagonal(dim1=1, dim2=2)  # m_j & m_j = m_j
+    assert torch.equal(attn_mask.reshape(B, L, L), m[:, :, None] & m[:, None, :]), "not an outer product"
+    return m.view(B, 1, 1, L), ~m.view(B, 1, L, 1)
+
+
 def is_video_self_attention(q_len, k_len, before, after):
     """From the config: the video self-attentions have ``before + N + after`` query and key tokens
     (``after=None``: a data-dependent text length after the video)."""
@@ -83,9 +95,10 @@ def test_compiled_equals_eager_sparse_op(name, case):
         q, k, v = query, key, value
         L = q.shape[2]
         if is_video_self_attention(L, k.shape[2], before, after):  # known from the config
-            mask = None if attn_mask is None else attn_mask.reshape(q.shape[0], 1, 1, L)
-            return sparse_attention(q, k, v, GRID, tile=(4, 4, 4), scale=scale, text_before=before,
-                                    text_after=L - before - N_VIDEO, key_padding_mask=mask, **settings)
+            mask, padded_rows = (None, None) if attn_mask is None else key_padding(attn_mask, L)
+            out = sparse_attention(q, k, v, GRID, tile=(4, 4, 4), scale=scale, text_before=before,
+                                   text_after=L - before - N_VIDEO, key_padding_mask=mask, **settings)
+            return out if padded_rows is None else out.masked_fill(padded_rows, 0)
         return sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kw)
 
     with torch.no_grad():
@@ -127,7 +140,8 @@ def test_models_without_rewritable_attention_stay_dense(name):
         assert row["decision"] == "dense" and why in row["reason"], row
 
 
-@pytest.mark.parametrize("name", ["cosmos", "kandinsky6", "allegro", "ltx_video", "mochi"])
+@pytest.mark.parametrize("name", ["cosmos", "kandinsky6", "allegro", "ltx_video", "mochi", "hunyuan_video15",
+                                  "hunyuan_framepack"])
 def test_sparsity_zero_is_dense(name):
     """At sparsity 0 the backend compiles the model as plain Inductor does."""
     model, args, kwargs, expect = MODELS[name]()
@@ -152,3 +166,14 @@ def test_coverage_script_rows_and_classes():
     for configs in (MODELS, DENSE_MODELS):
         for name, make in configs.items():
             assert type(make()[0]).__name__ in classes, name
+
+
+def test_mochi_is_traced_only_with_captured_output_shapes():
+    """Without ``capture_dynamic_output_shape_ops`` Dynamo skips the frame of Mochi's attention
+    (``torch.nonzero`` of each sample's prompt mask): no self-attention reaches the backend, so the
+    README tells Mochi users to set it. If a torch release traces it by default, update the README."""
+    model, args, kwargs, _ = MODELS["mochi"]()
+    with torch.no_grad(), si.sparsity(0.5, min_tokens=0), \
+            torch._dynamo.config.patch(capture_dynamic_output_shape_ops=False):
+        rows = si.explain(model, *args, **kwargs).rows
+    assert not any(r["q"][2] == r["k"][2] for r in rows), rows  # only the pooler's cross-attention

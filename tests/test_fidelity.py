@@ -279,3 +279,32 @@ def test_eager_backend_is_the_model_with_the_op_at_the_config_in_force():
             assert torch.equal(runner(x, text), want), (level, tile)
     with pytest.raises(RuntimeError, match="made 4 scaled_dot_product_attention call"):
         _EagerSparseModel(model, sites, num_calls=3)(x, text)
+
+
+@pytest.mark.parametrize("case", ["data-dependent text", "outer-product mask"])
+def test_eager_backend_on_joint_layouts(case):
+    """Mochi's data-dependent prompt length and HunyuanVideo 1.5's ``m_i & m_j`` mask behind a graph
+    break: fidelity's eager runner is the model with the eager op over each call's video span (its
+    own text length; padded keys hidden, a padded query's row 0); sparsity 0 is exact, recall 1."""
+    from joint_models import JointTokens, ValidPromptTokens, eager_sparse_prompt_attention, joint_inputs
+
+    grid = (4, 4, 6) if case == "outer-product mask" else (3, 4, 5)
+    if case == "outer-product mask":
+        model, inputs = JointTokens(graph_break=True, mask="outer").eval(), joint_inputs(grid, 5)
+        with torch.no_grad():
+            sparse = model.eager_sparse(*inputs, grid, sparsity=0.5)
+    else:
+        g = torch.Generator().manual_seed(0)
+        inputs = (torch.randn(2, 4, 3, 8, 10, generator=g), torch.randn(2, 9, 8, generator=g),
+                  torch.tensor([[1] * 9, [1] * 5 + [0] * 4], dtype=torch.bool))
+        model = ValidPromptTokens("after").eval()
+        with torch.no_grad():
+            sparse = eager_sparse_prompt_attention(model, *inputs, grid)
+    with torch.no_grad():
+        dense = model(*inputs)
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        result = si.fidelity(model, *inputs, sparsities=[0.0, 0.5], backend="eager")
+    assert result.row(0.0)["rel_l2"] == 0.0 and abs(result.row(0.0)["recall"] - 1) < 1e-6
+    dense, sparse = torch.cat([t.flatten() for t in dense]), torch.cat([t.flatten() for t in sparse])
+    want = ((sparse - dense).norm() / dense.norm()).item()
+    assert result.row(0.5)["rel_l2"] == pytest.approx(want, rel=1e-5)

@@ -208,3 +208,40 @@ def test_query_keep_templates_render_and_match(template_backend, caplog):
     assert_close_rel(out, want, tol["out"], "template vs eager op")
     for got, ref in zip(grads, want_grads):
         assert_close_rel(got, ref, tol["grad"], "template grad vs eager op")
+
+
+
+def test_templates_with_a_data_dependent_text_length(template_backend, caplog):
+    """Mochi's joint attention keeps the valid prompt tokens of a mask (``nonzero``): the text length
+    is an unbacked size. Under the backend the templates still render (forward and backward) and
+    equal the eager op, also for a second mask with another text length (the same compiled code)."""
+    from torch._inductor.utils import run_and_get_code
+
+    import sparse_inductor as si
+    from joint_models import ValidPromptTokens, eager_sparse_prompt_attention
+
+    grid = (3, 4, 5)
+    model = ValidPromptTokens("after").to(DEVICE)
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 4, 3, 8, 10, generator=g).to(DEVICE).requires_grad_()
+    prompt = torch.randn(1, 9, 8, generator=g).to(DEVICE).requires_grad_()
+    masks = [torch.tensor([m], dtype=torch.bool, device=DEVICE) for m in ([1] * 5 + [0] * 4, [1, 0] * 4 + [1])]
+    torch._dynamo.reset()
+    captured = torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True)
+    with captured, si.sparsity(0.5, min_tokens=0), caplog.at_level("WARNING"):
+        compiled = torch.compile(model, backend="sparse_inductor")
+        for i, mask in enumerate(masks):
+            with torch._dynamo.config.patch(error_on_recompile=i > 0):
+                (out,), fwd_code = run_and_get_code(compiled, latents, prompt, mask)
+            grads, bwd_code = run_and_get_code(lambda: torch.autograd.grad(out.sum(), (latents, prompt)))
+            if i == 0:
+                code = "\n".join(fwd_code + bwd_code)
+                bodies = [_kernel_body(code, name) for name in _template_kernels(code)]
+                assert any("fwd_tile(" in b for b in bodies) and any("dq_tile(" in b for b in bodies), \
+                    "template kernels missing from the generated code"
+            (want,) = eager_sparse_prompt_attention(model, latents, prompt, mask, grid)
+            want_grads = torch.autograd.grad(want.sum(), (latents, prompt))
+            assert_close_rel(out, want, REL_TOL[torch.float32]["out"], "compiled vs eager op")
+            for name, got, expected in zip(("d latents", "d prompt"), grads, want_grads):
+                assert_close_rel(got, expected, REL_TOL[torch.float32]["grad"], name)
+    assert "extern" not in caplog.text, caplog.text
