@@ -287,7 +287,7 @@ def calibrate(model, *inputs, budget: float = 0.125, kwargs: dict | None = None,
     """
     from .config import sparsity as sparsity_context
     from .explain import explain
-    from .fidelity import _check_count, _SDPAInterceptor, call_text_span, key_padding
+    from .fidelity import _check_count, _SDPAInterceptor, call_text_span, key_padding, refuse_masked_sites
 
     _check(budget, skip_threshold, tile, min_tokens)
     tile = tuple(tile)
@@ -299,6 +299,7 @@ def calibrate(model, *inputs, budget: float = 0.125, kwargs: dict | None = None,
     sites = {i: r for i, r in enumerate(site_rows) if r["decision"] == "sparse"}
     if not sites:
         raise ValueError("calibrate: no attention site would be sparse; explain() says:\n" + str(explanation))
+    refuse_masked_sites("calibrate", sites)
     measures = {i: _SiteMeasure("" if r["module"] == "<top>" else r["module"], tuple(r["grid"]), r["q"][1],
                                 tuple(r["text_span"] or (0, 0))) for i, r in sites.items()}
     layouts: dict = {}

@@ -115,6 +115,16 @@ def call_text_span(text_span, grid, L) -> tuple[int, int]:
     return before, after
 
 
+def refuse_masked_sites(name: str, sites: dict) -> None:
+    """fidelity() and calibrate() measure sites through the key-padding path; a site rewritten under
+    a block-causal mask (diffusion forcing) would be measured without its causality: refuse it."""
+    masked = [r["module"] for r in sites.values() if r.get("mask")]
+    if masked:
+        raise NotImplementedError(
+            f"{name}: site(s) {', '.join(masked)} are rewritten under a block-causal mask (diffusion forcing), which "
+            f"{name}() does not measure yet; compare the compiled model with dense directly instead")
+
+
 def key_padding(attn_mask):
     """A sparse site's bool mask as the op takes it: ``(key-padding mask [B, 1, 1, L], rows)``.
     The pass rewrites a ``[B, 1, 1, L]`` mask, one broadcast over the queries, and the outer product
@@ -552,6 +562,7 @@ def fidelity(model, *inputs, sparsities=(0.5, 0.75, 0.875, 0.9375), settings=Non
     sites = {i: row for i, row in enumerate(site_rows) if row["decision"] == "sparse"}
     if not sites:
         raise ValueError("fidelity: no attention site would be sparse; explain() says:\n" + str(explanation))
+    refuse_masked_sites("fidelity", sites)
 
     def specs_for(site, tile):
         """``(key, policy, query_keep)`` of every setting at this site (its own policy under

@@ -618,3 +618,13 @@ def test_skyreels_diffusion_forcing_is_sparse_and_equals_the_masked_reference(mo
                        if r["q"][2] == r["k"][2])
     assert rel_l2(got, want) < 1e-4
     assert rel_l2(got, dense) > 1e-3, "the sparse path was taken"
+
+
+@pytest.mark.parametrize("name", ["fidelity", "calibrate"])
+def test_fidelity_and_calibrate_refuse_block_causal_sites(name):
+    """They measure sites through the key-padding path, which would drop the causality: a clear
+    error instead of numbers for another attention."""
+    torch.manual_seed(0)
+    model = MaskedAttention("block_causal", 3)
+    with pytest.raises(NotImplementedError, match=f"{name}: site.*block-causal"):
+        getattr(si, name)(model, _video(), min_tokens=0)
