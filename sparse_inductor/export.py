@@ -105,9 +105,18 @@ class _SparseSites(TorchFunctionMode):
         grid = tuple(int(g) for g in decision.grid)
         target = _site_function(decision, grid, self.tile, static=False)
         self.rewritten += 1
-        # A recognised block-causal mask becomes causal_block_size; any other mask is a key-padding mask.
-        return target(call["query"], call["key"], call["value"], grid, text_before=site.text_before,
-                      text_after=site.text_after, scale=call.get("scale"), **mask_options(site, call.get("attn_mask")))
+        # A recognised block-causal mask becomes causal_block_size; any other mask is a key-padding
+        # mask: the pass accepted it as m, m broadcast over the queries, or m_i & m_j, whose
+        # padded query rows are 0 (as SDPA answers a row without keys).
+        options = mask_options(site, call.get("attn_mask"))
+        rows = None
+        if options.get("key_padding_mask") is not None:
+            from .fidelity import key_padding
+
+            options["key_padding_mask"], rows = key_padding(options["key_padding_mask"])
+        out = target(call["query"], call["key"], call["value"], grid, text_before=site.text_before,
+                     text_after=site.text_after, scale=call.get("scale"), **options)
+        return out if rows is None else torch.where(rows, out, 0.0)
 
 
 def export(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *, dynamic_shapes=None,
