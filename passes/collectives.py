@@ -218,6 +218,7 @@ class ShardWalker(GridWalker):
     def __init__(self, outer: GridWalker, ulysses: Ulysses):
         super().__init__(outer.gm)
         self.outer, self.ulysses = outer, ulysses
+        self.subgraph_inputs = outer.subgraph_inputs  # walks out of autograd.Function subgraphs, too
 
     def _step(self, node, axes):
         if _name(node) == "getitem" and node.target is operator.getitem and isinstance(node.args[1], int) \

@@ -103,6 +103,8 @@ class GridWalker:
         self.gm = gm
         self.memo: dict = {}
         self.visits = 0
+        # Placeholders of an autograd.Function's forward subgraph -> the nodes passed to it.
+        self.subgraph_inputs: dict = {}
 
     def query_grid(self, q_node: torch.fx.Node) -> GridFound | GridMissing:
         """The grid of the token axis (dim 2) of a ``[B, H, L, D]`` query."""
@@ -136,6 +138,8 @@ class GridWalker:
 
     # -- one step back from `node` ---------------------------------------------------------
     def _step(self, node, axes):
+        if node.op == "placeholder" and node in self.subgraph_inputs:  # out of an autograd.Function's forward
+            return self.walk(self.subgraph_inputs[node], axes)
         shape = tensor_shape(node)
         if shape is None:
             return GridMissing(f"no shape recorded for {node.name}")
@@ -433,7 +437,31 @@ class GridWalker:
             return self.walk(src.args[0], axes)
         if _is_sdpa(src) or name == "scaled_dot_product_attention":
             return self.walk(src.args[0], axes)
+        if name == "autograd_function_apply":
+            return self._through_autograd_function(src, index, axes)
         return GridMissing(f"cannot follow item {index} of {src.name} ({name})")
+
+    def _through_autograd_function(self, hop, index, axes):
+        """A ``torch.autograd.Function`` as Dynamo traces it (``autograd_function_apply(fwd_body,
+        bwd_body, *args)``): output ``index`` is walked inside the forward's subgraph, whose inputs
+        lead back to the call's arguments. (An all-to-all written as an autograd.Function, as
+        xDiT and FastVideo do, and torch 2.11's own collectives under autograd, arrive this way.)"""
+        body = hop.args[0] if hop.args else None
+        forward = getattr(self.gm, body.target, None) if isinstance(body, torch.fx.Node) and body.op == "get_attr" \
+            else None
+        if not isinstance(forward, torch.fx.GraphModule):
+            return GridMissing(f"cannot find the forward of {hop.name}")
+        returned = next(n for n in forward.graph.nodes if n.op == "output").args[0]
+        # The forward returns (outputs, saved tensors), or the outputs alone.
+        outputs = returned[0] if isinstance(returned, (tuple, list)) and returned \
+            and isinstance(returned[0], (tuple, list)) else returned
+        if not isinstance(outputs, (tuple, list)):
+            outputs = (outputs,)
+        if not (0 <= index < len(outputs)) or not isinstance(outputs[index], torch.fx.Node):
+            return GridMissing(f"cannot follow item {index} of {hop.name}")
+        placeholders = [n for n in forward.graph.nodes if n.op == "placeholder"]
+        self.subgraph_inputs.update(zip(placeholders, hop.args[2:]))
+        return self.walk(outputs[index], axes)
 
     def _through_cat(self, node, axes):
         tensors = _arg(node, 0, "tensors")

@@ -466,3 +466,55 @@ def test_grid_from_coordinates_on_gpu():
             assert (got - model(tokens, coords)).abs().max() > 1e-3  # sparse, not dense
         shuffled = raster_coordinates(2, (4, 8, 8))[:, :, torch.randperm(256)].cuda()
         torch.testing.assert_close(compiled(tokens, shuffled), model(tokens, shuffled), rtol=2e-3, atol=2e-3)
+
+
+class _ScaleRows(torch.autograd.Function):
+    """A user's autograd.Function on the token path (a fused RoPE or an all-to-all is written the
+    same way): ``x * w`` with a hand-written backward. Dynamo traces it as the
+    ``autograd_function_apply`` higher-order op, whose forward is a subgraph."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(w)
+        return x * w
+
+    @staticmethod
+    def backward(ctx, grad):
+        (w,) = ctx.saved_tensors
+        return grad * w, None
+
+
+class FunctionOnTokens(nn.Module):
+    def __init__(self, mix_tokens=False):
+        super().__init__()
+        self.mix_tokens = mix_tokens
+        self.patch = nn.Conv3d(4, 32, kernel_size=(1, 2, 2), stride=(1, 2, 2))
+        self.qkv = nn.Linear(32, 96)
+
+    def forward(self, x):
+        tokens = self.patch(x).flatten(2).transpose(1, 2)  # [B, N, 32]
+        if self.mix_tokens:  # the Function's input has its tokens reversed: not the grid's order
+            tokens = tokens.flip(1)
+        B, N, _ = tokens.shape
+        q, k, v = self.qkv(tokens).view(B, N, 3, 2, 16).permute(2, 0, 3, 1, 4).unbind(0)
+        w = torch.linspace(0.5, 1.5, 16, device=x.device)
+        q, k = _ScaleRows.apply(q, w), _ScaleRows.apply(k, w)
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+def test_walk_follows_an_autograd_function_into_its_forward():
+    x = torch.randn(2, 4, 5, 12, 20)
+    model = FunctionOnTokens()
+    with torch.enable_grad(), si.sparsity(0.5, min_tokens=0):  # (under no_grad Dynamo may inline it)
+        rows = list(si.explain(model, x))
+        assert [(r["decision"], r["grid"]) for r in rows] == [("sparse", (5, 6, 10))], rows
+        torch._dynamo.reset()
+        got = torch.compile(model, backend="sparse_inductor")(x)
+        got.sum().backward()
+    q, k, v = model.qkv(model.patch(x).flatten(2).transpose(1, 2)).view(2, -1, 3, 2, 16).permute(2, 0, 3, 1, 4).unbind(0)
+    w = torch.linspace(0.5, 1.5, 16)
+    want = sparse_attention(q * w, k * w, v, (5, 6, 10), tile=(4, 4, 4), sparsity=0.5)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with torch.enable_grad(), si.sparsity(0.5, min_tokens=0):
+        (row,) = si.explain(FunctionOnTokens(mix_tokens=True), x)
+    assert row["decision"] == "dense" and "flip" in row["reason"], row
