@@ -61,6 +61,45 @@ def _shape(shape):
     return None if shape is None else list(shape)
 
 
+def trace_decisions(model, args, kwargs, cfg, *, on_compile=None, on_run=None, coordinates=True, dynamic=None):
+    """Run ``model(*args, **kwargs)`` once under Dynamo, planning each graph's attention sites under
+    ``cfg`` as the backend does (dense sites logged with their reason), and running the graphs as
+    traced. ``on_compile(decisions)`` is called once per graph, ``on_run(decisions)`` each time a
+    graph runs. Grids in coordinates inputs are read from the example inputs (``coordinates=False``:
+    such sites stay dense, with that reason). Dynamo's caches are reset before and after."""
+    from passes.coordinates import read_grids
+    from passes.sites import analyze, enter_grids, forget_grids, grids_of, log_dense, plan
+
+    def backend(gm, example_inputs):
+        grids = grids_of(gm)
+        sites = analyze(gm)
+        if coordinates:
+            read = read_grids(sites, example_inputs, {})
+        else:
+            read = {s.index: "an exported program cannot read the grid from the coordinates at each call"
+                    for s in sites if s.coordinates is not None}
+        decisions = plan(sites, cfg, read)
+        log_dense(decisions)
+        if on_compile is not None:
+            on_compile(decisions)
+
+        def run(*graph_args):  # as the backend's graphs do: offer the grids to the rest of the call
+            if grids:
+                enter_grids(grids)
+            if on_run is not None:
+                on_run(decisions)
+            return gm.forward(*graph_args)
+        return run
+
+    torch.compiler.reset()
+    forget_grids()
+    try:
+        torch.compile(model, backend=backend, dynamic=dynamic)(*args, **kwargs)
+    finally:
+        torch.compiler.reset()
+        forget_grids()
+
+
 def explain(model, *args, **kwargs) -> Explanation:
     """Trace ``model(*args, **kwargs)`` with Dynamo and report every attention site: module
     path, q/k/v shapes, the grid found (and where from), the text span, and the decision with
@@ -69,9 +108,6 @@ def explain(model, *args, **kwargs) -> Explanation:
     The model runs once, eagerly. Like ``torch._dynamo.explain`` this resets Dynamo's caches
     before and after, so already-compiled models recompile on their next call.
     """
-    from passes.coordinates import read_grids
-    from passes.sites import analyze, enter_grids, forget_grids, grids_of, log_dense, plan
-
     from .backend import warn_unmatched_layers
 
     model = getattr(model, "_orig_mod", model)  # an OptimizedModule from torch.compile
@@ -79,11 +115,7 @@ def explain(model, *args, **kwargs) -> Explanation:
     rows: list[dict] = []
     graph_index = [0]
 
-    def record(gm, example_inputs):
-        grids = grids_of(gm)
-        sites = analyze(gm)
-        decisions = plan(sites, cfg, read_grids(sites, example_inputs, {}))  # grids in coordinates inputs
-        log_dense(decisions)
+    def record(decisions):
         for d in decisions:
             s = d.site
             rows.append(dict(
@@ -99,21 +131,8 @@ def explain(model, *args, **kwargs) -> Explanation:
                 parallel=str(s.parallel) if s.parallel is not None else "",
             ))
         graph_index[0] += 1
-        if not grids:
-            return gm.forward
 
-        def run(*graph_args):  # as the backend's graphs do: offer the grids to the rest of the call
-            enter_grids(grids)
-            return gm.forward(*graph_args)
-        return run
-
-    torch.compiler.reset()
-    forget_grids()
-    try:
-        torch.compile(model, backend=record)(*args, **kwargs)
-    finally:
-        torch.compiler.reset()
-        forget_grids()
+    trace_decisions(model, args, kwargs, cfg, on_compile=record)
     if cfg.layers:
         warn_unmatched_layers(cfg.layers, [r["module"] if r["module"] != "<top>" else "" for r in rows], once=False)
     return Explanation(rows)

@@ -28,38 +28,20 @@ from .config import current_config, sparsity
 
 log = logging.getLogger("sparse_inductor")
 
-_SDPA_FUNCTIONS = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
 
 
 def _record_decisions(model, args, kwargs) -> list:
     """The decisions of every SDPA site, in the order the model executes them (one entry per
     execution, so a graph that runs twice in a call contributes twice)."""
-    from passes.sites import analyze, enter_grids, forget_grids, grids_of, log_dense, plan
+    from .explain import trace_decisions
 
-    cfg = current_config()
     executed: list = []
-
-    def record(gm, example_inputs):
-        grids = grids_of(gm)
-        decisions = plan(analyze(gm), cfg)
-        log_dense(decisions)
-
-        def run(*graph_args):
-            if grids:
-                enter_grids(grids)
-            executed.extend(decisions)
-            return gm.forward(*graph_args)
-        return run
-
-    torch.compiler.reset()
-    forget_grids()
-    try:
-        with torch.no_grad():
-            torch.compile(model, backend=record, dynamic=False)(*args, **kwargs)
-    finally:
-        torch.compiler.reset()
-        forget_grids()
+    with torch.no_grad():
+        # Static shapes (the grid is fixed in the program); a grid read from coordinates at each
+        # call cannot be: those sites stay dense, with that reason.
+        trace_decisions(model, args, kwargs, current_config(), on_run=executed.extend, coordinates=False,
+                        dynamic=False)
     return executed
 
 
@@ -82,7 +64,7 @@ class _SparseSites(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func not in _SDPA_FUNCTIONS:
+        if func is not F.scaled_dot_product_attention:  # (the torch._C._nn builtin itself)
             return func(*args, **kwargs)
         index, self.calls = self.calls, self.calls + 1
         if index >= len(self.decisions):

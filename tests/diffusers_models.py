@@ -95,15 +95,8 @@ def wan_animate():
 
 
 def skyreels_v2():
-    from diffusers import SkyReelsV2Transformer3DModel
-
     # Plain (no diffusion forcing): Wan's architecture with its own module code.
-    model = SkyReelsV2Transformer3DModel(in_channels=16, out_channels=16, **dict(WAN_TINY, num_layers=1)).eval()
-    g = torch.Generator().manual_seed(22)
-    args = (torch.randn(2, 16, 5, 16, 16, generator=g),)
-    kwargs = dict(timestep=torch.tensor([3, 5]), encoder_hidden_states=torch.randn(2, TEXT, 32, generator=g),
-                  return_dict=False)
-    return model, args, kwargs, dict(sites=1, text=(0, 0))
+    return _wan_like("SkyReelsV2Transformer3DModel", 22)
 
 
 def consisid():

@@ -192,3 +192,14 @@ def test_exported_padding_masks_equal_the_eager_op(mask):
         dense = model(*inputs)
     assert rel_l2(got, want) < 1e-5
     assert rel_l2(got, dense) > 1e-3
+
+
+def test_coordinate_grid_sites_export_dense_with_the_reason(caplog):
+    """A grid read from a coordinates input at each call cannot be fixed in a program: those sites
+    export as SDPA, and the log says why."""
+    diffusers_models = pytest.importorskip("diffusers_models")
+    model, args, kwargs, _ = diffusers_models.MODELS["ltx_video_condition"]()
+    with caplog.at_level("INFO", logger="sparse_inductor"):
+        program = si.export(model, args, kwargs, sparsity=0.5, min_tokens=0)
+    assert not any(t.startswith(SPARSE_OPS) for t in attention_targets(program))
+    assert "cannot read the grid from the coordinates" in caplog.text
