@@ -710,7 +710,11 @@ def train(args) -> dict:
     for name in ("eval_every", "save_every"):
         if getattr(args, name):
             setattr(cfg, name, getattr(args, name))
-    target = min(schedule_steps, args.steps) if args.steps else schedule_steps
+    if args.past_schedule and not args.steps:
+        raise SystemExit("--past-schedule needs --steps: the global step to train to past the schedule's end")
+    # Past the schedule's end the learning rate stays at its final value (lr_at clamps): how one checks
+    # that a finished schedule's validation loss has plateaued without restarting the schedule.
+    target = args.steps if args.past_schedule else min(schedule_steps, args.steps) if args.steps else schedule_steps
     compiled = device.startswith("cuda") if args.compile is None else args.compile
     bf16 = device.startswith("cuda") if args.bf16 is None else args.bf16
     if device.startswith("cuda"):
@@ -845,8 +849,8 @@ def train(args) -> dict:
                 eta = (target - step) * ms / 1e3
                 print(f"step {step}/{target}: train {sum(recent) / len(recent):.4f}  {ms:.1f} ms/step  "
                       f"elapsed {_fmt_s(now - t_start)}  to target {_fmt_s(eta)}", flush=True)
-            if step - run["start_step"] == 2 * print_every and not args.tiny:
-                runs = math.ceil((schedule_steps - step) * ms / 1e3 / max(1.0, 60 * (args.minutes or 8) - 90))
+            if step - run["start_step"] == 2 * print_every and not args.tiny and step < schedule_steps:
+                runs = math.ceil(max(0, schedule_steps - step) * ms / 1e3 / max(1.0, 60 * (args.minutes or 8) - 90))
                 print(f"{ms:.1f} ms/step: the remaining {schedule_steps - step} steps of the schedule take "
                       f"{_fmt_s((schedule_steps - step) * ms / 1e3)}: about {runs} more run(s) of "
                       f"{args.minutes or 8} min", flush=True)
@@ -924,7 +928,10 @@ def _set_field(cfg: Config, item: str):
 
 def summary_verdict(log, status) -> str:
     step = log["val"][-1][0] if log["val"] else 0
-    if step >= log["schedule_steps"]:
+    if step > log["schedule_steps"]:
+        head = (f"the {log['schedule_steps']}-step schedule is complete and training went on "
+                f"{step - log['schedule_steps']} steps past its end at the final learning rate")
+    elif step == log["schedule_steps"]:
         head = f"the {log['schedule_steps']}-step schedule is complete"
     else:
         head = (f"{log['schedule_steps'] - step} steps of the schedule remain: run train again with the same --out "
@@ -1076,6 +1083,8 @@ def main(argv=None):
     tr.add_argument("--out", required=True, help="run directory: state.pt, weights*.pt, log.json, plot, summary")
     tr.add_argument("--tiny", action="store_true", help="the tiny CPU configuration of the tests")
     tr.add_argument("--steps", type=int, help="stop at this global step (default: the schedule's end)")
+    tr.add_argument("--past-schedule", action="store_true",
+                    help="let --steps go past the schedule's end, at its final learning rate (10 %%): the plateau check")
     tr.add_argument("--minutes", type=float, help="wall-clock budget of this invocation, start-up and compile included")
     tr.add_argument("--schedule-steps", type=int, help="length of the lr schedule (a new run only; default 3000, "
                                                        "tiny 20, or --steps if given)")

@@ -227,6 +227,23 @@ def test_resume_from_weights_only_needs_the_flag(tmp_path, tiny_run):
     assert log["runs"][-1]["resumed_from"] == "weights" and [s for s, _ in log["train_loss"]][-3:] == [30, 31, 32]
 
 
+def test_training_past_the_schedule_end_runs_at_its_final_learning_rate(tmp_path):
+    """The plateau check of a finished schedule: ``--past-schedule`` trains on at the last learning
+    rate (10 %) instead of refusing; without it, --steps is capped by the schedule."""
+    log = tb.main(["train", "--tiny", "--steps", "4", "--schedule-steps", "4", "--out", str(tmp_path), "--no-plot"])
+    assert log["runs"][-1]["end_step"] == 4
+    log = tb.main(["train", "--tiny", "--steps", "7", "--out", str(tmp_path), "--no-plot"])
+    assert log["runs"][-1]["end_step"] == 4, "without --past-schedule the schedule's end is the target"
+    log = tb.main(["train", "--tiny", "--steps", "7", "--past-schedule", "--out", str(tmp_path), "--no-plot"])
+    assert log["runs"][-1]["end_step"] == 7 and log["schedule_steps"] == 4
+    assert [s for s, _ in log["train_loss"]][-3:] == [5, 6, 7]
+    cfg = tb.Config(**tb.TINY)
+    assert tb.lr_at(6, cfg, 4) == pytest.approx(0.1 * cfg.lr)
+    assert "3 steps past its end" in tb.summary_verdict(log, tb.plateau(log["val"]))
+    with pytest.raises(SystemExit, match="--past-schedule needs --steps"):
+        tb.main(["train", "--tiny", "--past-schedule", "--out", str(tmp_path), "--no-plot"])
+
+
 def test_time_limit_stops_the_run_and_saves(tmp_path):
     log = tb.main(["train", "--tiny", "--steps", "2000", "--schedule-steps", "100000", "--minutes", "0.06",
                    "--out", str(tmp_path), "--no-plot"])
