@@ -107,7 +107,12 @@ def main():
         aoti_s = time.perf_counter() - start
         out_file = os.path.join(folder, "out.pt")
         child = [sys.executable, os.path.abspath(__file__), "--load", path, out_file] + (["--tiny"] if args.tiny else [])
-        line = subprocess.run(child, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        env = dict(os.environ, PYTHONFAULTHANDLER="1")  # a crash in the package prints the Python stack
+        done = subprocess.run(child, capture_output=True, text=True, env=env)
+        if done.returncode != 0:
+            raise SystemExit(f"the fresh process that loads the package failed (exit {done.returncode}):\n"
+                             f"{done.stdout[-4000:]}\n{done.stderr[-8000:]}")
+        line = done.stdout.strip().splitlines()[-1]
         loaded = json.loads(line)
         got = torch.load(out_file)
     want, dense = want.float().cpu(), dense.float().cpu()

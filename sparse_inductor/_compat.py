@@ -17,6 +17,14 @@ def compile_fx(gm, example_inputs, config_patches=None):
     return _compile_fx(gm, example_inputs, config_patches=config_patches)
 
 
+#: Inductor config for a graph whose sparse attention has a data-dependent (unbacked) text length.
+#: torch 2.11's loop merging (``Scheduler.merge_loops``, on GPU graphs when
+#: ``loop_ordering_after_fusion`` is on) substitutes 0 for the unbacked size inside a ``Min`` and
+#: sympy raises "The argument '3 - 4*((((0))//2))' is not comparable" (H200, 2026-12-01). The step
+#: never runs for CPU graphs, so whether 2.13 still needs this is unknown: it applies to every version.
+UNBACKED_TEXT_PATCHES = {"loop_ordering_after_fusion": False}
+
+
 def custom_graph_pass_base():
     """``torch._inductor.custom_graph_pass.CustomGraphPass``: a post-grad pass whose ``uuid()``
     is part of Inductor's FX-graph cache key."""
