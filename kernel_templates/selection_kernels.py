@@ -1,5 +1,5 @@
-"""Triton kernels of the coarse stage (DESIGN.md §3.2, §3.7): tile mean-pooling, top-k and the
-cumulative-mass cut.
+"""Triton kernels of the coarse stage (DESIGN.md §3.2, §3.7): tile mean-pooling, top-k, the
+cumulative-mass cut and the query ranking of ``query_keep``.
 
 Both are memory- or launch-bound; their job is to avoid the several passes the same steps
 take as separate torch ops (gather, mask, reduce, two full sorts).
@@ -34,6 +34,55 @@ def pool_tiles_kernel(
     out = (bh * NUM_TILES + m) * HEAD_DIM + offs_d
     tl.store(Q_MEAN + out, tl.sum(q.to(tl.float32), 0) / count, mask=offs_d < HEAD_DIM)
     tl.store(K_MEAN + out, tl.sum(k.to(tl.float32), 0) / count, mask=offs_d < HEAD_DIM)
+
+
+@triton.jit
+def rank_query_rows_kernel(
+    Q, SLOTS, COUNTS, N_KEPT, TABLES, KEPT,
+    H, NUM_TILES, HEAD_DIM,
+    stride_qb, stride_qh, stride_qn,
+    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, F64: tl.constexpr,
+):
+    """``query_keep``'s ranking of one video tile of one head (DESIGN.md §3.7).
+
+    Rank of slot s: the centre (``COUNTS[m] // 2``) first, then the lowest cosine similarity of
+    its query to the centre's (NaN as the most similar), padding slots last, ties to the lower
+    slot: ``#{t : key_t < key_s or (key_t == key_s and t < s)}``, counted over all pairs of the
+    tile (cheaper than a sort at 64 slots). ``TABLES[.., rank_s] = slot_s`` (``-(slot_s + 2)``
+    when ``rank_s >= N_KEPT[m]``: not computed) and ``KEPT[.., s] = rank_s < N_KEPT[m]``.
+    """
+    m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs = tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    count = tl.load(COUNTS + m)
+    n_kept = tl.load(N_KEPT + m)
+    slots = tl.load(SLOTS + m * BLOCK + offs)
+    valid = offs < count
+    rows = tl.where(valid, slots, 0)
+    mask = valid[:, None] & (offs_d < HEAD_DIM)[None, :]
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + offs_d[None, :], mask=mask, other=0.0)
+    q = q.to(tl.float64) if F64 else q.to(tl.float32)
+    is_centre = offs == count // 2
+    qc = tl.sum(tl.where(is_centre[:, None], q, 0.0), 0)
+    dot = tl.sum(q * qc[None, :], 1)
+    # Correctly rounded square roots and division, as torch's: the ranks must not depend on the path.
+    if F64:
+        norms = tl.sqrt(tl.sum(q * q, 1)) * tl.sqrt(tl.sum(qc * qc, 0))
+        cos = dot / tl.where(norms > 1e-30, norms, 1e-30)
+    else:
+        norms = tl.sqrt_rn(tl.sum(q * q, 1)) * tl.sqrt_rn(tl.sum(qc * qc, 0))
+        cos = tl.div_rn(dot, tl.where(norms > 1e-30, norms, 1e-30))
+    key = tl.where(cos != cos, 2.0, cos)
+    key = tl.where(is_centre, -3.0, tl.where(valid, key, 3.0))
+    key_s, key_t = key[:, None], key[None, :]
+    before = (key_t < key_s) | ((key_t == key_s) & (offs[None, :] < offs[:, None]))
+    rank = tl.sum(before.to(tl.int32), 1)
+    base = (bh * NUM_TILES + m) * BLOCK
+    tl.store(TABLES + base + rank, tl.where((rank >= n_kept) & (slots >= 0), -slots - 2, slots))
+    tl.store(KEPT + base + offs, (rank < n_kept).to(tl.int8))
 
 
 @triton.jit

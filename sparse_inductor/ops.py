@@ -429,6 +429,34 @@ def _(q, k, slots, counts):
     return mean, torch.empty_like(mean)
 
 
+@torch.library.custom_op("sparse_inductor::rank_query_rows", mutates_args=())
+def rank_query_rows(q: Tensor, video_slots: Tensor, counts: Tensor, n_kept: Tensor) -> tuple[Tensor, Tensor]:
+    """``query_keep``'s ranking of the query rows of every video tile (DESIGN.md §3.7): the query
+    tables int32 ``[B, H, Mv, S]`` and the kept flags bool ``[B, H, Mv, S]`` by slot (see
+    ``query_keep.rank_query_rows_torch``, the CPU path). One Triton program per tile and head on
+    CUDA."""
+    from .query_keep import rank_query_rows_torch
+
+    if q.is_cuda:
+        B, H, _, _ = q.shape
+        Mv = counts.shape[0]
+        S = video_slots.shape[0] // Mv
+        tables = q.new_empty((B, H, Mv, S), dtype=torch.int32)
+        kept = q.new_empty((B, H, Mv, S), dtype=torch.int8)
+        triton_launch.rank_query_rows(_unit_feature_stride(q), video_slots.contiguous(), counts.contiguous(),
+                                      n_kept.contiguous(), tables, kept)
+        return tables, kept.bool()
+    return rank_query_rows_torch(q, video_slots, counts, n_kept)
+
+
+@rank_query_rows.register_fake
+def _(q, video_slots, counts, n_kept):
+    B, H = q.shape[:2]
+    Mv = counts.shape[0]
+    shape = (B, H, Mv, video_slots.shape[0] // Mv)
+    return q.new_empty(shape, dtype=torch.int32), q.new_empty(shape, dtype=torch.bool)
+
+
 @torch.library.custom_op("sparse_inductor::top_k_tiles", mutates_args=())
 def top_k_tiles(scores: Tensor, k: int) -> Tensor:
     """Columns of the ``k`` highest ``scores`` per row (last dim), ties to the lower column,

@@ -83,37 +83,59 @@ class QueryKeep:
         return num.contiguous(), kv_indices.repeat_interleave(R, dim=2).contiguous()
 
 
-def select_queries(q: Tensor, layout: TileLayout, query_keep: float) -> QueryKeep:
-    """Choose the kept query rows of every video tile of every head (no gradient)."""
-    B, H, L, D = q.shape
-    S, Mv, M = layout.block_size, layout.num_video_tiles, layout.num_tiles
+def rank_query_rows_torch(q: Tensor, video_slots: Tensor, counts: Tensor, n_kept: Tensor) -> tuple[Tensor, Tensor]:
+    """The query ranking of every video tile, in torch (the CPU path of ``ops.rank_query_rows``).
+
+    ``q`` ``[B, H, L, D]``; ``video_slots`` int32 ``[Mv * S]`` (sequence position per slot, -1 past
+    a tile's count); ``counts``, ``n_kept`` int32 ``[Mv]``. Returns the query tables int32 ``[B, H,
+    Mv, S]`` (a tile's slots in rank order: the centre, then the lowest cosine similarity to it,
+    NaN as the most similar, padding last, ties to the lower slot; ranks past ``n_kept`` hold
+    ``-(slot + 2)``: not computed) and ``kept`` bool ``[B, H, Mv, S]`` by slot."""
+    B, H, _, D = q.shape
+    Mv = counts.shape[0]
+    S = video_slots.shape[0] // Mv
     device = q.device
-    counts = layout.counts.long()
-    video_slots = layout.slots[: Mv * S].long()
-    valid = torch.arange(S, device=device) < counts[:Mv, None]  # [Mv, S]
+    counts, slots = counts.long(), video_slots.long()
+    valid = torch.arange(S, device=device) < counts[:, None]  # [Mv, S]
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     with torch.no_grad():
-        qt = q.detach().index_select(2, video_slots.clamp(min=0)).to(work).view(B, H, Mv, S, D)
-        centre = (counts[:Mv] // 2).view(1, 1, Mv, 1, 1).expand(B, H, Mv, 1, D)
+        qt = q.detach().index_select(2, slots.clamp(min=0)).to(work).view(B, H, Mv, S, D)
+        centre = (counts // 2).view(1, 1, Mv, 1, 1).expand(B, H, Mv, 1, D)
         qc = torch.gather(qt, 3, centre)  # [B, H, Mv, 1, D]
         dot = (qt * qc).sum(-1)
         norms = qt.norm(dim=-1) * qc.norm(dim=-1)
         cos = dot / norms.clamp_min(1e-30)
         # Rank: the centre first, then the lowest similarity (NaN ranks as the most similar),
         # padding last; a stable sort breaks ties to the lower slot.
-        is_centre = torch.arange(S, device=device).view(1, 1, 1, S) == (counts[:Mv] // 2).view(1, 1, Mv, 1)
+        is_centre = torch.arange(S, device=device).view(1, 1, 1, S) == (counts // 2).view(1, 1, Mv, 1)
         rank = torch.where(torch.isnan(cos), 2.0, cos)
         rank = torch.where(is_centre, -3.0, torch.where(valid, rank, 3.0))
         order = torch.sort(rank, dim=-1, stable=True).indices  # [B, H, Mv, S]
+    tables = torch.gather(slots.view(1, 1, Mv, S).expand(B, H, Mv, S), 3, order)
+    dropped = (torch.arange(S, device=device) >= n_kept.long().view(Mv, 1)) & (tables >= 0)
+    tables = torch.where(dropped, -tables - 2, tables).to(torch.int32)
+    kept_rank = torch.arange(S, device=device) < n_kept.long().view(Mv, 1)  # by rank
+    kept = torch.zeros(B, H, Mv, S, dtype=torch.bool, device=device)
+    kept.scatter_(3, order, kept_rank.expand(B, H, Mv, S))
+    return tables, kept
+
+
+def select_queries(q: Tensor, layout: TileLayout, query_keep: float) -> QueryKeep:
+    """Choose the kept query rows of every video tile of every head (no gradient)."""
+    from . import ops
+
+    B, H, L, D = q.shape
+    S, Mv, M = layout.block_size, layout.num_video_tiles, layout.num_tiles
+    device = q.device
+    counts = layout.counts.long()
     n_kept = num_kept(query_keep, counts[:Mv])  # [Mv]
     Sq = query_block_size(query_keep, layout.tile)
     R = S // Sq
     # Video query tables: tile m's kept slots (in rank order) fill its first block; the dropped
     # positions follow, marked excluded (-(p + 2): not computed or written, dQ = 0; see
     # kernel_templates/block_sparse_attention.py).
-    video_tables = torch.gather(video_slots.view(1, 1, Mv, S).expand(B, H, Mv, S), 3, order)
-    dropped = (torch.arange(S, device=device) >= n_kept.view(Mv, 1)) & (video_tables >= 0)
-    video_tables = torch.where(dropped, -video_tables - 2, video_tables).to(torch.int32)
+    video_tables, kept_slot = ops.rank_query_rows(q.detach(), layout.slots[: Mv * S], layout.counts[:Mv],
+                                                  n_kept.to(torch.int32))
     video_counts = torch.zeros(B, H, Mv, R, dtype=torch.int32, device=device)
     video_counts[..., 0] = n_kept.to(torch.int32)
     # Text blocks: all rows kept, split into blocks of Sq slots.
@@ -123,9 +145,6 @@ def select_queries(q: Tensor, layout: TileLayout, query_keep: float) -> QueryKee
     q_counts = torch.cat([video_counts.reshape(B, H, -1),
                           text_counts.reshape(1, 1, -1).expand(B, H, -1).to(torch.int32)], dim=2).contiguous()
     # kept[b, h, position]: rank < n_kept within its tile; text rows always.
-    kept_rank = torch.arange(S, device=device) < n_kept.view(Mv, 1)  # by rank
-    kept_slot = torch.zeros(B, H, Mv, S, dtype=torch.bool, device=device)
-    kept_slot.scatter_(3, order, kept_rank.expand(B, H, Mv, S))
     kept_slot = torch.cat([kept_slot.reshape(B, H, -1), torch.ones(B, H, (M - Mv) * S, dtype=torch.bool,
                                                                       device=device)], dim=2)
     kept = kept_slot.index_select(2, layout.scatter_index)

@@ -119,6 +119,23 @@ def pool_tiles(q, k, slots, counts, q_mean, k_mean):
     )
 
 
+def rank_query_rows(q, video_slots, counts, n_kept, tables, kept):
+    """Fill ``tables`` (int32 ``[B, H, Mv, S]``) and ``kept`` (int8, same shape) with
+    ``query_keep``'s ranking of each video tile's query rows (``ops.rank_query_rows``); ``q``
+    ``[B, H, L, D]`` with unit feature stride."""
+    from kernel_templates.selection_kernels import rank_query_rows_kernel
+
+    B, H, _, D = q.shape
+    Mv = counts.shape[0]
+    if _no_programs((Mv, B * H)):
+        return
+    S = video_slots.shape[0] // Mv
+    rank_query_rows_kernel[(Mv, B * H)](
+        q, video_slots, counts, n_kept, tables, kept, H, Mv, D, *_strides3(q),
+        BLOCK=S, BLOCK_D=head_block(D), F64=q.dtype == torch.float64, num_warps=4 if S <= 64 else 8,
+    )
+
+
 def top_k_tiles(scores, k, out):
     """Fill ``out`` (int32 ``[..., k]``) with the columns of the ``k`` highest ``scores``
     (fp32 contiguous ``[..., M]``) per row, ties to the lower column, in increasing order."""

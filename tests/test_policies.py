@@ -252,6 +252,42 @@ def test_query_keep_selection_matches_reference(grid, tile, r, seed):
     assert torch.equal(keep.kept.cpu(), kept.cpu())
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@given(grid=grids(300), tile=tiles, r=st.sampled_from([0.25, 0.5, 0.75, 1.0]), B=st.integers(1, 2),
+       H=st.integers(1, 2), D=st.sampled_from([16, 40, 64]), values=st.sampled_from(["integers", "gaussian"]),
+       heads_inner=st.booleans(), nan_row=st.booleans(), seed=st.integers(0, 2**16))
+def test_query_rank_kernel_matches_torch(grid, tile, r, B, H, D, values, heads_inner, nan_row, seed):
+    """The CUDA path's query ranking kernel (interpreted on CPU) gives exactly the torch path's
+    tables: per tile the centre first, then the lowest cosine similarity to it, ties to the lower
+    slot, dropped slots marked. Small integer queries make the similarities exact in both and
+    give many exact ties (repeated rows); Gaussian fp64 ones have none; a NaN row ranks as the
+    most similar."""
+    from sparse_inductor.query_keep import num_kept, rank_query_rows_torch
+
+    g = torch.Generator().manual_seed(seed)
+    layout = build_layout(grid, tile)
+    L = math.prod(grid)
+    shape = (B, L, H, D) if heads_inner else (B, H, L, D)
+    if values == "integers":
+        q = torch.randint(-1, 2, shape, generator=g).float()
+    else:
+        q = torch.randn(shape, generator=g, dtype=torch.float64)
+    if heads_inner:
+        q = q.transpose(1, 2)
+    if nan_row:
+        q[0, 0, L // 2] = float("nan")
+    Mv, S = layout.num_video_tiles, layout.block_size
+    n_kept = num_kept(r, layout.counts[:Mv].long()).to(torch.int32)
+    want_tables, want_kept = rank_query_rows_torch(q, layout.slots[: Mv * S], layout.counts[:Mv], n_kept)
+    tables = torch.full((B, H, Mv, S), -99, dtype=torch.int32, device=KERNEL_DEVICE)
+    kept = torch.zeros((B, H, Mv, S), dtype=torch.int8, device=KERNEL_DEVICE)
+    dev = KERNEL_DEVICE
+    triton_launch.rank_query_rows(q.to(dev), layout.slots[: Mv * S].to(dev), layout.counts[:Mv].to(dev),
+                                  n_kept.to(dev), tables, kept)
+    assert torch.equal(tables.cpu(), want_tables)
+    assert torch.equal(kept.cpu().bool(), want_kept)
+
+
 @given(grid=grids(200), tile=tiles, policy=st.sampled_from([si.TopK(0.5), si.CumulativeMass(0.7, 2, 0.5),
                                                             si.Window(1, 0, 1)]),
        r=st.sampled_from([0.25, 0.5, 0.7]), dtype=op_dtypes, B=st.integers(1, 2), H=st.integers(1, 2),
