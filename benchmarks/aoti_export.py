@@ -10,6 +10,10 @@ sparse), and the step times with their ratio.
     python benchmarks/aoti_export.py                 # GPU: Wan-1.3B architecture, 480p, 81 frames
     python benchmarks/aoti_export.py --layers 6      # the same with 6 of its 30 layers (shorter compile)
     python benchmarks/aoti_export.py --tiny          # CPU: a tiny Wan (the package runs the ops' torch path)
+
+Diagnosis (a package that crashed on load on the H200, 2026-12-01): ``--dense`` packages the plain
+``torch.export`` of the same model (is it AOTInductor itself?), ``--in-process`` loads the package in
+the process that compiled it.
 """
 from __future__ import annotations
 
@@ -71,6 +75,8 @@ def main():
     parser.add_argument("--layers", type=int, help="layers of the Wan architecture (default: all)")
     parser.add_argument("--sparsity", type=float, default=0.875)
     parser.add_argument("--out", help="write results.json here")
+    parser.add_argument("--dense", action="store_true", help="package the dense model (diagnosis)")
+    parser.add_argument("--in-process", action="store_true", help="load the package in this process (diagnosis)")
     parser.add_argument("--load", nargs=2, metavar=("PACKAGE", "OUTPUT"), help=argparse.SUPPRESS)  # the child
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
@@ -95,7 +101,11 @@ def main():
     torch.compiler.reset()
 
     start = time.perf_counter()
-    program = sparse_inductor.export(model, margs, mkwargs, **settings)
+    if args.dense:
+        program = torch.export.export(model, margs, mkwargs, strict=False)
+        want = dense
+    else:
+        program = sparse_inductor.export(model, margs, mkwargs, **settings)
     export_s = time.perf_counter() - start
     targets = sorted({str(n.target) for n in program.graph.nodes if n.op == "call_function"
                       and ("sparse_inductor" in str(n.target) or "attention" in str(n.target))})
@@ -106,20 +116,25 @@ def main():
         torch._inductor.aoti_compile_and_package(program, package_path=path)
         aoti_s = time.perf_counter() - start
         out_file = os.path.join(folder, "out.pt")
+        if args.in_process:
+            print("loading the package in this process", flush=True)
+            loaded = run_package(path, args.tiny, device, dtype, out_file)
+            got = torch.load(out_file)
         child = [sys.executable, os.path.abspath(__file__), "--load", path, out_file] + (["--tiny"] if args.tiny else [])
-        env = dict(os.environ, PYTHONFAULTHANDLER="1")  # a crash in the package prints the Python stack
-        done = subprocess.run(child, capture_output=True, text=True, env=env)
-        if done.returncode != 0:
-            raise SystemExit(f"the fresh process that loads the package failed (exit {done.returncode}):\n"
-                             f"{done.stdout[-4000:]}\n{done.stderr[-8000:]}")
-        line = done.stdout.strip().splitlines()[-1]
-        loaded = json.loads(line)
-        got = torch.load(out_file)
+        if not args.in_process:
+            env = dict(os.environ, PYTHONFAULTHANDLER="1")  # a crash in the package prints the Python stack
+            done = subprocess.run(child, capture_output=True, text=True, env=env)
+            if done.returncode != 0:
+                raise SystemExit(f"the fresh process that loads the package failed (exit {done.returncode}):\n"
+                                 f"{done.stdout[-4000:]}\n{done.stderr[-8000:]}")
+            loaded = json.loads(done.stdout.strip().splitlines()[-1])
+            got = torch.load(out_file)
     want, dense = want.float().cpu(), dense.float().cpu()
     rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
     result = dict(
         device=torch.cuda.get_device_name() if device == "cuda" else "cpu", torch=torch.__version__,
-        layers=config["num_layers"], latent=list(margs[0].shape), sparsity=args.sparsity,
+        layers=config["num_layers"], latent=list(margs[0].shape), sparsity=0.0 if args.dense else args.sparsity,
+        packaged="dense model" if args.dense else "sparse_inductor.export", loaded_in="this process" if args.in_process else "a fresh process",
         compile_s=compile_s, export_s=export_s, aoti_compile_s=aoti_s, package_load_and_first_s=loaded["load_and_first_s"],
         compiled_step_ms=compiled_ms, package_step_ms=loaded["step_ms"], package_vs_compiled=loaded["step_ms"] / compiled_ms,
         rel_l2_package_vs_compiled=rel(got, want), rel_l2_package_vs_dense=rel(got, dense),
