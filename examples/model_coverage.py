@@ -90,7 +90,8 @@ def _dense_kind(row, n_video) -> tuple[str, str]:
         return "cross-attention", module
     if row["q"][2] < n_video:
         return "not over the video tokens", f"{module}: {row['q'][2]} tokens"
-    return re.sub(r"\b(l_|hidden_states_|getitem_)\w*", "…", row["reason"])[:160], module
+    reason = re.sub(r"\b(l_|hidden_states_|getitem_)\w*", "…", row["reason"])
+    return (reason if len(reason) <= 160 else reason[:158].rsplit(" ", 1)[0] + " …"), module
 
 
 def _dense_summary(dense: collections.Counter) -> str:
@@ -129,7 +130,7 @@ def coverage_row(name) -> dict:
     sources = sorted({r["grid_source"] for r in sparse})
     return dict(cls=type(model).__name__, config=name, sparse=len(sparse), total=len(rows),
                 grids=sorted({r["grid"] for r in sparse}), source=", ".join(sources),
-                text="; ".join(sorted(text)) or ("video only" if rows else "—"), dense=dense,
+                text="; ".join(sorted(text)) or ("video only" if sparse else "—"), dense=dense,
                 note=expect.get("note", ""))
 
 

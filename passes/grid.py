@@ -289,8 +289,15 @@ class GridWalker:
         outer = [static_int(out_shape[a]) for a in range(dim, split[0])]
         if None in outer:
             return GridMissing(f"unflatten {node.name} merges the tokens with a symbolic axis")
-        factor = math.prod(outer)
-        found = self.walk(src, tuple(dict.fromkeys(mapped)))
+        return self._without_outer_factor(node, src, tuple(dict.fromkeys(mapped)), math.prod(outer))
+
+    def _without_outer_factor(self, node, src, src_axes, factor):
+        """Walk ``src`` with ``src_axes``, whose first axis merges a leading non-token factor of
+        static size ``factor`` (a batch) with the leading token axis (frames): the grid found has
+        that merged axis first, and its size is divided by ``factor`` (see
+        ``_through_partial_unflatten``; ``view(B, T, ...)`` of a ``[B*T, ...]`` tensor reaches here
+        from ``_through_reshape``)."""
+        found = self.walk(src, src_axes)
         if not isinstance(found, GridFound):
             return found
         first = static_int(found.sizes[0])
@@ -303,7 +310,7 @@ class GridWalker:
             if isinstance(rest, GridFound):
                 return replace(rest, start=found.start + rest.start)
         if first is None or first % factor or not all(static_int(x) is not None for x in found.sizes):
-            return GridMissing(f"the grid found through unflatten {node.name} does not split by {factor}")
+            return GridMissing(f"the grid found through {_name(node)} {node.name} does not split by {factor}")
         return replace(found, sizes=(first // factor, *found.sizes[1:]))
 
     def _through_reshape(self, node, axes):
@@ -314,22 +321,51 @@ class GridWalker:
         groups = reshape_groups(in_shape, out_shape)
         if groups is None:
             return GridMissing(f"cannot map the axes of reshape {node.name}")
-        new_axes = []
+        new_axes, factor = [], 1
         for a in axes:
             for g_in, g_out in groups:
                 if a in g_out:
                     if len(g_out) > 1:
                         # The token axis was split by this reshape (it merges back upstream):
                         # follow only if the group maps one-to-one.
-                        if len(g_in) == 1:
-                            new_axes.append(g_in[0])
-                            break
-                        return GridMissing(f"reshape {node.name} splits and merges the token axis")
+                        if len(g_in) != 1:
+                            return GridMissing(f"reshape {node.name} splits and merges the token axis")
+                        if g_in[0] not in new_axes:
+                            outer = self._outer_factor(node, axes, g_out, out_shape)
+                            if isinstance(outer, GridMissing):
+                                return outer
+                            factor *= outer
+                        new_axes.append(g_in[0])
+                        break
                     new_axes.extend(self._merged_axes(g_in, in_shape))
                     break
         # A split of one input axis into several output axes that all belong to the token
         # state collapses back to that axis.
-        return self.walk(src, tuple(dict.fromkeys(new_axes)))
+        new_axes = tuple(dict.fromkeys(new_axes))
+        if factor > 1:
+            return self._without_outer_factor(node, src, new_axes, factor)
+        return self.walk(src, new_axes)
+
+    @staticmethod
+    def _outer_factor(node, axes, g_out, out_shape):
+        """A reshape splits one input axis into the output axes ``g_out``. Where the token axes
+        among them are the inner ones, behind axes that are not (``view(B, T, C, H*W)`` of
+        ``[B*T, C, H, W]``: the batch), the static size of those leading axes; else 1: the input
+        axis is followed whole (all of them tokens, size-1 axes aside; or tokens in front, e.g. a
+        Ulysses all-to-all's rank-major slabs ``[P*h, ...] -> [P, h, ...]``, left to
+        passes/collectives.py)."""
+        g_out = [x for x in g_out if x in axes or static_int(out_shape[x]) != 1]
+        inner = [x for x in g_out if x in axes]
+        lead = g_out[:len(g_out) - len(inner)]
+        sizes = [static_int(out_shape[x]) for x in lead]
+        if not lead or inner != g_out[len(lead):]:
+            return 1
+        if None in sizes:
+            return GridMissing(f"reshape {node.name} splits a symbolic axis off the token axis")
+        factor = math.prod(sizes)
+        if factor > 1 and inner[0] != axes[0]:
+            return GridMissing(f"reshape {node.name} splits a batch off a token axis that is not the first")
+        return factor
 
     @staticmethod
     def _merged_axes(g_in, in_shape):

@@ -1,4 +1,6 @@
 """Tiny diffusers video transformers (random weights, CPU) and their inputs (DESIGN.md §8)."""
+import math
+
 import torch
 
 GRID = (5, 8, 8)
@@ -257,15 +259,44 @@ def helios():
     return model, args, kwargs, dict(sites=1, text=(0, 0))
 
 
+def sana_wm_cameras(batch, frames):
+    """SANA-WM's raw ``(B, F, 20)`` camera conditions: a flattened camera-to-world matrix (a camera
+    moving forward) and pinhole intrinsics ``fx, fy, cx, cy`` for a 16 x 16 image."""
+    c2w = torch.eye(4).repeat(batch, frames, 1, 1)
+    c2w[:, :, 2, 3] = torch.linspace(0, 1, frames)
+    return torch.cat([c2w.flatten(2), torch.tensor([16.0, 16.0, 8.0, 8.0]).expand(batch, frames, 4)], -1)
+
+
+def sana_wm():
+    from diffusers import SanaWMTransformer3DModel
+
+    # Every softmax_every_n-th block is softmax attention (SDPA), the others gated-delta-net linear
+    # attention (no SDPA). The softmax block has two self-attentions over the video: the main branch
+    # (q/k/v cast to bfloat16) and the camera branch (UCPE ray transforms, head dim padded to 128).
+    # Its feed-forward convolves per frame ([B*T, C, H, W]) and merges back by view(B, T, C, H*W).
+    model = SanaWMTransformer3DModel(
+        in_channels=4, num_layers=2, hidden_size=32, num_attention_heads=2, patch_size=(1, 2, 2), softmax_every_n=2,
+        linear_head_dim=16, chunk_plucker_channels=8, chunk_plucker_post_attn_blocks=2, caption_channels=32,
+        mlp_ratio=2.0).eval()
+    g = torch.Generator().manual_seed(31)
+    args = (torch.randn(2, 4, 5, 16, 16, generator=g),)
+    kwargs = dict(timestep=torch.tensor([[[3] * 5], [[5] * 5]]),  # (B, 1, T): per frame
+                  encoder_hidden_states=torch.randn(2, 1, TEXT, 32, generator=g),
+                  encoder_attention_mask=torch.ones(2, TEXT), camera_conditions=sana_wm_cameras(2, 5),
+                  chunk_plucker=torch.randn(2, 8, 5, 16, 16, generator=g), return_dict=False)
+    return model, args, kwargs, dict(
+        sites=2, text=(0, 0), note="the other blocks' self-attention is gated-delta-net linear attention (no SDPA)")
+
+
 MODELS.update(wan_vace=wan_vace, wan_animate=wan_animate, skyreels_v2=skyreels_v2, consisid=consisid,
               easyanimate=easyanimate, motif_video=motif_video, kandinsky5=kandinsky5,
               ltx_video_condition=ltx_video_condition, ltx2=ltx2, anyflow=anyflow, chronoedit=chronoedit,
-              helios=helios)
+              helios=helios, sana_wm=sana_wm)
 
 
 # Video transformers with no attention the pass may rewrite: every SDPA site stays dense, for the
 # reason in ``dense`` (a substring of explain()'s reason, per site in graph order); ``note`` says why
-# that is right.
+# that is right, or ("not yet: ...", MiniMax-H3) what the pass lacks.
 def sana_video():
     from diffusers import SanaVideoTransformer3DModel
 
@@ -309,7 +340,147 @@ def kandinsky6_sr():
                                      note="already sparse: its own NABLA block-sparse flex_attention (no SDPA)")
 
 
-DENSE_MODELS = dict(sana_video=sana_video, latte=latte, kandinsky6_sr=kandinsky6_sr)
+def anyflow_far():
+    from diffusers import AnyFlowFARTransformer3DModel
+
+    # The training / cache-prefill path (kv_cache=None) with the block mask built outside the
+    # compiled region, as the class recommends for torch.compile; one compressed context chunk.
+    config = dict(WAN_TINY, num_layers=1)
+    del config["qk_norm"]  # (not an option of AnyFlow's)
+    model = AnyFlowFARTransformer3DModel(
+        compressed_patch_size=(1, 4, 4), full_chunk_limit=2, in_channels=16, out_channels=16, rope_max_seq_len=64,
+        chunk_partition=(1, 2, 2), **config).eval()
+    g = torch.Generator().manual_seed(43)
+    args = (torch.randn(2, 5, 16, 16, 16, generator=g),)  # frames first
+    kwargs = dict(timestep=torch.tensor([[3] * 5, [5] * 5]), r_timestep=torch.tensor([[1] * 5, [2] * 5]),
+                  encoder_hidden_states=torch.randn(2, TEXT, 32, generator=g), chunk_partition=[1, 2, 2],
+                  attention_mask=model.build_attention_mask(chunk_partition=[1, 2, 2], height=16, width=16),
+                  return_dict=False)
+    return model, args, kwargs, dict(sites=0, text=(0, 0), dense=["cross-attention"],
+                                     note="its self-attention is flex_attention with the FAR chunk-causal BlockMask "
+                                          "(no SDPA)")
+
+
+def wan_animate2():
+    from diffusers import WanAnimate2Transformer3DModel
+    from diffusers.models.transformers.transformer_wan_animate_2 import WanAnimate2KVCache
+
+    # The reference pass (kv_cache_mode="extract", batch of one as the pipeline runs it): SDPA over the
+    # driving video's tokens. rope_apply loops over the samples with grid_sizes.tolist(), so Dynamo
+    # runs it eagerly between graphs and q and k reach the attention as two unrelated graph inputs.
+    # The generation pass ("cached") attends through flex_attention with a BlockMask (no SDPA).
+    model = WanAnimate2Transformer3DModel(
+        patch_size=(1, 2, 2), text_len=TEXT, in_dim=12, dim=32, ffn_dim=64, freq_dim=32, text_dim=32, out_dim=4,
+        num_heads=2, num_layers=1).eval()
+    g = torch.Generator().manual_seed(44)
+    args = ([torch.randn(4, 5, 16, 16, generator=g)],)
+    kwargs = dict(timestep=torch.tensor([3.0]), encoder_hidden_states=[torch.randn(5, 32, generator=g)],
+                  condition_latents=[torch.randn(8, 5, 16, 16, generator=g)], kv_cache=WanAnimate2KVCache(1),
+                  kv_cache_mode="extract", seq_len=5 * 8 * 8, offset_grid_sizes=torch.tensor([[5, 8, 8]]),
+                  encoder_hidden_states_image=torch.randn(1, 3, 1280, generator=g), return_dict=False)
+    return model, args, kwargs, dict(
+        sites=0, text=(0, 0), dense=["keys do not come from the query's tokens", "cross-attention", "cross-attention"],
+        note="reference pass: q and k come from a per-sample RoPE loop that runs eagerly between graphs "
+             "(self-attention cannot be shown); generation pass: flex_attention with a BlockMask (no SDPA)")
+
+
+def minimax_h3_layout(text, grid, audio_rows):
+    """MiniMax-H3's packed ``[text | audio | video]`` sequence (its t2va layout): ``position_ids``
+    ``(L, 3)`` (text at ``(i, 0, 0)``, audio rows on the time axis at the width grid's two ends, video
+    rows ``(t, h, w)`` with its uneven frame spacing), token tags (0 video, 1 text, 2 audio) and the
+    rows of each modality."""
+    T, H, W = grid
+    n = text + audio_rows + T * H * W
+    pos = torch.zeros(n, 3)
+    pos[:text, 0] = torch.arange(text)
+    pos[text:text + audio_rows, 0] = text + torch.arange(audio_rows // 2).repeat(2).float()
+    pos[text:text + audio_rows, 2] = torch.tensor([0.0, 4.0 * (W - 1)]).repeat_interleave(audio_rows // 2)
+    hw = torch.stack(torch.meshgrid(torch.arange(H) * 4.0, torch.arange(W) * 4.0, indexing="ij"), -1).reshape(-1, 2)
+    times = text + torch.tensor([0.0, 1, 5, 9, 13])[:T] * 5 / 3
+    pos[text + audio_rows:] = torch.cat([times.repeat_interleave(H * W)[:, None], hw.repeat(T, 1)], 1)
+    tags = torch.cat([torch.ones(text), torch.full((audio_rows,), 2), torch.zeros(T * H * W)]).long()
+    return pos, tags, torch.arange(text + audio_rows, n), torch.arange(text, text + audio_rows), torch.arange(text)
+
+
+def minimax_h3():
+    from diffusers import MiniMaxH3Transformer3DModel
+
+    model = MiniMaxH3Transformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, hidden_size=32, num_layers=1, num_refiner_layers=1, ffn_dim=64,
+        in_channels=4, audio_in_channels=8, patch_size=(1, 2, 2), text_dim=32, freq_dim=32, time_embed_hidden_dim=32,
+        time_embed_dim=16, rope_freq_dim=2).eval()
+    g = torch.Generator().manual_seed(45)
+    pos, tags, video, audio, text = minimax_h3_layout(TEXT, GRID, 6)
+    kwargs = dict(hidden_states=torch.randn(2, len(video), 16, generator=g), audio_hidden_states=torch.randn(
+        2, len(audio), 8, generator=g), encoder_hidden_states=torch.randn(2, TEXT, 32, generator=g),
+        timestep=torch.tensor([0.5]), timestep_indices=torch.zeros(len(tags), dtype=torch.long), token_tags=tags,
+        position_ids=pos, video_indices=video, audio_indices=audio, text_indices=text, return_dict=False)
+    return model, (), kwargs, dict(
+        sites=0, text=(0, 0), dense=["grid not found", "no grid in the coordinates input"],
+        note="not yet: text and audio rows share the one packed sequence with the video (scattered by index_copy), and "
+             "the grid is read from position_ids only when the whole sequence is one raster grid")
+
+
+def sana_wm_refiner():
+    from diffusers import SanaWMLTX2RefinerTransformer3DModel
+    from diffusers.models.transformers.transformer_sana_wm_refiner import SanaWMRefinerKVCache
+
+    # A denoising step of the chunk-causal refiner (kv_cache_mode="inject"): the active block's 5
+    # frames attend to [sink frame + block] keys from the KV cache; the RoPE is passed precomputed.
+    model = SanaWMLTX2RefinerTransformer3DModel(
+        in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=16,
+        cross_attention_dim=32, audio_in_channels=8, audio_out_channels=8, audio_num_attention_heads=2,
+        audio_attention_head_dim=16, audio_cross_attention_dim=32, num_layers=1, caption_channels=32).eval()
+    g = torch.Generator().manual_seed(46)
+
+    def rope(frames):
+        return model.build_rotary_emb_for_absolute_positions(2, list(frames), 8, 8, device="cpu", fps=24.0)
+
+    cache = SanaWMRefinerKVCache(1)
+    common = dict(encoder_hidden_states=torch.randn(2, TEXT, 32, generator=g),
+                  encoder_attention_mask=torch.ones(2, TEXT), kv_cache=cache, return_dict=False)
+    with torch.no_grad():  # the attention sink: frame 0's pre-RoPE K/V, as the pipeline seeds it
+        model(torch.randn(2, 64, 8, generator=g), timestep=torch.zeros(2, 64), video_rotary_emb=rope([0]),
+              kv_cache_mode="capture_pre_rope", **common)
+    cache.get(0).store_sink(*cache.get(0).get_captured_pre_rope())
+    cache.sink_pe = rope([0])
+    kwargs = dict(hidden_states=torch.randn(2, 5 * 8 * 8, 8, generator=g), timestep=torch.full((2, 5 * 8 * 8), 500.0),
+                  video_rotary_emb=rope(range(1, 6)), kv_cache_mode="inject", **common)
+    return model, (), kwargs, dict(
+        sites=0, text=(0, 0), dense=["cross-attention", "cross-attention"],
+        note="its self-attention's keys are the KV cache's [sink + history + active block] window, its queries the "
+             "active block only (not square self-attention)")
+
+
+def cosmos3_omni():
+    from diffusers import Cosmos3OmniTransformer
+
+    # One packed sequence, no batch axis: a text prefix (causal "understanding" pathway) and the video
+    # (generation pathway), whose queries attend to [text + video] keys with grouped-query heads.
+    model = Cosmos3OmniTransformer(
+        head_dim=16, hidden_size=32, intermediate_size=64, latent_channel=4, latent_patch_size=2, num_attention_heads=2,
+        num_hidden_layers=1, num_key_value_heads=1, patch_latent_dim=16, vocab_size=64, rope_axes_dim=(4, 2, 2),
+        dtype="float32").eval()
+    g = torch.Generator().manual_seed(47)
+    (T, H, W), n = GRID, math.prod(GRID)
+    t, h, w = torch.meshgrid(*(torch.arange(s) for s in GRID), indexing="ij")
+    positions = torch.cat([torch.arange(TEXT).expand(3, -1), torch.stack([t, h, w]).flatten(1) + TEXT], 1)
+    kwargs = dict(input_ids=torch.randint(0, 64, (TEXT,), generator=g), text_indexes=torch.arange(TEXT),
+                  position_ids=positions, und_len=TEXT, sequence_length=TEXT + n,
+                  vision_tokens=[torch.randn(1, 4, T, 2 * H, 2 * W, generator=g)], vision_token_shapes=[GRID],
+                  vision_sequence_indexes=torch.arange(TEXT, TEXT + n),
+                  vision_mse_loss_indexes=torch.arange(TEXT, TEXT + n),
+                  vision_timesteps=torch.full((n,), 500.0), vision_noisy_frame_indexes=[torch.arange(T)],
+                  return_dict=False)
+    return model, (), kwargs, dict(
+        sites=0, text=(0, 0), dense=["causal", "grouped-query"],
+        note="its video queries attend to [text + video] keys (a text prefix in the keys only) with grouped-query "
+             "heads")
+
+
+DENSE_MODELS = dict(sana_video=sana_video, latte=latte, kandinsky6_sr=kandinsky6_sr, anyflow_far=anyflow_far,
+                    wan_animate2=wan_animate2, minimax_h3=minimax_h3, sana_wm_refiner=sana_wm_refiner,
+                    cosmos3_omni=cosmos3_omni)
 
 
 def cosmos():

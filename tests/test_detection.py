@@ -265,6 +265,45 @@ def test_per_frame_adapter_keeps_the_grid(grid, batch, residual):
     assert flipped["decision"] == "dense" and "flip" in flipped["reason"], flipped
 
 
+class PerFrameConvFeedForward(nn.Module):
+    """A feed-forward that convolves each frame (SANA-WM's GLUMBConvTemp): the tokens go to
+    ``[B*T, C, H, W]`` by ``reshape(B*T, H, W, C).permute``, and come back by ``view(B, T, C, H*W)``
+    (batch and frames split apart again), a temporal conv over ``[B, C, T, H*W]``, and
+    ``permute(0, 2, 3, 1).reshape(B, N, C)``. A self-attention follows; ``residual=False``: its
+    tokens come through the feed-forward only."""
+
+    def __init__(self, grid, residual=True):
+        super().__init__()
+        self.grid, self.residual = grid, residual
+        self.embed = nn.Conv3d(4, 16, (1, 2, 2), (1, 2, 2))
+        self.spatial = nn.Conv2d(16, 16, 3, padding=1)
+        self.temporal = nn.Conv2d(16, 16, (3, 1), padding=(1, 0))
+        self.to_qkv = nn.Linear(16, 48)
+
+    def forward(self, latents):
+        tokens = self.embed(latents).flatten(2).transpose(1, 2)  # [B, N, C]
+        B, N, C = tokens.shape
+        T, H, W = self.grid
+        x = self.spatial(tokens.reshape(B * T, H, W, C).permute(0, 3, 1, 2))  # [B*T, C, H, W]
+        x = x.view(B, T, C, H * W).permute(0, 2, 1, 3)  # [B, C, T, H*W]
+        x = (x + self.temporal(x)).permute(0, 2, 3, 1).reshape(B, N, C)
+        x = tokens + x if self.residual else x
+        q, k, v = self.to_qkv(x).view(B, N, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C)
+
+
+@given(grid=st.sampled_from([(3, 4, 5), (2, 6, 3), (5, 2, 7), (4, 3, 3)]), batch=st.sampled_from([2, 3]),
+       residual=st.booleans())
+def test_per_frame_feed_forward_keeps_the_grid(grid, batch, residual):
+    """Walking back through ``view(B, T, C, H*W)`` of ``[B*T, C, H, W]``, only the frames of the split
+    axis are tokens: the merged ``B*T`` axis is the grid's first axis divided by the batch (it was
+    taken for the grid's first axis whole, ``(B*T, H, W)``, and the residual's grid disagreed)."""
+    latents = torch.randn(batch, 4, grid[0], 2 * grid[1], 2 * grid[2])
+    with torch.no_grad(), si.sparsity(0.5, min_tokens=0):
+        (row,) = si.explain(PerFrameConvFeedForward(grid, residual).eval(), latents).rows
+    assert row["decision"] == "sparse" and row["grid"] == grid, row
+
+
 @pytest.mark.parametrize("text", ["after", "before"])
 def test_data_dependent_text_length(text):
     """The text span's length is a symbol; the compiled site computes it from the sequence length
