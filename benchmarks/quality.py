@@ -13,6 +13,9 @@ same seed and noise) with the sparse sites' SDPA calls replaced by the eager op
 - ``topk``: ``TopK`` at sparsities 0.5, 0.75, 0.875, 0.9375;
 - ``mass``: ``CumulativeMass(p, min_tiles=4, max_fraction=0.5)`` at p = 0.3, 0.5, 0.7, 0.85, 0.95;
 - ``query_keep``: ``query_keep=0.5`` on TopK(0.5), TopK(0.75) and CumulativeMass(0.85);
+- ``query_ratio``: other splits of the same FLOPs between query and KV sparsity (the frontier of
+  2026-12-01 found TopK(0.75) + query_keep 0.5 above TopK(0.875) at 1/8): query_keep 0.25 and
+  0.75 on TopK at about 1/8 and 1/4 of the FLOPs;
 - ``plan``: plans from :func:`sparse_inductor.calibrate` at mean budgets 1/8, 1/4 and 1/2
   (static patterns and per-head TopK), calibrated on other clips and another sample (another
   seed) than the ones measured, every denoising step included; the plan files are written next
@@ -44,7 +47,7 @@ for path in (ROOT, os.path.join(ROOT, "examples")):
         sys.path.insert(0, path)
 import sparse_inductor as si  # noqa: E402
 
-FAMILIES = ("topk", "mass", "query_keep", "plan")
+FAMILIES = ("topk", "mass", "query_keep", "query_ratio", "plan")
 WARMUPS = (0, 2, 4)
 PLAN_BUDGETS = (0.125, 0.25, 0.5)
 #: The seed of the calibration clips: not the seed the measured clips come from.
@@ -62,6 +65,9 @@ def family_settings(family: str, plans: dict) -> list:
         return [("TopK(0.5) qk0.5", {"sparsity": 0.5, "query_keep": 0.5}),
                 ("TopK(0.75) qk0.5", {"sparsity": 0.75, "query_keep": 0.5}),
                 ("CumulativeMass(0.85) qk0.5", {"policy": si.CumulativeMass(0.85, 4, 0.5), "query_keep": 0.5})]
+    if family == "query_ratio":  # (KV sparsity, query_keep): kept FLOPs ~ (1 - s) * r
+        return [(f"TopK({s}) qk{r}", {"sparsity": s, "query_keep": r})
+                for s, r in ((0.5, 0.25), (0.8333, 0.75), (0.125, 0.25), (0.6667, 0.75))]
     if family == "plan":
         return [(f"plan(budget {b})", {"plan": plans[b]}) for b in PLAN_BUDGETS]
     raise ValueError(f"unknown family {family!r}; known: {FAMILIES}")
@@ -166,7 +172,7 @@ def write_frontier(data, out) -> None:
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     styles = {0: "-", 2: "--", 4: ":"}  # line style: dense warm-up steps; colour: policy family
-    colors = dict(zip(FAMILIES, ("tab:blue", "tab:red", "tab:green", "tab:purple")))
+    colors = dict(zip(FAMILIES, ("tab:blue", "tab:red", "tab:green", "tab:olive", "tab:purple")))
     for family in data["families"]:
         for w in WARMUPS:
             pts = sorted((r["kept_sample"], r["psnr"]) for r in frontier_rows(data)
