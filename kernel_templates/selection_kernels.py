@@ -9,6 +9,14 @@ import triton.language as tl
 
 
 @triton.jit
+def _tile_rows(X_HEAD, rows, valid, stride_n, offs_d, HEAD_DIM):
+    """The rows at sequence positions ``rows`` of one head (``[BLOCK, BLOCK_D]``), zero where not
+    ``valid`` (a tile's padding slots) and past the head dim."""
+    mask = valid[:, None] & (offs_d < HEAD_DIM)[None, :]
+    return tl.load(X_HEAD + rows[:, None] * stride_n + offs_d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
 def pool_tiles_kernel(
     Q, K, SLOTS, COUNTS, Q_MEAN, K_MEAN,
     H, NUM_TILES, HEAD_DIM,
@@ -28,9 +36,9 @@ def pool_tiles_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     count = tl.load(COUNTS + m)
     rows = tl.load(SLOTS + m * BLOCK + offs)
-    mask = (offs < count)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + offs_d[None, :], mask=mask, other=0.0)
-    k = tl.load(K + b * stride_kb + h * stride_kh + rows[:, None] * stride_kn + offs_d[None, :], mask=mask, other=0.0)
+    valid = offs < count
+    q = _tile_rows(Q + b * stride_qb + h * stride_qh, rows, valid, stride_qn, offs_d, HEAD_DIM)
+    k = _tile_rows(K + b * stride_kb + h * stride_kh, rows, valid, stride_kn, offs_d, HEAD_DIM)
     out = (bh * NUM_TILES + m) * HEAD_DIM + offs_d
     tl.store(Q_MEAN + out, tl.sum(q.to(tl.float32), 0) / count, mask=offs_d < HEAD_DIM)
     tl.store(K_MEAN + out, tl.sum(k.to(tl.float32), 0) / count, mask=offs_d < HEAD_DIM)
@@ -61,9 +69,7 @@ def rank_query_rows_kernel(
     n_kept = tl.load(N_KEPT + m)
     slots = tl.load(SLOTS + m * BLOCK + offs)
     valid = offs < count
-    rows = tl.where(valid, slots, 0)
-    mask = valid[:, None] & (offs_d < HEAD_DIM)[None, :]
-    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + offs_d[None, :], mask=mask, other=0.0)
+    q = _tile_rows(Q + b * stride_qb + h * stride_qh, slots, valid, stride_qn, offs_d, HEAD_DIM)
     q = q.to(tl.float64) if F64 else q.to(tl.float32)
     is_centre = offs == count // 2
     qc = tl.sum(tl.where(is_centre[:, None], q, 0.0), 0)
