@@ -19,7 +19,9 @@ same seed and noise) with the sparse sites' SDPA calls replaced by the eager op
 - ``plan``: plans from :func:`sparse_inductor.calibrate` at mean budgets 1/8, 1/4 and 1/2
   (static patterns and per-head TopK), calibrated on other clips and another sample (another
   seed) than the ones measured, every denoising step included; the plan files are written next
-  to the results.
+  to the results;
+- ``plan_per_head``: the same with ``allocation="per_head"`` (every head keeps at most the
+  budget, as TopK spreads it), written as ``plan_per_head_<budget>.json``.
 
 Every setting is measured with 0, 2 and 4 of the 20 denoising steps dense. FLOPs kept are from
 the lists (computed query-key pairs over dense pairs, query_keep's dropped rows excluded), per
@@ -47,7 +49,7 @@ for path in (ROOT, os.path.join(ROOT, "examples")):
         sys.path.insert(0, path)
 import sparse_inductor as si  # noqa: E402
 
-FAMILIES = ("topk", "mass", "query_keep", "query_ratio", "plan")
+FAMILIES = ("topk", "mass", "query_keep", "query_ratio", "plan", "plan_per_head")
 WARMUPS = (0, 2, 4)
 PLAN_BUDGETS = (0.125, 0.25, 0.5)
 #: The seed of the calibration clips: not the seed the measured clips come from.
@@ -69,12 +71,15 @@ def family_settings(family: str, plans: dict) -> list:
         return [(f"TopK({s}) qk{r}", {"sparsity": s, "query_keep": r})
                 for s, r in ((0.5, 0.25), (0.8333, 0.75), (0.125, 0.25), (0.6667, 0.75))]
     if family == "plan":
-        return [(f"plan(budget {b})", {"plan": plans[b]}) for b in PLAN_BUDGETS]
+        return [(f"plan(budget {b})", {"plan": plans[("global", b)]}) for b in PLAN_BUDGETS]
+    if family == "plan_per_head":
+        return [(f"plan per head(budget {b})", {"plan": plans[("per_head", b)]}) for b in PLAN_BUDGETS]
     raise ValueError(f"unknown family {family!r}; known: {FAMILIES}")
 
 
-def calibrate_plans(built, cfg, device, dtype, out, tiny: bool) -> dict:
-    """Plans at each budget from the calibration clips; written to ``OUT/plan_<budget>.json``."""
+def calibrate_plans(built, cfg, device, dtype, out, tiny: bool, allocation: str = "global") -> dict:
+    """Plans at each budget from the calibration clips, keyed ``(allocation, budget)``; written to
+    ``OUT/plan_<budget>.json`` (``plan_per_head_<budget>.json``)."""
     import testbed_dit
 
     x_t, t, caption = testbed_dit.eval_inputs(cfg, CALIBRATION_SEED, device, dtype)
@@ -87,10 +92,11 @@ def calibrate_plans(built, cfg, device, dtype, out, tiny: bool) -> dict:
     plans = {}
     for budget in PLAN_BUDGETS:
         result = si.calibrate(built["model"], x_t, t, kwargs={"caption": caption}, budget=budget, min_tokens=0,
-                              sample_fn=calibration_sample, dynamic=True, progress=not tiny)
+                              sample_fn=calibration_sample, dynamic=True, progress=not tiny, allocation=allocation)
         print(result)
-        result.plan.save(os.path.join(out, f"plan_{budget}.json"))
-        plans[budget] = result.plan
+        prefix = "plan_" if allocation == "global" else f"plan_{allocation}_"
+        result.plan.save(os.path.join(out, f"{prefix}{budget}.json"))
+        plans[(allocation, budget)] = result.plan
     return plans
 
 
@@ -114,16 +120,17 @@ def run(args) -> dict:
                         date=datetime.date.today().isoformat(), checkpoint_step=meta.get("step"),
                         grid=list(cfg.grid), layers=cfg.layers, heads=cfg.heads, dtype=str(dtype))
     families = data.setdefault("families", {})
-    plans = None
+    plans = {}
     for family in args.families:
         if family in families and not args.force:
             print(f"[quality] {family}: already measured (use --force to redo)")
             continue
-        if family == "plan" and plans is None:
-            plans = calibrate_plans(built, cfg, device, dtype, args.out, args.tiny)
+        allocation = {"plan": "global", "plan_per_head": "per_head"}.get(family)
+        if allocation is not None:
+            plans.update(calibrate_plans(built, cfg, device, dtype, args.out, args.tiny, allocation))
         t0 = time.perf_counter()
         result = si.fidelity(built["model"], *built["inputs"], kwargs=built.get("kwargs"),
-                             settings=family_settings(family, plans or {}), warmup_steps=list(WARMUPS),
+                             settings=family_settings(family, plans), warmup_steps=list(WARMUPS),
                              sample_fn=built["sample_fn"], backend="eager", min_tokens=0, peak=built["peak"])
         print(f"[quality] {family}: {time.perf_counter() - t0:.1f} s\n{result.table()}", flush=True)
         families[family] = result.to_dict()["rows"]
@@ -172,7 +179,7 @@ def write_frontier(data, out) -> None:
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     styles = {0: "-", 2: "--", 4: ":"}  # line style: dense warm-up steps; colour: policy family
-    colors = dict(zip(FAMILIES, ("tab:blue", "tab:red", "tab:green", "tab:olive", "tab:purple")))
+    colors = dict(zip(FAMILIES, ("tab:blue", "tab:red", "tab:green", "tab:olive", "tab:purple", "tab:brown")))
     for family in data["families"]:
         for w in WARMUPS:
             pts = sorted((r["kept_sample"], r["psnr"]) for r in frontier_rows(data)

@@ -115,6 +115,8 @@ def calibrate_main(argv) -> int:
     parser.add_argument("--skip-threshold", type=float, default=0.02,
                         help="skip heads whose output energy is below this share of the mean head's (0: never)")
     parser.add_argument("--dynamic", action="store_true", help="also offer TopK per head")
+    parser.add_argument("--allocation", choices=("global", "per_head"), default="global",
+                        help="global: the budget is the mean over heads; per_head: every head keeps at most it")
     parser.add_argument("--no-sample", action="store_true", help="measure the inputs only, not a whole sample")
     parser.add_argument("--min-tokens", type=int, default=0)
     args = parser.parse_args(argv)
@@ -122,7 +124,8 @@ def calibrate_main(argv) -> int:
     result = sparse_inductor.calibrate(
         built["model"], *built["inputs"], kwargs=built.get("kwargs"), budget=args.budget, tile=args.tile,
         sample_fn=None if args.no_sample else built.get("sample_fn"), grid=built.get("grid"),
-        skip_threshold=args.skip_threshold, dynamic=args.dynamic, min_tokens=args.min_tokens)
+        skip_threshold=args.skip_threshold, dynamic=args.dynamic, min_tokens=args.min_tokens,
+        allocation=args.allocation)
     result.plan.save(args.out)
     print(result)
     print(f"plan written to {args.out}")

@@ -23,6 +23,10 @@
    FLOPs meet the budget (the smallest λ that meets it is kept; λ is at least ``MIN_PRICE``, so a
    loose budget is not spent on negligible gains); what the relaxation leaves of the budget is
    then spent greedily, the best mass gained per FLOP first. Every head counts equally.
+   With ``allocation="per_head"`` every head instead gets the budget itself and takes its best
+   candidate within it: the FLOPs are spread evenly, as TopK spreads them. (On the testbed,
+   spending more of the budget on some layers than others cost more than it bought:
+   ``benchmarks/selection_probe.py``, benchmarks/NOTES.md.)
 
 The result is a :class:`~sparse_inductor.plan.Plan`, applied with ``sparsity(plan=plan)``.
 """
@@ -206,6 +210,22 @@ def _allocate(options: list[list[tuple]], budget: float) -> list[int]:
         left -= df
 
 
+def _allocate_per_head(options: list[list[tuple]], budget: float) -> list[int]:
+    """Per head the index of its best option ``(value, flops, ...)`` with flops <= ``budget``
+    (ties to the cheaper), or its cheapest option when none fits."""
+    choice = []
+    for opts in options:
+        fits = [i for i, o in enumerate(opts) if o[1] <= budget + 1e-12]
+        if fits:
+            choice.append(max(fits, key=lambda i: (opts[i][0], -opts[i][1])))
+        else:
+            choice.append(min(range(len(opts)), key=lambda i: opts[i][1]))
+    return choice
+
+
+ALLOCATIONS = ("global", "per_head")
+
+
 @dataclass
 class CalibrationResult:
     """What :func:`calibrate` found: the plan and, per site and head, the chosen pattern with its
@@ -263,7 +283,7 @@ def _check(budget, skip_threshold, tile, min_tokens):
 
 def calibrate(model, *inputs, budget: float = 0.125, kwargs: dict | None = None, sample_fn=None,
               skip_threshold: float = 0.02, dynamic: bool = False, tile=(4, 4, 4), min_tokens: int = 0,
-              grid=None, progress: bool = True) -> CalibrationResult:
+              grid=None, progress: bool = True, allocation: str = "global") -> CalibrationResult:
     """Find per-head attention patterns that keep the most softmax mass within a FLOP budget.
 
     Args:
@@ -280,6 +300,8 @@ def calibrate(model, *inputs, budget: float = 0.125, kwargs: dict | None = None,
         dynamic: also offer ``TopK`` per head (scored on the calibration inputs' selections).
         tile, min_tokens, grid: as in :func:`sparse_inductor.sparsity`.
         progress: a tqdm progress bar over the measured attention calls.
+        allocation: ``"global"`` (the budget is the mean over all heads: heads that gain more
+            mass per FLOP take more) or ``"per_head"`` (every head keeps at most the budget).
 
     Returns:
         A :class:`CalibrationResult`; ``.plan`` is the :class:`~sparse_inductor.plan.Plan`
@@ -290,6 +312,8 @@ def calibrate(model, *inputs, budget: float = 0.125, kwargs: dict | None = None,
     from .fidelity import _check_count, _SDPAInterceptor, call_text_span, key_padding, refuse_masked_sites
 
     _check(budget, skip_threshold, tile, min_tokens)
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
     tile = tuple(tile)
     kwargs = dict(kwargs or {})
     model = getattr(model, "_orig_mod", model)
@@ -364,7 +388,10 @@ def calibrate(model, *inputs, budget: float = 0.125, kwargs: dict | None = None,
             owners.append((i, h))
     # Skipped heads cost no FLOPs: the others may spend their share.
     n_heads = len(options) + len(skipped)
-    choice = _allocate(options, budget * n_heads / max(1, len(options))) if options else []
+    if allocation == "per_head":
+        choice = _allocate_per_head(options, budget)
+    else:
+        choice = _allocate(options, budget * n_heads / max(1, len(options))) if options else []
     per_site = {i: [None] * m.heads for i, m in measures.items()}
     heads = []
     for (i, h), opts, c in zip(owners, options, choice):
@@ -380,7 +407,9 @@ def calibrate(model, *inputs, budget: float = 0.125, kwargs: dict | None = None,
     grids = {m.grid for m in measures.values()}
     plan = Plan(sites=tuple((measures[i].module, PerHead(tuple(ps))) for i, ps in per_site.items()),
                 grid=next(iter(grids)) if len(grids) == 1 else None, tile=tile,
-                info=(("budget", budget), ("objective", "min sum_h w_h (1 - mass_h)^2 s.t. mean FLOPs <= budget"),
+                info=(("budget", budget), ("allocation", allocation),
+                      ("objective", "min sum_h w_h (1 - mass_h)^2 s.t. " + (
+                          "FLOPs_h <= budget for every head" if allocation == "per_head" else "mean FLOPs <= budget")),
                       ("skip_threshold", skip_threshold),
                       ("mean_flops", sum(h["flops"] for h in heads) / len(heads)),
                       ("mean_mass", sum(h["mass"] for h in heads) / len(heads))))

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sparse_inductor as si
-from sparse_inductor.calibrate import _allocate, tile_mass
+from sparse_inductor.calibrate import _allocate, _allocate_per_head, tile_mass
 from sparse_inductor.layout import build_layout
 from sparse_inductor.reference import tile_ids
 
@@ -99,6 +99,30 @@ def test_allocation_is_the_knapsack_optimum_on_a_small_case():
     options = [[(0.5, 0.1, "a0"), (0.9, 0.4, "a1"), (1.0, 1.0, "a2")], [(0.6, 0.05, "b0"), (0.8, 0.2, "b1")]]
     assert _allocate(options, 0.3) == [1, 1]
     assert _allocate(options, 1.0) == [2, 1]
+
+
+def test_per_head_allocation_gives_every_head_the_budget():
+    # The same options: per head the best value within the head's own share of the budget (the
+    # cheapest option when none fits), so no head buys its FLOPs from another.
+    options = [[(0.5, 0.1, "a0"), (0.9, 0.4, "a1"), (1.0, 1.0, "a2")], [(0.6, 0.05, "b0"), (0.8, 0.2, "b1")]]
+    assert _allocate_per_head(options, 0.3) == [0, 1]
+    assert _allocate_per_head(options, 0.4) == [1, 1]
+    assert _allocate_per_head(options, 0.01) == [0, 0]
+    assert _allocate_per_head(options, 1.0) == [2, 1]
+
+
+def test_per_head_calibration_keeps_each_head_within_the_budget():
+    # Diffuse attention: the global allocation gives some heads more than the budget; per head,
+    # none exceeds it (the plan's mean is then at most the budget too).
+    torch.manual_seed(1)
+    model = Planted((4, 8, 8), (2, 2, 2), sharp=0.3).eval()
+    x = torch.randn(1, 3, 4, 8, 8)
+    result = si.calibrate(model, x, budget=0.25, tile=(2, 2, 2), skip_threshold=0.0, progress=False,
+                          allocation="per_head", dynamic=True)
+    assert all(h["flops"] <= 0.25 + 1e-9 for h in result.heads), result.heads
+    assert ("allocation", "per_head") in result.plan.info
+    with pytest.raises(ValueError, match="allocation"):
+        si.calibrate(model, x, budget=0.25, tile=(2, 2, 2), progress=False, allocation="uniform")
 
 
 @given(grid=st.sampled_from([(3, 5, 6), (4, 4, 4)]), text=st.sampled_from([(0, 0), (5, 0), (0, 3)]),

@@ -41,8 +41,9 @@ def test_every_family_and_warmup_is_measured(tiny_run):
     qk = {r["setting"]: r["kept_step"] for r in rows if r["family"] == "query_keep" and r["warmup"] == 0}
     assert qk["TopK(0.5) qk0.5"] == pytest.approx(0.25)  # half the tiles, half the query rows
     for budget in quality.PLAN_BUDGETS:
-        assert (out / f"plan_{budget}.json").exists()
-    plan_rows = [r for r in rows if r["family"] == "plan" and r["warmup"] == 0]
+        assert (out / f"plan_{budget}.json").exists() and (out / f"plan_per_head_{budget}.json").exists()
+    plan_rows = [r for r in rows if r["family"] in ("plan", "plan_per_head") and r["warmup"] == 0]
+    assert len(plan_rows) == 2 * len(quality.PLAN_BUDGETS)
     assert all(r["kept_step"] <= float(r["setting"].split()[-1][:-1]) + 1e-9 for r in plan_rows)
 
 
