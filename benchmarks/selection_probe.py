@@ -23,6 +23,9 @@ Printed: output rel-L2 against dense per layer and the mean, and the mass kept, 
 
     python benchmarks/selection_probe.py --checkpoint runs/testbed [--clips 1 2] [--layers 0 4 8 11]
 
+``--overlap`` prints, per layer, how much the TopK lists of two neighbouring query tiles (w, w+1)
+share (|A ∩ B| / k): what packing two query tiles into one block would save (NOTES v15).
+
 ``--allocations`` instead runs the whole model with TopK at a per-layer budget (tiles per query
 tile for layers 0-7 and 8-11, the diffuse ones), each allocation at the same total FLOPs, and
 prints the rel-L2 of the model's output against dense: does it matter *where* the budget goes?
@@ -176,6 +179,17 @@ def sparse_output(q, k, v, grid, tile, budget):
     return out.reshape(1, H, T * Hh * W, D).to(q.dtype)
 
 
+def list_overlap(q, k, grid, tile, budget):
+    """Mean |A ∩ B| / budget of the TopK lists of query tiles (t, h, w) and (t, h, w + 1)."""
+    tiles = [to_tiles(x.float(), grid, tile)[0] for x in (q, k)]
+    qm, km = tiles[0].mean(2), tiles[1].mean(2)
+    sel = order_rows(qm @ km.transpose(1, 2), budget)  # [H, M, M]
+    nw = grid[2] // tile[2]
+    left = torch.arange(sel.shape[1])
+    left = left[(left % nw) < nw - 1]
+    return ((sel[:, left] & sel[:, left + 1]).sum(-1).float() / budget).mean().item()
+
+
 def allocations(args, model, x_t, t, caption, grid, tile):
     M = math.prod(g // s for g, s in zip(grid, tile))
     plans = {  # name: (tiles for layers 0-7, tiles for layers 8-11); 8 x a + 4 x b = 12 x M / 8
@@ -221,6 +235,7 @@ def main():
     parser.add_argument("--layers", type=int, nargs="+", help="default: all")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--allocations", action="store_true", help="per-layer budgets, whole model (see above)")
+    parser.add_argument("--overlap", action="store_true", help="neighbouring query tiles' list overlap (see above)")
     args = parser.parse_args()
     torch.manual_seed(0)
     setup = tb.setup(args.checkpoint, device=args.device)
@@ -251,10 +266,16 @@ def main():
         for layer, (q, k, v) in enumerate(captured):
             if args.layers and layer not in args.layers:
                 continue
+            if args.overlap:
+                print(f"clip {clip} layer {layer}: neighbour overlap " + ", ".join(
+                    f"k={b}: {list_overlap(q, k, grid, tile, b):.3f}" for b in budgets), flush=True)
+                continue
             tiles = [to_tiles(x.float(), grid, tile)[0] for x in (q, k, v)]
             for key, value in site_errors(*tiles, budgets).items():
                 results.setdefault((layer,) + key, []).append(value)
             print(f"clip {clip} (t {t[clip].item():.1f}) layer {layer}: {time.perf_counter() - start:.0f} s", flush=True)
+    if args.overlap:
+        return
     layers = sorted({key[0] for key in results})
     for budget in budgets:
         print(f"\n## {budget} of {math.prod(g // s for g, s in zip(grid, tile))} tiles per query tile "
