@@ -119,16 +119,15 @@ def main():
         if args.in_process:
             print("loading the package in this process", flush=True)
             loaded = run_package(path, args.tiny, device, dtype, out_file)
-            got = torch.load(out_file)
-        child = [sys.executable, os.path.abspath(__file__), "--load", path, out_file] + (["--tiny"] if args.tiny else [])
-        if not args.in_process:
+        else:
+            child = [sys.executable, os.path.abspath(__file__), "--load", path, out_file] + (["--tiny"] if args.tiny else [])
             env = dict(os.environ, PYTHONFAULTHANDLER="1")  # a crash in the package prints the Python stack
             done = subprocess.run(child, capture_output=True, text=True, env=env)
             if done.returncode != 0:
                 raise SystemExit(f"the fresh process that loads the package failed (exit {done.returncode}):\n"
                                  f"{done.stdout[-4000:]}\n{done.stderr[-8000:]}")
             loaded = json.loads(done.stdout.strip().splitlines()[-1])
-            got = torch.load(out_file)
+        got = torch.load(out_file)
     want, dense = want.float().cpu(), dense.float().cpu()
     rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
     result = dict(

@@ -61,8 +61,9 @@ def to_tiles(x, grid, tile):
 
 def tile_sums(q, k, v, chunk=16):
     """Per query token (tile-major ``[H, M, S, D]`` inputs, one sample) and KV tile: ``Z`` the sum
-    of exp(scores - row max) over the tile, ``U`` the matching sum of values, and the dense output.
-    Returns ``Z [H, M, S, M]``, ``U`` as a callable per query-tile chunk (too big to keep)."""
+    of exp(scores - row max) over the tile and ``U`` the matching sum of values. Yields
+    ``(first query tile, Z [H, c*S, M], U [H, c*S, M, D])`` per chunk of ``c`` query tiles; any
+    selection's output is then ``Σ_sel U / Σ_sel Z``."""
     H, M, S, D = q.shape
     scale = D ** -0.5
     kf, vf = k.reshape(H, M * S, D), v.reshape(H, M * S, D)

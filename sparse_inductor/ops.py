@@ -442,10 +442,11 @@ def rank_query_rows(q: Tensor, video_slots: Tensor, counts: Tensor, n_kept: Tens
         Mv = counts.shape[0]
         S = video_slots.shape[0] // Mv
         tables = q.new_empty((B, H, Mv, S), dtype=torch.int32)
-        kept = q.new_empty((B, H, Mv, S), dtype=torch.int8)
+        kept = q.new_empty((B, H, Mv, S), dtype=torch.bool)
+        # The kernel stores 0 / 1 bytes: into the bool tensor's storage, no conversion pass.
         triton_launch.rank_query_rows(_unit_feature_stride(q), video_slots.contiguous(), counts.contiguous(),
-                                      n_kept.contiguous(), tables, kept)
-        return tables, kept.bool()
+                                      n_kept.contiguous(), tables, kept.view(torch.int8))
+        return tables, kept
     return rank_query_rows_torch(q, video_slots, counts, n_kept)
 
 

@@ -134,12 +134,13 @@ def select_queries(q: Tensor, layout: TileLayout, query_keep: float) -> QueryKee
     # Video query tables: tile m's kept slots (in rank order) fill its first block; the dropped
     # positions follow, marked excluded (-(p + 2): not computed or written, dQ = 0; see
     # kernel_templates/block_sparse_attention.py).
-    video_tables, kept_slot = ops.rank_query_rows(q.detach(), layout.slots[: Mv * S], layout.counts[:Mv],
+    slots = layout.slots  # (computed per access)
+    video_tables, kept_slot = ops.rank_query_rows(q.detach(), slots[: Mv * S], layout.counts[:Mv],
                                                   n_kept.to(torch.int32))
     video_counts = torch.zeros(B, H, Mv, R, dtype=torch.int32, device=device)
     video_counts[..., 0] = n_kept.to(torch.int32)
     # Text blocks: all rows kept, split into blocks of Sq slots.
-    text_slots = layout.slots[Mv * S:].view(1, 1, -1).expand(B, H, -1)
+    text_slots = slots[Mv * S:].view(1, 1, -1).expand(B, H, -1)
     text_counts = (counts[Mv:].view(-1, 1) - torch.arange(R, device=device) * Sq).clamp(0, Sq)
     q_slots = torch.cat([video_tables.reshape(B, H, -1), text_slots], dim=2).contiguous()
     q_counts = torch.cat([video_counts.reshape(B, H, -1),
