@@ -1,8 +1,11 @@
-"""Train a small video DiT on synthetic moving shapes: dense, sparse through the backend, and
-with VSA's gated coarse branch; equal steps, validation loss curves to PNG.
+"""Train a small video DiT on synthetic moving shapes: dense, sparse through the backend (TopK,
+or BSA's CumulativeMass + query_keep), and with VSA's gated coarse branch; equal steps,
+validation loss curves to PNG.
 
-    python examples/train_tiny_video_dit.py --out runs/a                      # GPU: all three variants
+    python examples/train_tiny_video_dit.py --out runs/a                      # GPU: dense, sparse, gated
     python examples/train_tiny_video_dit.py --variants dense --steps 3000 --out runs/a
+    python examples/train_tiny_video_dit.py --variants bsa --steps 3000 --time-limit 8 --out runs/bsa  # GPU
+    python examples/train_tiny_video_dit.py --tiny --variants bsa --out /tmp/bsa_tiny   # CPU, seconds
     python examples/train_tiny_video_dit.py --tiny --steps 20 --out /tmp/t   # CPU, seconds
     python examples/train_tiny_video_dit.py --report runs/a runs/b --out runs/all   # merge runs
 
@@ -15,6 +18,37 @@ Variants (same model, data order, seed and steps):
   ``--sparsity`` with VSA's gated coarse branch (compiled with ``backend="inductor"``).
 - ``sparse_eager`` (not run by default): the layers call the eager sparse op at ``--sparsity``
   without the gate: the same arithmetic as ``sparse`` without the backend (a cross-check).
+- ``bsa`` (not run by default): BSA's setting (arXiv 2509.01085): the model compiled with
+  ``backend="sparse_inductor"``, trained and validated under
+  ``sparse_inductor.sparsity(policy=CumulativeMass(--bsa-p, --bsa-min-tiles, --bsa-max-fraction),
+  query_keep=--query-keep, min_tokens=0)``: per query tile the fewest KV tiles holding a share p
+  of its coarse attention mass (defaults p 0.9, clamped to [4, ceil(0.5 * 64) = 32] tiles), and
+  half the query rows of every tile (the others receive the tile centre's output).
+
+Measured attention FLOPs: ``bsa``'s budget is adaptive, so what it kept is measured, not
+nominal. For the variants compiled with the backend (``sparse``, ``bsa``) three validation
+passes (those of the first evaluation, the evaluation nearest the middle and the last one) run
+inside ``sparse_inductor.stats()``, which reads back every call's lists (KV tiles kept per
+query tile, query rows computed): the log's ``measured_flops`` holds per pass the FLOPs kept
+(query-key pairs computed over dense pairs: the KV tiles kept / total x the query keep, the
+convention of :func:`attention_flops`). Recording syncs with the device once per attention call
+and compiles one more variant (the first recorded pass pays it), so training steps never record.
+``bsa``'s TFLOP/step and FLOPs saved in the table are those measured; ``sparse``'s measurement
+cross-checks its nominal 1/8.
+
+GPU run of the issue-15 target (BSA's setting at equal steps, within 5 % of dense's validation
+loss, the dense 3000-step run of benchmarks/RESULTS.md: 0.0723)::
+
+    python examples/train_tiny_video_dit.py --variants bsa --steps 3000 --time-limit 8 --out runs/bsa
+    python examples/train_tiny_video_dit.py --variants dense --steps 3000 --out runs/dense  # its log is not in git
+    python examples/train_tiny_video_dit.py --report runs/dense runs/bsa --out runs/all
+
+Estimate on an H100/H200: the ``sparse`` variant took 30.4 ms/step and 52 s to compile; ``bsa``
+compiles two variants (training, and recording at the first measured pass) and runs the mass
+cut and the query ranking on top, so about 30-45 ms/step: 3000 steps in about 2-2.5 min, plus
+about 2 min of compiles and validation, 4-5 min in all (the line at step 20 prints the measured
+ms/step; ``--time-limit`` counts from the first step, compile included: 8 min leaves room under
+a 10-minute limit). Dense: 20.6 ms/step and 42 s compile, about 2.5 min.
 
 The data set is made on the fly: 16-frame 64x64 RGB clips of 3 textured shapes (disc, square,
 diamond; striped or checkered) that move, rotate and grow or shrink over a colour gradient
@@ -50,7 +84,7 @@ import sparse_inductor  # noqa: E402
 from sparse_inductor.nn import VideoSparseAttention  # noqa: E402
 from video_dit import apply_rope, rope_3d  # noqa: E402  (this folder is on sys.path)
 
-VARIANTS = ("dense", "sparse", "gated", "sparse_eager")
+VARIANTS = ("dense", "sparse", "bsa", "gated", "sparse_eager")
 DEFAULT_VARIANTS = ("dense", "sparse", "gated")
 
 
@@ -75,6 +109,9 @@ class Config:
         pt, ph, pw = self.patch
         return (self.frames // pt, self.size // ph, self.size // pw)
 
+
+#: Variants compiled with ``backend="sparse_inductor"``; their validation passes measure the FLOPs kept.
+BACKEND_VARIANTS = ("sparse", "bsa")
 
 #: The CPU configuration of the tests: an 8x8x8 grid (512 tokens, 8 tiles of (4, 4, 4)).
 TINY = dict(frames=8, size=32, dim=32, heads=2, layers=2, batch=2, warmup_steps=2, val_clips=4, lr=2e-3)
@@ -257,9 +294,12 @@ class _null:
 # ---------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------
-def attention_flops(cfg: Config, variant: str, sparsity: float) -> dict:
+def attention_flops(cfg: Config, variant: str, sparsity: float, kept: float | None = None) -> dict:
     """Attention matmul FLOPs of one training step (forward + backward = 3.5x the forward, the
-    convention of benchmarks/RESULTS.md): dense, and what the variant computes."""
+    convention of benchmarks/RESULTS.md): dense, and what the variant computes.
+
+    ``bsa``'s budget is adaptive: ``kept`` is its measured share of the dense query-key pairs
+    (``sparse_inductor.stats().kept()``), required for it and ignored for the others."""
     B, H, D = cfg.batch, cfg.heads, cfg.dim // cfg.heads
     grid = cfg.grid
     N = math.prod(grid)
@@ -268,6 +308,10 @@ def attention_flops(cfg: Config, variant: str, sparsity: float) -> dict:
     dense = 4 * B * H * N * N * D * cfg.layers * 3.5
     if variant == "dense":
         done = dense
+    elif variant == "bsa":
+        if kept is None:
+            raise ValueError("attention_flops('bsa'): the kept fraction is adaptive; pass the measured kept=")
+        done = dense * kept
     else:
         # Both configurations' grids divide by the tile, so every kept tile holds 64 keys.
         kept_keys = min(M, max(1, math.ceil(round((1 - sparsity) * M, 9)))) * math.prod(layout.tile)
@@ -297,6 +341,27 @@ def evaluate(model, val, cfg, autocast):
     return total / (x0.shape[0] // cfg.batch)
 
 
+def evaluate_and_measure(model, val, cfg, autocast) -> tuple[float, dict]:
+    """:func:`evaluate` inside ``sparse_inductor.stats()``: the validation loss, and what the
+    sparse attention calls of that pass kept: ``kept`` (attention FLOPs kept: query-key pairs
+    computed over dense pairs), ``query_keep`` (share of query rows computed), KV tiles kept per
+    query tile (``tiles_mean``/``tiles_min``/``tiles_max`` of ``num_tiles``), ``calls``, and per
+    site ``{"tiles_mean", "kept"}``. Syncs with the device once per call: not for training steps."""
+    with sparse_inductor.stats() as rec:
+        loss = evaluate(model, val, cfg, autocast)
+    rows = rec.rows
+    if not rows:
+        raise RuntimeError("sparse_inductor.stats() recorded no sparse attention call in the validation pass: "
+                           "the backend kept every site dense (see the explain() line above)")
+    point = dict(kept=rec.kept(), query_keep=sum(r["query_keep"] for r in rows) / len(rows),
+                 tiles_mean=sum(r["tiles_mean"] for r in rows) / len(rows),
+                 tiles_min=min(r["tiles_min"] for r in rows), tiles_max=max(r["tiles_max"] for r in rows),
+                 num_tiles=rows[0]["num_tiles"], calls=len(rows),
+                 sites={site: {"tiles_mean": s["tiles_mean"], "kept": s["kept"]}
+                        for (site, _), s in rec.sites().items()})
+    return loss, point
+
+
 def validation_set(cfg: Config, device):
     """Fixed clips (a seed no training step uses), t spread evenly over (0, 1), fixed noise."""
     n = max(1, cfg.val_clips // cfg.batch) * cfg.batch  # whole batches: one compiled shape
@@ -310,7 +375,7 @@ def validation_set(cfg: Config, device):
 def train(variant: str, cfg: Config, args, device) -> dict:
     """Train one variant for ``args.steps`` steps; returns (and writes) its log."""
     model = build_model(cfg, variant, args.sparsity).to(device)
-    if variant == "sparse":
+    if variant in BACKEND_VARIANTS:
         from sparse_inductor.backend import sparse_inductor_backend
 
         # The backend callable itself: works without `pip install` (no entry point needed).
@@ -319,18 +384,22 @@ def train(variant: str, cfg: Config, args, device) -> dict:
         runner = torch.compile(model)
     else:
         runner = model
-    # The sparse variant trains and validates under the context; min_tokens=0 because the
-    # default (12,288) would keep a 4,096-token grid dense.
+    # The sparse and bsa variants train and validate under the context; min_tokens=0 because
+    # the default (12,288) would keep a 4,096-token grid dense.
     level = args.sparsity if variant == "sparse" else 0.0
 
     def attention_context():
+        if variant == "bsa":
+            return sparse_inductor.sparsity(policy=args.bsa_policy, query_keep=args.query_keep, min_tokens=0)
         return sparse_inductor.sparsity(level, min_tokens=0)
 
     def autocast():
         return torch.autocast(device, dtype=torch.bfloat16) if args.bf16 else _null()
 
-    if variant in ("dense", "sparse"):  # what the backend does with the model's SDPA sites at --sparsity
-        with sparse_inductor.sparsity(args.sparsity, min_tokens=0), torch.no_grad():
+    if variant in ("dense", *BACKEND_VARIANTS):  # what the backend does with the model's SDPA sites
+        explain_context = attention_context() if variant == "bsa" else sparse_inductor.sparsity(args.sparsity,
+                                                                                                min_tokens=0)
+        with explain_context, torch.no_grad():
             x = torch.zeros(1, cfg.channels, cfg.frames, cfg.size, cfg.size, device=device)
             sites = sparse_inductor.explain(model, x, torch.zeros(1, device=device))
         print(f"[{variant}] explain(): {len(sites.sparse_rows)} of {len(sites)} attention sites sparse, "
@@ -344,11 +413,36 @@ def train(variant: str, cfg: Config, args, device) -> dict:
         return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
     val = validation_set(cfg, device)
-    log = {"variant": variant, "config": asdict(cfg), "sparsity": 0.0 if variant == "dense" else args.sparsity,
+    log = {"variant": variant, "config": asdict(cfg),
+           "sparsity": {"dense": 0.0, "bsa": None}.get(variant, args.sparsity),
            "steps_planned": args.steps, "train_loss": [],
            "val": [], "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-           "torch": torch.__version__, "bf16": args.bf16, "compiled": variant == "sparse" or args.compile,
-           "flops": attention_flops(cfg, variant, args.sparsity)}
+           "torch": torch.__version__, "bf16": args.bf16, "compiled": variant in BACKEND_VARIANTS or args.compile,
+           "flops": None if variant == "bsa" else attention_flops(cfg, variant, args.sparsity)}
+    if variant == "bsa":
+        log.update(policy=args.bsa_policy.describe(), policy_args=asdict(args.bsa_policy), query_keep=args.query_keep)
+    # Validation passes that measure the FLOPs kept: the first evaluation, the one nearest the
+    # middle, the last (and the final one after a --time-limit stop).
+    measures = variant in BACKEND_VARIANTS
+    middle = max(1, round(args.steps / 2 / args.eval_every)) * args.eval_every
+    measure_at = {args.eval_every, middle, args.steps}
+    points = []
+
+    def validate(step, measure):
+        if not measure:
+            return evaluate(runner, val, cfg, autocast)  # (no dropout: train mode is fine)
+        t_measure = time.perf_counter()
+        loss, point = evaluate_and_measure(runner, val, cfg, autocast)
+        point = {"step": step, "val_loss": loss, **point}
+        points.append(point)
+        if len(points) == 1:
+            log["first_measure_s"] = time.perf_counter() - t_measure  # the recording variant's compile
+        print(f"[{variant}] step {step} measured over the validation pass: KV tiles kept per query tile "
+              f"{point['tiles_mean']:.2f} ({point['tiles_min']}-{point['tiles_max']}) of {point['num_tiles']}, "
+              f"query keep {point['query_keep']:.3f}, attention FLOPs kept {point['kept']:.4f} "
+              f"(saved {100 * (1 - point['kept']):.1f} %)", flush=True)
+        return loss
+
     step_times = []
     start = time.perf_counter()
     with attention_context():
@@ -384,7 +478,7 @@ def train(variant: str, cfg: Config, args, device) -> dict:
                       flush=True)
             if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
                 t_eval = time.perf_counter()
-                val_loss = evaluate(runner, val, cfg, autocast)  # (no dropout: train mode is fine)
+                val_loss = validate(step + 1, measures and step + 1 in measure_at)
                 log["val"].append([step + 1, val_loss])
                 if len(log["val"]) == 1:
                     log["first_eval_s"] = time.perf_counter() - t_eval
@@ -392,9 +486,19 @@ def train(variant: str, cfg: Config, args, device) -> dict:
                 ms = 1e3 * _median(step_times[1:] or step_times)
                 print(f"[{variant}] step {step + 1}: train {sum(recent) / len(recent):.4f}  val {val_loss:.4f}  "
                       f"({ms:.1f} ms/step)", flush=True)
-    if not log["val"] or log["val"][-1][0] != len(log["train_loss"]):
+    final = len(log["train_loss"])
+    need_val = not log["val"] or log["val"][-1][0] != final
+    need_measure = measures and (not points or points[-1]["step"] != final)
+    if need_val or need_measure:  # a --time-limit stop: validate (and measure) where training ended
         with attention_context():
-            log["val"].append([len(log["train_loss"]), evaluate(runner, val, cfg, autocast)])
+            val_loss = validate(final, need_measure)
+        if need_val:
+            log["val"].append([final, val_loss])
+    if measures:
+        kept = sum(p["kept"] for p in points) / len(points)
+        log["measured_flops"] = {"kept": kept, "saved": 1 - kept, "points": points}
+        if variant == "bsa":
+            log["flops"] = attention_flops(cfg, variant, args.sparsity, kept=kept)
     log["steps"] = len(log["train_loss"])
     log["final_val_loss"] = log["val"][-1][1]
     log["compile_first_step_s"] = step_times[0] if step_times else None
@@ -454,12 +558,30 @@ def fidelity_setup(checkpoint=None, device=None, dtype=None):
 # ---------------------------------------------------------------------------------------------
 # Report: table and plot from the logs of one or more runs
 # ---------------------------------------------------------------------------------------------
+def _setting(log: dict) -> str:
+    """The sparsity setting of a run, for the table: the TopK sparsity, or bsa's policy and query keep."""
+    if log["variant"] == "bsa":
+        return f"{log['policy']}, query_keep={log['query_keep']}"
+    return str(log["sparsity"])
+
+
+def _label(log: dict) -> str:
+    """A short legend label."""
+    if log["variant"] == "bsa":
+        return f"bsa (mass p={log['policy_args']['p']}, query_keep={log['query_keep']})"
+    return f"{log['variant']} ({log['sparsity']})"
+
+
 def report(logs: list[dict], out_dir: str) -> str:
-    """Markdown table of the runs (loss gap against the dense run) and ``loss_curves.png``."""
+    """Markdown table of the runs (loss gap against the dense run) and ``loss_curves.png``.
+
+    "measured FLOPs kept": the mean over the recorded validation passes of the attention FLOPs
+    the backend's lists kept (variants compiled with the backend; empty for the others); bsa's
+    TFLOP/step and FLOPs saved are those measured."""
     dense = next((log for log in logs if log["variant"] == "dense"), None)
     lines = ["| variant | sparsity | steps | final val loss | gap vs dense | ms/step | compile + first step | "
-             "attention TFLOP/step (fwd+bwd) | attention FLOPs saved |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "attention TFLOP/step (fwd+bwd) | attention FLOPs saved | measured FLOPs kept (per pass) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for log in logs:
         gap = ""
         if dense is not None:
@@ -467,9 +589,14 @@ def report(logs: list[dict], out_dir: str) -> str:
             if log["steps"] != dense["steps"]:
                 gap += f" (unequal steps: {log['steps']} vs {dense['steps']})"
         flops = log["flops"]
-        lines.append(f"| {log['variant']} | {log['sparsity']} | {log['steps']} | {log['final_val_loss']:.4f} | {gap} | "
+        measured = log.get("measured_flops")  # (absent from logs of older runs)
+        kept = ""
+        if measured:
+            kept = f"{measured['kept']:.3f} (" + ", ".join(f"step {p['step']}: {p['kept']:.3f}"
+                                                           for p in measured["points"]) + ")"
+        lines.append(f"| {log['variant']} | {_setting(log)} | {log['steps']} | {log['final_val_loss']:.4f} | {gap} | "
                      f"{log['ms_per_step']:.1f} | {log['compile_first_step_s']:.1f} s | {flops['tflop']:.2f} "
-                     f"(dense {flops['dense_tflop']:.2f}) | {100 * flops['saved']:.1f} % |")
+                     f"(dense {flops['dense_tflop']:.2f}) | {100 * flops['saved']:.1f} % | {kept} |")
     table = "\n".join(lines)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "train_table.md"), "w") as f:
@@ -484,7 +611,7 @@ def report(logs: list[dict], out_dir: str) -> str:
         return table
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for log in logs:
-        label = f"{log['variant']} ({log['sparsity']})"
+        label = _label(log)
         losses = log["train_loss"]
         window = max(1, len(losses) // 50)
         smooth = [sum(losses[max(0, i - window + 1): i + 1]) / len(losses[max(0, i - window + 1): i + 1])
@@ -504,11 +631,35 @@ def report(logs: list[dict], out_dir: str) -> str:
     return table
 
 
+def bsa_settings(parser, args) -> None:
+    """Sets ``args.bsa_policy`` (the bsa variant's ``CumulativeMass``) from the flags, and checks
+    ``--query-keep``; a bad value is a parser error naming its flag."""
+    from sparse_inductor.query_keep import check_query_keep
+
+    Mass = sparse_inductor.CumulativeMass
+    for flag, check in (("--bsa-p", lambda: Mass(p=args.bsa_p)),
+                        ("--bsa-min-tiles", lambda: Mass(min_tiles=args.bsa_min_tiles)),
+                        ("--bsa-max-fraction", lambda: Mass(max_fraction=args.bsa_max_fraction)),
+                        ("--query-keep", lambda: check_query_keep(args.query_keep))):
+        try:
+            check()
+        except ValueError as error:
+            parser.error(f"{flag}: {error}")
+    args.bsa_policy = Mass(p=args.bsa_p, min_tiles=args.bsa_min_tiles, max_fraction=args.bsa_max_fraction)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=VARIANTS)
     parser.add_argument("--steps", type=int, default=None, help="training steps per variant (default 3000; tiny 20)")
-    parser.add_argument("--sparsity", type=float, default=0.875)
+    parser.add_argument("--sparsity", type=float, default=0.875, help="TopK sparsity of sparse, gated, sparse_eager")
+    parser.add_argument("--bsa-p", type=float, default=0.9,
+                        help="bsa: share of each query tile's coarse attention mass its KV tiles keep, in (0, 1]")
+    parser.add_argument("--bsa-min-tiles", type=int, default=4, help="bsa: at least this many KV tiles per query tile")
+    parser.add_argument("--bsa-max-fraction", type=float, default=0.5,
+                        help="bsa: at most ceil(this x tiles) KV tiles per query tile, in (0, 1]")
+    parser.add_argument("--query-keep", type=float, default=0.5,
+                        help="bsa: share of each tile's query rows computed, in (0, 1] (BSA: 0.5)")
     parser.add_argument("--eval-every", type=int, default=None, help="validation every N steps (default steps/10)")
     parser.add_argument("--time-limit", type=float, default=None,
                         help="minutes per variant; training stops there (the log says at which step)")
@@ -535,6 +686,7 @@ def main(argv=None):
         print(report(logs, args.out))
         return
     sparse_inductor.config.check_sparsity(args.sparsity)
+    bsa_settings(parser, args)
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     cfg = Config(**TINY) if args.tiny else Config()
     if args.batch:

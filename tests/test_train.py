@@ -1,5 +1,6 @@
 """examples/train_tiny_video_dit.py: the data, the model, a tiny CPU training run dense and
-through backend="sparse_inductor", the gated variant, checkpoints and the report."""
+through backend="sparse_inductor" (TopK, and BSA's CumulativeMass + query_keep), the gated
+variant, the measured attention FLOPs, checkpoints and the report."""
 import contextlib
 import importlib.util
 import json
@@ -43,7 +44,7 @@ def test_attention_flops_saved():
 
 @pytest.fixture(scope="module")
 def tiny_runs(tmp_path_factory):
-    """One tiny run of every variant (12 steps each; the sparse one compiles on CPU)."""
+    """One tiny run of every variant (12 steps each; sparse and bsa compile on CPU)."""
     out = tmp_path_factory.mktemp("train")
     tr.main(["--tiny", "--steps", "12", "--eval-every", "3", "--out", str(out), "--variants", *tr.VARIANTS])
     return out, {v: json.loads((out / f"train_{v}.json").read_text()) for v in tr.VARIANTS}
@@ -72,6 +73,36 @@ def test_backend_training_follows_the_eager_sparse_op_not_dense(tiny_runs):
     assert logs["sparse"]["sparsity"] == 0.875 and logs["sparse"]["flops"]["saved"] == pytest.approx(0.875)
 
 
+def test_bsa_measures_the_attention_flops_it_kept(tiny_runs):
+    """The bsa variant trains under CumulativeMass + query_keep 0.5 and records, on the validation
+    passes of its first, middle and last evaluation, what the selection kept. On the tiny grid (8
+    tiles) the clamp [min_tiles 4, ceil(0.5 * 8) = 4] keeps exactly 4 tiles per query tile, and
+    half of each 64-token tile's rows are computed: FLOPs kept 0.5 * 0.5 = 0.25, whatever the
+    weights. The TopK variant's measurement equals its nominal 1/8 (k = 1 of 8 tiles). (The
+    measured passes run the training graph under the training context, gradients enabled.)"""
+    _, logs = tiny_runs
+    bsa = logs["bsa"]
+    assert bsa["policy"] == "CumulativeMass(p=0.9, min_tiles=4, max_fraction=0.5)" and bsa["query_keep"] == 0.5
+    measured = bsa["measured_flops"]
+    assert [point["step"] for point in measured["points"]] == [3, 6, 12]
+    for point in measured["points"]:
+        assert 0 < point["kept"] < 1 and point["kept"] == pytest.approx(0.25)
+        assert point["tiles_min"] == point["tiles_max"] == 4 and point["num_tiles"] == 8
+        assert point["query_keep"] == pytest.approx(0.5) and point["calls"] == 2 * 2  # 2 layers x 2 batches
+    assert measured["kept"] == pytest.approx(0.25) and measured["saved"] == pytest.approx(0.75)
+    assert bsa["flops"]["saved"] == pytest.approx(0.75)  # the table's FLOPs are the measured ones
+    topk = logs["sparse"]["measured_flops"]
+    assert topk["kept"] == pytest.approx(0.125) and topk["points"][0]["tiles_max"] == 1
+
+
+def test_bsa_flags_reject_bad_values(tmp_path, capsys):
+    for flag, value in (("--bsa-p", "0"), ("--bsa-p", "1.5"), ("--query-keep", "0"), ("--query-keep", "2"),
+                        ("--bsa-min-tiles", "0"), ("--bsa-max-fraction", "0")):
+        with pytest.raises(SystemExit):
+            tr.main(["--tiny", "--variants", "bsa", flag, value, "--out", str(tmp_path)])
+        assert f"{flag}: " in capsys.readouterr().err
+
+
 def test_gated_checkpoint_learned_a_gate_and_reloads(tiny_runs):
     out, logs = tiny_runs
     model, cfg = tr.load_checkpoint(out / "gated.pt")
@@ -88,7 +119,11 @@ def test_report_table_and_plot(tiny_runs, tmp_path):
     out, _ = tiny_runs
     tr.main(["--report", str(out), "--out", str(tmp_path)])
     table = (tmp_path / "train_table.md").read_text()
-    assert table.count("\n") == 6 and "| sparse | 0.875 | 12 |" in table and "87.5 %" in table
+    assert table.count("\n") == 7 and "| sparse | 0.875 | 12 |" in table and "87.5 %" in table
+    assert "measured FLOPs kept" in table.splitlines()[0]
+    bsa_row = next(line for line in table.splitlines() if line.startswith("| bsa |"))
+    assert "CumulativeMass(p=0.9, min_tiles=4, max_fraction=0.5), query_keep=0.5" in bsa_row
+    assert "| 75.0 % | 0.250 (step 3: 0.250, step 6: 0.250, step 12: 0.250) |" in bsa_row  # measured
     assert (tmp_path / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
