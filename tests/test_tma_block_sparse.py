@@ -1,0 +1,202 @@
+"""The compact tile-major TMA forward (kernel_templates/tma_block_sparse.py, issue 22 item 2) against
+the float64 reference of DESIGN.md §3: grids that do and do not divide by the tile (1-frame and
+2-row border tiles included), random per-head KV lists of every length (a row listing every tile,
+a row listing one), in any order. On CPU under TRITON_INTERPRET=1 (bf16 through the kernels' fp32
+upcast), natively on CUDA. Tolerances: helpers.REL_TOL."""
+import math
+
+import pytest
+import torch
+from hypothesis import assume, example, given
+from hypothesis import strategies as st
+
+from helpers import HAS_TRITON, KERNEL_DEVICE, REL_TOL, assert_close_rel
+from sparse_inductor.layout import tile_layout, to_tiles
+from sparse_inductor.reference import reference_attention, token_mask
+
+pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (4, 4, 4) and (2, 4, 8): 64-slot tiles (box classes 64 / 32 / 16); (2, 4, 4): 32-slot tiles.
+TILES = [(4, 4, 4), (2, 4, 8), (2, 4, 4)]
+
+
+@st.composite
+def grid_for(draw, tile, max_tokens=320):
+    """Per axis 0-2 whole tiles plus a remainder of 0, 1 (one frame), 2 (two rows) or t - 1 tokens:
+    the border tiles of the 21-frame, 30-row Wan grids and their neighbours."""
+    grid = tuple(draw(st.integers(0, 2)) * t + draw(st.sampled_from(sorted({0, 1, 2, t - 1} & set(range(t)))))
+                 for t in tile)
+    assume(min(grid) >= 1 and math.prod(grid) <= max_tokens)
+    return grid
+
+
+def random_lists(B, H, M, generator, width=None):
+    """Per-(batch, head, query tile) KV lists of random length and order: row (0, 0, 0) lists every
+    tile, the last row one tile; entries past a row's length are junk (-1) that must never be read."""
+    num = torch.randint(1, M + 1, (B, H, M), generator=generator, dtype=torch.int32)
+    num[0, 0, 0] = M
+    num[-1, -1, -1] = 1
+    order = torch.argsort(torch.rand(B, H, M, M, generator=generator), dim=-1).to(torch.int32)
+    live = torch.arange(M) < num[..., None]
+    idx = torch.where(live, order, -1)[..., : width or M]
+    selected = torch.zeros(B, H, M, M, dtype=torch.bool)
+    selected.scatter_(-1, order.long(), live)
+    return num, idx.contiguous(), selected
+
+
+def run_packed(q, k, v, grid, tile, num, idx, out_order):
+    """The packed kernel on raster-order inputs: permute to compact tile-major, run, and return
+    output and LSE in raster order (through from_compact, or written so by the kernel)."""
+    from kernel_templates.tma_block_sparse import (compact_layout, from_compact, tma_packed_block_sparse_attention,
+                                                   to_compact)
+
+    compact = compact_layout(tile_layout(grid, tile, KERNEL_DEVICE))
+    tiles = [to_compact(x.to(KERNEL_DEVICE), compact) for x in (q, k, v)]
+    out, lse = tma_packed_block_sparse_attention(*tiles, num.to(KERNEL_DEVICE), idx.to(KERNEL_DEVICE), compact,
+                                                 out_order=out_order)
+    if out_order == "tile":
+        out, lse = from_compact(out, compact), from_compact(lse, compact, dim=-1)
+    return out, lse
+
+
+def check_against_reference(grid, tile, dtype, B, H, D, seed, out_order):
+    g = torch.Generator().manual_seed(seed)
+    N = math.prod(grid)
+    M = tile_layout(grid, tile).num_tiles
+    q, k, v = (torch.randn(B, H, N, D, generator=g).to(dtype) for _ in range(3))
+    num, idx, selected = random_lists(B, H, M, g)
+    out, lse = run_packed(q, k, v, grid, tile, num, idx, out_order)
+    ref, ref_lse = reference_attention(q.double(), k.double(), v.double(), token_mask(selected, grid, tile),
+                                       1.0 / math.sqrt(D))
+    assert out.dtype == dtype and out.shape == q.shape and lse.shape == (B, H, N)
+    assert_close_rel(out, ref, REL_TOL[dtype]["out"], "out")
+    assert_close_rel(lse, ref_lse, REL_TOL[dtype]["lse"], "lse")
+
+
+@given(data=st.data(), tile=st.sampled_from(TILES), dtype=st.sampled_from(DTYPES), B=st.integers(1, 2),
+       H=st.integers(1, 2), D=st.sampled_from([64, 128]), seed=st.integers(0, 2**16),
+       out_order=st.sampled_from(["tile", "sequence"]))
+def test_packed_matches_reference(data, tile, dtype, B, H, D, seed, out_order):
+    grid = data.draw(grid_for(tile), label="grid")
+    check_against_reference(grid, tile, dtype, B, H, D, seed, out_order)
+
+
+# The border structure of Wan 480p (21 x 30 x 52 under (4, 4, 4): tiles of 64, 32, 16 and 8 tokens)
+# and of the dividing grid, at a size the interpreter runs in about a second.
+@pytest.mark.parametrize("grid, tile, dtype, D", [
+    ((5, 6, 8), (4, 4, 4), torch.bfloat16, 128),
+    ((4, 8, 8), (4, 4, 4), torch.float16, 128),
+    ((3, 6, 16), (2, 4, 8), torch.float32, 64),
+])
+def test_packed_border_structures(grid, tile, dtype, D):
+    check_against_reference(grid, tile, dtype, 1, 2, D, 0, "tile")
+
+
+def test_packed_rows_without_keys():
+    """A head whose rows list nothing (a skipped head) gets output 0 and LSE -inf; the other head's
+    rows are unaffected."""
+    grid, tile, D = (5, 6, 8), (4, 4, 4), 64
+    g = torch.Generator().manual_seed(1)
+    N, M = math.prod(grid), tile_layout(grid, tile).num_tiles
+    q, k, v = (torch.randn(1, 2, N, D, generator=g) for _ in range(3))
+    num, idx, selected = random_lists(1, 2, M, g)
+    num[0, 1] = 0
+    selected[0, 1] = False
+    out, lse = run_packed(q, k, v, grid, tile, num, idx, "sequence")
+    assert torch.equal(out[0, 1].cpu(), torch.zeros(N, D))
+    assert torch.isneginf(lse[0, 1].cpu()).all()
+    ref, _ = reference_attention(q[:, :1].double(), k[:, :1].double(), v[:, :1].double(),
+                                 token_mask(selected[:, :1], grid, tile), 1.0 / math.sqrt(D))
+    assert_close_rel(out[:, :1], ref, REL_TOL[torch.float32]["out"], "out")
+
+
+@given(data=st.data(), tile=st.sampled_from(TILES))
+@example(data=None, tile=(4, 4, 4))
+def test_compact_permutation(data, tile):
+    """Compact tile-major rows are the valid slots of the padded tile-major layout, tile after tile
+    with no gap; from_compact inverts to_compact."""
+    from kernel_templates.tma_block_sparse import compact_layout, from_compact, to_compact
+
+    grid = (5, 6, 8) if data is None else data.draw(grid_for(tile), label="grid")
+    layout = tile_layout(grid, tile)
+    compact = compact_layout(layout)
+    N = math.prod(grid)
+    x = torch.randn(2, 3, N, 5)
+    xc = to_compact(x, compact)
+    padded = to_tiles(x, layout)
+    S = layout.block_size
+    offsets = torch.cumsum(layout.counts, 0) - layout.counts
+    assert torch.equal(compact.tile_offsets.cpu(), offsets.to(torch.int32))
+    for m, n in enumerate(layout.counts.tolist()):
+        assert torch.equal(xc[:, :, offsets[m]: offsets[m] + n], padded[:, :, m * S: m * S + n])
+    assert torch.equal(from_compact(xc, compact), x)
+    assert torch.equal(from_compact(to_compact(x[..., 0], compact, dim=-1), compact, dim=-1), x[..., 0])
+
+
+@given(tile=st.sampled_from(TILES), seed=st.integers(0, 2**16), data=st.data())
+def test_lists_by_box_partition_each_row(tile, seed, data):
+    """kv_lists_by_box reorders each row's live entries into box classes (full tiles, other tiles
+    needing a whole box, half boxes, quarter boxes): the same set of tiles, each in its class."""
+    from kernel_templates.tma_block_sparse import box_class, compact_layout, kv_lists_by_box
+
+    grid = data.draw(grid_for(tile), label="grid")
+    compact = compact_layout(tile_layout(grid, tile))
+    M = compact.num_tiles
+    g = torch.Generator().manual_seed(seed)
+    num, idx, _ = random_lists(2, 2, M, g)
+    lists, ends = kv_lists_by_box(num, idx, compact)
+    counts = compact.counts.long()
+    assert ends.shape == (2, 2, M, 4) and torch.equal(ends[..., -1], num)
+    for b, h, i in ((b, h, i) for b in range(2) for h in range(2) for i in range(M)):
+        row = lists[b, h, i, : num[b, h, i]].long()
+        assert sorted(row.tolist()) == sorted(idx[b, h, i, : num[b, h, i]].tolist())
+        start = 0
+        for c, end in enumerate(ends[b, h, i].tolist()):
+            assert all(box_class(int(counts[j]), compact.block) == c for j in row[start:end].tolist())
+            start = end
+
+
+def test_box_classes_of_64_slot_tiles():
+    from kernel_templates.tma_block_sparse import box_class, box_rows
+
+    assert [box_class(n, 64) for n in (64, 63, 33, 32, 17, 16, 8, 1)] == [0, 1, 1, 2, 2, 3, 3, 3]
+    assert [box_rows(c, 64) for c in range(4)] == [64, 64, 32, 16]
+    # 32-slot tiles: no 8-row boxes (tl.dot takes 16 at least), so everything <= 16 takes a half box.
+    assert [box_class(n, 32) for n in (32, 17, 16, 1)] == [0, 1, 2, 2]
+
+
+def test_packed_bad_inputs():
+    from kernel_templates.tma_block_sparse import compact_layout, tma_packed_block_sparse_attention
+
+    with pytest.raises(ValueError, match="text"):
+        compact_layout(tile_layout((4, 4, 4), (4, 4, 4), text_before=3))
+    compact = compact_layout(tile_layout((4, 4, 4), (4, 4, 4)))
+    x = torch.zeros(1, 1, 64, 64)
+    lists = (torch.ones(1, 1, 1, dtype=torch.int32), torch.zeros(1, 1, 1, 1, dtype=torch.int32))
+    with pytest.raises(ValueError, match="head dim"):
+        tma_packed_block_sparse_attention(x[..., :32], x[..., :32], x[..., :32], *lists, compact)
+    with pytest.raises(ValueError, match="rows"):
+        tma_packed_block_sparse_attention(x[:, :, :60], x[:, :, :60], x[:, :, :60], *lists, compact)
+    with pytest.raises(ValueError, match="scale"):
+        tma_packed_block_sparse_attention(x, x, x, *lists, compact, scale=-1.0)
+    with pytest.raises(ValueError, match="kv_num_blocks"):
+        tma_packed_block_sparse_attention(x, x, x, lists[0][..., :0], lists[1], compact)
+
+
+@pytest.mark.slow
+def test_packed_on_a_real_selection_with_wan_borders():
+    """A larger 21-frame-like grid (1-frame and 2-row border tiles) with the selection's own TopK
+    lists (sorted, ~1/8 of the tiles), bf16 at D = 128: the benchmark's configuration in small."""
+    import sparse_inductor as si
+
+    grid, tile, D = (9, 14, 20), (4, 4, 4), 128
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, math.prod(grid), D, generator=g).to(torch.bfloat16) for _ in range(3))
+    sel = si.select_blocks(q, k, grid, sparsity=0.875)
+    out, lse = run_packed(q, k, v, grid, tile, sel.kv_num_blocks, sel.kv_indices, "sequence")
+    selected = sel.dense_mask().cpu()
+    ref, ref_lse = reference_attention(q.double(), k.double(), v.double(), token_mask(selected, grid, tile),
+                                       1.0 / math.sqrt(D))
+    assert_close_rel(out, ref, REL_TOL[torch.bfloat16]["out"], "out")
+    assert_close_rel(lse, ref_lse, REL_TOL[torch.bfloat16]["lse"], "lse")
