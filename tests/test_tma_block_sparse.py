@@ -45,7 +45,7 @@ def random_lists(B, H, M, generator, width=None):
     return num, idx.contiguous(), selected
 
 
-def run_packed(q, k, v, grid, tile, num, idx, out_order):
+def run_packed(q, k, v, grid, tile, num, idx, out_order, q_in_registers=False):
     """The packed kernel on raster-order inputs: permute to compact tile-major, run, and return
     output and LSE in raster order (through from_compact, or written so by the kernel)."""
     from kernel_templates.tma_block_sparse import (compact_layout, from_compact, tma_packed_block_sparse_attention,
@@ -54,19 +54,19 @@ def run_packed(q, k, v, grid, tile, num, idx, out_order):
     compact = compact_layout(tile_layout(grid, tile, KERNEL_DEVICE))
     tiles = [to_compact(x.to(KERNEL_DEVICE), compact) for x in (q, k, v)]
     out, lse = tma_packed_block_sparse_attention(*tiles, num.to(KERNEL_DEVICE), idx.to(KERNEL_DEVICE), compact,
-                                                 out_order=out_order)
+                                                 out_order=out_order, q_in_registers=q_in_registers)
     if out_order == "tile":
         out, lse = from_compact(out, compact), from_compact(lse, compact, dim=-1)
     return out, lse
 
 
-def check_against_reference(grid, tile, dtype, B, H, D, seed, out_order):
+def check_against_reference(grid, tile, dtype, B, H, D, seed, out_order, q_in_registers=False):
     g = torch.Generator().manual_seed(seed)
     N = math.prod(grid)
     M = tile_layout(grid, tile).num_tiles
     q, k, v = (torch.randn(B, H, N, D, generator=g).to(dtype) for _ in range(3))
     num, idx, selected = random_lists(B, H, M, g)
-    out, lse = run_packed(q, k, v, grid, tile, num, idx, out_order)
+    out, lse = run_packed(q, k, v, grid, tile, num, idx, out_order, q_in_registers)
     ref, ref_lse = reference_attention(q.double(), k.double(), v.double(), token_mask(selected, grid, tile),
                                        1.0 / math.sqrt(D))
     assert out.dtype == dtype and out.shape == q.shape and lse.shape == (B, H, N)
@@ -76,10 +76,10 @@ def check_against_reference(grid, tile, dtype, B, H, D, seed, out_order):
 
 @given(data=st.data(), tile=st.sampled_from(TILES), dtype=st.sampled_from(DTYPES), B=st.integers(1, 2),
        H=st.integers(1, 2), D=st.sampled_from([64, 128]), seed=st.integers(0, 2**16),
-       out_order=st.sampled_from(["tile", "sequence"]))
-def test_packed_matches_reference(data, tile, dtype, B, H, D, seed, out_order):
+       out_order=st.sampled_from(["tile", "sequence"]), q_in_registers=st.booleans())
+def test_packed_matches_reference(data, tile, dtype, B, H, D, seed, out_order, q_in_registers):
     grid = data.draw(grid_for(tile), label="grid")
-    check_against_reference(grid, tile, dtype, B, H, D, seed, out_order)
+    check_against_reference(grid, tile, dtype, B, H, D, seed, out_order, q_in_registers)
 
 
 # The border structure of Wan 480p (21 x 30 x 52 under (4, 4, 4): tiles of 64, 32, 16 and 8 tokens)
@@ -134,27 +134,51 @@ def test_compact_permutation(data, tile):
     assert torch.equal(from_compact(to_compact(x[..., 0], compact, dim=-1), compact, dim=-1), x[..., 0])
 
 
-@given(tile=st.sampled_from(TILES), seed=st.integers(0, 2**16), data=st.data())
-def test_lists_by_box_partition_each_row(tile, seed, data):
-    """kv_lists_by_box reorders each row's live entries into box classes (full tiles, other tiles
-    needing a whole box, half boxes, quarter boxes): the same set of tiles, each in its class."""
-    from kernel_templates.tma_block_sparse import box_class, compact_layout, kv_lists_by_box
+@given(tile=st.sampled_from(TILES), seed=st.integers(0, 2**16), merge=st.booleans(), data=st.data())
+def test_boxes_cover_the_listed_rows_class_by_class(tile, seed, merge, data):
+    """kv_boxes_by_class covers each row's listed tiles with disjoint boxes of at most BLOCK rows,
+    no row of an unlisted tile, ordered class by class; one box per tile unless ``merge``, then
+    at most as many (and fewer where listed tiles are neighbours)."""
+    from kernel_templates.tma_block_sparse import box_class, compact_layout, kv_boxes_by_class
 
     grid = data.draw(grid_for(tile), label="grid")
     compact = compact_layout(tile_layout(grid, tile))
-    M = compact.num_tiles
+    M, S = compact.num_tiles, compact.block
     g = torch.Generator().manual_seed(seed)
     num, idx, _ = random_lists(2, 2, M, g)
-    lists, ends = kv_lists_by_box(num, idx, compact)
-    counts = compact.counts.long()
-    assert ends.shape == (2, 2, M, 4) and torch.equal(ends[..., -1], num)
+    starts, rows, ends = kv_boxes_by_class(num, idx, compact, merge_adjacent=merge)
+    offsets, counts = compact.tile_offsets.tolist(), compact.counts.tolist()
+    assert ends.shape == (2, 2, M, 4)
     for b, h, i in ((b, h, i) for b in range(2) for h in range(2) for i in range(M)):
-        row = lists[b, h, i, : num[b, h, i]].long()
-        assert sorted(row.tolist()) == sorted(idx[b, h, i, : num[b, h, i]].tolist())
-        start = 0
+        n, boxes = int(num[b, h, i]), int(ends[b, h, i, -1])
+        listed = sorted(r for m in idx[b, h, i, :n].tolist() for r in range(offsets[m], offsets[m] + counts[m]))
+        box = list(zip(starts[b, h, i, :boxes].tolist(), rows[b, h, i, :boxes].tolist()))
+        assert sorted(r for start, count in box for r in range(start, start + count)) == listed
+        assert all(0 < count <= S for _, count in box)
+        assert boxes == n if not merge else boxes <= n
+        first = 0
         for c, end in enumerate(ends[b, h, i].tolist()):
-            assert all(box_class(int(counts[j]), compact.block) == c for j in row[start:end].tolist())
-            start = end
+            assert all(box_class(count, S) == c for _, count in box[first:end])
+            first = end
+
+
+def test_merged_boxes_of_neighbouring_border_tiles():
+    """Four listed 16-token tiles in a row (a 1-frame border) make one full box; a lone one a
+    quarter box; two neighbouring full tiles stay two full boxes."""
+    from kernel_templates.tma_block_sparse import compact_layout, kv_boxes_by_class
+
+    compact = compact_layout(tile_layout((5, 4, 20), (4, 4, 4)))  # tiles 0-4 full, 5-9 one frame
+    idx = torch.tensor([[[[5, 6, 7, 8, 0, 1, 3]] * 10]], dtype=torch.int32)
+    num = torch.full((1, 1, 10), 7, dtype=torch.int32)
+    starts, rows, ends = kv_boxes_by_class(num, idx, compact)
+    assert ends[0, 0, 0].tolist() == [4, 4, 4, 4]  # boxes: tiles 0-1 (2 full), 3, 5-8 (one full)
+    assert sorted(zip(starts[0, 0, 0, :4].tolist(), rows[0, 0, 0, :4].tolist())) == [(0, 64), (64, 64),
+                                                                                       (192, 64), (320, 64)]
+    num[0, 0, 0] = 5  # tiles 5, 6, 7, 8, 0
+    idx[0, 0, 0, 1] = 9  # 5, 9, 7, 8, 0: runs 5 | 7-9 (48 rows) | 0
+    starts, rows, ends = kv_boxes_by_class(num, idx, compact)
+    assert ends[0, 0, 0].tolist() == [1, 2, 2, 3]
+    assert rows[0, 0, 0, :3].tolist() == [64, 48, 16] and starts[0, 0, 0, :3].tolist() == [0, 352, 320]
 
 
 def test_box_classes_of_64_slot_tiles():
