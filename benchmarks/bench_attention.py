@@ -19,6 +19,13 @@ All competitors run in this one process on the same inputs; times are medians of
   at full density on this GPU (its TFLOP/s is the ceiling the sparse kernel is compared with).
 * ``fastvideo_pipeline``: the same kernel with what a rewrite around it must add, comparable to
   ``sparse_op``: the (compiled) selection, tile-major copies of Q, K, V, the output copied back.
+* ``tma_list_kernel``: our TMA ceiling kernel (kernel_templates/tma_attention.py) on padded tile-major
+  copies, one 64-row box per listed tile.
+* ``tma_packed_kernel``: the compact tile-major TMA kernel (kernel_templates/tma_block_sparse.py) on
+  compact copies and box lists made outside the timed region; ``tma_packed_kernel_qreg`` the same
+  with Q in registers (wgmma RS), ``tma_packed_unmerged`` with one box per listed tile (no runs).
+  ``tma_packed_boxes`` times the box-list pass, ``tma_packed_permute`` the permutation of q, k, v
+  to compact order (both would fuse into the selection and the producing kernels).
 * ``fastvideo_triton``: FastVideo's Triton VSA kernel (``fastvideo-kernel`` 0.3.5,
   ``FASTVIDEO_VSA_TRITON=1``) on tile-major copies and the identical selection, when the
   package is importable (install it with ``pip install --no-deps fastvideo-kernel==0.3.5``).
@@ -126,7 +133,34 @@ def fwd_bwd(fn, inputs, grad):
     return run
 
 
-def run_case(name, H, grid, sparsity, records, meta, with_flex=True, with_dense=True):
+def packed_setup(layout, selection, q, k, v, sparse_kernel):
+    """The compact-layout TMA rows: kernel variants on compact copies and ready box lists, the
+    box-list pass and the permutation alone. Prints the kernel's error against ``sparse_kernel``."""
+    from kernel_templates.tma_block_sparse import (compact_layout, from_compact, kv_boxes_by_class,
+                                                   tma_packed_block_sparse_attention, to_compact)
+
+    compact = compact_layout(layout)
+    num, idx = selection.kv_num_blocks, selection.kv_indices
+    merged, unmerged = (kv_boxes_by_class(num, idx, compact, merge_adjacent=m) for m in (True, False))
+
+    def kernel(boxes, q_in_registers=False):
+        return lambda q, k, v: tma_packed_block_sparse_attention(q, k, v, num, idx, compact, boxes=boxes,
+                                                                 q_in_registers=q_in_registers)[0]
+
+    inputs = tuple(to_compact(x, compact).contiguous() for x in (q, k, v))
+    with torch.no_grad():
+        ref = sparse_kernel(q, k, v).float()
+        for label, fn in (("tma_packed", kernel(merged)), ("tma_packed_qreg", kernel(merged, True))):
+            err = (from_compact(fn(*inputs), compact).float() - ref).norm() / ref.norm()
+            print(f"{label} vs sparse_kernel: relative L2 {err.item():.2e}", flush=True)
+    return [("tma_packed_kernel", kernel(merged), inputs),
+            ("tma_packed_kernel_qreg", kernel(merged, True), inputs),
+            ("tma_packed_unmerged", kernel(unmerged), inputs),
+            ("tma_packed_boxes", lambda n, i: kv_boxes_by_class(n, i, compact), (num, idx)),
+            ("tma_packed_permute", lambda q, k, v: [to_compact(x, compact) for x in (q, k, v)], (q, k, v))]
+
+
+def run_case(name, H, grid, sparsity, records, meta, with_flex=True, with_dense=True, only=None):
     # A fresh Dynamo per case: otherwise the second sparsity recompiles the same lambdas with the
     # captured float marked dynamic (a SymFloat), which the selection cannot take.
     torch.compiler.reset()
@@ -185,6 +219,9 @@ def run_case(name, H, grid, sparsity, records, meta, with_flex=True, with_dense=
     tq_t, tk_t, tv_t = (x.contiguous() for x in (tq, tk, tv))
     impls.append(("tma_list_kernel", lambda q, k, v: tma_block_list_attention(
         q, k, v, selection.kv_num_blocks, selection.kv_indices, layout.counts), (tq_t, tk_t, tv_t), None, sparse_flops))
+    # Issue 22 item 2: the compact tile-major TMA forward on the same selection (forward only).
+    for impl, fn, inputs in packed_setup(layout, selection, q, k, v, sparse_kernel):
+        impls.append((impl, fn, inputs, None, sparse_flops if impl.endswith(("kernel", "qreg", "unmerged")) else None))
     fastvideo = fastvideo_setup(layout, selection)
     if fastvideo is not None:
         tq_c, tk_c, tv_c, tg_c = (x.contiguous() for x in (tq, tk, tv, tgrad))
@@ -200,6 +237,8 @@ def run_case(name, H, grid, sparsity, records, meta, with_flex=True, with_dense=
 
         impls.append(("fastvideo_pipeline", fastvideo_pipeline, (q, k, v), grad, sparse_flops))
 
+    if only:  # --only: the rows whose names start with one of these
+        impls = [x for x in impls if x[0].startswith(tuple(only))]
     # Dense is measured once per case (at its first sparsity) and reused for the ratios.
     dense_ms = {r["pass"]: r["ms"] for r in records if r["case"] == name and r["impl"] == "dense_sdpa"}
     for impl, fn, inputs, impl_grad, flops in impls:
@@ -271,6 +310,8 @@ def main():
     parser.add_argument("--cases", nargs="*", default=["wan1.3b-480p", "wan14b-720p"], choices=list(CASES))
     parser.add_argument("--sparsity", type=float, nargs="*", default=[0.75, 0.875, 0.9375])
     parser.add_argument("--no-flex", action="store_true")
+    parser.add_argument("--only", nargs="*", help="time only the rows whose names start with these (e.g. dense_sdpa "
+                        "sparse_kernel tma_)")
     parser.add_argument("--merge", action="store_true", help="keep other cases' rows of an existing results.json")
     parser.add_argument("--out-dir", default=os.path.dirname(os.path.abspath(__file__)))
     args = parser.parse_args()
@@ -289,7 +330,7 @@ def main():
     for name in args.cases:
         for i, sparsity in enumerate(args.sparsity):
             run_case(name, **CASES[name], sparsity=sparsity, records=records, meta=meta, with_flex=not args.no_flex,
-                     with_dense=i == 0)
+                     with_dense=i == 0, only=args.only)
             write_results(earlier + records, meta, args.out_dir)  # after each case: a cut-off run keeps its rows
     records = earlier + records
     print("\nratios (dense ms / impl ms):")
