@@ -10,12 +10,13 @@ the TMA structure and avoids most of that padding:
   valid tokens are rows ``[off_j, off_j + n_j)`` of ``[B, H, L, D]`` (``L`` = tokens, no gaps), so
   a TMA box may start at any tile. A box runs into the next tile's rows (masked) or past ``L``
   (each head's descriptor has extent ``L``: TMA fills zeros, never the next head's rows).
-- **Box classes** (:func:`box_class`): a listed tile is loaded with the smallest box its rows fit,
-  ``BLOCK``, ``BLOCK / 2`` or ``BLOCK / 4`` rows (at least 16, ``tl.dot``'s minimum), and the
-  boxes of one softmax step always add up to ``BLOCK`` columns: one full tile (no mask), one
-  partial tile in a whole box, two tiles in half boxes, or four in quarter boxes. So at 480p a
-  16-token tile costs a 16-column share of a step and the online-softmax rescale still happens
-  once per ``BLOCK`` columns.
+- **Box classes** (:func:`box_class`): the listed rows are loaded in boxes (a listed tile, or a
+  ``BLOCK``-row piece of a run of neighbouring listed tiles), each with the smallest box its rows
+  fit, ``BLOCK``, ``BLOCK / 2`` or ``BLOCK / 4`` rows (at least 16, ``tl.dot``'s minimum), and the
+  boxes of one softmax step always add up to ``BLOCK`` columns: one full box (no mask), one
+  partial box, two half boxes, or four quarter boxes. So at 480p a 16-token tile costs a
+  16-column share of a step and the online-softmax rescale still happens once per ``BLOCK``
+  columns.
 - **Box lists** (:func:`kv_boxes_by_class`): each row's KV list turned into boxes (start row, valid
   rows), runs of listed tiles that are neighbours in memory merged and cut into ``BLOCK``-row
   boxes whatever the tile boundaries, then ordered class by class. A separate pass, so that the
