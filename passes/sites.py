@@ -593,7 +593,11 @@ def _text_span(found: GridFound, L) -> tuple | str:
     if (start is not None and start < 0) or (after is not None and after < 0):
         return f"video span ({found.start} + {n_video} tokens) does not fit the sequence ({L})"
     before = start if start is not None else found.start
-    return before, after if after is not None else L - found.start - n_video
+    after = after if after is not None else L - found.start - n_video
+    if not _compat.UNBACKED_TEXT_SUPPORTED and any(_compat.has_unbacked_symbols(n) for n in (before, after)):
+        return (f"a data-dependent text length ({before if start is None else after}) needs torch >= 2.13: "
+                f"Inductor {torch.__version__} cannot compile the sparse rewrite of it")
+    return before, after
 
 
 def _all_static(sizes) -> bool:

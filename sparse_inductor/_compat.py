@@ -17,12 +17,21 @@ def compile_fx(gm, example_inputs, config_patches=None):
     return _compile_fx(gm, example_inputs, config_patches=config_patches)
 
 
-#: Inductor config for a graph whose sparse attention has a data-dependent (unbacked) text length.
-#: torch 2.11's loop merging (``Scheduler.merge_loops``, on GPU graphs when
-#: ``loop_ordering_after_fusion`` is on) substitutes 0 for the unbacked size inside a ``Min`` and
-#: sympy raises "The argument '3 - 4*((((0))//2))' is not comparable" (H200, 2026-12-01). The step
-#: never runs for CPU graphs, so whether 2.13 still needs this is unknown: it applies to every version.
-UNBACKED_TEXT_PATCHES = {"loop_ordering_after_fusion": False}
+#: Whether Inductor compiles our rewrite of a site whose text length is data-dependent (an unbacked
+#: size: Mochi keeps each sample's valid prompt tokens with ``nonzero``). torch 2.11 does not (H200,
+#: 2026-12-01): CPU graphs fail in the ``cat`` lowering ("Could not guard on data-dependent
+#: expression"), GPU graphs in ``simplify_loops`` ("The argument '3 - 4*((((0))//2))' is not
+#: comparable"), while the same model compiles dense. torch 2.13 compiles it on CPU (its GPU path is
+#: untested: no 2.13 GPU build here); 2.12 is untested, so the gate is at 2.13. Below it such sites
+#: stay dense with their reason.
+UNBACKED_TEXT_SUPPORTED = TORCH_VERSION >= (2, 13)
+
+
+def has_unbacked_symbols(size) -> bool:
+    """Whether a size (int or SymInt) depends on a data-dependent (unbacked) symbol."""
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+    return isinstance(size, torch.SymInt) and bool(free_unbacked_symbols(size))
 
 
 def custom_graph_pass_base():

@@ -118,8 +118,6 @@ class SparseInductorGraph:
         gm = rewrite(self.gm, decisions, tile, record=record)  # a copy, also when nothing is rewritten
         patches = dict(self.mode_patches)
         patches[_compat.CACHE_PASS_CONFIG_KEY] = cache_pass(key)
-        if any(d.sparse and not d.site.static_text for d in decisions):
-            patches.update(_compat.UNBACKED_TEXT_PATCHES)
         if self.tracing_context is not None and _compat.current_tracing_context() is None:
             # A later variant: compile under the graph's own tracing context so symbolic
             # shapes stay symbolic.

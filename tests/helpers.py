@@ -1,8 +1,11 @@
 """Shared strategies and tolerances for the tests."""
 import math
 
+import pytest
 import torch
 from hypothesis import strategies as st
+
+from sparse_inductor import _compat
 
 try:
     import triton  # noqa: F401
@@ -13,6 +16,21 @@ except ImportError:  # pragma: no cover - triton is a dependency on Linux x86-64
 
 HAS_CUDA = torch.cuda.is_available()
 KERNEL_DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+#: Sparse sites with a data-dependent text length (Mochi) exist only where Inductor compiles them
+#: (``_compat.UNBACKED_TEXT_SUPPORTED``); below that version they stay dense, which other tests check.
+needs_unbacked_text = pytest.mark.skipif(
+    not _compat.UNBACKED_TEXT_SUPPORTED,
+    reason=f"sparse sites with a data-dependent text length need torch >= 2.13 (this is {torch.__version__})")
+UNBACKED_TEXT_MODELS = ("mochi",)
+
+
+def unbacked_text_params(values):
+    """``values`` for ``parametrize`` with the models of :data:`UNBACKED_TEXT_MODELS` (a name, or a
+    tuple starting with one) marked :data:`needs_unbacked_text`."""
+    name = lambda v: v[0] if isinstance(v, tuple) else v  # noqa: E731
+    return [pytest.param(*(v if isinstance(v, tuple) else (v,)), marks=needs_unbacked_text)
+            if name(v) in UNBACKED_TEXT_MODELS else v for v in values]
 
 # Relative L2 error ‖x − ref‖ / ‖ref‖ against a float64 reference on the same (rounded) inputs.
 # fp32: exact-precision dots (tf32 off); fp16/bf16: P is rounded to the input dtype before P·V

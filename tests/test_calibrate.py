@@ -16,6 +16,7 @@ import sparse_inductor as si
 from sparse_inductor.calibrate import _allocate, _allocate_per_head, tile_mass
 from sparse_inductor.layout import build_layout
 from sparse_inductor.reference import tile_ids
+from helpers import needs_unbacked_text
 
 STRIPE_TILE = (0, 1, 1)
 
@@ -215,7 +216,7 @@ def test_plan_map_example_draws_each_head(tmp_path):
         plan_map.head_masks(plan, "x")
 
 
-@pytest.mark.parametrize("case", ["data-dependent text", "outer-product mask"])
+@pytest.mark.parametrize("case", [pytest.param("data-dependent text", marks=needs_unbacked_text), "outer-product mask"])
 def test_calibrate_on_joint_layouts(case):
     """Mochi's data-dependent prompt length (each call its own text length) and HunyuanVideo 1.5's
     ``m_i & m_j`` mask: calibration measures every head of the site within the budget; the mass a

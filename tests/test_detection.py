@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from joint_models import JointTokens, ValidPromptTokens, eager_sparse_prompt_attention, joint_inputs
 import sparse_inductor as si
+from helpers import needs_unbacked_text
 from sparse_inductor.attention import sparse_attention
 from video_dit import TinyVideoDiT
 
@@ -304,6 +305,7 @@ def test_per_frame_feed_forward_keeps_the_grid(grid, batch, residual):
     assert row["decision"] == "sparse" and row["grid"] == grid, row
 
 
+@needs_unbacked_text
 @pytest.mark.parametrize("text", ["after", "before"])
 def test_data_dependent_text_length(text):
     """The text span's length is a symbol; the compiled site computes it from the sequence length

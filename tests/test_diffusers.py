@@ -14,6 +14,7 @@ pytest.importorskip("diffusers")
 import sparse_inductor as si  # noqa: E402
 from sparse_inductor import _compat  # noqa: E402
 from diffusers_models import DENSE_MODELS, GRID, MODELS  # noqa: E402
+from helpers import unbacked_text_params  # noqa: E402
 from sparse_inductor.attention import sparse_attention  # noqa: E402
 
 N_VIDEO = math.prod(GRID)
@@ -59,7 +60,7 @@ def backend_compiles(name):
     return mock.patch.object(_compat, "compile_fx", lambda gm, example_inputs, config_patches=None: gm.forward)
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", unbacked_text_params(list(MODELS)))
 def test_detects_video_self_attention(name):
     model, args, kwargs, expect = MODELS[name]()
     with torch.no_grad(), si.sparsity(0.5, min_tokens=0), dynamo_config(expect):
@@ -83,8 +84,8 @@ POLICY_CASES = {"topk": dict(sparsity=0.5),
                 "mass+query_keep": dict(policy=si.CumulativeMass(0.6, min_tiles=1, max_fraction=0.5), query_keep=0.5)}
 
 
-@pytest.mark.parametrize("name,case", [(n, "topk") for n in MODELS] + [("hunyuan", "mass+query_keep"),
-                                                                      ("wan", "mass+query_keep")])
+@pytest.mark.parametrize("name,case", unbacked_text_params([(n, "topk") for n in MODELS] + [("hunyuan", "mass+query_keep"),
+                                                                      ("wan", "mass+query_keep")]))
 def test_compiled_equals_eager_sparse_op(name, case):
     settings = POLICY_CASES[case]
     model, args, kwargs, expect = MODELS[name]()

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from helpers import grids, sparsities, tiles
+from helpers import grids, needs_unbacked_text, sparsities, tiles
 import sparse_inductor as si
 from sparse_inductor.__main__ import main as cli_main
 from sparse_inductor.fidelity import _measure_site, attention_recall, psnr
@@ -281,7 +281,7 @@ def test_eager_backend_is_the_model_with_the_op_at_the_config_in_force():
         _EagerSparseModel(model, sites, num_calls=3)(x, text)
 
 
-@pytest.mark.parametrize("case", ["data-dependent text", "outer-product mask"])
+@pytest.mark.parametrize("case", [pytest.param("data-dependent text", marks=needs_unbacked_text), "outer-product mask"])
 def test_eager_backend_on_joint_layouts(case):
     """Mochi's data-dependent prompt length and HunyuanVideo 1.5's ``m_i & m_j`` mask behind a graph
     break: fidelity's eager runner is the model with the eager op over each call's video span (its
