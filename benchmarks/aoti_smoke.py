@@ -1,0 +1,46 @@
+"""Does AOTInductor packaging work at all on this machine? A two-layer MLP (no sparse_inductor code),
+exported, packaged with ``aoti_compile_and_package`` and loaded in a fresh process, on CPU and on
+CUDA when present. Each line says whether the fresh process loaded and ran the package.
+
+    python benchmarks/aoti_smoke.py
+
+On the H200 machine (torch 2.11.0+cu130, 2026-12-01) even the CPU package crashed in the loading
+process (exit -11) and the call ran out of its 200 s before the CUDA case: the segfault that
+``benchmarks/aoti_export.py`` hit is AOTInductor's on that machine, not our ops' (benchmarks/NOTES.md).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+
+def load_and_run(path: str, device: str) -> None:
+    """In the fresh process: load the package and run it once."""
+    package = torch._inductor.aoti_load_package(path)
+    out = package(torch.randn(8, 64, device=device))
+    print(f"loaded and ran: output {tuple(out.shape)}", flush=True)
+
+
+def main() -> None:
+    if len(sys.argv) == 3:
+        load_and_run(sys.argv[1], sys.argv[2])
+        return
+    devices = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
+    for device in devices:
+        model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 8)).to(device)
+        program = torch.export.export(model, (torch.randn(8, 64, device=device),))
+        with tempfile.TemporaryDirectory() as folder:
+            path = torch._inductor.aoti_compile_and_package(program, package_path=os.path.join(folder, "mlp.pt2"))
+            child = subprocess.run([sys.executable, "-X", "faulthandler", os.path.abspath(__file__), path, device],
+                                   capture_output=True, text=True)
+        verdict = child.stdout.strip().splitlines()[-1] if child.returncode == 0 and child.stdout.strip() else \
+            f"FAILED (exit {child.returncode}): {child.stderr.strip()[-800:]}"
+        print(f"{device}: torch {torch.__version__}: fresh process {verdict}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
