@@ -1,6 +1,7 @@
 """Draw one layer of a calibrated plan: each head's kept tiles (query tiles x KV tiles), PNG.
 
     python examples/plan_map.py benchmarks/quality/plan_0.125.json --site blocks.1.attn --out plan_map.png
+    python examples/plan_map.py benchmarks/quality/plan_*.json --census     # heads per mode, per site (markdown)
 
 Static heads (windows, temporal patterns, stripes, unions, Full, Skip) are drawn from their lists on
 the plan's grid; a dynamic head (TopK, CumulativeMass) depends on the input, so it is drawn as its
@@ -84,14 +85,46 @@ def draw(plan, site, path, grid=None) -> str:
     return path
 
 
+def _counts(counts: dict) -> str:
+    """``{mode: heads}`` as "2 topk, 1 window" (most heads first, then by name)."""
+    return ", ".join(f"{n} {mode}" for mode, n in sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+
+
+def census_table(plans: dict) -> str:
+    """Markdown: one row per site, one column per plan (``{label: Plan}``), the heads of each mode
+    (Sparse-vDiT's names: window = diagonal, temporal = multi-diagonal, stripe = vertical stripe),
+    and a row over all sites."""
+    labels = list(plans)
+    sites = list(dict.fromkeys(path for plan in plans.values() for path in plan.paths))
+    lines = ["| site | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+    totals = {label: {} for label in labels}
+    for site in sites:
+        cells = []
+        for label in labels:
+            counts = plans[label].census().get(site, {})
+            for mode, n in counts.items():
+                totals[label][mode] = totals[label].get(mode, 0) + n
+            cells.append(_counts(counts))
+        lines.append(f"| {site} | " + " | ".join(cells) + " |")
+    lines.append("| all | " + " | ".join(_counts(totals[label]) for label in labels) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("plan", help="a plan JSON written by Plan.save / python -m sparse_inductor calibrate")
+    parser.add_argument("plan", nargs="+", help="plan JSON(s) written by Plan.save / python -m sparse_inductor "
+                                                "calibrate (one to draw; several with --census)")
+    parser.add_argument("--census", action="store_true", help="print the heads of each mode per site, per plan")
     parser.add_argument("--site", help="module path (default: the plan's first site)")
     parser.add_argument("--grid", type=int, nargs=3, help="default: the grid the plan was calibrated on")
     parser.add_argument("--out", default="plan_map.png")
     args = parser.parse_args(argv)
-    plan = sparse_inductor.Plan.load(args.plan)
+    if args.census:
+        print(census_table({os.path.splitext(os.path.basename(p))[0]: sparse_inductor.Plan.load(p) for p in args.plan}))
+        return
+    if len(args.plan) > 1:
+        parser.error("draw one plan at a time (several plans only with --census)")
+    plan = sparse_inductor.Plan.load(args.plan[0])
     site = args.site or plan.paths[0]
     print(f"{site}: {plan.policy_for(site).describe() if plan.policy_for(site) else '?'}")
     print("wrote", draw(plan, site, args.out, args.grid))

@@ -191,6 +191,31 @@ def test_bad_arguments_name_the_argument(kwargs, match):
         si.calibrate(model, torch.randn(1, 3, 4, 8, 8), progress=False, **kwargs)
 
 
+def test_plan_map_census_counts_each_mode_per_site(tmp_path, capsys):
+    """``plan_map.py --census``: per site and plan, the heads of each mode, and a total row."""
+    import importlib.util
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("plan_map", os.path.join(root, "examples", "plan_map.py"))
+    plan_map = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plan_map)
+    a = si.Plan(sites={"blocks.0": si.PerHead([si.Window(1, 1, 1), si.TopK(0.5), si.TopK(0.75), si.Skip()]),
+                       "blocks.1": si.PerHead([si.Window(1, 1, 1) | si.Temporal(0, 0)] * 2 + [si.Full()] * 2)},
+                grid=(4, 8, 8), tile=(2, 2, 2))
+    b = si.Plan(sites={"blocks.0": si.PerHead([si.TopK(0.5)] * 4), "blocks.1": si.PerHead([si.TopK(0.5)] * 4)},
+                grid=(4, 8, 8), tile=(2, 2, 2))
+    a.save(str(tmp_path / "a.json"))
+    b.save(str(tmp_path / "b.json"))
+    plan_map.main([str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--census"])
+    table = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in table.splitlines() if line.startswith("| blocks") or line.startswith("| all")}
+    assert rows["blocks.0"] == ["2 topk, 1 skip, 1 window", "4 topk"], table
+    assert rows["blocks.1"] == ["2 full, 2 temporal+window", "4 topk"], table
+    assert rows["all"] == ["2 full, 2 temporal+window, 2 topk, 1 skip, 1 window", "8 topk"], table
+
+
 def test_plan_map_example_draws_each_head(tmp_path):
     import importlib.util
     import os
