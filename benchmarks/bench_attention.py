@@ -136,8 +136,8 @@ def fwd_bwd(fn, inputs, grad):
 def packed_setup(layout, selection, q, k, v, sparse_kernel):
     """The compact-layout TMA rows: kernel variants on compact copies and ready box lists, the
     box-list pass and the permutation alone. Prints the kernel's error against ``sparse_kernel``."""
-    from kernel_templates.tma_block_sparse import (compact_layout, from_compact, kv_boxes_by_class,
-                                                   tma_packed_block_sparse_attention, to_compact)
+    from sparse_inductor.compact_layout import compact_layout, from_compact, kv_boxes_by_class, to_compact
+    from kernel_templates.tma_block_sparse import tma_packed_block_sparse_attention
 
     compact = compact_layout(layout)
     num, idx = selection.kv_num_blocks, selection.kv_indices

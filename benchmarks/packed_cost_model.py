@@ -41,7 +41,7 @@ def box_counts(grid, heads, sparsity=0.875, merge_adjacent=True, seed=0):
     """Per list (query tile, head) the number of boxes of each class, ``[lists, 4]`` int64, and the
     kept-pair FLOPs of the selection (valid tokens only, as bench_attention.py counts them) per head."""
     import sparse_inductor as si
-    from kernel_templates.tma_block_sparse import compact_layout, kv_boxes_by_class
+    from sparse_inductor.compact_layout import compact_layout, kv_boxes_by_class
     from sparse_inductor.layout import tile_layout
 
     g = torch.Generator().manual_seed(seed)

@@ -48,8 +48,8 @@ def random_lists(B, H, M, generator, width=None):
 def run_packed(q, k, v, grid, tile, num, idx, out_order, q_in_registers=False):
     """The packed kernel on raster-order inputs: permute to compact tile-major, run, and return
     output and LSE in raster order (through from_compact, or written so by the kernel)."""
-    from kernel_templates.tma_block_sparse import (compact_layout, from_compact, tma_packed_block_sparse_attention,
-                                                   to_compact)
+    from sparse_inductor.compact_layout import compact_layout, from_compact, to_compact
+    from kernel_templates.tma_block_sparse import tma_packed_block_sparse_attention
 
     compact = compact_layout(tile_layout(grid, tile, KERNEL_DEVICE))
     tiles = [to_compact(x.to(KERNEL_DEVICE), compact) for x in (q, k, v)]
@@ -116,7 +116,7 @@ def test_packed_rows_without_keys():
 def test_compact_permutation(data, tile):
     """Compact tile-major rows are the valid slots of the padded tile-major layout, tile after tile
     with no gap; from_compact inverts to_compact."""
-    from kernel_templates.tma_block_sparse import compact_layout, from_compact, to_compact
+    from sparse_inductor.compact_layout import compact_layout, from_compact, to_compact
 
     grid = (5, 6, 8) if data is None else data.draw(grid_for(tile), label="grid")
     layout = tile_layout(grid, tile)
@@ -139,7 +139,7 @@ def test_boxes_cover_the_listed_rows_class_by_class(tile, seed, merge, data):
     """kv_boxes_by_class covers each row's listed tiles with disjoint boxes of at most BLOCK rows,
     no row of an unlisted tile, ordered class by class; one box per tile unless ``merge``, then
     at most as many (and fewer where listed tiles are neighbours)."""
-    from kernel_templates.tma_block_sparse import box_class, compact_layout, kv_boxes_by_class
+    from sparse_inductor.compact_layout import box_class, compact_layout, kv_boxes_by_class
 
     grid = data.draw(grid_for(tile), label="grid")
     compact = compact_layout(tile_layout(grid, tile))
@@ -165,7 +165,7 @@ def test_boxes_cover_the_listed_rows_class_by_class(tile, seed, merge, data):
 def test_merged_boxes_of_neighbouring_border_tiles():
     """Four listed 16-token tiles in a row (a 1-frame border) make one full box; a lone one a
     quarter box; two neighbouring full tiles stay two full boxes."""
-    from kernel_templates.tma_block_sparse import compact_layout, kv_boxes_by_class
+    from sparse_inductor.compact_layout import compact_layout, kv_boxes_by_class
 
     compact = compact_layout(tile_layout((5, 4, 20), (4, 4, 4)))  # tiles 0-4 full, 5-9 one frame
     idx = torch.tensor([[[[5, 6, 7, 8, 0, 1, 3]] * 10]], dtype=torch.int32)
@@ -182,7 +182,7 @@ def test_merged_boxes_of_neighbouring_border_tiles():
 
 
 def test_box_classes_of_64_slot_tiles():
-    from kernel_templates.tma_block_sparse import box_class, box_rows
+    from sparse_inductor.compact_layout import box_class, box_rows
 
     assert [box_class(n, 64) for n in (64, 63, 33, 32, 17, 16, 8, 1)] == [0, 1, 1, 2, 2, 3, 3, 3]
     assert [box_rows(c, 64) for c in range(4)] == [64, 64, 32, 16]
@@ -191,7 +191,8 @@ def test_box_classes_of_64_slot_tiles():
 
 
 def test_packed_bad_inputs():
-    from kernel_templates.tma_block_sparse import compact_layout, tma_packed_block_sparse_attention
+    from sparse_inductor.compact_layout import compact_layout
+    from kernel_templates.tma_block_sparse import tma_packed_block_sparse_attention
 
     with pytest.raises(ValueError, match="text"):
         compact_layout(tile_layout((4, 4, 4), (4, 4, 4), text_before=3))

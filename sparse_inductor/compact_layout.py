@@ -1,0 +1,151 @@
+"""Compact tile-major layout of a video grid and the box lists of the TMA block-sparse forward
+(``kernel_templates/tma_block_sparse.py``; issue 22, item 2).
+
+Tile ``j``'s ``n_j`` valid tokens are rows ``[off_j, off_j + n_j)`` (no gaps), so a TMA box may
+start at any tile; each row's KV list becomes boxes of 64, 32 or 16 rows grouped by class so the
+kernel's loops stay branch-free. Torch code (host side): under the backend the permutation belongs
+in the pointwise kernel that produces Q/K/V and the class order in the selection's list writer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+#: Box classes, in the order each row's boxes are walked: ``BLOCK`` valid rows (unmasked), more than
+#: ``BLOCK / 2`` in a ``BLOCK``-row box, at most ``BLOCK / 2`` in a half box (two per step), at most
+#: ``BLOCK / 4`` in a quarter box (four per step).
+FULL, WHOLE_BOX, HALF_BOX, QUARTER_BOX = range(4)
+NUM_CLASSES = 4
+#: The smallest box: ``tl.dot`` takes no dimension under 16.
+MIN_BOX = 16
+
+
+def box_rows(cls: int, block: int) -> int:
+    """Rows of the TMA box of class ``cls`` for ``block``-slot tiles."""
+    return (block, block, block // 2, block // 4)[cls]
+
+
+def box_class(count: int, block: int) -> int:
+    """The class of a box of ``count`` valid rows (:data:`FULL` ... :data:`QUARTER_BOX`)."""
+    if count == block:
+        return FULL
+    if block // 4 >= MIN_BOX and count <= block // 4:
+        return QUARTER_BOX
+    if block // 2 >= MIN_BOX and count <= block // 2:
+        return HALF_BOX
+    return WHOLE_BOX
+
+
+@dataclass(frozen=True)
+class CompactLayout:
+    """Compact tile-major order of a video grid (no text): tile ``m`` holds rows
+    ``[tile_offsets[m], tile_offsets[m] + counts[m])``.
+
+    Attributes:
+        block: slots per tile of the padded layout (the kernel's ``BLOCK``).
+        counts, tile_offsets: int32 ``[num_tiles]``.
+        positions: int64 ``[num_tokens]``, the sequence position of each compact row.
+        rows: int64 ``[num_tokens]``, the compact row of each sequence position.
+    """
+
+    block: int
+    num_tiles: int
+    num_tokens: int
+    counts: torch.Tensor
+    tile_offsets: torch.Tensor
+    positions: torch.Tensor
+    rows: torch.Tensor
+
+
+def compact_layout(layout) -> CompactLayout:
+    """The compact order of a :class:`sparse_inductor.layout.TileLayout`: its slot table with the
+    padding slots dropped (a tile's valid slots come first, so tiles stay in order)."""
+    if layout.num_tiles != layout.num_video_tiles:
+        raise ValueError("compact_layout covers video-only layouts; text blocks are out of scope")
+    slots = layout.slots
+    positions = slots[slots >= 0].long()
+    rows = torch.empty_like(positions)
+    rows[positions] = torch.arange(positions.numel(), device=positions.device)
+    counts = layout.counts.to(torch.int32)
+    return CompactLayout(
+        block=layout.block_size, num_tiles=layout.num_tiles, num_tokens=positions.numel(), counts=counts,
+        tile_offsets=(torch.cumsum(counts, 0) - counts).to(torch.int32), positions=positions, rows=rows)
+
+
+def to_compact(x: torch.Tensor, compact: CompactLayout, dim: int = -2) -> torch.Tensor:
+    """Sequence order -> compact tile-major order along ``dim`` (one gather)."""
+    return x.index_select(dim % x.dim(), compact.positions)
+
+
+def from_compact(x: torch.Tensor, compact: CompactLayout, dim: int = -2) -> torch.Tensor:
+    """Compact tile-major order -> sequence order along ``dim``."""
+    return x.index_select(dim % x.dim(), compact.rows)
+
+
+def kv_boxes_by_class(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, compact: CompactLayout,
+                      merge_adjacent: bool = True):
+    """The boxes that cover each row's listed tiles, in box-class order (stable within a class).
+
+    One box per listed tile; with ``merge_adjacent``, listed tiles that are neighbours in memory
+    (tile ``j + 1`` right after tile ``j``) form one run of rows, cut into ``BLOCK``-row boxes and a
+    remainder, whatever the tile boundaries (at 480p four listed 16-token tiles in a row are one
+    full, unmasked box). A box never holds a row of an unlisted tile.
+
+    Returns ``(starts, rows, class_ends)``: ``starts [B, H, M, K]`` int32, the compact row where each
+    box begins, ``rows [B, H, M, K]`` int32, its valid rows, and ``class_ends [B, H, M, 4]`` int32:
+    class ``c``'s boxes are ``[class_ends[..., c - 1], class_ends[..., c])`` (from 0 for ``c = 0``).
+    A row has at most as many boxes as list entries; entries past ``class_ends[..., -1]`` are never
+    read.
+    """
+    K = kv_indices.shape[-1]
+    live = torch.arange(K, device=kv_indices.device) < kv_num_blocks[..., None]
+    tiles = torch.where(live, kv_indices, 0).long()
+    starts = compact.tile_offsets[tiles].long()
+    rows = torch.where(live, compact.counts[tiles].long(), 0)
+    if merge_adjacent:
+        starts, rows = _merged_runs(starts, rows, live, compact.block)
+    classes = _box_classes(rows, compact.block)
+    key, order = torch.sort(torch.where(rows > 0, classes, NUM_CLASSES), dim=-1, stable=True)
+    starts = starts.gather(-1, order).to(torch.int32).contiguous()
+    rows = rows.gather(-1, order).to(torch.int32).contiguous()
+    ends = torch.stack([(key <= c).sum(-1) for c in range(NUM_CLASSES)], dim=-1).to(torch.int32).contiguous()
+    return starts, rows, ends
+
+
+def _box_classes(rows: torch.Tensor, block: int) -> torch.Tensor:
+    """:func:`box_class` of every box of ``rows`` valid rows (int64)."""
+    cls = torch.full_like(rows, WHOLE_BOX)
+    if block // 2 >= MIN_BOX:
+        cls = torch.where(rows <= block // 2, HALF_BOX, cls)
+    if block // 4 >= MIN_BOX:
+        cls = torch.where(rows <= block // 4, QUARTER_BOX, cls)
+    return torch.where(rows == block, FULL, cls)
+
+
+def _merged_runs(starts, rows, live, block):
+    """Boxes over runs of adjacent listed tiles: the live entries sorted by start, runs where a
+    tile begins where the previous one ends, each run cut into ``block``-row pieces. Returns
+    ``(starts, rows)`` of the pieces, as wide as the input (``rows`` 0 past a row's last piece)."""
+    K = starts.shape[-1]
+    starts, order = torch.sort(torch.where(live, starts, torch.iinfo(torch.int64).max), dim=-1)
+    rows = rows.gather(-1, order)
+    live = rows > 0
+    previous_end = torch.nn.functional.pad((starts + rows)[..., :-1], (1, 0), value=-1)
+    head = live & (starts != previous_end)
+    run = torch.cumsum(head.long(), -1) - 1  # run of each live entry
+    run = torch.where(live, run, K)  # dead entries go to a spill column
+    run_rows = torch.zeros(*rows.shape[:-1], K + 1, dtype=rows.dtype, device=rows.device)
+    run_rows.scatter_add_(-1, run, rows)
+    run_start = torch.zeros_like(run_rows).scatter_(-1, torch.where(head, run, K), starts)
+    run_rows, run_start = run_rows[..., :K], run_start[..., :K]
+    # Piece p of run r starts at run_start[r] + p * block; pieces laid out run after run.
+    pieces = (run_rows + block - 1) // block
+    last_piece = torch.cumsum(pieces, -1)  # one past each run's last piece
+    slot = torch.arange(K, device=rows.device).expand_as(rows).contiguous()
+    piece_run = torch.searchsorted(last_piece, slot, right=True).clamp(max=K - 1)
+    p = slot - (last_piece.gather(-1, piece_run) - pieces.gather(-1, piece_run))
+    piece_start = run_start.gather(-1, piece_run) + p * block
+    piece_rows = (run_rows.gather(-1, piece_run) - p * block).clamp(0, block)
+    piece_rows = torch.where(slot < last_piece[..., -1:], piece_rows, 0)
+    return piece_start, piece_rows
