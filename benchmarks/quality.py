@@ -21,7 +21,9 @@ same seed and noise) with the sparse sites' SDPA calls replaced by the eager op
   seed) than the ones measured, every denoising step included; the plan files are written next
   to the results;
 - ``plan_per_head``: the same with ``allocation="per_head"`` (every head keeps at most the
-  budget, as TopK spreads it), written as ``plan_per_head_<budget>.json``.
+  budget, as TopK spreads it), written as ``plan_per_head_<budget>.json``;
+- ``tile_128``: TopK at the same sparsities with tiles of 128 tokens, (4, 4, 8): the quality side of
+  issue 22's trade-off (128-row query blocks ran 1.16x faster than 64-row ones in a TMA probe).
 
 Every setting is measured with 0, 2 and 4 of the 20 denoising steps dense. FLOPs kept are from
 the lists (computed query-key pairs over dense pairs, query_keep's dropped rows excluded), per
@@ -49,7 +51,7 @@ for path in (ROOT, os.path.join(ROOT, "examples")):
         sys.path.insert(0, path)
 import sparse_inductor as si  # noqa: E402
 
-FAMILIES = ("topk", "mass", "query_keep", "query_ratio", "plan", "plan_per_head")
+FAMILIES = ("topk", "mass", "query_keep", "query_ratio", "plan", "plan_per_head", "tile_128")
 WARMUPS = (0, 2, 4)
 PLAN_BUDGETS = (0.125, 0.25, 0.5)
 #: The seed of the calibration clips: not the seed the measured clips come from.
@@ -70,6 +72,8 @@ def family_settings(family: str, plans: dict) -> list:
     if family == "query_ratio":  # (KV sparsity, query_keep): kept FLOPs ~ (1 - s) * r
         return [(f"TopK({s}) qk{r}", {"sparsity": s, "query_keep": r})
                 for s, r in ((0.5, 0.25), (0.8333, 0.75), (0.125, 0.25), (0.6667, 0.75))]
+    if family == "tile_128":  # 128-token tiles: what issue 22's faster 128-row blocks would cost in quality
+        return [(f"TopK({s}) tile 4x4x8", {"sparsity": s, "tile": (4, 4, 8)}) for s in (0.5, 0.75, 0.875, 0.9375)]
     if family == "plan":
         return [(f"plan(budget {b})", {"plan": plans[("global", b)]}) for b in PLAN_BUDGETS]
     if family == "plan_per_head":
@@ -179,7 +183,8 @@ def write_frontier(data, out) -> None:
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     styles = {0: "-", 2: "--", 4: ":"}  # line style: dense warm-up steps; colour: policy family
-    colors = dict(zip(FAMILIES, ("tab:blue", "tab:red", "tab:green", "tab:olive", "tab:purple", "tab:brown")))
+    colors = dict(zip(FAMILIES, ("tab:blue", "tab:red", "tab:green", "tab:olive", "tab:purple", "tab:brown",
+                                 "tab:cyan")))
     for family in data["families"]:
         for w in WARMUPS:
             pts = sorted((r["kept_sample"], r["psnr"]) for r in frontier_rows(data)

@@ -40,6 +40,8 @@ def test_every_family_and_warmup_is_measured(tiny_run):
     assert topk["TopK(0.875)"] == pytest.approx(0.125)  # 8 tiles: k = 1, every tile full
     qk = {r["setting"]: r["kept_step"] for r in rows if r["family"] == "query_keep" and r["warmup"] == 0}
     assert qk["TopK(0.5) qk0.5"] == pytest.approx(0.25)  # half the tiles, half the query rows
+    big = {r["setting"]: r["kept_step"] for r in rows if r["family"] == "tile_128" and r["warmup"] == 0}
+    assert big["TopK(0.75) tile 4x4x8"] == pytest.approx(0.25)  # 4 tiles of 128 tokens: k = 1
     for budget in quality.PLAN_BUDGETS:
         assert (out / f"plan_{budget}.json").exists() and (out / f"plan_per_head_{budget}.json").exists()
     plan_rows = [r for r in rows if r["family"] in ("plan", "plan_per_head") and r["warmup"] == 0]
