@@ -160,7 +160,27 @@ def packed_setup(layout, selection, q, k, v, sparse_kernel):
             ("tma_packed_permute", lambda q, k, v: [to_compact(x, compact) for x in (q, k, v)], (q, k, v))]
 
 
-def run_case(name, H, grid, sparsity, records, meta, with_flex=True, with_dense=True, only=None):
+def tile128_rows(q, k, v, grad, grid, sparsity, B, H, scale) -> list:
+    """``sparse_compiled_t128`` / ``sparse_kernel_t128``: our path with (4, 4, 8) tiles of 128 tokens
+    (KV blocks and query blocks of 128 rows) at the same sparsity, FLOPs from its own lists."""
+    tile = (4, 4, 8)
+    layout = tile_layout(grid, tile, "cuda")
+    selection = si.select_blocks(q, k, grid, sparsity=sparsity, tile=tile)
+    flops = 4.0 * q.shape[-1] * kept_pair_tokens(selection)
+    slots, counts = layout.slots.expand(B, -1), layout.counts.expand(B, -1)
+    q_slots, q_counts = layout.slots.expand(B, H, -1), layout.counts.expand(B, H, -1)
+
+    def kernel(q, k, v):
+        return torch.ops.sparse_inductor.block_sparse_attn_fwd(
+            q, k, v, q_slots, slots, q_counts, counts, selection.kv_num_blocks, selection.kv_indices, scale)[0]
+
+    compiled = torch.compile(
+        lambda q, k, v: sparse_attention(q, k, v, grid, sparsity=sparsity, tile=tile, layout=layout), fullgraph=True)
+    return [("sparse_compiled_t128", compiled, (q, k, v), grad, flops),
+            ("sparse_kernel_t128", kernel, (q, k, v), grad, flops)]
+
+
+def run_case(name, H, grid, sparsity, records, meta, with_flex=True, with_dense=True, only=None, tile128=False):
     # A fresh Dynamo per case: otherwise the second sparsity recompiles the same lambdas with the
     # captured float marked dynamic (a SymFloat), which the selection cannot take.
     torch.compiler.reset()
@@ -200,6 +220,8 @@ def run_case(name, H, grid, sparsity, records, meta, with_flex=True, with_dense=
              ("sparse_kernel", sparse_kernel, (q, k, v), grad, sparse_flops),
              ("selection", selection_compiled, (q, k), None, None),
              ("selection_launch", selection_compiled, (q, k), None, None)]
+    if tile128:  # issue 22 item 1: 128-token tiles (4, 4, 8), 128-row blocks, the same sparsity
+        impls += tile128_rows(q, k, v, grad, grid, sparsity, B, H, scale)
     if with_flex:
         try:
             impls.append(("flex_kernel", flex_setup(layout, selection, N), (tq, tk, tv), tgrad, sparse_flops))
@@ -310,6 +332,8 @@ def main():
     parser.add_argument("--cases", nargs="*", default=["wan1.3b-480p", "wan14b-720p"], choices=list(CASES))
     parser.add_argument("--sparsity", type=float, nargs="*", default=[0.75, 0.875, 0.9375])
     parser.add_argument("--no-flex", action="store_true")
+    parser.add_argument("--tile128", action="store_true",
+                        help="also time our path with (4, 4, 8) tiles of 128 tokens (rows *_t128)")
     parser.add_argument("--only", nargs="*", help="time only the rows whose names start with these (e.g. dense_sdpa "
                         "sparse_kernel tma_)")
     parser.add_argument("--merge", action="store_true", help="keep other cases' rows of an existing results.json")
@@ -330,7 +354,7 @@ def main():
     for name in args.cases:
         for i, sparsity in enumerate(args.sparsity):
             run_case(name, **CASES[name], sparsity=sparsity, records=records, meta=meta, with_flex=not args.no_flex,
-                     with_dense=i == 0, only=args.only)
+                     with_dense=i == 0, only=args.only, tile128=args.tile128)
             write_results(earlier + records, meta, args.out_dir)  # after each case: a cut-off run keeps its rows
     records = earlier + records
     print("\nratios (dense ms / impl ms):")
