@@ -110,6 +110,13 @@ def census_table(plans: dict) -> str:
     return "\n".join(lines)
 
 
+def plan_labels(paths: list) -> list:
+    """Column labels: each file's name without ``.json``, or the paths as given where two names
+    repeat (plans of one name from two runs), so that no plan's column replaces another's."""
+    names = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+    return names if len(set(names)) == len(names) else list(paths)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("plan", nargs="+", help="plan JSON(s) written by Plan.save / python -m sparse_inductor "
@@ -120,7 +127,7 @@ def main(argv=None):
     parser.add_argument("--out", default="plan_map.png")
     args = parser.parse_args(argv)
     if args.census:
-        print(census_table({os.path.splitext(os.path.basename(p))[0]: sparse_inductor.Plan.load(p) for p in args.plan}))
+        print(census_table({label: sparse_inductor.Plan.load(p) for label, p in zip(plan_labels(args.plan), args.plan)}))
         return
     if len(args.plan) > 1:
         parser.error("draw one plan at a time (several plans only with --census)")

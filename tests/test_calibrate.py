@@ -215,6 +215,17 @@ def test_plan_map_census_counts_each_mode_per_site(tmp_path, capsys):
     assert rows["blocks.1"] == ["2 full, 2 temporal+window", "4 topk"], table
     assert rows["all"] == ["2 full, 2 temporal+window, 2 topk, 1 skip, 1 window", "8 topk"], table
 
+    # Plans of one name from two runs (runs/a/plan_0.125.json, runs/b/plan_0.125.json): one column
+    # each, labelled by path, not one silently dropped.
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    a.save(str(tmp_path / "a" / "plan.json"))
+    b.save(str(tmp_path / "b" / "plan.json"))
+    plan_map.main([str(tmp_path / "a" / "plan.json"), str(tmp_path / "b" / "plan.json"), "--census"])
+    table = capsys.readouterr().out
+    header = [c.strip() for c in table.splitlines()[0].split("|")[2:-1]]
+    assert header == [str(tmp_path / "a" / "plan.json"), str(tmp_path / "b" / "plan.json")], table
+    assert "| all | 2 full, 2 temporal+window, 2 topk, 1 skip, 1 window | 8 topk |" in table, table
+
 
 def test_plan_map_example_draws_each_head(tmp_path):
     import importlib.util
