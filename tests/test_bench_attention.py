@@ -1,0 +1,69 @@
+"""benchmarks/bench_attention.py's setup of the compact-layout TMA rows (``packed_setup``), on CPU
+(the kernel under the interpreter): the rows it returns compute the selection's attention, and a
+kernel that fails leaves the case's other rows to run (its rows are dropped with the error
+printed), as FlexAttention's setup does."""
+import importlib.util
+import math
+import os
+
+import pytest
+import torch
+
+from helpers import HAS_TRITON
+from sparse_inductor.reference import reference_attention, token_mask
+
+pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_attention", os.path.join(ROOT, "benchmarks",
+                                                                                  "bench_attention.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def small_case():
+    import sparse_inductor as si
+    from sparse_inductor.layout import tile_layout
+
+    grid, tile, D = (5, 6, 8), (4, 4, 4), 64  # border tiles of 64, 32, 16 and 8 tokens
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, math.prod(grid), D, generator=g) for _ in range(3))
+    selection = si.select_blocks(q, k, grid, sparsity=0.5)
+    mask = token_mask(selection.dense_mask(), grid, tile)
+
+    def sparse_kernel(q, k, v):  # the row the benchmark compares with, as the float64 reference
+        return reference_attention(q, k, v, mask)[0].to(q.dtype)
+
+    return tile_layout(grid, tile), selection, (q, k, v), sparse_kernel
+
+
+def test_packed_rows_compute_the_selections_attention(bench, capsys):
+    from sparse_inductor.compact_layout import compact_layout, from_compact
+
+    layout, selection, (q, k, v), sparse_kernel = small_case()
+    rows = bench.packed_setup(layout, selection, q, k, v, sparse_kernel)
+    assert [name for name, _, _ in rows] == ["tma_packed_kernel", "tma_packed_kernel_qreg", "tma_packed_unmerged",
+                                             "tma_packed_boxes", "tma_packed_permute"]
+    assert capsys.readouterr().out.count("vs sparse_kernel: relative L2") == 2
+    compact = compact_layout(layout)
+    want = sparse_kernel(q, k, v)
+    for name, fn, inputs in rows[:3]:
+        got = from_compact(fn(*inputs), compact)
+        assert (got - want).norm() / want.norm() < 1e-4, name
+
+
+def test_a_failing_packed_kernel_drops_its_rows_not_the_case(bench, monkeypatch, capsys):
+    import kernel_templates.tma_block_sparse as tma_block_sparse
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("PassManager::run failed")
+
+    monkeypatch.setattr(tma_block_sparse, "tma_packed_block_sparse_attention", broken)
+    layout, selection, (q, k, v), sparse_kernel = small_case()
+    assert bench.packed_setup(layout, selection, q, k, v, sparse_kernel) == []
+    out = capsys.readouterr().out
+    assert "tma_packed" in out and "RuntimeError: PassManager::run failed" in out, out
