@@ -29,8 +29,8 @@ the TMA structure and avoids most of that padding:
 - ``q_in_registers``: Q passes through registers once, so that the QK MMAs read it from
   registers (wgmma RS) instead of from shared memory for every box (SS): the 16-column MMAs of
   quarter boxes would otherwise be bound by re-reading Q (2 KB of Q per 0.5 KB of K). Costs ~44
-  registers (155 -> 199 at D = 128; occupancy is bound by shared memory anyway). Which is faster
-  is for the GPU to say (``bench_attention.py`` times both).
+  registers (156 -> 200 at D = 128 in the sm_90a SASS, NOTES v16; occupancy is bound by shared
+  memory anyway). Which is faster is for the GPU to say (``bench_attention.py`` times both).
 
 Output and LSE (natural log, fp32, ``[B, H, L]``) are written in compact tile-major order
 (``out_order="tile"``) or scattered straight to sequence order (``out_order="sequence"``, the
