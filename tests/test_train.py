@@ -95,6 +95,18 @@ def test_bsa_measures_the_attention_flops_it_kept(tiny_runs):
     assert topk["kept"] == pytest.approx(0.125) and topk["points"][0]["tiles_max"] == 1
 
 
+def test_bsa_mass_cut_adapts_per_query_tile_when_unclamped(tmp_path):
+    """With the clamp opened (min 1 tile, max every tile) the cut at p = 0.5 keeps a number of tiles
+    that differs between query tiles, all of it recorded: fewer than all tiles on average, the
+    fewest below the most (the test above only sees the clamp)."""
+    tr.main(["--tiny", "--steps", "4", "--eval-every", "2", "--out", str(tmp_path), "--variants", "bsa",
+             "--bsa-p", "0.5", "--bsa-min-tiles", "1", "--bsa-max-fraction", "1", "--query-keep", "1"])
+    log = json.loads((tmp_path / "train_bsa.json").read_text())
+    for point in log["measured_flops"]["points"]:
+        assert point["tiles_min"] < point["tiles_max"] and point["tiles_mean"] < point["num_tiles"], point
+        assert point["query_keep"] == 1.0 and point["kept"] == pytest.approx(point["tiles_mean"] / point["num_tiles"])
+
+
 def test_bsa_flags_reject_bad_values(tmp_path, capsys):
     for flag, value in (("--bsa-p", "0"), ("--bsa-p", "1.5"), ("--query-keep", "0"), ("--query-keep", "2"),
                         ("--bsa-min-tiles", "0"), ("--bsa-max-fraction", "0")):
