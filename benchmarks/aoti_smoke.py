@@ -45,7 +45,11 @@ def load_steps(path: str, device: str) -> list[tuple[str, str]]:
     """Each loading step of the package at ``path`` in its own process."""
     folder = path + ".extracted"
     zipfile.ZipFile(path).extractall(folder)
-    library = sorted(glob.glob(os.path.join(folder, "**", "*.so"), recursive=True))[0]
+    libraries = sorted(glob.glob(os.path.join(folder, "**", "*.so"), recursive=True))
+    if not libraries:
+        raise SystemExit(f"the package {path} holds no shared library (.so): nothing to load step by step")
+    library = libraries[0]
+    # The container runners are private torch APIs; a diagnostic script may use them (the package may not).
     runner = (f"torch._C._aoti.AOTIModelContainerRunnerCuda({library!r}, 1, 'cuda', {os.path.dirname(library)!r})"
               if device == "cuda" else f"torch._C._aoti.AOTIModelContainerRunnerCpu({library!r}, 1)")
     return [("dlopen", in_child(f"import ctypes; ctypes.CDLL({library!r})")),
