@@ -10,6 +10,13 @@ versions of a kernel before a GPU run (benchmarks/NOTES.md v9).
 
 Needs triton's bundled ``ptxas`` (one that accepts its PTX version) and ``nvdisasm``. Arguments
 are marked divisible by 16 where a Wan 480p launch has them so (loads vectorise as they would).
+
+Register counts depend on the Triton / ptxas pair, and a few registers can change how many programs
+an SM holds (the ``occupancy`` printed: 168 registers is 3 programs of 4 warps, 169-255 is 2). Look
+with the device's Triton too (the H200 image has 3.6; its wheel ships the CUDA 12.8 ptxas it uses):
+
+    pip install --no-deps --target /tmp/tri36 triton==3.6.0
+    PYTHONPATH=/tmp/tri36 python benchmarks/sass_loops.py --block-m 32
 """
 from __future__ import annotations
 
@@ -65,6 +72,16 @@ def _signature(fn, constexprs: dict):
     return sig, divisible
 
 
+def _ptxas() -> str:
+    """The ptxas this Triton itself runs for sm_90 (3.6, the H200 image's: the CUDA 12.8 ``ptxas``;
+    3.9: ``ptxas-blackwell``), so that a look with the device's Triton sees the device's SASS."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        return get_ptxas(90).path
+    except Exception:  # older or newer layouts
+        return os.path.join(BIN, "ptxas-blackwell")
+
+
 def compile_sass(fn, constexprs: dict, num_warps: int, num_stages: int):
     sig, divisible = _signature(fn, constexprs)
     consts = {(fn.arg_names.index(k),): v for k, v in constexprs.items() if k in fn.arg_names}
@@ -74,7 +91,7 @@ def compile_sass(fn, constexprs: dict, num_warps: int, num_stages: int):
         ptx, obj = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.o")
         with open(ptx, "w") as f:
             f.write(kernel.asm["ptx"])
-        ptxas = subprocess.run([os.path.join(BIN, "ptxas-blackwell"), "-v", "--gpu-name=sm_90a", ptx, "-o", obj],
+        ptxas = subprocess.run([_ptxas(), "-v", "--gpu-name=sm_90a", ptx, "-o", obj],
                                capture_output=True, text=True, check=True)
         sass = subprocess.run([os.path.join(BIN, "nvdisasm"), "-c", obj], capture_output=True, text=True,
                               check=True).stdout
@@ -105,6 +122,28 @@ def loops(sass: str):
     return found
 
 
+def occupancy(info, shared: int, num_warps: int) -> str:
+    """Programs per SM on an H100 / H200 (64 K registers, 228 KB shared memory, 1 KB reserved per
+    program, 64 warps), from the register count ptxas reports and the shared memory."""
+    found = re.search(r"Used (\d+) registers", " ".join(info))
+    if not found:
+        return "occupancy unknown"
+    regs = -(-int(found.group(1)) // 8) * 8  # allocated per warp in units of 256 (8 per thread)
+    by_regs = 65536 // (regs * 32 * num_warps)
+    by_shared = (228 * 1024) // (shared + 1024)
+    return f"occupancy {min(by_regs, by_shared, 64 // num_warps)} programs/SM (registers {by_regs}, shared {by_shared})"
+
+
+def epilogue(sass: str, found) -> int:
+    """Instructions after the last loop's closing branch (the epilogue, run once per program)."""
+    instructions = [m.group(1) for m in (re.match(r"\s*/\*[0-9a-f]{4,6}\*/\s*(.*?)\s*;?\s*$", line)
+                                         for line in sass.splitlines()) if m]
+    if not found:
+        return len(instructions)
+    closing = max(i for i, ins in enumerate(instructions) if any(ins == body[-1] for _, body in found))
+    return len(instructions) - closing - 1
+
+
 def opcode(ins: str) -> str:
     return re.sub(r"^@!?U?P\w+\s+", "", ins).split(" ")[0].split(".")[0]
 
@@ -130,8 +169,10 @@ def main():
         constexprs["CAUSAL_TOKENS"] = args.causal_tokens
     for fn in (module.block_sparse_attn_fwd_kernel, module.block_sparse_attn_bwd_kernel):
         sass, shared, info = compile_sass(fn, constexprs, args.warps, args.stages)
-        print(f"{fn.__name__}: shared memory {shared} B; " + "; ".join(info))
-        for label, body in loops(sass):
+        found = loops(sass)
+        print(f"{fn.__name__}: shared memory {shared} B; " + "; ".join(info) + "; "
+              + occupancy(info, shared, args.warps) + f"; {epilogue(sass, found)} instructions after the last loop")
+        for label, body in found:
             counts = collections.Counter(opcode(i) for i in body)
             spills = counts["LDL"] + counts["STL"]
             print(f"  loop {label}: {len(body)} instructions, {counts['HGMMA']} HGMMA, "

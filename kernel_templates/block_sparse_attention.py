@@ -255,8 +255,13 @@ def fwd_tile(
     # centre) are written as 0 with LSE -inf at position p: every position of the output is
     # written, as an epilogue Inductor fuses into the store expects. The mask comes from the slot
     # (live anyway), not the count (a live row mask cost 36 registers and made the forward 23 %
-    # slower on the H200, benchmarks/NOTES.md v12).
-    taking_part = q_rows >= 0
+    # slower on the H200, benchmarks/NOTES.md v12). The flag that selects the values is read again
+    # from the slot table here, with a volatile load (never merged with the first read, nor moved
+    # before the loop): taken from the first read, the compiler loaded the table a second time in
+    # the accumulator's layout before the loop, and with Triton 3.6's ptxas (the H200 image's)
+    # the 32-row query_keep forward went from 168 to 235 registers, i.e. from 3 to 2 programs per
+    # SM, 17-18 % slower (benchmarks/NOTES.md, "query_keep kernel regression: static look").
+    taking_part = tl.load(Q_SLOTS + h * stride_qsh + b * stride_qsb + m * BLOCK_M + offs_m, volatile=True) >= 0
     out = tl.where(taking_part[:, None], out, 0.0)
     lse = tl.where(taking_part, lse, float("-inf"))
     q_rows = tl.where(q_rows >= -1, q_rows, -q_rows - 2)

@@ -225,3 +225,39 @@ def test_kernels_query_keep(grid, tile, r, dtype, seed):
     for name, got, want in (("dq", dq, rq), ("dk", dk, rk), ("dv", dv, rv)):
         assert_close_rel(got, want, tol["grad"], name)
     assert (dq.cpu()[~kept] == 0).all()
+
+
+def test_kernels_query_keep_write_dropped_rows_as_zero():
+    """The forward writes every position, as an epilogue fused into its store expects: query_keep's
+    dropped rows (excluded slots ``-(p + 2)``) as 0 with LSE -inf — those in a partial tile's own
+    32-slot query block next to its kept rows as well as those in the tile's second block — and the
+    kept rows as their attention. Fails if the kernel's taking-part flag picks the wrong rows."""
+    from sparse_inductor.query_keep import select_queries
+
+    grid, tile, B, H, D = (5, 6, 6), (4, 4, 4), 1, 2, 32  # border tiles of 48, 32, 16, 8 ... tokens
+    N = math.prod(grid)
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(B, H, N, D, generator=g) for _ in range(3))
+    scale = D ** -0.5
+    layout = tile_layout(grid, tile, KERNEL_DEVICE)
+    selected = reference_selection(q, k, grid, 0.5, tile)
+    kv_num, kv_idx = lists_from_mask(selected)
+    dev = [x.to(KERNEL_DEVICE) for x in (q, k, v)]
+    keep = select_queries(dev[0], layout, 0.5)
+    assert keep.block == 32
+    blocks = keep.q_slots.view(B, H, -1, 32)
+    first = blocks[:, :, : 2 * layout.num_video_tiles : 2]  # each tile's first query block
+    assert (first < -1).any()  # excluded slots beside kept rows (partial tiles) are exercised
+    q_num, q_idx = keep.query_lists(kv_num.to(KERNEL_DEVICE), kv_idx.to(KERNEL_DEVICE))
+    slots, counts = layout.slots.expand(B, -1), layout.counts.expand(B, -1)
+    out = torch.full_like(dev[0], float("nan"))
+    lse = torch.full((B, H, N), float("nan"), device=KERNEL_DEVICE)
+    triton_launch.block_sparse_fwd(*dev, out, lse, keep.q_slots, slots, keep.q_counts, counts, q_num, q_idx, scale)
+    kept = keep.kept
+    assert (~kept).any()
+    assert (out[~kept] == 0).all() and (lse[~kept] == float("-inf")).all()
+    q64, k64, v64 = (x.double() for x in (q, k, v))
+    ref, ref_lse = reference_attention(q64, k64, v64, token_mask(selected, grid, tile), scale)
+    kept = kept.cpu()
+    assert_close_rel(out.cpu()[kept], ref[kept], REL_TOL[torch.float32]["out"], "kept rows")
+    assert_close_rel(lse.cpu()[kept], ref_lse[kept], REL_TOL[torch.float32]["lse"], "kept rows' LSE")
