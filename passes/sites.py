@@ -16,7 +16,7 @@ import os
 import re
 import sys
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.fx
@@ -609,14 +609,18 @@ def _all_static(sizes) -> bool:
 # -------------------------------------------------------------------------------------------
 def decide(site: Site, cfg, read_grids: dict | None = None) -> Decision:
     """The decision for one site under one :class:`~sparse_inductor.config.SparsityConfig`;
-    ``read_grids``: ``{site index: grid, or why none}`` read from coordinates inputs at this call."""
+    ``read_grids``: ``{site index: (grid, rows before, rows after the video), or why none}`` read
+    from coordinates inputs at this call. The decision's ``site`` is the site as this call sees it:
+    for a coordinates site, with the text span of the rows around the video read at this call."""
     if not site.eligible:
         return Decision(site, False, site.reason)
     grid, source = site.grid, site.grid_source
     if site.coordinates is not None:
-        grid = (read_grids or {}).get(site.index, "no values at this call")
-        if not isinstance(grid, tuple):
-            return Decision(site, False, f"no grid in the coordinates input: {grid}")
+        read = (read_grids or {}).get(site.index, "no values at this call")
+        if not isinstance(read, tuple):
+            return Decision(site, False, f"no grid in the coordinates input: {read}")
+        grid, before, after = read
+        site = replace(site, text_before=before, text_after=after)
     if cfg.grid is not None and grid is not None:
         n_video = static_int(math.prod(grid)) if source == "graph" else math.prod(grid)
         if n_video == math.prod(cfg.grid) and tuple(cfg.grid) != tuple(static_int(g) for g in grid):
@@ -669,7 +673,8 @@ def plan(sites: list[Site], cfg, read_grids: dict | None = None) -> tuple[Decisi
 def plan_key(decisions, tile) -> tuple:
     """Hashable key of what a plan compiles to: configs with equal keys share a variant."""
     sparse = tuple((d.site.index, d.policy, d.query_keep,
-                    tuple(d.grid) if d.grid_source in ("config", "coordinates") else None)
+                    tuple(d.grid) if d.grid_source in ("config", "coordinates") else None,
+                    (d.site.text_before, d.site.text_after) if d.grid_source == "coordinates" else None)
                    for d in decisions if d.sparse)
     return (sparse, tuple(tile)) if sparse else ("dense",)
 

@@ -288,15 +288,62 @@ def sana_wm():
         sites=2, text=(0, 0), note="the other blocks' self-attention is gated-delta-net linear attention (no SDPA)")
 
 
+def minimax_h3_layout(text, grid, audio_rows, keyframes=0):
+    """MiniMax-H3's packed ``[text | keyframes | audio | video]`` sequence (its t2va layout; fl2va with
+    ``keyframes``): ``position_ids`` ``(L, 3)`` (text at ``(i, 0, 0)``, a keyframe condition one frame of
+    the video's ``(h, w)`` at the first or the last frame's time, audio rows on the time axis at the width
+    grid's two ends, video rows ``(t, h, w)`` with its uneven frame spacing ``5/3 * (1, 4, 4, ...)``), token
+    tags (0 video, 1 text, 2 audio) and the rows of each modality (video: keyframes first, as the pipeline
+    orders them)."""
+    T, H, W = grid
+    n_key = keyframes * H * W
+    start = text + n_key + audio_rows  # of the target video
+    n = start + T * H * W
+    pos = torch.zeros(n, 3)
+    pos[:text, 0] = torch.arange(text)
+    times = text + torch.tensor([0.0] + [1.0] + [4.0] * max(T - 2, 0))[:T].cumsum(0) * 5 / 3
+    hw = torch.stack(torch.meshgrid(torch.arange(H) * 4.0, torch.arange(W) * 4.0, indexing="ij"), -1).reshape(-1, 2)
+    for i in range(keyframes):  # anchored at the first frame, then (a second one) at the last
+        rows = slice(text + i * H * W, text + (i + 1) * H * W)
+        pos[rows, 0], pos[rows, 1:] = times[-1 if i else 0], hw
+    audio = slice(text + n_key, start)
+    pos[audio, 0] = text + torch.arange(audio_rows // 2).repeat(2).float()
+    pos[audio, 2] = torch.tensor([0.0, 4.0 * (W - 1)]).repeat_interleave(audio_rows // 2)
+    pos[start:] = torch.cat([times.repeat_interleave(H * W)[:, None], hw.repeat(T, 1)], 1)
+    tags = torch.cat([torch.ones(text), torch.zeros(n_key), torch.full((audio_rows,), 2), torch.zeros(T * H * W)])
+    video = torch.cat([torch.arange(text, text + n_key), torch.arange(start, n)])
+    return pos, tags.long(), video, torch.arange(text + n_key, start), torch.arange(text)
+
+
+def minimax_h3():
+    from diffusers import MiniMaxH3Transformer3DModel
+
+    # One packed sequence [text | audio | video] (t2va), the rows scattered into it by index_copy; the
+    # video is the raster-ordered tail of position_ids, whose values give the grid and the 13 rows before it.
+    model = MiniMaxH3Transformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, hidden_size=32, num_layers=1, num_refiner_layers=1, ffn_dim=64,
+        in_channels=4, audio_in_channels=8, patch_size=(1, 2, 2), text_dim=32, freq_dim=32, time_embed_hidden_dim=32,
+        time_embed_dim=16, rope_freq_dim=2).eval()
+    g = torch.Generator().manual_seed(45)
+    pos, tags, video, audio, text = minimax_h3_layout(TEXT, GRID, 6)
+    kwargs = dict(hidden_states=torch.randn(2, len(video), 16, generator=g), audio_hidden_states=torch.randn(
+        2, len(audio), 8, generator=g), encoder_hidden_states=torch.randn(2, TEXT, 32, generator=g),
+        timestep=torch.tensor([0.5]), timestep_indices=torch.zeros(len(tags), dtype=torch.long), token_tags=tags,
+        position_ids=pos, video_indices=video, audio_indices=audio, text_indices=text, return_dict=False)
+    return model, (), kwargs, dict(
+        sites=1, text=(TEXT + 6, 0), grid_source="coordinates",
+        note="the 13 rows before the video are its 7 text and 6 audio rows (kept whole, as text)")
+
+
 MODELS.update(wan_vace=wan_vace, wan_animate=wan_animate, skyreels_v2=skyreels_v2, consisid=consisid,
               easyanimate=easyanimate, motif_video=motif_video, kandinsky5=kandinsky5,
               ltx_video_condition=ltx_video_condition, ltx2=ltx2, anyflow=anyflow, chronoedit=chronoedit,
-              helios=helios, sana_wm=sana_wm)
+              helios=helios, sana_wm=sana_wm, minimax_h3=minimax_h3)
 
 
 # Video transformers with no attention the pass may rewrite: every SDPA site stays dense, for the
 # reason in ``dense`` (a substring of explain()'s reason, per site in graph order); ``note`` says why
-# that is right, or ("not yet: ...", MiniMax-H3) what the pass lacks.
+# that is right.
 def sana_video():
     from diffusers import SanaVideoTransformer3DModel
 
@@ -384,43 +431,6 @@ def wan_animate2():
              "(self-attention cannot be shown); generation pass: flex_attention with a BlockMask (no SDPA)")
 
 
-def minimax_h3_layout(text, grid, audio_rows):
-    """MiniMax-H3's packed ``[text | audio | video]`` sequence (its t2va layout): ``position_ids``
-    ``(L, 3)`` (text at ``(i, 0, 0)``, audio rows on the time axis at the width grid's two ends, video
-    rows ``(t, h, w)`` with its uneven frame spacing), token tags (0 video, 1 text, 2 audio) and the
-    rows of each modality."""
-    T, H, W = grid
-    n = text + audio_rows + T * H * W
-    pos = torch.zeros(n, 3)
-    pos[:text, 0] = torch.arange(text)
-    pos[text:text + audio_rows, 0] = text + torch.arange(audio_rows // 2).repeat(2).float()
-    pos[text:text + audio_rows, 2] = torch.tensor([0.0, 4.0 * (W - 1)]).repeat_interleave(audio_rows // 2)
-    hw = torch.stack(torch.meshgrid(torch.arange(H) * 4.0, torch.arange(W) * 4.0, indexing="ij"), -1).reshape(-1, 2)
-    times = text + torch.tensor([0.0, 1, 5, 9, 13])[:T] * 5 / 3
-    pos[text + audio_rows:] = torch.cat([times.repeat_interleave(H * W)[:, None], hw.repeat(T, 1)], 1)
-    tags = torch.cat([torch.ones(text), torch.full((audio_rows,), 2), torch.zeros(T * H * W)]).long()
-    return pos, tags, torch.arange(text + audio_rows, n), torch.arange(text, text + audio_rows), torch.arange(text)
-
-
-def minimax_h3():
-    from diffusers import MiniMaxH3Transformer3DModel
-
-    model = MiniMaxH3Transformer3DModel(
-        num_attention_heads=2, attention_head_dim=16, hidden_size=32, num_layers=1, num_refiner_layers=1, ffn_dim=64,
-        in_channels=4, audio_in_channels=8, patch_size=(1, 2, 2), text_dim=32, freq_dim=32, time_embed_hidden_dim=32,
-        time_embed_dim=16, rope_freq_dim=2).eval()
-    g = torch.Generator().manual_seed(45)
-    pos, tags, video, audio, text = minimax_h3_layout(TEXT, GRID, 6)
-    kwargs = dict(hidden_states=torch.randn(2, len(video), 16, generator=g), audio_hidden_states=torch.randn(
-        2, len(audio), 8, generator=g), encoder_hidden_states=torch.randn(2, TEXT, 32, generator=g),
-        timestep=torch.tensor([0.5]), timestep_indices=torch.zeros(len(tags), dtype=torch.long), token_tags=tags,
-        position_ids=pos, video_indices=video, audio_indices=audio, text_indices=text, return_dict=False)
-    return model, (), kwargs, dict(
-        sites=0, text=(0, 0), dense=["grid not found", "no grid in the coordinates input"],
-        note="not yet: text and audio rows share the one packed sequence with the video (scattered by index_copy), and "
-             "the grid is read from position_ids only when the whole sequence is one raster grid")
-
-
 def sana_wm_refiner():
     from diffusers import SanaWMLTX2RefinerTransformer3DModel
     from diffusers.models.transformers.transformer_sana_wm_refiner import SanaWMRefinerKVCache
@@ -479,7 +489,7 @@ def cosmos3_omni():
 
 
 DENSE_MODELS = dict(sana_video=sana_video, latte=latte, kandinsky6_sr=kandinsky6_sr, anyflow_far=anyflow_far,
-                    wan_animate2=wan_animate2, minimax_h3=minimax_h3, sana_wm_refiner=sana_wm_refiner,
+                    wan_animate2=wan_animate2, sana_wm_refiner=sana_wm_refiner,
                     cosmos3_omni=cosmos3_omni)
 
 

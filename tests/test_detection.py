@@ -464,11 +464,16 @@ def test_grid_read_from_coordinates_values(grid, batch, bounds, layout):
     tokens = torch.randn(batch, coords.shape[2], 8)
     with torch.no_grad(), si.sparsity(0.5, min_tokens=0):
         (row,) = si.explain(CoordinateRoPE(bounds=bounds).eval(), tokens, coords).rows
-    if layout == "raster":
+    if layout == "raster" or (layout != "shuffled" and grid[0] > 1):
+        # Conditioning frames before the video (or its first frame repeated) are kept whole, like text.
+        span = None if layout == "raster" else (grid[1] * grid[2], 0)
         assert row["decision"] == "sparse" and row["grid"] == grid and row["grid_source"] == "coordinates", row
+        assert row["text_span"] == span, row
     else:
         assert row["decision"] == "dense" and "coordinates" in row["reason"], row
         assert ("raster order" if layout == "shuffled" else "not one grid") in row["reason"], row
+        if layout != "shuffled":  # a one-frame clip before a one-frame video: two runs of one size
+            assert "ambiguous" in row["reason"], row
 
 
 def test_grid_from_coordinates_read_at_each_call():
@@ -487,6 +492,169 @@ def test_grid_from_coordinates_read_at_each_call():
             assert (got - model(tokens, coords)).abs().max() > 1e-3  # sparse, not dense
         shuffled = raster_coordinates(2, (3, 4, 5))[:, :, torch.randperm(60)]
         torch.testing.assert_close(compiled(tokens, shuffled), model(tokens, shuffled), rtol=1e-5, atol=1e-5)
+
+
+def packed_video_last(text, audio, grid, keyframes, order):
+    """``[L, 3]`` positions of a packed sequence (MiniMax-H3's, :func:`minimax_h3_layout`) and the
+    ``(grid, before, after)`` expected of it: ``order`` "last" as the model packs it, ``[text |
+    keyframes | audio | video]``; "first": the other way round, ``[video | audio | keyframes |
+    text]`` (the audio and keyframe rows reversed); "middle": text rows on both sides (no run at
+    either end is the video: dense)."""
+    from diffusers_models import minimax_h3_layout
+
+    pos, _, _, _, _ = minimax_h3_layout(text, grid, 2 * audio, keyframes)
+    n = torch.Size(grid).numel()
+    video, rest = pos[len(pos) - n:], pos[: len(pos) - n]
+    if order == "first":
+        return torch.cat([video, rest[text:].flip(0), rest[:text]]), (grid, 0, len(rest))
+    if order == "middle":
+        return torch.cat([rest, video, rest[:text]]), None
+    return pos, (grid, len(rest), 0)
+
+
+video_grids = st.tuples(st.integers(1, 6), st.integers(1, 6), st.integers(1, 7)).filter(
+    lambda g: sum(s > 1 for s in g) >= 2)  # a video, not a line of positions (text, audio)
+
+
+@given(text=st.integers(1, 12), audio=st.integers(0, 5), keyframes=st.integers(0, 2), grid=video_grids,
+       order=st.sampled_from(["last", "first", "middle"]), batched=st.booleans())
+def test_video_span_read_from_packed_coordinates(text, audio, keyframes, grid, order, batched):
+    """The rows of a packed sequence's coordinates (text, audio, keyframe conditions and the video)
+    are not one grid: the video is the longest run of rows at the start or the end of the sequence
+    in raster order over a grid of two or more axes; the rows around it are kept whole, like text."""
+    from passes.coordinates import video_span_from_coordinates
+
+    pos, want = packed_video_last(text, audio, grid, keyframes, order)
+    coords, axes = (pos.T.unsqueeze(0).repeat(2, 1, 1), (2, 1)) if batched else (pos, (0, 1))
+    got = video_span_from_coordinates(coords, *axes)
+    if want is None:
+        assert isinstance(got, str) and "no run of rows at its start or end" in got, got
+    else:
+        assert got == want
+
+
+def test_video_span_from_coordinates_edge_cases():
+    """Lines of positions are never a video span; two end runs of one size are ambiguous; the
+    batch must agree; frames must be whole and in time order."""
+    from passes.coordinates import video_span_from_coordinates
+
+    def span(rows):
+        return video_span_from_coordinates(torch.tensor(rows, dtype=torch.float64), 0, 1)
+
+    frame = lambda t: [[t, h, w] for h in (0, 1) for w in (0, 1, 2)]  # noqa: E731
+    text = [[i, 0, 0] for i in range(3)]
+    assert span(text + frame(3) + frame(4)) == ((2, 2, 3), 3, 0)
+    assert span(frame(3) + frame(4) + text) == ((2, 2, 3), 0, 3)
+    assert span(text + frame(3) + frame(3)) == ((1, 2, 3), 9, 0)  # a repeated frame: the last one is the video
+    assert span(frame(3) + frame(4) + frame(9) + frame(1) + frame(2)) == ((3, 2, 3), 0, 12)  # the longer end run
+    assert "ambiguous" in span(frame(3) + frame(4) + text + frame(1) + frame(2))
+    assert "no run of rows" in span(text + frame(3) + frame(4)[:-1])  # a partial last frame
+    assert "no run of rows" in span([[0, 0, i] for i in range(5)] + [[0, 1, 0]])  # lines only
+    batch = torch.stack([torch.tensor(text + frame(3) + frame(4)), torch.tensor(frame(3) + frame(4) + text)])
+    assert "different" in video_span_from_coordinates(batch.transpose(1, 2), 2, 1)
+
+
+class PackedTokens(nn.Module):
+    """MiniMax-H3's packing: text, audio and video rows, projected apart, are scattered into one
+    sequence at run-time indices (``index_copy``); a RoPE over ``position_ids [L, 3]`` is the only
+    place where the video's rows and grid show, in its values."""
+
+    def __init__(self, heads=2, head_dim=12):
+        super().__init__()
+        dim = heads * head_dim
+        self.heads, self.head_dim = heads, head_dim
+        self.video_in, self.audio_in, self.text_in = nn.Linear(8, dim), nn.Linear(5, dim), nn.Linear(6, dim)
+        self.to_qkv = nn.Linear(dim, 3 * dim)
+        self.register_buffer("freqs", torch.linspace(0.1, 1.0, head_dim // 6))
+
+    def forward(self, video, audio, text, position_ids, video_indices, audio_indices, text_indices):
+        B, L = video.shape[0], position_ids.shape[0]
+        x = video.new_zeros(B, L, self.heads * self.head_dim)
+        x = x.index_copy(1, text_indices, self.text_in(text)).index_copy(1, video_indices, self.video_in(video))
+        x = x.index_copy(1, audio_indices, self.audio_in(audio))
+        angles = (position_ids.unsqueeze(-1) * self.freqs).flatten(1)  # [L, 3 * (head_dim // 6)]
+        cos, sin = (f(angles).repeat_interleave(2, dim=-1)[None, :, None] for f in (torch.cos, torch.sin))
+        q, k, v = self.to_qkv(x).view(B, L, 3, self.heads, self.head_dim).unbind(2)
+
+        def rope(x):  # [B, L, H, D], pairs rotated
+            x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+            return x * cos + torch.stack([-x2, x1], dim=-1).flatten(-2) * sin
+
+        out = F.scaled_dot_product_attention(rope(q).transpose(1, 2), rope(k).transpose(1, 2), v.transpose(1, 2))
+        return out.transpose(1, 2).flatten(2).index_select(1, video_indices)
+
+    @staticmethod
+    def inputs(text, audio, grid, keyframes=0, seed=0):
+        from diffusers_models import minimax_h3_layout
+
+        g = torch.Generator().manual_seed(seed)
+        pos, _, video, audio_rows, text_rows = minimax_h3_layout(text, grid, 2 * audio, keyframes)
+        return (torch.randn(2, len(video), 8, generator=g), torch.randn(2, len(audio_rows), 5, generator=g),
+                torch.randn(2, text, 6, generator=g), pos, video, audio_rows, text_rows)
+
+    def eager_sparse(self, inputs, grid, sparsity):
+        """The model with the eager sparse op in place of its attention: every row before the video kept."""
+        from unittest import mock
+
+        before = len(inputs[3]) - torch.Size(grid).numel()
+
+        def sparse_sdpa(q, k, v, **kw):
+            return sparse_attention(q, k, v, grid, tile=(4, 4, 4), sparsity=sparsity, text_before=before)
+        with mock.patch.object(F, "scaled_dot_product_attention", sparse_sdpa):
+            return self(*inputs)
+
+
+def graph_only():
+    """The backend with Inductor's compile replaced by running the rewritten graph (what is under test
+    is the pass)."""
+    from unittest import mock
+
+    from sparse_inductor import _compat
+
+    return mock.patch.object(_compat, "compile_fx", lambda gm, example_inputs, config_patches=None: gm.forward)
+
+
+@given(text=st.integers(1, 9), audio=st.integers(0, 4), keyframes=st.integers(0, 1),
+       grid=st.sampled_from([(3, 4, 5), (2, 6, 3), (5, 2, 7), (1, 8, 8), (4, 3, 9)]))  # (2 or more tiles)
+def test_packed_sequence_sparse_over_its_video_rows(text, audio, keyframes, grid):
+    """A MiniMax-H3-style packed sequence: sparse over the video's rows with the grid of their
+    coordinates, every row before them (text, keyframes, audio) kept whole; compiled equals the eager
+    op with that text span, and at sparsity 0 the graph runs as traced."""
+    torch.manual_seed(0)
+    model = PackedTokens().eval()
+    inputs = PackedTokens.inputs(text, audio, grid, keyframes)
+    before = len(inputs[3]) - torch.Size(grid).numel()
+    with torch.no_grad(), si.sparsity(0.5, min_tokens=0):
+        (row,) = si.explain(model, *inputs).rows
+    assert row["decision"] == "sparse" and row["grid"] == grid and row["grid_source"] == "coordinates", row
+    assert row["text_span"] == (before, 0), row
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="sparse_inductor")
+    with torch.no_grad(), graph_only():
+        with si.sparsity(0.5, min_tokens=0):
+            got = compiled(*inputs)
+        torch.testing.assert_close(got, model.eager_sparse(inputs, grid, 0.5), rtol=1e-5, atol=1e-5)
+        assert (got - model(*inputs)).abs().max() > 1e-3  # sparse, not dense
+        with si.sparsity(0.0, min_tokens=0):
+            assert torch.equal(compiled(*inputs), model(*inputs))
+
+
+def test_packed_sequence_span_read_at_each_call():
+    """Compiled once: sequences of one length packed differently (more text, less audio; another
+    grid) each run sparse over their own video rows; a layout with no video run runs dense SDPA."""
+    torch.manual_seed(0)
+    model = PackedTokens().eval()
+    compiled = torch.compile(model, backend="sparse_inductor")
+    torch._dynamo.reset()
+    with torch.no_grad(), si.sparsity(0.5, min_tokens=0), graph_only():
+        for text, audio, grid in ((7, 3, (3, 4, 5)), (9, 2, (3, 4, 5)), (7, 3, (5, 4, 3))):
+            inputs = PackedTokens.inputs(text, audio, grid)
+            got = compiled(*inputs)
+            torch.testing.assert_close(got, model.eager_sparse(inputs, grid, 0.5), rtol=1e-5, atol=1e-5)
+            assert (got - model(*inputs)).abs().max() > 1e-3
+        inputs = list(inputs)
+        inputs[3] = inputs[3][torch.randperm(len(inputs[3]), generator=torch.Generator().manual_seed(1))]
+        torch.testing.assert_close(compiled(*inputs), model(*inputs), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.gpu
