@@ -5,6 +5,7 @@ validation loss curves to PNG.
     python examples/train_tiny_video_dit.py --out runs/a                      # GPU: dense, sparse, gated
     python examples/train_tiny_video_dit.py --variants dense --steps 3000 --out runs/a
     python examples/train_tiny_video_dit.py --variants bsa --steps 3000 --time-limit 8 --out runs/bsa  # GPU
+    python examples/train_tiny_video_dit.py --variants bsa --query-keep-ramp 1500 --steps 3000 --out runs/ramp
     python examples/train_tiny_video_dit.py --tiny --variants bsa --out /tmp/bsa_tiny   # CPU, seconds
     python examples/train_tiny_video_dit.py --tiny --steps 20 --out /tmp/t   # CPU, seconds
     python examples/train_tiny_video_dit.py --report runs/a runs/b --out runs/all   # merge runs
@@ -64,6 +65,7 @@ stay out of git: rerun the script to regenerate them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import math
@@ -388,9 +390,13 @@ def train(variant: str, cfg: Config, args, device) -> dict:
     # the default (12,288) would keep a 4,096-token grid dense.
     level = args.sparsity if variant == "sparse" else 0.0
 
-    def attention_context():
+    def attention_context(step=None):
+        """The variant's sparsity; for bsa with ``--query-keep-ramp``, the query keep of ``step``
+        (``None``: the target)."""
         if variant == "bsa":
-            return sparse_inductor.sparsity(policy=args.bsa_policy, query_keep=args.query_keep, min_tokens=0)
+            query_keep = args.query_keep if step is None else ramped_query_keep(
+                step, args.query_keep, args.query_keep_ramp, args.ramp_levels)
+            return sparse_inductor.sparsity(policy=args.bsa_policy, query_keep=query_keep, min_tokens=0)
         return sparse_inductor.sparsity(level, min_tokens=0)
 
     def autocast():
@@ -420,7 +426,8 @@ def train(variant: str, cfg: Config, args, device) -> dict:
            "torch": torch.__version__, "bf16": args.bf16, "compiled": variant in BACKEND_VARIANTS or args.compile,
            "flops": None if variant == "bsa" else attention_flops(cfg, variant, args.sparsity)}
     if variant == "bsa":
-        log.update(policy=args.bsa_policy.describe(), policy_args=asdict(args.bsa_policy), query_keep=args.query_keep)
+        log.update(policy=args.bsa_policy.describe(), policy_args=asdict(args.bsa_policy), query_keep=args.query_keep,
+                   query_keep_ramp=dict(steps=args.query_keep_ramp, levels=args.ramp_levels))
     # Validation passes that measure the FLOPs kept: the first evaluation, the one nearest the
     # middle, the last (and the final one after a --time-limit stop).
     measures = variant in BACKEND_VARIANTS
@@ -445,47 +452,50 @@ def train(variant: str, cfg: Config, args, device) -> dict:
 
     step_times = []
     start = time.perf_counter()
+    ramp = variant == "bsa" and args.query_keep_ramp > 0
     with attention_context():
         for step in range(args.steps):
-            if args.time_limit and time.perf_counter() - start > 60 * args.time_limit:
-                print(f"[{variant}] time limit of {args.time_limit} min reached at step {step}: stopping")
-                log["stopped_early"] = step
-                break
-            g = torch.Generator().manual_seed(step)
-            x0 = make_videos(cfg.batch, cfg, seed=step, device=device)
-            t = torch.sigmoid(torch.randn(cfg.batch, generator=g)).to(device)  # logit-normal (SD3)
-            noise = torch.randn(x0.shape, generator=g).to(device)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step)
-            _sync(device)
-            t0 = time.perf_counter()
-            with autocast():
-                loss = flow_loss(runner, x0, t, noise)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            loss_value = loss.item()  # synchronises
-            step_times.append(time.perf_counter() - t0)
-            log["train_loss"].append(loss_value)
-            if not math.isfinite(loss_value):
-                raise RuntimeError(f"[{variant}] loss is {loss_value} at step {step}")
-            if step == 0:
-                print(f"[{variant}] compile + first step: {step_times[0]:.1f} s", flush=True)
-            if step == 20:  # early enough to size --steps for the next run
-                ms = 1e3 * _median(step_times[1:])
-                print(f"[{variant}] {ms:.1f} ms/step: {args.steps} steps take about {ms * args.steps / 6e4:.1f} min",
-                      flush=True)
-            if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
-                t_eval = time.perf_counter()
-                val_loss = validate(step + 1, measures and step + 1 in measure_at)
-                log["val"].append([step + 1, val_loss])
-                if len(log["val"]) == 1:
-                    log["first_eval_s"] = time.perf_counter() - t_eval
-                recent = log["train_loss"][-20:]
-                ms = 1e3 * _median(step_times[1:] or step_times)
-                print(f"[{variant}] step {step + 1}: train {sum(recent) / len(recent):.4f}  val {val_loss:.4f}  "
-                      f"({ms:.1f} ms/step)", flush=True)
+            # BSA's ramp: each step, and the validation after it, under that step's query keep.
+            with attention_context(step) if ramp else contextlib.nullcontext():
+                if args.time_limit and time.perf_counter() - start > 60 * args.time_limit:
+                    print(f"[{variant}] time limit of {args.time_limit} min reached at step {step}: stopping")
+                    log["stopped_early"] = step
+                    break
+                g = torch.Generator().manual_seed(step)
+                x0 = make_videos(cfg.batch, cfg, seed=step, device=device)
+                t = torch.sigmoid(torch.randn(cfg.batch, generator=g)).to(device)  # logit-normal (SD3)
+                noise = torch.randn(x0.shape, generator=g).to(device)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(step)
+                _sync(device)
+                t0 = time.perf_counter()
+                with autocast():
+                    loss = flow_loss(runner, x0, t, noise)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                loss_value = loss.item()  # synchronises
+                step_times.append(time.perf_counter() - t0)
+                log["train_loss"].append(loss_value)
+                if not math.isfinite(loss_value):
+                    raise RuntimeError(f"[{variant}] loss is {loss_value} at step {step}")
+                if step == 0:
+                    print(f"[{variant}] compile + first step: {step_times[0]:.1f} s", flush=True)
+                if step == 20:  # early enough to size --steps for the next run
+                    ms = 1e3 * _median(step_times[1:])
+                    print(f"[{variant}] {ms:.1f} ms/step: {args.steps} steps take about {ms * args.steps / 6e4:.1f} min",
+                          flush=True)
+                if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+                    t_eval = time.perf_counter()
+                    val_loss = validate(step + 1, measures and step + 1 in measure_at)
+                    log["val"].append([step + 1, val_loss])
+                    if len(log["val"]) == 1:
+                        log["first_eval_s"] = time.perf_counter() - t_eval
+                    recent = log["train_loss"][-20:]
+                    ms = 1e3 * _median(step_times[1:] or step_times)
+                    print(f"[{variant}] step {step + 1}: train {sum(recent) / len(recent):.4f}  val {val_loss:.4f}  "
+                          f"({ms:.1f} ms/step)", flush=True)
     final = len(log["train_loss"])
     need_val = not log["val"] or log["val"][-1][0] != final
     need_measure = measures and (not points or points[-1]["step"] != final)
@@ -561,14 +571,17 @@ def fidelity_setup(checkpoint=None, device=None, dtype=None):
 def _setting(log: dict) -> str:
     """The sparsity setting of a run, for the table: the TopK sparsity, or bsa's policy and query keep."""
     if log["variant"] == "bsa":
-        return f"{log['policy']}, query_keep={log['query_keep']}"
+        ramp = (log.get("query_keep_ramp") or {}).get("steps", 0)
+        return f"{log['policy']}, query_keep={log['query_keep']}" + (
+            f" (ramped from 1 over {ramp} steps in {log['query_keep_ramp']['levels']} decrements)" if ramp else "")
     return str(log["sparsity"])
 
 
 def _label(log: dict) -> str:
     """A short legend label."""
     if log["variant"] == "bsa":
-        return f"bsa (mass p={log['policy_args']['p']}, query_keep={log['query_keep']})"
+        ramp = " ramped" if (log.get("query_keep_ramp") or {}).get("steps", 0) else ""
+        return f"bsa (mass p={log['policy_args']['p']}, query_keep={log['query_keep']}{ramp})"
     return f"{log['variant']} ({log['sparsity']})"
 
 
@@ -631,6 +644,22 @@ def report(logs: list[dict], out_dir: str) -> str:
     return table
 
 
+def _at_least(value: int, low: int) -> None:
+    if value < low:
+        raise ValueError(f"must be an integer >= {low}, got {value}")
+
+
+def ramped_query_keep(step: int, target: float, ramp_steps: int, levels: int) -> float:
+    """The bsa variant's query keep at ``step`` under BSA's ramp (sparsity raised from dense in small
+    steps): ``levels + 1`` equal stages over the first ``ramp_steps`` steps, from 1 (every query row)
+    down to ``target`` in ``levels`` equal decrements, then ``target``. ``ramp_steps`` 0: no ramp.
+    Values are rounded to 4 decimals: each stage is one config (one compiled variant)."""
+    if ramp_steps <= 0:
+        return target
+    stage = min(levels, step * (levels + 1) // ramp_steps)
+    return round(1.0 - (1.0 - target) * stage / levels, 4)
+
+
 def bsa_settings(parser, args) -> None:
     """Sets ``args.bsa_policy`` (the bsa variant's ``CumulativeMass``) from the flags, and checks
     ``--query-keep``; a bad value is a parser error naming its flag."""
@@ -640,7 +669,9 @@ def bsa_settings(parser, args) -> None:
     for flag, check in (("--bsa-p", lambda: Mass(p=args.bsa_p)),
                         ("--bsa-min-tiles", lambda: Mass(min_tiles=args.bsa_min_tiles)),
                         ("--bsa-max-fraction", lambda: Mass(max_fraction=args.bsa_max_fraction)),
-                        ("--query-keep", lambda: check_query_keep(args.query_keep))):
+                        ("--query-keep", lambda: check_query_keep(args.query_keep)),
+                        ("--query-keep-ramp", lambda: _at_least(args.query_keep_ramp, 0)),
+                        ("--ramp-levels", lambda: _at_least(args.ramp_levels, 1))):
         try:
             check()
         except ValueError as error:
@@ -660,6 +691,11 @@ def main(argv=None):
                         help="bsa: at most ceil(this x tiles) KV tiles per query tile, in (0, 1]")
     parser.add_argument("--query-keep", type=float, default=0.5,
                         help="bsa: share of each tile's query rows computed, in (0, 1] (BSA: 0.5)")
+    parser.add_argument("--query-keep-ramp", type=int, default=0, metavar="STEPS",
+                        help="bsa: over the first STEPS steps lower the query keep from 1 to --query-keep in "
+                             "--ramp-levels equal steps (BSA ramps sparsity up from dense); default 0: no ramp")
+    parser.add_argument("--ramp-levels", type=int, default=2,
+                        help="bsa: decrements of the --query-keep-ramp (each stage compiles its own variant)")
     parser.add_argument("--eval-every", type=int, default=None, help="validation every N steps (default steps/10)")
     parser.add_argument("--time-limit", type=float, default=None,
                         help="minutes per variant; training stops there (the log says at which step)")

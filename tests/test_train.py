@@ -107,9 +107,33 @@ def test_bsa_mass_cut_adapts_per_query_tile_when_unclamped(tmp_path):
         assert point["query_keep"] == 1.0 and point["kept"] == pytest.approx(point["tiles_mean"] / point["num_tiles"])
 
 
+def test_bsa_query_keep_ramp_steps_down_from_dense():
+    """``--query-keep-ramp N``: BSA's schedule (sparsity raised from dense in small steps). The
+    query keep of step s walks 1 -> --query-keep in ``--ramp-levels`` equal steps over the first N
+    training steps, then stays at the target; without a ramp it is the target throughout."""
+    assert [tr.ramped_query_keep(s, 0.5, ramp_steps=90, levels=2) for s in (0, 29, 30, 59, 60, 89, 90, 500)] == \
+        [1.0, 1.0, 0.75, 0.75, 0.5, 0.5, 0.5, 0.5]
+    assert tr.ramped_query_keep(0, 0.5, ramp_steps=0, levels=2) == 0.5
+    assert [tr.ramped_query_keep(s, 0.25, ramp_steps=40, levels=3) for s in (0, 10, 20, 30, 40)] == \
+        [1.0, 0.75, 0.5, 0.25, 0.25]
+
+
+def test_bsa_ramp_trains_each_stage_under_its_query_keep(tmp_path):
+    """End to end: 6 steps, a ramp over all of them in 2 decrements (stages of 2 steps): the
+    measured validation passes after steps 2, 4 and 6 ran at query keep 1, 0.75 and 0.5."""
+    tr.main(["--tiny", "--steps", "6", "--eval-every", "2", "--out", str(tmp_path), "--variants", "bsa",
+             "--query-keep", "0.5", "--query-keep-ramp", "6", "--ramp-levels", "2"])
+    log = json.loads((tmp_path / "train_bsa.json").read_text())
+    points = log["measured_flops"]["points"]
+    assert [p["step"] for p in points] == [2, 4, 6], points
+    assert [p["query_keep"] for p in points] == pytest.approx([1.0, 0.75, 0.5]), points
+    assert log["query_keep_ramp"] == {"steps": 6, "levels": 2}
+
+
 def test_bsa_flags_reject_bad_values(tmp_path, capsys):
     for flag, value in (("--bsa-p", "0"), ("--bsa-p", "1.5"), ("--query-keep", "0"), ("--query-keep", "2"),
-                        ("--bsa-min-tiles", "0"), ("--bsa-max-fraction", "0")):
+                        ("--bsa-min-tiles", "0"), ("--bsa-max-fraction", "0"), ("--query-keep-ramp", "-1"),
+                        ("--ramp-levels", "0")):
         with pytest.raises(SystemExit):
             tr.main(["--tiny", "--variants", "bsa", flag, value, "--out", str(tmp_path)])
         assert f"{flag}: " in capsys.readouterr().err
