@@ -146,16 +146,18 @@ def packed_setup(layout, selection, q, k, v, sparse_kernel):
     compact = compact_layout(layout)
     num, idx = selection.kv_num_blocks, selection.kv_indices
 
-    def kernel(boxes, q_in_registers=False):
+    def kernel(boxes, q_in_registers=False, device_descriptors=False):
         return lambda q, k, v: tma_block_sparse.tma_packed_block_sparse_attention(
-            q, k, v, num, idx, compact, boxes=boxes, q_in_registers=q_in_registers)[0]
+            q, k, v, num, idx, compact, boxes=boxes, q_in_registers=q_in_registers,
+            device_descriptors=device_descriptors)[0]
 
     try:
         merged, unmerged = (kv_boxes_by_class(num, idx, compact, merge_adjacent=m) for m in (True, False))
         inputs = tuple(to_compact(x, compact).contiguous() for x in (q, k, v))
         with torch.no_grad():
             ref = sparse_kernel(q, k, v).float()
-            for label, fn in (("tma_packed", kernel(merged)), ("tma_packed_qreg", kernel(merged, True))):
+            for label, fn in (("tma_packed", kernel(merged)), ("tma_packed_qreg", kernel(merged, True)),
+                              ("tma_packed_devdesc", kernel(merged, device_descriptors=True))):
                 err = (from_compact(fn(*inputs), compact).float() - ref).norm() / ref.norm()
                 print(f"{label} vs sparse_kernel: relative L2 {err.item():.2e}", flush=True)
     except Exception as e:
@@ -165,6 +167,7 @@ def packed_setup(layout, selection, q, k, v, sparse_kernel):
         return []
     return [("tma_packed_kernel", kernel(merged), inputs),
             ("tma_packed_kernel_qreg", kernel(merged, True), inputs),
+            ("tma_packed_kernel_devdesc", kernel(merged, device_descriptors=True), inputs),
             ("tma_packed_unmerged", kernel(unmerged), inputs),
             ("tma_packed_boxes", lambda n, i: kv_boxes_by_class(n, i, compact), (num, idx)),
             ("tma_packed_permute", lambda q, k, v: [to_compact(x, compact) for x in (q, k, v)], (q, k, v))]
@@ -257,7 +260,7 @@ def run_case(name, H, grid, sparsity, records, meta, with_flex=True, with_dense=
     if not only or any("tma_packed".startswith(p) or p.startswith("tma_packed") for p in only):
         for impl, fn, inputs in packed_setup(layout, selection, q, k, v, sparse_kernel):
             impls.append((impl, fn, inputs, None,
-                          sparse_flops if impl.endswith(("kernel", "qreg", "unmerged")) else None))
+                          sparse_flops if impl.endswith(("kernel", "qreg", "devdesc", "unmerged")) else None))
     fastvideo = fastvideo_setup(layout, selection)
     if fastvideo is not None:
         tq_c, tk_c, tv_c, tg_c = (x.contiguous() for x in (tq, tk, tv, tgrad))

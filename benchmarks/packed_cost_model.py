@@ -104,7 +104,7 @@ def sass_counts():
 
     boxes = {"q_desc": 64, "k_desc": 64, "v_desc": 64, "k_half_desc": 32, "v_half_desc": 32, "k_quarter_desc": 16,
              "v_quarter_desc": 16}
-    pointers = {"O": "*bf16", "LSE": "*fp32", "POSITIONS": "*i64"}
+    pointers = {"O": "*bf16", "LSE": "*fp32", "POSITIONS": "*i64", "Q": "*bf16", "K": "*bf16", "V": "*bf16"}
 
     def compile_loops(fn, constexprs):
         sig, attrs = {}, {}
@@ -117,7 +117,7 @@ def sass_counts():
                 sig[name] = pointers[name]
             elif name in ("qk_scale",):
                 sig[name] = "fp32"
-            elif name.isupper() and name not in ("L", "M", "MAX_LIST") or name.startswith("kv_"):
+            elif name.isupper() and name not in ("L", "M", "MAX_LIST", "BH") or name.startswith("kv_"):
                 sig[name] = "*i32"
             else:
                 sig[name] = "i32"
@@ -153,6 +153,12 @@ def sass_counts():
         print(f"tma_packed q_in_registers={q_in_registers} ({'; '.join(registers)}):")
         for label, body in zip(("full", "whole box", "two half boxes", "four quarter boxes"), steps):
             print(f"  {label}: {describe(body)}")
+    registers, steps = compile_loops(tma_block_sparse._tma_packed_fwd_device, {
+        "HEAD_DIM": 128, "BLOCK": 64, "HALF": 32, "QUARTER": 16, "SEQUENCE_ORDER": False, "Q_IN_REGISTERS": False,
+        "UPCAST": False, "IEEE": False})
+    print(f"tma_packed with device-side descriptors ({'; '.join(registers)}):")
+    for label, body in zip(("full", "whole box", "two half boxes", "four quarter boxes"), steps):
+        print(f"  {label}: {describe(body)}")
 
 
 def main():

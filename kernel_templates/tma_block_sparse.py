@@ -176,6 +176,41 @@ def _tma_packed_fwd(q_desc, k_desc, v_desc, k_half_desc, v_half_desc, k_quarter_
                     BOX_STARTS, BOX_ROWS, CLASS_ENDS, TILE_OFFSETS, COUNTS, POSITIONS, L, M, MAX_LIST, qk_scale,
                     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, SEQUENCE_ORDER: tl.constexpr,
                     Q_IN_REGISTERS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """The kernel with host-side descriptors (``TensorDescriptor`` arguments)."""
+    _packed_program(q_desc, k_desc, v_desc, k_half_desc, v_half_desc, k_quarter_desc, v_quarter_desc, O, LSE,
+                    BOX_STARTS, BOX_ROWS, CLASS_ENDS, TILE_OFFSETS, COUNTS, POSITIONS, L, M, MAX_LIST, qk_scale,
+                    HEAD_DIM, BLOCK, SEQUENCE_ORDER, Q_IN_REGISTERS, UPCAST, IEEE)
+
+
+@triton.jit
+def _device_descriptor(X, BH, L, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr):
+    """An in-kernel descriptor over ``[B * H, L, D]`` (contiguous) with ``ROWS``-row boxes."""
+    return tl.make_tensor_descriptor(X, shape=[BH, L, HEAD_DIM], strides=[L * HEAD_DIM, HEAD_DIM, 1],
+                                     block_shape=[1, ROWS, HEAD_DIM])
+
+
+@triton.jit
+def _tma_packed_fwd_device(Q, K, V, O, LSE, BOX_STARTS, BOX_ROWS, CLASS_ENDS, TILE_OFFSETS, COUNTS, POSITIONS, BH,
+                           L, M, MAX_LIST, qk_scale, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
+                           HALF: tl.constexpr, QUARTER: tl.constexpr, SEQUENCE_ORDER: tl.constexpr,
+                           Q_IN_REGISTERS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """The same program with device-side descriptors built from pointers, the form an Inductor
+    template can take (Inductor's own TMA templates build theirs so; NOTES v17): the A/B of their
+    cost against host descriptors is ``tma_packed_kernel_devdesc`` in bench_attention.py."""
+    _packed_program(_device_descriptor(Q, BH, L, HEAD_DIM, BLOCK), _device_descriptor(K, BH, L, HEAD_DIM, BLOCK),
+                    _device_descriptor(V, BH, L, HEAD_DIM, BLOCK), _device_descriptor(K, BH, L, HEAD_DIM, HALF),
+                    _device_descriptor(V, BH, L, HEAD_DIM, HALF), _device_descriptor(K, BH, L, HEAD_DIM, QUARTER),
+                    _device_descriptor(V, BH, L, HEAD_DIM, QUARTER), O, LSE, BOX_STARTS, BOX_ROWS, CLASS_ENDS,
+                    TILE_OFFSETS, COUNTS, POSITIONS, L, M, MAX_LIST, qk_scale, HEAD_DIM, BLOCK, SEQUENCE_ORDER,
+                    Q_IN_REGISTERS, UPCAST, IEEE)
+
+
+@triton.jit
+def _packed_program(q_desc, k_desc, v_desc, k_half_desc, v_half_desc, k_quarter_desc, v_quarter_desc, O, LSE,
+                    BOX_STARTS, BOX_ROWS, CLASS_ENDS, TILE_OFFSETS, COUNTS, POSITIONS, L, M, MAX_LIST, qk_scale,
+                    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, SEQUENCE_ORDER: tl.constexpr,
+                    Q_IN_REGISTERS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """One (query tile, batch * head) program over its box lists, whatever made the descriptors."""
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     q_start = tl.load(TILE_OFFSETS + tile)
@@ -248,7 +283,7 @@ def _check(q, k, v, kv_num_blocks, kv_indices, compact, scale):
 
 def tma_packed_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, compact: CompactLayout, scale=None, *,
                                       out_order: str = "tile", boxes=None, q_in_registers: bool = False,
-                                      num_warps: int = 4, num_stages: int = 2):
+                                      device_descriptors: bool = False, num_warps: int = 4, num_stages: int = 2):
     """Block-sparse attention over compact tile-major ``q, k, v`` (``[B, H, L, D]``, :func:`to_compact`):
     query tile ``i`` of head ``(b, h)`` attends to the tokens of KV tiles
     ``kv_indices[b, h, i, :kv_num_blocks[b, h, i]]`` (any order; every entry stored).
@@ -256,6 +291,8 @@ def tma_packed_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, compac
     ``boxes``: :func:`kv_boxes_by_class` of these lists, when the caller has it (computed
     otherwise, with adjacent tiles merged). Returns ``(out, lse)``: ``out`` like ``q`` and fp32 ``lse [B, H, L]`` (natural log),
     both in compact tile-major order (``out_order="tile"``) or in sequence order (``"sequence"``).
+    ``device_descriptors``: build the TMA descriptors inside the kernel (the form a template takes)
+    instead of on the host; the same results.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     _check(q, k, v, kv_num_blocks, kv_indices, compact, scale)
@@ -273,11 +310,18 @@ def tma_packed_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, compac
     block = compact.block
     # Half and quarter boxes exist only from 16 rows (tl.dot's minimum); the full ones stand in.
     half, quarter = (r if r >= MIN_BOX else block for r in (block // 2, block // 4))
+    tables = (starts, rows, ends, compact.tile_offsets, compact.counts, compact.positions)
+    meta = dict(HEAD_DIM=D, BLOCK=block, SEQUENCE_ORDER=out_order == "sequence", Q_IN_REGISTERS=q_in_registers,
+                **kernel_flags(q.dtype), num_warps=num_warps, num_stages=num_stages)
+    grid = (compact.num_tiles, B * H)
+    qk_scale = scale * 1.4426950408889634
+    if device_descriptors:
+        # In-kernel descriptors live in scratch memory that Triton asks this allocator for.
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=q.device))
+        _tma_packed_fwd_device[grid](q, k, v, out, lse, *tables, B * H, L, compact.num_tiles, starts.shape[-1],
+                                     qk_scale, HALF=half, QUARTER=quarter, **meta)
+        return out, lse
     descriptors = [_descriptor(q, block), _descriptor(k, block), _descriptor(v, block), _descriptor(k, half),
                    _descriptor(v, half), _descriptor(k, quarter), _descriptor(v, quarter)]
-    _tma_packed_fwd[(compact.num_tiles, B * H)](
-        *descriptors, out, lse, starts, rows, ends, compact.tile_offsets, compact.counts, compact.positions, L,
-        compact.num_tiles, starts.shape[-1], scale * 1.4426950408889634, HEAD_DIM=D, BLOCK=block,
-        SEQUENCE_ORDER=out_order == "sequence", Q_IN_REGISTERS=q_in_registers, **kernel_flags(q.dtype),
-        num_warps=num_warps, num_stages=num_stages)
+    _tma_packed_fwd[grid](*descriptors, out, lse, *tables, L, compact.num_tiles, starts.shape[-1], qk_scale, **meta)
     return out, lse

@@ -45,7 +45,7 @@ def random_lists(B, H, M, generator, width=None):
     return num, idx.contiguous(), selected
 
 
-def run_packed(q, k, v, grid, tile, num, idx, out_order, q_in_registers=False):
+def run_packed(q, k, v, grid, tile, num, idx, out_order, q_in_registers=False, device_descriptors=False):
     """The packed kernel on raster-order inputs: permute to compact tile-major, run, and return
     output and LSE in raster order (through from_compact, or written so by the kernel)."""
     from sparse_inductor.compact_layout import compact_layout, from_compact, to_compact
@@ -54,19 +54,21 @@ def run_packed(q, k, v, grid, tile, num, idx, out_order, q_in_registers=False):
     compact = compact_layout(tile_layout(grid, tile, KERNEL_DEVICE))
     tiles = [to_compact(x.to(KERNEL_DEVICE), compact) for x in (q, k, v)]
     out, lse = tma_packed_block_sparse_attention(*tiles, num.to(KERNEL_DEVICE), idx.to(KERNEL_DEVICE), compact,
-                                                 out_order=out_order, q_in_registers=q_in_registers)
+                                                 out_order=out_order, q_in_registers=q_in_registers,
+                                                 device_descriptors=device_descriptors)
     if out_order == "tile":
         out, lse = from_compact(out, compact), from_compact(lse, compact, dim=-1)
     return out, lse
 
 
-def check_against_reference(grid, tile, dtype, B, H, D, seed, out_order, q_in_registers=False):
+def check_against_reference(grid, tile, dtype, B, H, D, seed, out_order, q_in_registers=False,
+                            device_descriptors=False):
     g = torch.Generator().manual_seed(seed)
     N = math.prod(grid)
     M = tile_layout(grid, tile).num_tiles
     q, k, v = (torch.randn(B, H, N, D, generator=g).to(dtype) for _ in range(3))
     num, idx, selected = random_lists(B, H, M, g)
-    out, lse = run_packed(q, k, v, grid, tile, num, idx, out_order, q_in_registers)
+    out, lse = run_packed(q, k, v, grid, tile, num, idx, out_order, q_in_registers, device_descriptors)
     ref, ref_lse = reference_attention(q.double(), k.double(), v.double(), token_mask(selected, grid, tile),
                                        1.0 / math.sqrt(D))
     assert out.dtype == dtype and out.shape == q.shape and lse.shape == (B, H, N)
@@ -76,10 +78,11 @@ def check_against_reference(grid, tile, dtype, B, H, D, seed, out_order, q_in_re
 
 @given(data=st.data(), tile=st.sampled_from(TILES), dtype=st.sampled_from(DTYPES), B=st.integers(1, 2),
        H=st.integers(1, 2), D=st.sampled_from([64, 128]), seed=st.integers(0, 2**16),
-       out_order=st.sampled_from(["tile", "sequence"]), q_in_registers=st.booleans())
-def test_packed_matches_reference(data, tile, dtype, B, H, D, seed, out_order, q_in_registers):
+       out_order=st.sampled_from(["tile", "sequence"]), q_in_registers=st.booleans(),
+       device_descriptors=st.booleans())
+def test_packed_matches_reference(data, tile, dtype, B, H, D, seed, out_order, q_in_registers, device_descriptors):
     grid = data.draw(grid_for(tile), label="grid")
-    check_against_reference(grid, tile, dtype, B, H, D, seed, out_order, q_in_registers)
+    check_against_reference(grid, tile, dtype, B, H, D, seed, out_order, q_in_registers, device_descriptors)
 
 
 # The border structure of Wan 480p (21 x 30 x 52 under (4, 4, 4): tiles of 64, 32, 16 and 8 tokens)
@@ -91,6 +94,7 @@ def test_packed_matches_reference(data, tile, dtype, B, H, D, seed, out_order, q
 ])
 def test_packed_border_structures(grid, tile, dtype, D):
     check_against_reference(grid, tile, dtype, 1, 2, D, 0, "tile")
+    check_against_reference(grid, tile, dtype, 1, 2, D, 0, "sequence", device_descriptors=True)
 
 
 def test_packed_rows_without_keys():
