@@ -57,7 +57,7 @@ def _coordinate_rows(coords: torch.Tensor, token_axis: int, coord_axis: int) -> 
 
 def _raster_grid(rows: torch.Tensor) -> tuple | str:
     """The grid ``(T, H, W)`` whose raster order the rows ``[N, 3]`` follow, or why they do not
-    (see :func:`grid_from_coordinates`)."""
+    (see :func:`video_span_from_coordinates`)."""
     n_tokens = rows.shape[0]
     ranks, sizes = [], []
     for values in rows.T:
@@ -71,30 +71,6 @@ def _raster_grid(rows: torch.Tensor) -> tuple | str:
     if not torch.equal((ranks[0] * H + ranks[1]) * W + ranks[2], torch.arange(n_tokens)):
         return f"the tokens are not in raster order over the ({T}, {H}, {W}) grid of their coordinates"
     return (T, H, W)
-
-
-def grid_from_coordinates(coords: torch.Tensor, token_axis: int, coord_axis: int) -> tuple | str:
-    """The grid ``(T, H, W)`` whose raster order the tokens follow, or why they do not.
-
-    ``coords[..., d, ..., n, ...]`` (``d`` on ``coord_axis``, ``n`` on ``token_axis``) is coordinate
-    ``d`` (frame, row, column) of token ``n``; every other index (batch, a ``[start, end)`` pair)
-    must describe the same grid. With ``u_d`` the sorted distinct values of coordinate ``d`` and
-    ``r_d(n)`` the rank of token ``n``'s value among them, the grid is ``(|u_0|, |u_1|, |u_2|)``
-    exactly when ``N = |u_0| |u_1| |u_2|`` and ``n = (r_0(n) |u_1| + r_1(n)) |u_2| + r_2(n)`` for
-    every token: token order is raster order (w fastest) over the grid of the values, whatever
-    monotone scale the coordinates carry (frame rates, VAE strides, a clamped first frame)."""
-    rows = _coordinate_rows(coords, token_axis, coord_axis)
-    if isinstance(rows, str):
-        return rows
-    grid = None
-    for table in rows:
-        found = _raster_grid(table)
-        if isinstance(found, str):
-            return found
-        if grid is not None and grid != found:
-            return f"the batch's coordinates describe different grids ({grid} and {found})"
-        grid = found
-    return grid
 
 
 def _trailing_true(flags: torch.Tensor) -> int:
@@ -158,9 +134,17 @@ def _video_span(rows: torch.Tensor) -> tuple | str:
 
 def video_span_from_coordinates(coords: torch.Tensor, token_axis: int, coord_axis: int) -> tuple | str:
     """``(grid, before, after)``: where the video's tokens are and their grid, read from the values
-    of a coordinates input (layout as in :func:`grid_from_coordinates`), or why there is none.
+    of a coordinates input, or why there is none.
 
-    All tokens in raster order over one grid (:func:`grid_from_coordinates`): ``(grid, 0, 0)``.
+    ``coords[..., d, ..., n, ...]`` (``d`` on ``coord_axis``, ``n`` on ``token_axis``) is coordinate
+    ``d`` (frame, row, column) of token ``n``; every other index (batch, a ``[start, end)`` pair)
+    must describe the same grid. With ``u_d`` the sorted distinct values of coordinate ``d`` and
+    ``r_d(n)`` the rank of token ``n``'s value among them, the grid is ``(|u_0|, |u_1|, |u_2|)``
+    exactly when ``N = |u_0| |u_1| |u_2|`` and ``n = (r_0(n) |u_1| + r_1(n)) |u_2| + r_2(n)`` for
+    every token: token order is raster order (w fastest) over the grid of the values, whatever
+    monotone scale the coordinates carry (frame rates, VAE strides, a clamped first frame).
+
+    All tokens in raster order over one grid: ``(grid, 0, 0)``.
     Otherwise the sequence packs other rows with the video (MiniMax-H3: ``[text | keyframe
     conditions | audio | video]``; LTX: conditioning latents before the video): the video is the
     longest run of rows at the end, or at the start, of the sequence that is in raster order over a
