@@ -23,6 +23,8 @@ import json
 import os
 import sys
 
+from .calibrate import ALLOCATIONS
+
 
 def load_function(spec: str):
     """The callable named by ``file.py:name`` or ``package.module:name``."""
@@ -115,7 +117,7 @@ def calibrate_main(argv) -> int:
     parser.add_argument("--skip-threshold", type=float, default=0.02,
                         help="skip heads whose output energy is below this share of the mean head's (0: never)")
     parser.add_argument("--dynamic", action="store_true", help="also offer TopK per head")
-    parser.add_argument("--allocation", choices=("global", "per_head"), default="global",
+    parser.add_argument("--allocation", choices=ALLOCATIONS, default="global",
                         help="global: the budget is the mean over heads; per_head: every head keeps at most it")
     parser.add_argument("--no-sample", action="store_true", help="measure the inputs only, not a whole sample")
     parser.add_argument("--min-tokens", type=int, default=0)
