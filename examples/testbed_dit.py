@@ -607,8 +607,13 @@ def load_model(path, device="cpu", dtype=None):
 # ---------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------
-def lr_at(step: int, cfg: Config, schedule_steps: int) -> float:
-    """Linear warm-up over ``cfg.warmup_steps``, then cosine to 10 % at ``schedule_steps``."""
+def lr_at(step: int, cfg: Config, schedule_steps: int, cooldown: tuple | None = None) -> float:
+    """Linear warm-up over ``cfg.warmup_steps``, then cosine to 10 % at ``schedule_steps``; past it the
+    rate stays at 10 %, unless ``cooldown = (start, end)`` (global steps past the schedule) decays it
+    linearly from there to 0 at ``end``: the usual way to finish a run whose loss keeps creeping down."""
+    if cooldown is not None and step >= cooldown[0]:
+        start, end = cooldown
+        return cfg.lr * 0.1 * max(0.0, (end - step) / max(1, end - start))
     warmup = min(cfg.warmup_steps, max(1, schedule_steps // 4))
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
@@ -715,6 +720,14 @@ def train(args) -> dict:
     # Past the schedule's end the learning rate stays at its final value (lr_at clamps): how one checks
     # that a finished schedule's validation loss has plateaued without restarting the schedule.
     target = args.steps if args.past_schedule else min(schedule_steps, args.steps) if args.steps else schedule_steps
+    cooldown = None
+    if args.cooldown_from is not None:
+        if not args.past_schedule:
+            raise SystemExit("--cooldown-from needs --past-schedule and --steps: it decays the rate to 0 at --steps")
+        if not schedule_steps <= args.cooldown_from < target:
+            raise SystemExit(f"--cooldown-from must lie in [{schedule_steps}, {target}) (the schedule's end, --steps); "
+                             f"got {args.cooldown_from}")
+        cooldown = (args.cooldown_from, target)
     compiled = device.startswith("cuda") if args.compile is None else args.compile
     bf16 = device.startswith("cuda") if args.bf16 is None else args.bf16
     if device.startswith("cuda"):
@@ -763,6 +776,8 @@ def train(args) -> dict:
     name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
     run = {"start_step": step, "resumed_from": resumed_from, "device": name, "torch": torch.__version__,
            "compiled": compiled, "bf16": bf16, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if cooldown is not None:
+        run["cooldown"] = list(cooldown)
     log["runs"].append(run)
     print(f"device {device} ({name}), torch {torch.__version__}; clips {cfg.frames}x{cfg.size}x{cfg.size}, grid "
           f"{cfg.grid} = {cfg.tokens} tokens, {cfg.layers} layers, {cfg.heads} heads x {cfg.dim // cfg.heads}, "
@@ -819,7 +834,7 @@ def train(args) -> dict:
                 break
         x0, caption, t, noise = training_batch(cfg, seed, step, device)
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg, schedule_steps)
+            group["lr"] = lr_at(step, cfg, schedule_steps, cooldown)
         with autocast():
             loss = flow_loss(runner, x0, caption, t, noise)
         optimizer.zero_grad(set_to_none=True)
@@ -931,6 +946,11 @@ def summary_verdict(log, status) -> str:
     if step > log["schedule_steps"]:
         head = (f"the {log['schedule_steps']}-step schedule is complete and training went on "
                 f"{step - log['schedule_steps']} steps past its end at the final learning rate")
+        cooldowns = [r["cooldown"] for r in log["runs"] if r.get("cooldown")]
+        if cooldowns:
+            start, end = cooldowns[-1]
+            head += (f", then decayed it linearly to 0 from step {start} to {end}"
+                     + ("" if step >= end else f" (cut off at step {step}: run the same command again to finish)"))
     elif step == log["schedule_steps"]:
         head = f"the {log['schedule_steps']}-step schedule is complete"
     else:
@@ -1085,6 +1105,9 @@ def main(argv=None):
     tr.add_argument("--steps", type=int, help="stop at this global step (default: the schedule's end)")
     tr.add_argument("--past-schedule", action="store_true",
                     help="let --steps go past the schedule's end, at its final learning rate (10 %%): the plateau check")
+    tr.add_argument("--cooldown-from", type=int, metavar="STEP",
+                    help="with --past-schedule: decay the learning rate linearly from its final 10 %% at global "
+                         "step STEP to 0 at --steps (repeat the same flags to resume a cut-off cooldown)")
     tr.add_argument("--minutes", type=float, help="wall-clock budget of this invocation, start-up and compile included")
     tr.add_argument("--schedule-steps", type=int, help="length of the lr schedule (a new run only; default 3000, "
                                                        "tiny 20, or --steps if given)")

@@ -244,6 +244,26 @@ def test_training_past_the_schedule_end_runs_at_its_final_learning_rate(tmp_path
         tb.main(["train", "--tiny", "--past-schedule", "--out", str(tmp_path), "--no-plot"])
 
 
+def test_cooldown_decays_the_learning_rate_to_zero_past_the_schedule(tmp_path):
+    """``--cooldown-from S`` (with --past-schedule): from global step S the rate falls linearly from the
+    schedule's final 10 % to 0 at --steps; before S it is untouched; bad spans are refused by name."""
+    cfg = tb.Config(**tb.TINY)
+    assert tb.lr_at(5, cfg, 4, (6, 10)) == pytest.approx(0.1 * cfg.lr)
+    assert tb.lr_at(6, cfg, 4, (6, 10)) == pytest.approx(0.1 * cfg.lr)
+    assert tb.lr_at(8, cfg, 4, (6, 10)) == pytest.approx(0.05 * cfg.lr)
+    assert tb.lr_at(10, cfg, 4, (6, 10)) == 0.0
+    tb.main(["train", "--tiny", "--steps", "4", "--schedule-steps", "4", "--out", str(tmp_path), "--no-plot"])
+    log = tb.main(["train", "--tiny", "--steps", "8", "--past-schedule", "--cooldown-from", "5", "--out",
+                   str(tmp_path), "--no-plot"])
+    assert log["runs"][-1]["cooldown"] == [5, 8] and log["runs"][-1]["end_step"] == 8
+    assert "decayed it linearly to 0 from step 5 to 8" in tb.summary_verdict(log, tb.plateau(log["val"]))
+    with pytest.raises(SystemExit, match="--cooldown-from needs --past-schedule"):
+        tb.main(["train", "--tiny", "--steps", "9", "--cooldown-from", "5", "--out", str(tmp_path), "--no-plot"])
+    with pytest.raises(SystemExit, match=r"--cooldown-from must lie in \[4, 9\)"):
+        tb.main(["train", "--tiny", "--steps", "9", "--past-schedule", "--cooldown-from", "9", "--out",
+                 str(tmp_path), "--no-plot"])
+
+
 def test_time_limit_stops_the_run_and_saves(tmp_path):
     log = tb.main(["train", "--tiny", "--steps", "2000", "--schedule-steps", "100000", "--minutes", "0.06",
                    "--out", str(tmp_path), "--no-plot"])
