@@ -19,8 +19,10 @@ The forward and dQ loops do not walk the listed KV blocks one by one: each pass 
 listed blocks, lays the valid slots of each end to end (a prefix sum of their counts) and walks
 these packed rows ``BLOCK`` at a time, finding each packed row's slot in registers. So the
 padding slots of border tiles (a 21-frame grid's last tile holds 16 of 64 tokens) cost no MMA
-work and no memory is written. dK/dV keep one query block per step (packing measured slower
-there; benchmarks/NOTES.md).
+work and no memory is written. dK/dV do not pack (packing measured slower there;
+benchmarks/NOTES.md): a step takes one query block, or, where query blocks are smaller than KV
+blocks (query_keep), ``BLOCK // BLOCK_M`` consecutive entries of the list at once, ``BLOCK`` rows
+in all (the step is latency-bound, so fewer rows per step saved nothing; NOTES.md v18).
 
 Selections follow FlexAttention's conventions: query-major ``KV_NUM_BLOCKS[B, H, Mq]`` /
 ``KV_INDICES[B, H, Mq, MAX_KV]`` for the forward and dQ, kv-major ``Q_NUM_BLOCKS[B, H, Mk]`` /
@@ -329,12 +331,35 @@ def dq_tile(
 
 
 @triton.jit
-def _dkdv_step(k, v, q_base, do_base, LSE, DELTA, stats_base, Q_SLOTS, stride_qsb, Q_COUNTS, stride_qcb, b, qb,
-               offs_m, offs_d, stride_qn, stride_don, HEAD_DIM, dk, dv, qk_scale, UPCAST: tl.constexpr,
-               IEEE: tl.constexpr, kv_block, CAUSAL_TOKENS: tl.constexpr):
-    """dK and dV contributions of query block ``qb``, with transposed scores ``[kv slots, q slots]``
-    (no padding masks: see :func:`_gradient_lse2`; a block-causal mask masks later keys)."""
-    q_rows, row_valid = _block_rows(Q_SLOTS, stride_qsb, Q_COUNTS, stride_qcb, b, qb, offs_m)
+def _group_rows(ENTRIES, i, n_q, SLOTS, stride_sb, COUNTS, stride_cb, b, offs, BLOCK_M: tl.constexpr):
+    """Sequence positions of the ``BLOCK`` query rows of a dK/dV step that takes the list entries
+    ``i, i + 1, ...`` at once (``BLOCK // BLOCK_M`` of them), and which rows take part: row ``r``
+    is slot ``r % BLOCK_M`` of the block of entry ``i + r // BLOCK_M``; it takes part iff that
+    entry exists (below ``n_q``) and the slot is below the block's count. A missing entry reads
+    block 0 with count 0, so its rows are padding rows like any other (see :func:`_gradient_lse2`).
+    The entries and counts are scalar loads spread over the rows by selects: loaded per row (a
+    replicated gather), the sm_90 loop took 919 instructions, 120 global loads and 6 spill ops
+    at BLOCK_M 32, against 761, 76 and 0 (benchmarks/sass_loops.py, Triton 3.6)."""
+    group = offs // BLOCK_M
+    start = tl.zeros_like(offs)
+    count = tl.zeros_like(offs)
+    for g in tl.static_range(offs.shape[0] // BLOCK_M):
+        exists = i + g < n_q
+        qb = tl.load(ENTRIES + i + g, mask=exists, other=0)
+        start = tl.where(group == g, qb * BLOCK_M, start)
+        count = tl.where(group == g, tl.load(COUNTS + b * stride_cb + qb, mask=exists, other=0), count)
+    slot = offs % BLOCK_M
+    rows = tl.load(SLOTS + b * stride_sb + start + slot)
+    return rows, slot < count
+
+
+@triton.jit
+def _dkdv_step(k, v, q_base, do_base, LSE, DELTA, stats_base, q_rows, row_valid, offs_d, stride_qn, stride_don,
+               HEAD_DIM, dk, dv, qk_scale, UPCAST: tl.constexpr, IEEE: tl.constexpr, kv_block,
+               CAUSAL_TOKENS: tl.constexpr):
+    """dK and dV contributions of the query rows ``q_rows`` (those with ``row_valid``), with
+    transposed scores ``[kv slots, query rows]`` (no padding masks: see :func:`_gradient_lse2`; a
+    block-causal mask masks later keys, per row)."""
     q = _load_rows(q_base, q_rows, row_valid, stride_qn, offs_d, HEAD_DIM)
     do = _load_rows(do_base, q_rows, row_valid, stride_don, offs_d, HEAD_DIM)
     lse2 = _gradient_lse2(LSE, stats_base + q_rows, row_valid)
@@ -383,11 +408,22 @@ def dkdv_tile(
     dv = tl.zeros([BLOCK, BLOCK_D], tl.float32)
     list_row = (b * H + h) * NUM_KV_BLOCKS + n
     n_q = tl.load(Q_NUM_BLOCKS + list_row)
-    for i in range(0, n_q):
-        qb = tl.load(Q_INDICES + list_row * MAX_Q + i)
-        dk, dv = _dkdv_step(k, v, q_base, do_base, LSE, DELTA, stats_base, q_slots, stride_qsb, q_counts, stride_qcb,
-                            b, qb, offs_m, offs_d, stride_qn, stride_don, HEAD_DIM, dk, dv, qk_scale, UPCAST, IEEE,
-                            kv_block, CAUSAL_TOKENS)
+    if BLOCK_M == BLOCK:  # one query block per step
+        for i in range(0, n_q):
+            qb = tl.load(Q_INDICES + list_row * MAX_Q + i)
+            q_rows, row_valid = _block_rows(q_slots, stride_qsb, q_counts, stride_qcb, b, qb, offs_m)
+            dk, dv = _dkdv_step(k, v, q_base, do_base, LSE, DELTA, stats_base, q_rows, row_valid, offs_d, stride_qn,
+                                stride_don, HEAD_DIM, dk, dv, qk_scale, UPCAST, IEEE, kv_block, CAUSAL_TOKENS)
+    else:
+        # Smaller query blocks (query_keep): a step takes BLOCK // BLOCK_M list entries, BLOCK rows
+        # in all. The step is latency-bound, so halving its rows saved nothing (fwd+bwd at
+        # query_keep 0.5 was 0.96x of query_keep 1; benchmarks/NOTES.md v18). Every row attends
+        # this KV block, so rows of different query blocks share a step with no extra mask.
+        for i in range(0, n_q, BLOCK // BLOCK_M):
+            q_rows, row_valid = _group_rows(Q_INDICES + list_row * MAX_Q, i, n_q, q_slots, stride_qsb, q_counts,
+                                            stride_qcb, b, offs, BLOCK_M)
+            dk, dv = _dkdv_step(k, v, q_base, do_base, LSE, DELTA, stats_base, q_rows, row_valid, offs_d, stride_qn,
+                                stride_don, HEAD_DIM, dk, dv, qk_scale, UPCAST, IEEE, kv_block, CAUSAL_TOKENS)
     # The padding key slots took part unmasked; a slot past the count that holds a real position
     # (a key hidden by a key-padding mask) must get dK = dV = 0.
     dk = tl.where(col_valid[:, None], dk, 0.0)

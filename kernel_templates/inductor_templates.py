@@ -83,7 +83,8 @@ _BACKWARD = (
         )
 '''
     + _sources(_k._dot, _k._block_rows, _k._chunk_blocks, _k._packed_rows, _k._load_rows, _k._kv_list, _k._packed_kv,
-               _k._causal_block, _k._gradient_lse2, _k._dq_step, _k.dq_tile, _k._dkdv_step, _k.dkdv_tile)
+               _k._causal_block, _k._gradient_lse2, _k._dq_step, _k.dq_tile, _k._group_rows, _k._dkdv_step,
+               _k.dkdv_tile)
 )
 
 

@@ -17,7 +17,7 @@ from sparse_inductor import TopK, triton_launch
 from sparse_inductor.attention import _valid_keys_first
 from sparse_inductor.layout import build_layout, tile_layout
 from sparse_inductor.ops import transpose_block_lists
-from sparse_inductor.reference import reference_attention, reference_selection, token_mask
+from sparse_inductor.reference import causal_token_mask, reference_attention, reference_selection, token_mask
 from sparse_inductor.selection import lists_from_mask, mask_from_lists, select_tiles
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
@@ -225,6 +225,108 @@ def test_kernels_query_keep(grid, tile, r, dtype, seed):
     for name, got, want in (("dq", dq, rq), ("dk", dk, rk), ("dv", dv, rv)):
         assert_close_rel(got, want, tol["grad"], name)
     assert (dq.cpu()[~kept] == 0).all()
+
+
+def check_query_keep_kernels(grid, tile, r, dtype, B, H, D, before, after, padding, causal_block_size, seed):
+    """The kernels under query_keep, with joint text, key padding or a block-causal mask, against
+    the float64 definition (kept rows attend under their own mask, dropped rows copy their
+    centre). Returns what the dK/dV loop saw: ``(BLOCK, BLOCK_M, q_num, q_counts)`` (the
+    transposed list lengths and the query blocks' counts), for the callers to check coverage."""
+    from sparse_inductor import causal
+    from sparse_inductor.query_keep import broadcast_centres, select_queries
+    from sparse_inductor.reference import reference_attention_query_keep, reference_query_keep
+
+    N = math.prod(grid)
+    L = before + N + after
+    assert causal_block_size is None or L == N, "a block-causal mask takes video-only sequences"
+    g = torch.Generator().manual_seed(seed)
+    q, k, v, grad = (torch.randn(B, H, L, D, generator=g).to(dtype) for _ in range(4))
+    scale = D ** -0.5
+    keep_keys = text_key_keep(B, before, N, after, padding, g)
+    layout = build_layout(grid, tile, before, after)
+    Mv, M = layout.num_video_tiles, layout.num_tiles
+    slots, counts = layout.slots.expand(B, -1), layout.counts.expand(B, -1)
+    kv_slots, kv_counts = ((slots, counts) if padding == "none"
+                           else _valid_keys_first(layout, keep_keys.view(B, 1, 1, L)))
+    video = slice(before, before + N)
+    # Video queries keep the reference's video tiles (block-causal rules included) and every text
+    # block; text queries list every block (a full row).
+    selected = reference_selection(q[:, :, video], k[:, :, video], grid, 0.5, tile, causal_block_size=causal_block_size)
+    tiles = torch.ones(B, H, M, M, dtype=torch.bool)
+    tiles[:, :, :Mv, :Mv] = selected
+    kv_num, kv_idx = lists_from_mask(tiles)
+    dev = [x.to(KERNEL_DEVICE) for x in (q, k, v, grad)]
+    keep = select_queries(dev[0], build_layout(grid, tile, before, after, KERNEL_DEVICE), r)
+    q_num_rows, q_idx_rows = keep.query_lists(kv_num.to(KERNEL_DEVICE), kv_idx.to(KERNEL_DEVICE))
+    tables = [t.to(KERNEL_DEVICE) for t in (keep.q_slots, kv_slots, keep.q_counts, kv_counts, q_num_rows, q_idx_rows)]
+    causal_tokens = causal.tokens_per_block(grid, causal_block_size)
+    attn, lse = torch.empty_like(dev[0]), torch.empty(B, H, L, device=KERNEL_DEVICE)
+    triton_launch.block_sparse_fwd(*dev[:3], attn, lse, *tables, scale, causal_tokens=causal_tokens)
+    attn = torch.where(keep.kept.unsqueeze(-1), attn, 0)
+    leaf = attn.detach().float().requires_grad_()
+    out = broadcast_centres(leaf, keep)
+    (d_attn,) = torch.autograd.grad(out, leaf, dev[3].float())
+    d_attn = d_attn.to(dtype)
+    delta = (attn.float() * d_attn.float()).sum(-1)
+    q_num, q_idx = transpose_block_lists(tables[4], tables[5], M)
+    dq, dk, dv = (torch.full_like(x, float("nan")) for x in dev[:3])  # every row must be written
+    triton_launch.block_sparse_bwd(d_attn, *dev[:3], lse, delta, dq, dk, dv, *tables, q_num, q_idx, scale,
+                                   causal_tokens=causal_tokens)
+
+    kept, source = reference_query_keep(q[:, :, video], grid, tile, r)
+    assert torch.equal(keep.kept.cpu()[:, :, video], kept)
+    full_source = torch.arange(L).expand(B, H, L).clone()
+    full_source[:, :, video] = source + before
+    mask = joint_token_mask(selected, grid, tile, before, after, keep_keys)
+    if causal_block_size is not None:
+        mask = mask & causal_token_mask(grid, causal_block_size)
+    q64, k64, v64 = (x.double().requires_grad_() for x in (q, k, v))
+    ref = reference_attention_query_keep(q64, k64, v64, mask, full_source, scale)
+    rq, rk, rv = torch.autograd.grad(ref, (q64, k64, v64), grad.double())
+    tol = REL_TOL[dtype]
+    assert_close_rel(out.to(dtype), ref, tol["out"], "out")
+    for name, got, want in (("dq", dq, rq), ("dk", dk, rk), ("dv", dv, rv)):
+        assert_close_rel(got, want, tol["grad"], name)
+    assert (dq.cpu()[~keep.kept.cpu()] == 0).all()
+    hidden = ~keep_keys.to(KERNEL_DEVICE)
+    for got in (dk, dv):
+        assert (got.transpose(1, 2)[hidden] == 0).all()
+    return layout.block_size, keep.block, q_num.cpu(), keep.q_counts.cpu()
+
+
+@given(grid=grids(150), tile=st.sampled_from([(4, 4, 4), (2, 4, 4), (1, 4, 8), (3, 3, 3), (2, 3, 5)]),
+       r=st.sampled_from([0.25, 0.5]), dtype=kernel_dtypes, H=st.integers(1, 2), D=st.sampled_from([16, 32]),
+       case=st.sampled_from(["video", "text", "text, key padding", "block-causal"]),
+       text=st.sampled_from([(7, 0), (0, 20), (7, 20)]), padding=st.sampled_from(["some", "all text"]),
+       causal_block_size=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_kernels_query_keep_dkdv_groups(grid, tile, r, dtype, H, D, case, text, padding, causal_block_size, seed):
+    """Under query_keep a dK/dV step takes ``BLOCK // BLOCK_M`` listed query blocks at once (2 or
+    4 here: 32 or 16 query slots against 64, 16 against 32), row ``r`` being slot ``r % BLOCK_M``
+    of entry ``i + r // BLOCK_M``; the drawn cases hold odd list lengths (a half-empty last step),
+    partial tiles (fewer kept rows than ``BLOCK_M``), text blocks split into query blocks (a
+    second one may hold no row), hidden text keys, and block-causal masks whose blocks may cut a
+    tile (the mask is per row, and one step's rows come from different tiles)."""
+    before, after = (0, 0) if case in ("video", "block-causal") else text
+    padding = padding if case == "text, key padding" else "none"
+    causal_block_size = causal_block_size if case == "block-causal" else None
+    check_query_keep_kernels(grid, tile, r, dtype, 2, H, D, before, after, padding, causal_block_size, seed)
+
+
+@pytest.mark.parametrize("r, group", [(0.5, 2), (0.25, 4)])
+@pytest.mark.parametrize("case", ["text and key padding", "block-causal"])
+def test_kernels_query_keep_dkdv_groups_cover_the_tails(r, group, case):
+    """Fixed cases that hold, for sure, what the property draws: groups of 2 and 4 query blocks
+    per dK/dV step, list lengths that are no multiple of the group (the last step part empty),
+    kept counts below ``BLOCK_M`` (border tiles), hidden text keys, a block-causal mask."""
+    if case == "text and key padding":
+        args = dict(before=7, after=20, padding="some", causal_block_size=None)
+    else:
+        args = dict(before=0, after=0, padding="none", causal_block_size=2)  # cuts the 4-frame tiles
+    block, block_m, q_num, q_counts = check_query_keep_kernels((6, 5, 6), (4, 4, 4), r, torch.float32, 1, 2, 16,
+                                                               seed=group, **args)
+    assert block // block_m == group
+    assert (q_num % group != 0).any()
+    assert ((q_counts > 0) & (q_counts < block_m)).any()
 
 
 def test_kernels_query_keep_write_dropped_rows_as_zero():
