@@ -1,0 +1,71 @@
+"""query_keep under torch.compile (the backend's path) at Wan-1.3B 480p: compiled vs eager, fwd and fwd+bwd.
+
+``bench_policies.py`` times the eager op, whose centre broadcast runs as separate torch ops; under the
+backend Inductor compiles that glue with the rest of the graph and the attention runs as our Triton
+templates (autotuned). One process, the same inputs for every row (B=1, H=12, grid 21x30x52, D=128,
+bf16, TopK(0.875)); prints each row's time and its ratio to query_keep 1 of the same path.
+
+    PYTHONPATH=$PWD python benchmarks/bench_query_keep_compiled.py [--keeps 1 0.75 0.5]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import sparse_inductor as si
+from sparse_inductor.attention import sparse_attention
+from sparse_inductor.layout import tile_layout
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--keeps", type=float, nargs="+", default=[1.0, 0.75, 0.5])
+    parser.add_argument("--grid", type=int, nargs=3, default=[21, 30, 52])
+    parser.add_argument("--heads", type=int, default=12)
+    args = parser.parse_args()
+    import triton.testing
+
+    grid, H, D = tuple(args.grid), args.heads, 128
+    N = math.prod(grid)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, grad = (torch.randn(1, H, N, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(4))
+    layout = tile_layout(grid, (4, 4, 4), "cuda")
+    leaf = [t.detach().requires_grad_() for t in (q, k, v)]
+    print(f"device {torch.cuda.get_device_name()}; torch {torch.__version__}; grid {grid}, H={H}, D={D}, bf16, "
+          "TopK(0.875)", flush=True)
+    times = {}
+    for keep in args.keeps:
+        def eager(q, k, v, keep=keep):
+            return sparse_attention(q, k, v, grid, tile=(4, 4, 4), policy=si.TopK(0.875), query_keep=keep,
+                                    layout=layout)
+
+        compiled = torch.compile(eager, fullgraph=True)
+        for path, fn in (("eager", eager), ("compiled", compiled)):
+            def fwd(fn=fn):
+                with torch.no_grad():
+                    fn(q, k, v)
+
+            def fwd_bwd(fn=fn):
+                torch.autograd.grad(fn(*leaf), leaf, grad)
+
+            for pass_, f in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+                try:
+                    f()  # compile (and autotune) outside the timing
+                    ms = triton.testing.do_bench(f, warmup=25, rep=100, return_mode="median")
+                except Exception as e:  # noqa: BLE001 -- report, never hide: the other rows still run
+                    print(f"query_keep {keep} {path} {pass_}: failed ({type(e).__name__}: "
+                          f"{(str(e).splitlines() or [''])[0][:200]})", flush=True)
+                    continue
+                times[(keep, path, pass_)] = ms
+                base = times.get((1.0, path, pass_))
+                ratio = f"  {base / ms:.2f}x of query_keep 1" if base and keep != 1.0 else ""
+                print(f"query_keep {keep:<5} {path:9s} {pass_:8s} {ms:8.3f} ms{ratio}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
