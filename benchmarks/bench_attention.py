@@ -24,8 +24,10 @@ All competitors run in this one process on the same inputs; times are medians of
 * ``tma_packed_kernel``: the compact tile-major TMA kernel (kernel_templates/tma_block_sparse.py) on
   compact copies and box lists made outside the timed region; ``tma_packed_kernel_qreg`` the same
   with Q in registers (wgmma RS), ``tma_packed_unmerged`` with one box per listed tile (no runs).
-  ``tma_packed_boxes`` times the box-list pass, ``tma_packed_permute`` the permutation of q, k, v
-  to compact order (both would fuse into the selection and the producing kernels).
+  ``tma_packed_boxes`` times the box-list pass (the Triton kernel, kernel_templates/box_lists.py,
+  which also makes the kernel rows' boxes), ``tma_packed_boxes_torch`` the same pass in torch ops,
+  ``tma_packed_permute`` the permutation of q, k, v to compact order (both would fuse into the
+  selection and the producing kernels).
 * ``sparse_compiled_t128`` / ``sparse_kernel_t128`` (``--tile128``): ``sparse_compiled`` and
   ``sparse_kernel`` with (4, 4, 8) tiles of 128 tokens at the same sparsity (FLOPs from their own lists).
 * ``fastvideo_triton``: FastVideo's Triton VSA kernel (``fastvideo-kernel`` 0.3.5,
@@ -137,9 +139,11 @@ def fwd_bwd(fn, inputs, grad):
 
 def packed_setup(layout, selection, q, k, v, sparse_kernel):
     """The compact-layout TMA rows: kernel variants on compact copies and ready box lists, the
-    box-list pass and the permutation alone. Prints the kernel's error against ``sparse_kernel``.
-    Where the setup fails (the kernel does not compile or run on this GPU), prints why and returns
-    no rows: the case's other rows still run (report, never hide)."""
+    box-list pass (Triton and torch) and the permutation alone. Prints the kernel's error against
+    ``sparse_kernel`` and whether the Triton box lists equal the torch ones; where they differ or
+    the box kernel fails, says so and the kernel rows take the torch lists (no ``tma_packed_boxes``
+    row then). Where the setup fails (the kernel does not compile or run on this GPU), prints why
+    and returns no rows: the case's other rows still run (report, never hide)."""
     from sparse_inductor.compact_layout import compact_layout, from_compact, kv_boxes_by_class, to_compact
     import kernel_templates.tma_block_sparse as tma_block_sparse
 
@@ -151,8 +155,26 @@ def packed_setup(layout, selection, q, k, v, sparse_kernel):
             q, k, v, num, idx, compact, boxes=boxes, q_in_registers=q_in_registers,
             device_descriptors=device_descriptors)[0]
 
+    def box_lists(impl):
+        return lambda n, i: kv_boxes_by_class(n, i, compact, impl=impl)
+
+    box_rows = [("tma_packed_boxes", box_lists("triton"), (num, idx)),
+                ("tma_packed_boxes_torch", box_lists("torch"), (num, idx))]
     try:
-        merged, unmerged = (kv_boxes_by_class(num, idx, compact, merge_adjacent=m) for m in (True, False))
+        merged, unmerged = (kv_boxes_by_class(num, idx, compact, merge_adjacent=m, impl="torch") for m in (True, False))
+        try:
+            boxes = [kv_boxes_by_class(num, idx, compact, merge_adjacent=m, impl="triton") for m in (True, False)]
+            same = all(torch.equal(a, b) for got, want in zip(boxes, (merged, unmerged)) for a, b in zip(got, want))
+            print(f"tma_packed_boxes triton == torch: {same}"
+                  + ("" if same else " (the kernel rows take the torch lists; no tma_packed_boxes row)"), flush=True)
+            if same:
+                merged, unmerged = boxes
+            else:
+                box_rows = box_rows[1:]
+        except Exception as e:
+            print(f"tma_packed_boxes dropped, the box-list kernel failed ({type(e).__name__}: "
+                  f"{(str(e).splitlines() or [''])[0][:200]}); the kernel rows take the torch lists", flush=True)
+            box_rows = box_rows[1:]
         inputs = tuple(to_compact(x, compact).contiguous() for x in (q, k, v))
         with torch.no_grad():
             ref = sparse_kernel(q, k, v).float()
@@ -169,7 +191,7 @@ def packed_setup(layout, selection, q, k, v, sparse_kernel):
             ("tma_packed_kernel_qreg", kernel(merged, True), inputs),
             ("tma_packed_kernel_devdesc", kernel(merged, device_descriptors=True), inputs),
             ("tma_packed_unmerged", kernel(unmerged), inputs),
-            ("tma_packed_boxes", lambda n, i: kv_boxes_by_class(n, i, compact), (num, idx)),
+            *box_rows,
             ("tma_packed_permute", lambda q, k, v: [to_compact(x, compact) for x in (q, k, v)], (q, k, v))]
 
 

@@ -84,7 +84,7 @@ def from_compact(x: torch.Tensor, compact: CompactLayout, dim: int = -2) -> torc
 
 
 def kv_boxes_by_class(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, compact: CompactLayout,
-                      merge_adjacent: bool = True):
+                      merge_adjacent: bool = True, impl: str | None = None):
     """The boxes that cover each row's listed tiles, in box-class order (stable within a class).
 
     One box per listed tile; with ``merge_adjacent``, listed tiles that are neighbours in memory
@@ -95,9 +95,21 @@ def kv_boxes_by_class(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, com
     Returns ``(starts, rows, class_ends)``: ``starts [B, H, M, K]`` int32, the compact row where each
     box begins, ``rows [B, H, M, K]`` int32, its valid rows, and ``class_ends [B, H, M, 4]`` int32:
     class ``c``'s boxes are ``[class_ends[..., c - 1], class_ends[..., c])`` (from 0 for ``c = 0``).
-    A row has at most as many boxes as list entries; entries past ``class_ends[..., -1]`` are never
-    read.
+    A row has at most as many boxes as list entries (a run of ``n`` listed tiles holds at most
+    ``n * BLOCK`` rows, so at most ``n`` pieces); entries past ``class_ends[..., -1]`` are never
+    read (both implementations write them alike: ``rows`` 0).
+
+    ``impl``: ``"triton"``, one program per list row (``kernel_templates/box_lists.py``; CUDA
+    tensors, or CPU ones under ``TRITON_INTERPRET=1``), ``"torch"``, these torch ops, or ``None``:
+    Triton on CUDA, torch otherwise (as the ops of ``sparse_inductor.ops`` choose). Identical
+    results. The layout's tiles must not be empty (a ``TileLayout``'s never are).
     """
+    if impl is None:
+        impl = "triton" if kv_indices.is_cuda else "torch"
+    if impl == "triton":
+        return _kv_boxes_by_class_triton(kv_num_blocks, kv_indices, compact, merge_adjacent)
+    if impl != "torch":
+        raise ValueError(f"impl must be 'triton', 'torch' or None, got {impl!r}")
     K = kv_indices.shape[-1]
     live = torch.arange(K, device=kv_indices.device) < kv_num_blocks[..., None]
     tiles = torch.where(live, kv_indices, 0).long()
@@ -149,3 +161,23 @@ def _merged_runs(starts, rows, live, block):
     piece_rows = (run_rows.gather(-1, piece_run) - p * block).clamp(0, block)
     piece_rows = torch.where(slot < last_piece[..., -1:], piece_rows, 0)
     return piece_start, piece_rows
+
+
+def _kv_boxes_by_class_triton(kv_num_blocks, kv_indices, compact: CompactLayout, merge_adjacent: bool):
+    """:func:`kv_boxes_by_class` as one launch of ``kv_boxes_kernel``: one program per list row."""
+    shape, K = kv_indices.shape[:-1], kv_indices.shape[-1]
+    starts = torch.empty(*shape, K, dtype=torch.int32, device=kv_indices.device)
+    rows = torch.empty_like(starts)
+    if K == 0 or starts.numel() == 0:  # nothing listed (Triton rejects a grid with a 0)
+        return starts, rows, torch.zeros(*shape, NUM_CLASSES, dtype=torch.int32, device=kv_indices.device)
+    ends = torch.empty(*shape, NUM_CLASSES, dtype=torch.int32, device=kv_indices.device)
+    num_rows = ends.numel() // NUM_CLASSES
+    from kernel_templates.box_lists import kv_boxes_kernel
+
+    num = kv_num_blocks.expand(shape).to(torch.int32).contiguous()
+    idx = kv_indices.to(torch.int32).contiguous()
+    width = max(16, 1 << (K - 1).bit_length())
+    kv_boxes_kernel[(num_rows,)](num, idx, compact.tile_offsets, compact.counts, starts, rows, ends, K,
+                                 BLOCK=compact.block, KP=width, MERGE=merge_adjacent,
+                                 num_warps=1 if width <= 1024 else 4)  # 1 warp: fewest instructions
+    return starts, rows, ends

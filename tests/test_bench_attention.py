@@ -47,8 +47,10 @@ def test_packed_rows_compute_the_selections_attention(bench, capsys):
     layout, selection, (q, k, v), sparse_kernel = small_case()
     rows = bench.packed_setup(layout, selection, q, k, v, sparse_kernel)
     assert [name for name, _, _ in rows] == ["tma_packed_kernel", "tma_packed_kernel_qreg", "tma_packed_kernel_devdesc",
-                                             "tma_packed_unmerged", "tma_packed_boxes", "tma_packed_permute"]
-    assert capsys.readouterr().out.count("vs sparse_kernel: relative L2") == 3
+                                             "tma_packed_unmerged", "tma_packed_boxes", "tma_packed_boxes_torch",
+                                             "tma_packed_permute"]
+    out = capsys.readouterr().out
+    assert out.count("vs sparse_kernel: relative L2") == 3 and "tma_packed_boxes triton == torch: True" in out, out
     compact = compact_layout(layout)
     want = sparse_kernel(q, k, v)
     for name, fn, inputs in rows[:4]:
@@ -67,3 +69,20 @@ def test_a_failing_packed_kernel_drops_its_rows_not_the_case(bench, monkeypatch,
     assert bench.packed_setup(layout, selection, q, k, v, sparse_kernel) == []
     out = capsys.readouterr().out
     assert "tma_packed" in out and "RuntimeError: PassManager::run failed" in out, out
+
+
+def test_a_failing_box_kernel_leaves_the_kernel_rows_the_torch_lists(bench, monkeypatch, capsys):
+    import sparse_inductor.compact_layout as compact_layout_module
+    from sparse_inductor.compact_layout import compact_layout, from_compact
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("PassManager::run failed")
+
+    monkeypatch.setattr(compact_layout_module, "_kv_boxes_by_class_triton", broken)
+    layout, selection, (q, k, v), sparse_kernel = small_case()
+    rows = bench.packed_setup(layout, selection, q, k, v, sparse_kernel)
+    assert [name for name, _, _ in rows][3:] == ["tma_packed_unmerged", "tma_packed_boxes_torch", "tma_packed_permute"]
+    out = capsys.readouterr().out
+    assert "box-list kernel failed (RuntimeError: PassManager::run failed)" in out, out
+    got, want = from_compact(rows[0][1](*rows[0][2]), compact_layout(layout)), sparse_kernel(q, k, v)
+    assert (got - want).norm() / want.norm() < 1e-4

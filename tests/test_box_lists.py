@@ -1,0 +1,103 @@
+"""The box-list pass as a Triton kernel (kernel_templates/box_lists.py, NOTES v16.1) against the torch
+version (``kv_boxes_by_class(..., impl="torch")``): identical ``(starts, rows, class_ends)``, every
+entry compared, those past a row's last box included. Grids with border tiles of 64/32/16/8 tokens
+(21-frame-like), tiles of 128, 64, 32 and 16 slots (every set of box classes), lists of any width
+and length (0, the full width, more than the width), sorted (TopK's form), shuffled, made of runs
+of neighbouring tiles, or with repeated tiles; both merge settings. On CPU under TRITON_INTERPRET=1
+(tests/conftest.py sets it), natively on CUDA."""
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from helpers import HAS_TRITON, KERNEL_DEVICE
+from sparse_inductor.compact_layout import compact_layout, kv_boxes_by_class
+from sparse_inductor.layout import tile_layout
+from test_tma_block_sparse import grid_for
+
+pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+
+# 64 slots (classes full / whole / half / quarter), 32 (no quarter box), 16 (full / whole only), 128.
+TILES = [(4, 4, 4), (2, 4, 8), (2, 4, 4), (1, 4, 4), (4, 4, 8)]
+ORDERS = ["sorted", "shuffled", "runs", "repeats"]
+
+
+def make_lists(shape, M, K, order, generator):
+    """``(num, idx)`` of ``shape`` rows of width ``K`` over ``M`` tiles: row 0 lists ``K`` entries,
+    row 1 none, the last row claims ``K + 1`` (the width counts); the others 0 to ``K + 1``.
+    ``order``: distinct tiles ``sorted`` or ``shuffled``; ``runs``: ``K`` tiles of a window of at most
+    ``K + K // 4`` neighbours, shuffled (long runs cut by a few gaps); ``repeats``: drawn with
+    replacement (``K`` may exceed ``M``). Entries past a row's length are junk that must never be read."""
+    R = math.prod(shape)
+    num = torch.randint(0, K + 2, (R,), generator=generator, dtype=torch.int32)
+    num[0] = K
+    if R > 1:
+        num[1], num[-1] = 0, K + 1
+    if order == "repeats":
+        idx = torch.randint(0, M, (R, K), generator=generator)
+    elif order == "runs":
+        window = min(M, K + K // 4)
+        first = torch.randint(0, M - window + 1, (R, 1), generator=generator)
+        pick = torch.argsort(torch.rand(R, window, generator=generator), dim=-1)[:, :K]
+        idx = first + pick
+    else:
+        idx = torch.argsort(torch.rand(R, M, generator=generator), dim=-1)[:, :K]
+        if order == "sorted":
+            idx = torch.sort(idx, dim=-1).values
+    junk = torch.where(torch.rand(R, K, generator=generator) < 0.5, -1, 2**30)
+    idx = torch.where(torch.arange(K) < num[:, None], idx, junk)
+    return num.view(shape), idx.to(torch.int32).view(*shape, K)
+
+
+def assert_same_boxes(num, idx, grid, tile, merge):
+    """The kernel's boxes (on the kernel device) equal the torch version's (on CPU), entry for entry."""
+    want = kv_boxes_by_class(num, idx, compact_layout(tile_layout(grid, tile)), merge_adjacent=merge, impl="torch")
+    compact = compact_layout(tile_layout(grid, tile, KERNEL_DEVICE))
+    got = kv_boxes_by_class(num.to(KERNEL_DEVICE), idx.to(KERNEL_DEVICE), compact, merge_adjacent=merge, impl="triton")
+    for name, g, w in zip(("starts", "rows", "class_ends"), got, want):
+        assert g.dtype == w.dtype == torch.int32 and g.shape == w.shape, name
+        assert torch.equal(g.cpu(), w), f"{name} differ at {(g.cpu() != w).nonzero()[:4].tolist()}"
+
+
+@given(data=st.data(), tile=st.sampled_from(TILES), B=st.integers(1, 2), H=st.integers(1, 2),
+       rows=st.integers(1, 6), order=st.sampled_from(ORDERS), merge=st.booleans(), seed=st.integers(0, 2**16))
+def test_kernel_matches_torch(data, tile, B, H, rows, order, merge, seed):
+    grid = data.draw(grid_for(tile), label="grid")
+    M = tile_layout(grid, tile).num_tiles
+    K = data.draw(st.integers(1, M + 4 if order == "repeats" else M), label="K")
+    num, idx = make_lists((B, H, rows), M, K, order, torch.Generator().manual_seed(seed))
+    assert_same_boxes(num, idx, grid, tile, merge)
+
+
+@pytest.mark.parametrize("merge", [True, False])
+@pytest.mark.parametrize("order", ["sorted", "shuffled", "runs"])
+def test_kernel_matches_torch_at_480p(order, merge):
+    """The benchmark's structure: Wan 480p's 624 tiles (21 x 30 x 52 under (4, 4, 4): 64, 32, 16 and
+    8 tokens), lists of 78 (a 128-wide register row), on a few rows (the interpreter's sort is slow)."""
+    grid, tile = (21, 30, 52), (4, 4, 4)
+    num, idx = make_lists((1, 2, 3), tile_layout(grid, tile).num_tiles, 78, order, torch.Generator().manual_seed(7))
+    assert_same_boxes(num, idx, grid, tile, merge)
+
+
+def test_kernel_matches_torch_on_a_selection():
+    """The selection's own lists, ``[B, H, M, K]`` with one row per query tile."""
+    import sparse_inductor as si
+
+    grid, tile = (5, 6, 8), (4, 4, 4)
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(2, 2, math.prod(grid), 64, generator=g) for _ in range(2))
+    sel = si.select_blocks(q, k, grid, sparsity=0.5)
+    for merge in (True, False):
+        assert_same_boxes(sel.kv_num_blocks.cpu(), sel.kv_indices.cpu(), grid, tile, merge)
+
+
+def test_empty_lists_and_impl_choice():
+    compact = compact_layout(tile_layout((5, 6, 8), (4, 4, 4)))
+    num, idx = torch.zeros(1, 2, dtype=torch.int32), torch.zeros(1, 2, 0, dtype=torch.int32)
+    for impl in ("triton", "torch"):
+        starts, rows, ends = kv_boxes_by_class(num, idx, compact, impl=impl)
+        assert starts.shape == rows.shape == (1, 2, 0) and torch.equal(ends, torch.zeros(1, 2, 4, dtype=torch.int32))
+    with pytest.raises(ValueError, match="impl"):
+        kv_boxes_by_class(num, idx, compact, impl="cuda")
