@@ -21,7 +21,6 @@ first holding the kept rows and the second none (its programs exit at once), so 
 from __future__ import annotations
 
 import math
-from fractions import Fraction
 
 import torch
 from torch import Tensor
@@ -35,11 +34,20 @@ def check_query_keep(value) -> float:
     return check_fraction(value, "query_keep")
 
 
+#: query_keep is read to 12 decimal places: 0.3 is 3/10, so ``ceil(0.3 * 10)`` is 3 whatever the
+#: float's binary rounding.
+DECIMALS = 10**12
+
+
 def num_kept(query_keep: float, n):
-    """``ceil(r · n)`` for a tile of ``n`` valid tokens, exact (the fraction read as the decimal
-    it prints as), at least 1; ``n`` may be a tensor."""
-    f = Fraction(repr(float(query_keep)))
-    kept = (n * f.numerator + f.denominator - 1) // f.denominator
+    """``ceil(r · n)`` for a tile of ``n`` valid tokens, exact for an ``r`` of up to 12 decimal
+    places (``r`` is rounded to 12 places first), at least 1; ``n`` may be a tensor.
+
+    Integer arithmetic on ``round(r · 10^12)``, not ``Fraction(repr(r))``: Dynamo can trace it when
+    ``r`` is symbolic (a float argument of a compiled function that changed between calls), and it
+    specializes on the result where it sets a shape (the query block size)."""
+    num = round(float(query_keep) * DECIMALS)
+    kept = (n * num + DECIMALS - 1) // DECIMALS
     return kept.clamp(min=1) if isinstance(kept, Tensor) else max(1, kept)
 
 

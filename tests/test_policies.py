@@ -336,6 +336,32 @@ def test_query_keep_one_is_exactly_the_op(grid, tile, dtype, seed):
     assert all(torch.equal(x, y) for x, y in zip(ga, gb))
 
 
+def test_query_keep_as_an_argument_of_a_compiled_function():
+    """A query_keep that changes between calls of a compiled function (Dynamo then makes the float
+    symbolic after the first recompile) still traces with fullgraph and gives the eager result; it
+    failed with "Failed to trace builtin operator repr" (H200, 2026-12-01), and still must not
+    silently reuse another value's graph: 0.3 and 0.2 differ in their query block size (32 / 16)."""
+    grid, tile = (4, 8, 8), (4, 4, 4)
+    q, k, v = _qkv(1, 2, math.prod(grid), 16, torch.float32, 0)
+
+    def attend(q, k, v, query_keep):
+        return si.video_sparse_attention(q, k, v, grid, sparsity=0.5, tile=tile, query_keep=query_keep)
+
+    compiled = torch.compile(attend, fullgraph=True, backend="eager")
+    for r in (1.0, 0.5, 0.3, 0.2, 0.3):
+        torch.testing.assert_close(compiled(q, k, v, r), attend(q, k, v, r), rtol=0, atol=0)
+
+
+def test_num_kept_reads_query_keep_as_a_decimal():
+    """``ceil(r * n)`` with r read to 12 decimal places: float rounding never adds a row."""
+    from sparse_inductor.query_keep import num_kept
+
+    assert num_kept(0.1, 10) == 1 and num_kept(0.3, 10) == 3 and num_kept(0.7, 10) == 7
+    assert num_kept(0.5, 64) == 32 and num_kept(0.3, 64) == 20 and num_kept(1 / 3, 64) == 22
+    assert num_kept(0.01, 64) == 1 and num_kept(1.0, 64) == 64
+    assert num_kept(0.3, torch.tensor([10, 64, 16])).tolist() == [3, 20, 5]
+
+
 def test_query_keep_flops_and_selection_counts():
     grid, tile = (4, 8, 8), (4, 4, 4)
     q, k, _ = _qkv(1, 2, 256, 16, torch.float32, 0)

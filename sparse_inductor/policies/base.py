@@ -146,9 +146,12 @@ def as_lists(mask: Tensor, width: int) -> tuple[Tensor, Tensor]:
 
 def check_fraction(value, name: str, *, low_open: bool = True, allow_one: bool = True) -> float:
     """A float in (0, 1] (or [0, 1) etc.), with an error naming ``name``."""
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
+    # Comparisons, not math.isfinite: they trace when the value is a symbolic float (Dynamo).
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
     if ok:
         v = float(value)
+        ok = -math.inf < v < math.inf
+    if ok:
         ok = (v > 0 if low_open else v >= 0) and (v <= 1 if allow_one else v < 1)
     if not ok:
         bounds = ("(0, " if low_open else "[0, ") + ("1]" if allow_one else "1)")
