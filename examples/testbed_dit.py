@@ -944,11 +944,11 @@ def _set_field(cfg: Config, item: str):
 def summary_verdict(log, status) -> str:
     step = log["val"][-1][0] if log["val"] else 0
     if step > log["schedule_steps"]:
-        head = (f"the {log['schedule_steps']}-step schedule is complete and training went on "
-                f"{step - log['schedule_steps']} steps past its end at the final learning rate")
         cooldowns = [r["cooldown"] for r in log["runs"] if r.get("cooldown")]
+        start, end = cooldowns[-1] if cooldowns else (step, None)
+        head = (f"the {log['schedule_steps']}-step schedule is complete and training went on "
+                f"{start - log['schedule_steps']} steps past its end at the final learning rate")
         if cooldowns:
-            start, end = cooldowns[-1]
             head += (f", then decayed it linearly to 0 from step {start} to {end}"
                      + ("" if step >= end else f" (cut off at step {step}: run the same command again to finish)"))
     elif step == log["schedule_steps"]:

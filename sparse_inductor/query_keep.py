@@ -34,21 +34,18 @@ def check_query_keep(value) -> float:
     return check_fraction(value, "query_keep")
 
 
-#: query_keep is read to 12 decimal places: 0.3 is 3/10, so ``ceil(0.3 * 10)`` is 3 whatever the
-#: float's binary rounding.
-DECIMALS = 10**12
-
-
 def num_kept(query_keep: float, n):
-    """``ceil(r · n)`` for a tile of ``n`` valid tokens, exact for an ``r`` of up to 12 decimal
-    places (``r`` is rounded to 12 places first), at least 1; ``n`` may be a tensor.
+    """``max(1, ceil(round(r · n, 9)))`` for a tile of ``n`` valid tokens: the rule of the float64
+    reference (``reference.py``), where rounding the product to 9 places keeps float error from
+    adding a row (``0.7 · 10`` is 7.000000000000001 in floats, 7 here). ``n`` may be a tensor of any
+    integer dtype (computed in float64 there).
 
-    Integer arithmetic on ``round(r · 10^12)``, not ``Fraction(repr(r))``: Dynamo can trace it when
-    ``r`` is symbolic (a float argument of a compiled function that changed between calls), and it
-    specializes on the result where it sets a shape (the query block size)."""
-    num = round(float(query_keep) * DECIMALS)
-    kept = (n * num + DECIMALS - 1) // DECIMALS
-    return kept.clamp(min=1) if isinstance(kept, Tensor) else max(1, kept)
+    Only operations Dynamo can trace when ``r`` is symbolic (a float argument of a compiled function
+    that changed between calls; ``Fraction(repr(r))`` could not be traced), and it specializes on
+    the result where it sets a shape (the query block size)."""
+    if isinstance(n, Tensor):
+        return torch.ceil(torch.round(n.double() * query_keep, decimals=9)).long().clamp(min=1)
+    return max(1, math.ceil(round(query_keep * n, 9)))
 
 
 def query_block_size(query_keep: float, tile) -> int:

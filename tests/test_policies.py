@@ -340,7 +340,8 @@ def test_query_keep_as_an_argument_of_a_compiled_function():
     """A query_keep that changes between calls of a compiled function (Dynamo then makes the float
     symbolic after the first recompile) still traces with fullgraph and gives the eager result; it
     failed with "Failed to trace builtin operator repr" (H200, 2026-12-01), and still must not
-    silently reuse another value's graph: 0.3 and 0.2 differ in their query block size (32 / 16)."""
+    silently reuse another value's graph: 0.3 and 0.2 differ in their query block size (32 / 16), 2/3
+    keeps 32 of a 48-token tile."""
     grid, tile = (4, 8, 8), (4, 4, 4)
     q, k, v = _qkv(1, 2, math.prod(grid), 16, torch.float32, 0)
 
@@ -348,18 +349,31 @@ def test_query_keep_as_an_argument_of_a_compiled_function():
         return si.video_sparse_attention(q, k, v, grid, sparsity=0.5, tile=tile, query_keep=query_keep)
 
     compiled = torch.compile(attend, fullgraph=True, backend="eager")
-    for r in (1.0, 0.5, 0.3, 0.2, 0.3):
+    for r in (1.0, 0.5, 0.3, 0.2, 2 / 3, 0.3):
         torch.testing.assert_close(compiled(q, k, v, r), attend(q, k, v, r), rtol=0, atol=0)
 
 
-def test_num_kept_reads_query_keep_as_a_decimal():
-    """``ceil(r * n)`` with r read to 12 decimal places: float rounding never adds a row."""
+@given(r=st.one_of(st.integers(1, 10**6).map(lambda i: i / 10**6), st.floats(1e-6, 1.0),
+                   st.sampled_from([1 / 3, 2 / 3, 1 / 6, 6 / 7, 0.1, 0.3, 0.7])),
+       n=st.integers(1, 512))
+def test_num_kept_follows_the_reference_rule(r, n):
+    """``max(1, ceil(round(r * n, 9)))``, the float64 reference's rule, for ints and tensors of any
+    integer dtype (int32 counts must not overflow): rounding keeps float error from adding a row."""
+    from sparse_inductor.query_keep import num_kept
+
+    want = max(1, math.ceil(round(r * n, 9)))
+    assert num_kept(r, n) == want
+    for dtype in (torch.int32, torch.int64):
+        assert num_kept(r, torch.tensor([n, n], dtype=dtype)).tolist() == [want, want]
+
+
+def test_num_kept_exact_cases():
     from sparse_inductor.query_keep import num_kept
 
     assert num_kept(0.1, 10) == 1 and num_kept(0.3, 10) == 3 and num_kept(0.7, 10) == 7
-    assert num_kept(0.5, 64) == 32 and num_kept(0.3, 64) == 20 and num_kept(1 / 3, 64) == 22
-    assert num_kept(0.01, 64) == 1 and num_kept(1.0, 64) == 64
-    assert num_kept(0.3, torch.tensor([10, 64, 16])).tolist() == [3, 20, 5]
+    assert num_kept(2 / 3, 48) == 32 and num_kept(1 / 6, 12) == 2 and num_kept(1 / 3, 64) == 22
+    assert num_kept(0.01, 64) == 1 and num_kept(1.0, 64) == 64 and num_kept(0.5, 64) == 32
+    assert num_kept(0.5, torch.tensor([64, 16], dtype=torch.int32)).tolist() == [32, 8]
 
 
 def test_query_keep_flops_and_selection_counts():

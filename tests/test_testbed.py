@@ -256,7 +256,9 @@ def test_cooldown_decays_the_learning_rate_to_zero_past_the_schedule(tmp_path):
     log = tb.main(["train", "--tiny", "--steps", "8", "--past-schedule", "--cooldown-from", "5", "--out",
                    str(tmp_path), "--no-plot"])
     assert log["runs"][-1]["cooldown"] == [5, 8] and log["runs"][-1]["end_step"] == 8
-    assert "decayed it linearly to 0 from step 5 to 8" in tb.summary_verdict(log, tb.plateau(log["val"]))
+    verdict = tb.summary_verdict(log, tb.plateau(log["val"]))
+    assert "went on 1 steps past its end at the final learning rate, then decayed it linearly to 0 from step 5 to 8" \
+        in verdict
     with pytest.raises(SystemExit, match="--cooldown-from needs --past-schedule"):
         tb.main(["train", "--tiny", "--steps", "9", "--cooldown-from", "5", "--out", str(tmp_path), "--no-plot"])
     with pytest.raises(SystemExit, match=r"--cooldown-from must lie in \[4, 9\)"):
