@@ -35,17 +35,16 @@ def check_query_keep(value) -> float:
 
 
 def num_kept(query_keep: float, n):
-    """``max(1, ceil(round(r · n, 9)))`` for a tile of ``n`` valid tokens: the rule of the float64
-    reference (``reference.py``), where rounding the product to 9 places keeps float error from
-    adding a row (``0.7 · 10`` is 7.000000000000001 in floats, 7 here). ``n`` may be a tensor of any
-    integer dtype (computed in float64 there).
+    """``max(1, ceil(r · n))`` for a tile of ``n`` valid tokens, with ``r`` cut to 12 decimal places
+    (:func:`sparse_inductor.selection.decimal_numerator`) and the ceiling in integer arithmetic: the
+    float64 reference's ``ceil(round(r · n, 9))`` for any ``r`` of up to 9 decimal places and for
+    fractions like 1/3 or 2/3; ``n`` may be a tensor of any integer dtype."""
+    from .selection import DECIMALS, decimal_numerator
 
-    Only operations Dynamo can trace when ``r`` is symbolic (a float argument of a compiled function
-    that changed between calls; ``Fraction(repr(r))`` could not be traced), and it specializes on
-    the result where it sets a shape (the query block size)."""
+    num = decimal_numerator(query_keep)
     if isinstance(n, Tensor):
-        return torch.ceil(torch.round(n.double() * query_keep, decimals=9)).long().clamp(min=1)
-    return max(1, math.ceil(round(query_keep * n, 9)))
+        return ((n.long() * num + DECIMALS - 1) // DECIMALS).clamp(min=1)
+    return max(1, (n * num + DECIMALS - 1) // DECIMALS)
 
 
 def query_block_size(query_keep: float, tile) -> int:

@@ -5,24 +5,38 @@ CUDA); the torch versions here are their CPU implementations and the tests' seco
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from fractions import Fraction
 
 import torch
 from torch import Tensor
+
+#: Fractions (sparsity, query_keep) are read to 12 decimal places.
+DECIMALS = 10**12
+
+
+def decimal_numerator(fraction: float):
+    """``floor(x · 10^12)``: ``x`` cut to 12 decimal places, as an integer (a SymInt while Dynamo
+    traces a symbolic ``x``: a float argument of a compiled function that changed between calls,
+    where ``Fraction(repr(x))`` cannot be traced). Cutting, not rounding: 2/3 must stay below
+    0.666...667, or ``ceil(2/3 · 48)`` would be 33; a decimal like 0.7 is exact either way, since
+    ``0.7 · 10^12`` rounds to 700000000000.0 in floats."""
+    return math.floor(fraction * DECIMALS)
 
 
 def num_selected(sparsity: float, num_kv_tiles):
     """``k = max(1, ceil((1 - sparsity) * num_kv_tiles))``.
 
-    Exact: the sparsity is read as the decimal it prints as (``0.7`` is 7/10, so ``0.3 * 10``
-    is 3, not 4 from float noise), and the ceiling is integer arithmetic, so ``num_kv_tiles``
-    may be a SymInt.
+    The kept share ``1 - sparsity`` cut to 12 decimal places (:func:`decimal_numerator`) and the
+    ceiling in integer arithmetic, so ``num_kv_tiles`` may be a SymInt and the sparsity symbolic
+    under Dynamo: the float64 reference's ``ceil(round((1 - s) · n, 9))`` for any sparsity of up to
+    9 decimal places (``0.7`` is 7/10, so ``0.3 * 10`` is 3, not 4 from float noise) and for
+    fractions like 1/3.
     """
-    keep = 1 - Fraction(repr(float(sparsity)))
+    keep = decimal_numerator(1.0 - sparsity)
     if isinstance(num_kv_tiles, Tensor):
-        num_kv_tiles = num_kv_tiles.long()  # (a long decimal's numerator overflows int32)
-    k = (num_kv_tiles * keep.numerator + keep.denominator - 1) // keep.denominator
+        num_kv_tiles = num_kv_tiles.long()  # (10^12 times a count overflows int32)
+    k = (num_kv_tiles * keep + DECIMALS - 1) // DECIMALS
     if isinstance(k, Tensor):  # per-row counts (allowed tiles under a block-causal mask)
         return k.clamp(min=1).to(torch.int32)
     # Plain ints stay plain (Dynamo on torch 2.11 cannot trace sym_max over two ints).

@@ -5,19 +5,37 @@ import math
 
 import pytest
 import torch
+from helpers import (
+    HAS_TRITON,
+    KERNEL_DEVICE,
+    REL_TOL,
+    assert_close_rel,
+    grids,
+    joint_token_mask,
+    text_key_keep,
+    text_paddings,
+    tiles,
+)
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from helpers import (HAS_TRITON, KERNEL_DEVICE, REL_TOL, assert_close_rel, grids, joint_token_mask, text_key_keep,
-                     text_paddings, tiles)
 import sparse_inductor as si
 from sparse_inductor import triton_launch
 from sparse_inductor.attention import sparse_attention
 from sparse_inductor.layout import build_layout
 from sparse_inductor.policies.mass import mass_cut_torch
-from sparse_inductor.reference import (cut_margin, reference_attention, reference_attention_query_keep,
-                                       reference_mass_selection, reference_pattern, reference_query_keep,
-                                       reference_selection, tile_coords, tile_ids, token_mask)
+from sparse_inductor.reference import (
+    cut_margin,
+    reference_attention,
+    reference_attention_query_keep,
+    reference_mass_selection,
+    reference_pattern,
+    reference_query_keep,
+    reference_selection,
+    tile_coords,
+    tile_ids,
+    token_mask,
+)
 from sparse_inductor.selection import mask_from_lists
 
 DEVICE = KERNEL_DEVICE
@@ -353,18 +371,40 @@ def test_query_keep_as_an_argument_of_a_compiled_function():
         torch.testing.assert_close(compiled(q, k, v, r), attend(q, k, v, r), rtol=0, atol=0)
 
 
-@given(r=st.one_of(st.integers(1, 10**6).map(lambda i: i / 10**6), st.floats(1e-6, 1.0),
-                   st.sampled_from([1 / 3, 2 / 3, 1 / 6, 6 / 7, 0.1, 0.3, 0.7])),
-       n=st.integers(1, 512))
-def test_num_kept_follows_the_reference_rule(r, n):
-    """``max(1, ceil(round(r * n, 9)))``, the float64 reference's rule, for ints and tensors of any
-    integer dtype (int32 counts must not overflow): rounding keeps float error from adding a row."""
+def test_sparsity_as_an_argument_of_a_compiled_function():
+    """The same for ``sparsity``: it failed to trace from its second value on ("repr_impl not
+    implemented", torch 2.11 and 2.13) and now gives the eager result for each value."""
+    grid, tile = (4, 8, 8), (4, 4, 4)
+    q, k, v = _qkv(1, 2, math.prod(grid), 16, torch.float32, 0)
+
+    def attend(q, k, v, sparsity):
+        return si.video_sparse_attention(q, k, v, grid, sparsity=sparsity, tile=tile)
+
+    compiled = torch.compile(attend, fullgraph=True, backend="eager")
+    for s in (0.5, 0.75, 0.3, 0.875, 0.75):
+        torch.testing.assert_close(compiled(q, k, v, s), attend(q, k, v, s), rtol=0, atol=0)
+
+
+DECIMAL_FRACTIONS = st.one_of(st.integers(1, 10**9).map(lambda i: i / 10**9),
+                              st.integers(1, 10**4).map(lambda i: i / 10**4),
+                              st.sampled_from([1 / 3, 2 / 3, 1 / 6, 5 / 6, 1 / 7, 6 / 7, 0.1, 0.3, 0.7, 0.875]))
+
+
+@given(r=DECIMAL_FRACTIONS, n=st.integers(1, 4096))
+def test_kept_counts_follow_the_reference_rule(r, n):
+    """query_keep's ``max(1, ceil(round(r * n, 9)))`` and TopK's ``max(1, ceil(round((1 - s) * n, 9)))``,
+    the float64 reference's rules, for fractions of up to 9 decimal places and common ratios, on
+    ints and tensors of any integer dtype (int32 counts must not overflow)."""
     from sparse_inductor.query_keep import num_kept
+    from sparse_inductor.selection import num_selected
 
     want = max(1, math.ceil(round(r * n, 9)))
     assert num_kept(r, n) == want
     for dtype in (torch.int32, torch.int64):
         assert num_kept(r, torch.tensor([n, n], dtype=dtype)).tolist() == [want, want]
+    want = max(1, math.ceil(round((1.0 - r) * n, 9)))
+    assert num_selected(r, n) == want
+    assert num_selected(r, torch.tensor([n], dtype=torch.int32)).tolist() == [want]
 
 
 def test_num_kept_exact_cases():
