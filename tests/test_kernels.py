@@ -184,47 +184,9 @@ def test_kernels_query_keep(grid, tile, r, dtype, seed):
     """query_keep in the kernels: per-head query tables, query blocks smaller than KV blocks
     (e.g. 32 query slots against 64-slot KV tiles), kept rows computed, dropped rows given
     dQ = 0; outputs and gradients against the float64 definition (DESIGN.md §3.7)."""
-    from sparse_inductor.query_keep import broadcast_centres, select_queries
-    from sparse_inductor.reference import reference_attention_query_keep, reference_query_keep
-
-    B, H, D = 2, 2, 32
-    N = math.prod(grid)
-    g = torch.Generator().manual_seed(seed)
-    q, k, v, grad = (torch.randn(B, H, N, D, generator=g).to(dtype) for _ in range(4))
-    scale = D ** -0.5
-    layout = tile_layout(grid, tile)
-    selected = reference_selection(q, k, grid, 0.5, tile)
-    kv_num, kv_idx = lists_from_mask(selected)
-    keep = select_queries(q.to(KERNEL_DEVICE), tile_layout(grid, tile, KERNEL_DEVICE), r)
-    if math.prod(tile) == 64:  # a 64-slot tile keeps at most 16 / 32 / 48 rows: 16 / 32 / 64-slot query blocks
-        assert keep.block == {0.25: 16, 0.5: 32, 0.75: 64}[r]
-    q_num_rows, q_idx_rows = keep.query_lists(kv_num, kv_idx)
-    slots, counts = layout.slots.expand(B, -1), layout.counts.expand(B, -1)
-    dev = [x.to(KERNEL_DEVICE) for x in (q, k, v, grad)]
-    tables = [t.to(KERNEL_DEVICE) for t in (keep.q_slots, slots, keep.q_counts, counts, q_num_rows, q_idx_rows)]
-    attn, lse = torch.empty_like(dev[0]), torch.empty(B, H, N, device=KERNEL_DEVICE)
-    triton_launch.block_sparse_fwd(*dev[:3], attn, lse, *tables, scale)
-    kept, source = reference_query_keep(q, grid, tile, r)
-    assert torch.equal(keep.kept.cpu(), kept)
-    attn = torch.where(keep.kept.unsqueeze(-1), attn, 0)  # dropped rows are not written
-    leaf = attn.detach().float().requires_grad_()
-    out = broadcast_centres(leaf, keep)
-    (d_attn,) = torch.autograd.grad(out, leaf, dev[3].float())
-    d_attn = d_attn.to(dtype)
-    delta = (attn.float() * d_attn.float()).sum(-1)
-    q_num, q_idx = transpose_block_lists(tables[4], tables[5], layout.num_tiles)
-    dq, dk, dv = (torch.full_like(x, float("nan")) for x in dev[:3])  # every row must be written
-    triton_launch.block_sparse_bwd(d_attn, *dev[:3], lse, delta, dq, dk, dv, *tables, q_num, q_idx, scale)
-
-    mask = token_mask(selected, grid, tile)
-    q64, k64, v64 = (x.double().requires_grad_() for x in (q, k, v))
-    ref = reference_attention_query_keep(q64, k64, v64, mask, source, scale)
-    rq, rk, rv = torch.autograd.grad(ref, (q64, k64, v64), grad.double())
-    tol = REL_TOL[dtype]
-    assert_close_rel(out.to(dtype), ref, tol["out"], "out")
-    for name, got, want in (("dq", dq, rq), ("dk", dk, rk), ("dv", dv, rv)):
-        assert_close_rel(got, want, tol["grad"], name)
-    assert (dq.cpu()[~kept] == 0).all()
+    block, block_m, _, _ = check_query_keep_kernels(grid, tile, r, dtype, 2, 2, 32, 0, 0, "none", None, seed)
+    if block == 64:  # a 64-slot tile keeps at most 16 / 32 / 48 rows: 16 / 32 / 64-slot query blocks
+        assert block_m == {0.25: 16, 0.5: 32, 0.75: 64}[r]
 
 
 def check_query_keep_kernels(grid, tile, r, dtype, B, H, D, before, after, padding, causal_block_size, seed):
