@@ -8,7 +8,10 @@ All competitors run in this one process on the same inputs; times are medians of
   call: coarse selection and the block-sparse kernel (which gathers and scatters rows through
   the slot table: no permuted copies).
 * ``sparse_compiled``: the same function under ``torch.compile`` — the path the backend takes:
-  selection compiled by Inductor, the op rendered from our Triton templates (autotuned).
+  selection compiled by Inductor; on Hopper the compact TMA forward (v17: K/V, and a Q for the
+  forward, gathered into compact tile-major order by Inductor, the kernel an extern call, the
+  backward our templated gather kernels); elsewhere the op rendered from our templates (autotuned).
+* ``sparse_compiled_gather``: the same with the gather forward template (``forward_kernel="gather"``).
 * ``sparse_kernel``: the block-sparse op alone (eager kernel) with a fixed selection.
 * ``selection``: the coarse selection alone (forward only), compiled as in ``sparse_compiled``,
   timed as a CUDA graph replay (GPU time); ``selection_launch``: the same with ``do_bench``,
@@ -246,6 +249,12 @@ def run_case(name, H, grid, sparsity, records, meta, with_flex=True, with_dense=
     sparse_compiled = torch.compile(
         lambda q, k, v: sparse_attention(q, k, v, grid, sparsity=sparsity, tile=(4, 4, 4), layout=layout),
         fullgraph=True)
+    # v17's A/B: the same compiled path with the gather forward kernel (the default, "auto", takes
+    # the compact TMA forward on Hopper).
+    sparse_compiled_gather = torch.compile(
+        lambda q, k, v: sparse_attention(q, k, v, grid, sparsity=sparsity, tile=(4, 4, 4), layout=layout,
+                                         forward_kernel="gather"),
+        fullgraph=True)
     selection_compiled = torch.compile(
         lambda q, k: select_tiles(q, k, layout, si.TopK(sparsity), scale), fullgraph=True)
     sparse_kernel = kernel_for(layout, selection, B, H, scale)
@@ -253,6 +262,7 @@ def run_case(name, H, grid, sparsity, records, meta, with_flex=True, with_dense=
     impls = [("dense_sdpa", dense, (q, k, v), grad, dense_flops)] if with_dense else []
     impls += [("sparse_op", sparse_op, (q, k, v), grad, sparse_flops),
              ("sparse_compiled", sparse_compiled, (q, k, v), grad, sparse_flops),
+             ("sparse_compiled_gather", sparse_compiled_gather, (q, k, v), grad, sparse_flops),
              ("sparse_kernel", sparse_kernel, (q, k, v), grad, sparse_flops),
              ("selection", selection_compiled, (q, k), None, None),
              ("selection_launch", selection_compiled, (q, k), None, None)]

@@ -174,12 +174,14 @@ def _walk_class(q, m_i, l_i, acc, k_desc, v_desc, bh, starts, rows, start, stop,
 
 @triton.jit
 def _tma_packed_fwd(q_desc, k_desc, v_desc, k_half_desc, v_half_desc, k_quarter_desc, v_quarter_desc, O, LSE,
-                    BOX_STARTS, BOX_ROWS, CLASS_ENDS, TILE_OFFSETS, COUNTS, POSITIONS, L, M, MAX_LIST, qk_scale,
+                    BOX_STARTS, BOX_ROWS, CLASS_ENDS, TILE_OFFSETS, COUNTS, POSITIONS, L, M, MAX_LIST, H, stride_ob,
+                    stride_oh, stride_ol, qk_scale,
                     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, SEQUENCE_ORDER: tl.constexpr,
                     Q_IN_REGISTERS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     """The kernel with host-side descriptors (``TensorDescriptor`` arguments)."""
     _packed_program(q_desc, k_desc, v_desc, k_half_desc, v_half_desc, k_quarter_desc, v_quarter_desc, O, LSE,
-                    BOX_STARTS, BOX_ROWS, CLASS_ENDS, TILE_OFFSETS, COUNTS, POSITIONS, L, M, MAX_LIST, qk_scale,
+                    BOX_STARTS, BOX_ROWS, CLASS_ENDS, TILE_OFFSETS, COUNTS, POSITIONS, L, M, MAX_LIST, H, stride_ob,
+                    stride_oh, stride_ol, qk_scale,
                     HEAD_DIM, BLOCK, SEQUENCE_ORDER, Q_IN_REGISTERS, UPCAST, IEEE)
 
 
@@ -192,8 +194,8 @@ def _device_descriptor(X, BH, L, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr):
 
 @triton.jit
 def _tma_packed_fwd_device(Q, K, V, O, LSE, BOX_STARTS, BOX_ROWS, CLASS_ENDS, TILE_OFFSETS, COUNTS, POSITIONS, BH,
-                           L, M, MAX_LIST, qk_scale, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
-                           HALF: tl.constexpr, QUARTER: tl.constexpr, SEQUENCE_ORDER: tl.constexpr,
+                           L, M, MAX_LIST, H, stride_ob, stride_oh, stride_ol, qk_scale, HEAD_DIM: tl.constexpr,
+                           BLOCK: tl.constexpr, HALF: tl.constexpr, QUARTER: tl.constexpr, SEQUENCE_ORDER: tl.constexpr,
                            Q_IN_REGISTERS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     """The same program with device-side descriptors built from pointers, the form an Inductor
     template can take (Inductor's own TMA templates build theirs so; NOTES v17): the A/B of their
@@ -202,13 +204,14 @@ def _tma_packed_fwd_device(Q, K, V, O, LSE, BOX_STARTS, BOX_ROWS, CLASS_ENDS, TI
                     _device_descriptor(V, BH, L, HEAD_DIM, BLOCK), _device_descriptor(K, BH, L, HEAD_DIM, HALF),
                     _device_descriptor(V, BH, L, HEAD_DIM, HALF), _device_descriptor(K, BH, L, HEAD_DIM, QUARTER),
                     _device_descriptor(V, BH, L, HEAD_DIM, QUARTER), O, LSE, BOX_STARTS, BOX_ROWS, CLASS_ENDS,
-                    TILE_OFFSETS, COUNTS, POSITIONS, L, M, MAX_LIST, qk_scale, HEAD_DIM, BLOCK, SEQUENCE_ORDER,
-                    Q_IN_REGISTERS, UPCAST, IEEE)
+                    TILE_OFFSETS, COUNTS, POSITIONS, L, M, MAX_LIST, H, stride_ob, stride_oh, stride_ol, qk_scale,
+                    HEAD_DIM, BLOCK, SEQUENCE_ORDER, Q_IN_REGISTERS, UPCAST, IEEE)
 
 
 @triton.jit
 def _packed_program(q_desc, k_desc, v_desc, k_half_desc, v_half_desc, k_quarter_desc, v_quarter_desc, O, LSE,
-                    BOX_STARTS, BOX_ROWS, CLASS_ENDS, TILE_OFFSETS, COUNTS, POSITIONS, L, M, MAX_LIST, qk_scale,
+                    BOX_STARTS, BOX_ROWS, CLASS_ENDS, TILE_OFFSETS, COUNTS, POSITIONS, L, M, MAX_LIST, H, stride_ob,
+                    stride_oh, stride_ol, qk_scale,
                     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, SEQUENCE_ORDER: tl.constexpr,
                     Q_IN_REGISTERS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     """One (query tile, batch * head) program over its box lists, whatever made the descriptors."""
@@ -251,9 +254,10 @@ def _packed_program(q_desc, k_desc, v_desc, k_half_desc, v_half_desc, k_quarter_
     dst = q_start + offs
     if SEQUENCE_ORDER:
         dst = tl.load(POSITIONS + dst, mask=mine, other=0)
-    dst = bh.to(tl.int64) * L + dst
-    tl.store(LSE + dst, lse, mask=mine)
-    o_ptrs = O + dst[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
+    tl.store(LSE + bh.to(tl.int64) * L + dst, lse, mask=mine)
+    # O may have any row / head / batch strides (e.g. laid out like a transposed [B, L, H, D] q).
+    o_rows = (bh // H).to(tl.int64) * stride_ob + (bh % H).to(tl.int64) * stride_oh + dst.to(tl.int64) * stride_ol
+    o_ptrs = O + o_rows[:, None] + tl.arange(0, HEAD_DIM)[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=mine[:, None])
 
 
@@ -283,7 +287,7 @@ def _check(q, k, v, kv_num_blocks, kv_indices, compact, scale):
 
 
 def tma_packed_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, compact: CompactLayout, scale=None, *,
-                                      out_order: str = "tile", boxes=None, q_in_registers: bool = True,
+                                      out_order: str = "tile", boxes=None, out=None, q_in_registers: bool = True,
                                       device_descriptors: bool = False, num_warps: int = 4, num_stages: int = 2):
     """Block-sparse attention over compact tile-major ``q, k, v`` (``[B, H, L, D]``, :func:`to_compact`):
     query tile ``i`` of head ``(b, h)`` attends to the tokens of KV tiles
@@ -292,8 +296,10 @@ def tma_packed_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, compac
     ``boxes``: :func:`kv_boxes_by_class` of these lists, when the caller has it (computed
     otherwise, with adjacent tiles merged). Returns ``(out, lse)``: ``out`` like ``q`` and fp32 ``lse [B, H, L]`` (natural log),
     both in compact tile-major order (``out_order="tile"``) or in sequence order (``"sequence"``).
-    ``device_descriptors``: build the TMA descriptors inside the kernel (the form a template takes)
-    instead of on the host; the same results.
+    ``out``: where to write the output (``[B, H, L, D]``, any strides with a unit feature stride;
+    e.g. ``torch.empty_like`` of a sequence-order q that is a transposed view); a new contiguous
+    tensor otherwise. ``device_descriptors``: build the TMA descriptors inside the kernel (the form
+    a template takes) instead of on the host; the same results.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     _check(q, k, v, kv_num_blocks, kv_indices, compact, scale)
@@ -304,7 +310,11 @@ def tma_packed_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, compac
     q, k, v = (x.contiguous() for x in (q, k, v))
     B, H, L, D = q.shape
     starts, rows, ends = boxes if boxes is not None else kv_boxes_by_class(kv_num_blocks, kv_indices, compact)
-    out = torch.empty_like(q)
+    if out is None:
+        out = torch.empty_like(q)
+    elif out.shape != q.shape or out.stride(-1) != 1 or out.dtype != q.dtype:
+        raise ValueError(f"out must be a {q.dtype} tensor of shape {tuple(q.shape)} with a unit feature stride, got "
+                         f"{out.dtype} {tuple(out.shape)} strides {out.stride()}")
     lse = torch.empty(B, H, L, device=q.device, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse
@@ -320,9 +330,10 @@ def tma_packed_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, compac
         # In-kernel descriptors live in scratch memory that Triton asks this allocator for.
         triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=q.device))
         _tma_packed_fwd_device[grid](q, k, v, out, lse, *tables, B * H, L, compact.num_tiles, starts.shape[-1],
-                                     qk_scale, HALF=half, QUARTER=quarter, **meta)
+                                     H, *out.stride()[:3], qk_scale, HALF=half, QUARTER=quarter, **meta)
         return out, lse
     descriptors = [_descriptor(q, block), _descriptor(k, block), _descriptor(v, block), _descriptor(k, half),
                    _descriptor(v, half), _descriptor(k, quarter), _descriptor(v, quarter)]
-    _tma_packed_fwd[grid](*descriptors, out, lse, *tables, L, compact.num_tiles, starts.shape[-1], qk_scale, **meta)
+    _tma_packed_fwd[grid](*descriptors, out, lse, *tables, L, compact.num_tiles, starts.shape[-1], H,
+                          *out.stride()[:3], qk_scale, **meta)
     return out, lse

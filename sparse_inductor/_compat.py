@@ -131,6 +131,15 @@ def has_forward_grad(*tensors) -> bool:
     return any(unpack_dual(t).tangent is not None for t in tensors)
 
 
+def constant_when_traced(fn):
+    """``fn`` with its result taken as a constant by Dynamo (``torch._dynamo.assume_constant_result``):
+    for host-side facts such as a GPU's compute capability, which a traced graph cannot query.
+    ``fn``'s arguments must be Python constants."""
+    from torch._dynamo import assume_constant_result
+
+    return assume_constant_result(fn)
+
+
 def mode_options(mode: str) -> dict:
     """The Inductor config patches of a ``torch.compile`` mode (e.g. ``"max-autotune"``)."""
     from torch._inductor import list_mode_options

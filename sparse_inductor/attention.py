@@ -6,11 +6,16 @@ serves every resolution of a ``dynamic=True`` model.
 """
 from __future__ import annotations
 
+import logging
+import os
+
 import torch
 from torch import Tensor
 
 from . import _compat, ops  # ops registers the custom ops
+from . import triton_launch
 from .causal import effective_block_size, tiles_split_blocks, tokens_per_block
+from .compact_layout import compact_layout, compact_slots
 from .layout import TileLayout, build_layout
 from .query_keep import _centre_maps, broadcast_centres, select_queries
 from .selection import select_tiles
@@ -56,6 +61,109 @@ def _no_rows(B, H) -> bool:
     return isinstance(B, int) and isinstance(H, int) and B * H == 0
 
 
+log = logging.getLogger("sparse_inductor")
+
+#: Which forward kernel block-sparse calls use, from the environment variable of that name:
+#: ``"auto"`` (default): the compact tile-major TMA forward where it applies on a Hopper-or-newer
+#: GPU, the gather kernel elsewhere; ``"gather"``: always the gather kernel; ``"tma"``: the TMA
+#: forward wherever it applies, on any device (the CPU runs it under ``TRITON_INTERPRET=1``,
+#: else the CPU implementation on its tables; for tests). Read once at import; tests patch it.
+FORWARD_KERNEL = os.environ.get("SPARSE_INDUCTOR_FORWARD_KERNEL", "auto")
+FORWARD_KERNELS = ("auto", "gather", "tma")
+if FORWARD_KERNEL not in FORWARD_KERNELS:
+    raise ValueError(f"SPARSE_INDUCTOR_FORWARD_KERNEL must be one of {FORWARD_KERNELS}, got {FORWARD_KERNEL!r}")
+
+
+def tma_forward_unsupported(q: Tensor, k: Tensor, v: Tensor, layout: TileLayout, policy, scale: float,
+                            query_keep: float, key_padding_mask, causal_block_size) -> str | None:
+    """Why the compact TMA forward (``ops.tma_block_sparse_attn_fwd``) cannot take this call, or
+    ``None`` if it can. Its first version covers video-only self-attention with 16 to 64 slots
+    per tile, D 64 or 128, fp16 / bf16 / fp32, without key padding, block-causal masks,
+    query_keep, full rows (a ``Full()`` policy anywhere) or a scale that is not positive (the kernel
+    scales the row maximum)."""
+    from .selection import _has_text, _may_have_full_rows
+
+    if _has_text(layout):
+        return "text tokens (joint attention)"
+    if key_padding_mask is not None:
+        return "a key-padding mask"
+    if causal_block_size is not None:
+        return "a block-causal mask"
+    if query_keep < 1.0:
+        return "query_keep < 1"
+    if _may_have_full_rows(policy):
+        return "full rows (Full() policy)"
+    if not scale > 0:
+        return f"scale {scale} (must be positive)"
+    if not (q.shape == k.shape == v.shape):
+        return "q, k, v of different shapes"
+    if q.shape[-1] not in (64, 128):
+        return f"head dim {q.shape[-1]} (64 or 128)"
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {q.dtype}"
+    if layout.block_size > 64:
+        return f"{layout.block_size} slots per tile (at most 64)"
+    if q.stride(-1) != 1:
+        return "a q whose feature stride is not 1"
+    if _no_rows(*q.shape[:2]):
+        return "no batch or no heads"
+    if _compat.functorch_grad_active() or _compat.has_forward_grad(q, k, v):
+        return "a torch.func transform or forward-mode AD"
+    return None
+
+
+def use_tma_forward(q: Tensor, *args, forward_kernel: str | None = None) -> bool:
+    """Whether this call runs the compact TMA forward (:data:`FORWARD_KERNEL`,
+    :func:`tma_forward_unsupported`); an explicit ``"tma"`` that cannot apply says why in a log
+    line (debug level under ``"auto"``, where the gather kernel is the documented choice)."""
+    choice = FORWARD_KERNEL if forward_kernel is None else forward_kernel
+    if choice not in FORWARD_KERNELS:
+        raise ValueError(f"forward_kernel must be one of {FORWARD_KERNELS} or None, got {choice!r}")
+    if choice == "gather":
+        return False
+    if choice == "auto" and not triton_launch.tma_capable(q.device):
+        return False
+    reason = tma_forward_unsupported(q, *args)
+    if reason is not None:
+        (log.info if choice == "tma" else log.debug)(
+            "sparse_inductor: the gather forward kernel runs this call, the TMA forward does not cover %s", reason)
+        return False
+    return True
+
+
+def _tma_attention(q: Tensor, k: Tensor, v: Tensor, layout: TileLayout, kv_num_blocks: Tensor,
+                   kv_indices: Tensor, scale: float) -> Tensor:
+    """The block-sparse op through the compact TMA forward: K and V (and a Q for the forward only)
+    permuted into compact tile-major order; under ``torch.compile`` the permutation is a gather
+    that Inductor fuses into the kernel that produces Q/K/V. The output comes back in sequence
+    order (the forward's store scatters it), dQ too; dK/dV flow back through the permutation."""
+    compact = compact_layout(layout)
+    q_compact = q.detach().index_select(2, compact.positions)  # dQ flows through q (sequence order)
+    k_compact, v_compact = (_CompactRows.apply(x, compact.positions, compact.rows) for x in (k, v))
+    out, _ = torch.ops.sparse_inductor.tma_block_sparse_attn_fwd(
+        q, q_compact, k_compact, v_compact, layout.slots, compact_slots(compact), compact.counts,
+        compact.tile_offsets, compact.positions, kv_num_blocks, kv_indices, scale, ops.KERNEL_VERSION)
+    return out
+
+
+class _CompactRows(torch.autograd.Function):
+    """Rows of ``[B, H, L, D]`` permuted into compact order (``positions``); the gradient goes
+    back by the inverse permutation (``rows``): a gather both ways, no scatter-add."""
+
+    @staticmethod
+    def forward(x, positions, rows):
+        return x.index_select(2, positions)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[2])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (rows,) = ctx.saved_tensors
+        return grad.index_select(2, rows), None, None
+
+
 def resolve_policy(policy=None, sparsity=None):
     """The policy a call asks for: ``policy`` if given, else ``TopK(sparsity)`` (default 0.875)."""
     from .policies import Policy, TopK
@@ -72,7 +180,7 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, grid, *, tile, sparsity: f
                      query_keep: float = 1.0, scale: float | None = None, text_before=0, text_after=0,
                      key_padding_mask: Tensor | None = None, layout: TileLayout | None = None,
                      static_lists=None, record_as: str | None = None,
-                     causal_block_size: int | None = None) -> Tensor:
+                     causal_block_size: int | None = None, forward_kernel: str | None = None) -> Tensor:
     """Block-sparse attention over ``[text_before | video T*H*W | text_after]`` tokens.
 
     ``q, k, v``: ``[B, H, L, D]``. Video query tiles attend to the video tiles the ``policy``
@@ -83,6 +191,8 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, grid, *, tile, sparsity: f
     ``causal_block_size`` (frames per causal block; video-only sequences, no key-padding mask)
     applies the block-causal mask of diffusion forcing: the selection is intersected with it and
     straddling tiles are masked per token (:func:`sparse_inductor.reference.causal_token_mask`).
+    ``forward_kernel`` (``"auto"``, ``"gather"`` or ``"tma"``; ``None``: :data:`FORWARD_KERNEL`)
+    picks the forward kernel as :func:`use_tma_forward` says.
     ``static_lists`` (``{static policy: (num, idx)}``) passes lists precomputed for this grid
     (graph constants of static patterns, so no selection runs for them). ``record_as`` (a site
     name) records the selection in an active :func:`sparse_inductor.stats` context; eager calls
@@ -91,8 +201,11 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, grid, *, tile, sparsity: f
     use); otherwise the index arithmetic is built here, which inside a compiled graph becomes
     part of the graph (symbolic sizes allowed).
 
-    No permuted copy of Q, K, V or the output is made: the kernels gather and scatter rows
-    through the layout's slot table, and the output comes back laid out like ``q``.
+    The gather kernels make no permuted copy of Q, K, V or the output: they gather and scatter
+    rows through the layout's slot table. Where the compact TMA forward runs
+    (:func:`use_tma_forward`), K and V are permuted into compact tile-major order first (fused
+    into their producer under ``torch.compile``). Either way the output comes back laid out like
+    ``q``.
     """
     policy = resolve_policy(policy, sparsity)
     if layout is None:
@@ -116,12 +229,19 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, grid, *, tile, sparsity: f
     with torch.no_grad():
         kv_num_blocks, kv_indices = select_tiles(q.detach(), k.detach(), layout, policy, scale,
                                                  static_lists=static_lists, causal_block_size=causal_block_size)
-    keep = None
-    if query_keep < 1.0 and not _no_rows(B, H):
-        keep = select_queries(q, layout, query_keep)
     # is_compiling() first: Dynamo cannot trace the ContextVar read in recording().
     if record_as is None and not torch.compiler.is_compiling() and recording():
         record_as = "eager"
+    if use_tma_forward(q, k, v, layout, policy, scale, query_keep, key_padding_mask, causal_block_size,
+                       forward_kernel=forward_kernel):
+        if record_as is not None:
+            kv_num_blocks = torch.ops.sparse_inductor.record_selection(
+                kv_num_blocks, kv_indices, layout.counts.expand(B, H, -1), layout.counts, layout.num_video_tiles,
+                f"{record_as}|{policy.describe()}")
+        return _tma_attention(q, k, v, layout, kv_num_blocks, kv_indices, scale)
+    keep = None
+    if query_keep < 1.0 and not _no_rows(B, H):
+        keep = select_queries(q, layout, query_keep)
     if record_as is not None:
         q_rows = layout.counts.expand(B, H, -1) if keep is None else keep.rows_per_tile_counts()
         kv_num_blocks = torch.ops.sparse_inductor.record_selection(

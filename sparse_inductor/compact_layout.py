@@ -60,17 +60,30 @@ class CompactLayout:
 
 def compact_layout(layout) -> CompactLayout:
     """The compact order of a :class:`sparse_inductor.layout.TileLayout`: its slot table with the
-    padding slots dropped (a tile's valid slots come first, so tiles stay in order)."""
+    padding slots dropped (a tile's valid slots come first, so tiles stay in order).
+
+    Index arithmetic on the layout's tables only (no boolean indexing, no host sync), so it also
+    traces inside a compiled graph, symbolic sizes included."""
     if layout.num_tiles != layout.num_video_tiles:
         raise ValueError("compact_layout covers video-only layouts; text blocks are out of scope")
-    slots = layout.slots
-    positions = slots[slots >= 0].long()
-    rows = torch.empty_like(positions)
-    rows[positions] = torch.arange(positions.numel(), device=positions.device)
+    S = layout.block_size
     counts = layout.counts.to(torch.int32)
-    return CompactLayout(
-        block=layout.block_size, num_tiles=layout.num_tiles, num_tokens=positions.numel(), counts=counts,
-        tile_offsets=(torch.cumsum(counts, 0) - counts).to(torch.int32), positions=positions, rows=rows)
+    tile_offsets = (torch.cumsum(counts, 0) - counts).to(torch.int32)
+    slot = layout.scatter_index  # [L]: the slot of each sequence position
+    rows = tile_offsets.long().index_select(0, slot // S) + slot % S
+    positions = torch.zeros_like(rows).scatter_(0, rows, torch.arange(rows.shape[0], device=rows.device))
+    return CompactLayout(block=S, num_tiles=layout.num_tiles, num_tokens=layout.num_tokens, counts=counts,
+                         tile_offsets=tile_offsets, positions=positions, rows=rows)
+
+
+def compact_slots(compact: CompactLayout) -> torch.Tensor:
+    """int32 ``[num_tiles * block]``: the compact row each slot of the padded layout holds, ``-1``
+    for padding (the slot table of the gather kernels over compact tensors)."""
+    S = compact.block
+    slot = torch.arange(compact.num_tiles * S, device=compact.counts.device)
+    m, j = slot // S, slot % S
+    return torch.where(j < compact.counts.long().index_select(0, m),
+                       compact.tile_offsets.long().index_select(0, m) + j, -1).to(torch.int32)
 
 
 def to_compact(x: torch.Tensor, compact: CompactLayout, dim: int = -2) -> torch.Tensor:

@@ -402,6 +402,84 @@ block_sparse_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 # --------------------------------------------------------------------------------------------
+# The compact tile-major TMA forward (issue 22, v17): K and V arrive permuted into compact
+# tile-major order (``sparse_inductor.compact_layout``), so every listed tile is a TMA box.
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("sparse_inductor::tma_block_sparse_attn_fwd", mutates_args=())
+def tma_block_sparse_attn_fwd(
+    q: Tensor, q_compact: Tensor, k_compact: Tensor, v_compact: Tensor,
+    q_slots: Tensor, kv_slots: Tensor, counts: Tensor, tile_offsets: Tensor, positions: Tensor,
+    kv_num_blocks: Tensor, kv_indices: Tensor, scale: float, kernel_version: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """Block-sparse attention forward of a video-only self-attention over compact tile-major K, V.
+
+    Args:
+        q: ``[B, H, L, D]`` in sequence order: not read by the forward on CUDA, kept for the
+            backward (which computes dQ in sequence order through ``q_slots``).
+        q_compact, k_compact, v_compact: ``[B, H, L, D]`` in compact tile-major order
+            (:func:`sparse_inductor.compact_layout.to_compact`).
+        q_slots: int32 ``[M * S]``, the layout's slot table (sequence positions, ``-1`` padding).
+        kv_slots: int32 ``[M * S]``, the compact row of each slot (:func:`compact_slots`).
+        counts, tile_offsets: int32 ``[M]``, valid tokens per tile and each tile's first compact row.
+        positions: int64 ``[L]``, the sequence position of each compact row.
+        kv_num_blocks, kv_indices: int32 ``[B, H, M]`` / ``[B, H, M, K]``, the selection; every
+            entry stored (no full rows without entries).
+        scale: softmax scale (positive). ``kernel_version`` as in ``block_sparse_attn_fwd``.
+
+    Returns ``(out, lse)`` in sequence order, as ``block_sparse_attn_fwd`` with these lists.
+    On CUDA (or under ``TRITON_INTERPRET=1``) the TMA kernel of
+    ``kernel_templates/tma_block_sparse.py``; otherwise the CPU implementation on the same
+    tables. Under ``torch.compile`` the op stays an extern call of this function (host TMA
+    descriptors; no template), and its backward is the templated ``block_sparse_attn_bwd``.
+    """
+    if q.numel() == 0:
+        return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=stats_dtype(q.dtype))
+    if q.is_cuda or triton_launch.interpreting():
+        from kernel_templates.tma_block_sparse import tma_packed_block_sparse_attention
+
+        from .compact_layout import CompactLayout
+
+        compact = CompactLayout(block=q_slots.shape[-1] // counts.shape[-1], num_tiles=counts.shape[-1],
+                                num_tokens=q.shape[2], counts=counts.contiguous(),
+                                tile_offsets=tile_offsets.contiguous(), positions=positions.contiguous(), rows=None)
+        # The store scatters to sequence order, into a buffer laid out like q (the fake's promise).
+        return tma_packed_block_sparse_attention(q_compact, k_compact, v_compact, kv_num_blocks.contiguous(),
+                                                 kv_indices.contiguous(), compact, scale, out_order="sequence",
+                                                 out=torch.empty_like(q))
+    B, H = q.shape[:2]
+    out, lse = _torch_fwd(q, k_compact, v_compact, q_slots.expand(B, H, -1), kv_slots.expand(B, -1),
+                          counts.expand(B, H, -1), counts.expand(B, -1), kv_num_blocks, kv_indices, scale)
+    return like(q, torch.empty_like(q).copy_(out)), lse.to(stats_dtype(q.dtype)).contiguous()
+
+
+@tma_block_sparse_attn_fwd.register_fake
+def _(q, q_compact, k_compact, v_compact, q_slots, kv_slots, counts, tile_offsets, positions, kv_num_blocks,
+      kv_indices, scale, kernel_version=0):
+    _register_lowerings()  # the backward op's template
+    return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=stats_dtype(q.dtype))
+
+
+def _tma_setup_context(ctx, inputs, output):
+    (q, _, k_compact, v_compact, q_slots, kv_slots, counts, _, _, kv_num_blocks, kv_indices, scale,
+     kernel_version) = inputs
+    out, lse = output
+    B, H = q.shape[:2]
+    # The backward is the gather kernels' with two slot tables: Q rows in sequence order, K/V rows
+    # compact.
+    ctx.save_for_backward(q, k_compact, v_compact, out, lse, q_slots.expand(B, H, -1), kv_slots.expand(B, -1),
+                          counts.expand(B, H, -1), counts.expand(B, -1), kv_num_blocks, kv_indices)
+    ctx.scale, ctx.kernel_version, ctx.causal_tokens = scale, kernel_version, 0
+
+
+def _tma_backward(ctx, grad_out, grad_lse):
+    dq, dk, dv = _backward(ctx, grad_out, grad_lse)[:3]
+    return dq, None, dk, dv, None, None, None, None, None, None, None, None, None
+
+
+tma_block_sparse_attn_fwd.register_autograd(_tma_backward, setup_context=_tma_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
 # Coarse-stage ops (DESIGN.md §3.2): one Triton kernel each on CUDA, plain torch on CPU.
 # --------------------------------------------------------------------------------------------
 @torch.library.custom_op("sparse_inductor::pool_tiles", mutates_args=())

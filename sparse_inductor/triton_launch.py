@@ -33,6 +33,33 @@ def pack_meta() -> dict:
     return {"CHUNK": PACK_CHUNK}
 
 
+def _tma_capable(device_index: int) -> bool:
+    """Whether CUDA device ``device_index`` can run the TMA kernels: compute capability 9.0 or
+    higher (Hopper), and a Triton with host tensor descriptors."""
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+_tma_capable_traced = None
+
+
+def tma_capable(device: torch.device) -> bool:
+    """:func:`_tma_capable` of a CUDA ``device`` (False for any other device); a constant under
+    ``torch.compile``."""
+    global _tma_capable_traced
+    if device.type != "cuda":
+        return False
+    if _tma_capable_traced is None:
+        from ._compat import constant_when_traced
+
+        _tma_capable_traced = constant_when_traced(_tma_capable)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _tma_capable_traced(index)
+
+
 def kernel_flags(dtype: torch.dtype) -> dict:
     """Constexpr flags: fp32 operands for the interpreter's dot, IEEE dots for fp32 inputs."""
     return {"UPCAST": interpreting(), "IEEE": dtype == torch.float32}

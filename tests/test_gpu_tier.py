@@ -2,7 +2,7 @@
 kernel path, run first in every GPU session, before anything is timed.
 
 Paths covered: forward and backward kernels on partial tiles at D = 64 and 128 in fp16, bf16
-and fp32; joint text with a key-padding mask; query_keep (query blocks smaller than KV blocks);
+and fp32; the compact TMA forward as the op's path; joint text with a key-padding mask; query_keep (query blocks smaller than KV blocks);
 block-causal masks (selection kernels, per-token masking in kernels and templates);
 the selection kernels (pooling, top-k, the cumulative-mass cut) inside the op; the Inductor
 templates (forward and backward, with and without query_keep); the backend on a small model
@@ -87,8 +87,9 @@ def test_mass_cut_kernel():
         check.hypothesis.inner_test(rows=6, cols=cols, p=p, data=Draw([lo, hi]), sharp=2.0, levels=None, seed=cols)
 
 
-@pytest.mark.parametrize("query_keep", [pytest.param(1.0, marks=pytest.mark.autotune), 0.5])
-def test_templates_forward_backward(query_keep, caplog):
+@pytest.mark.parametrize("query_keep,forward_kernel", [pytest.param(1.0, "gather", marks=pytest.mark.autotune),
+                                                        (1.0, "tma"), (0.5, "auto")])
+def test_templates_forward_backward(query_keep, forward_kernel, caplog):
     import sparse_inductor as si
     from sparse_inductor.attention import sparse_attention
 
@@ -99,7 +100,8 @@ def test_templates_forward_backward(query_keep, caplog):
     policy = si.CumulativeMass(0.6, 2, 0.5)
 
     def attend(q, k, v):
-        return sparse_attention(q, k, v, grid, tile=tile, policy=policy, query_keep=query_keep) * 2.0
+        return sparse_attention(q, k, v, grid, tile=tile, policy=policy, query_keep=query_keep,
+                                forward_kernel=forward_kernel) * 2.0
 
     torch._dynamo.reset()
     with caplog.at_level("WARNING", logger="sparse_inductor"):
@@ -114,6 +116,19 @@ def test_templates_forward_backward(query_keep, caplog):
     assert_close_rel(out, want, tol["out"], "template vs eager kernels")
     for got, ref in zip(grads, want_grads):
         assert_close_rel(got, ref, tol["grad"], "template grad vs eager kernels")
+
+
+@pytest.mark.parametrize("dtype,D", [(torch.bfloat16, 128), (torch.float16, 64), (torch.float32, 64)])
+def test_tma_forward_path(dtype, D):
+    """The compact TMA forward as the op's path (v17; "auto" takes it on Hopper), gradients through
+    the gather backward with two slot tables, on Wan's border structures (1-frame, 2-row tiles)."""
+    import sparse_inductor as si
+    from test_tma_forward_path import test_tma_path_matches_reference_with_gradients as check
+
+    check.hypothesis.inner_test(grid=(5, 6, 10), tile=(4, 4, 4), policy=si.PerHead([si.TopK(0.75), si.Skip()]),
+                                dtype=dtype, B=2, D=D, seed=D)
+    check.hypothesis.inner_test(grid=(5, 10, 9), tile=(4, 4, 4), policy=si.CumulativeMass(0.8, min_tiles=1),
+                                dtype=dtype, B=1, D=D, seed=1)
 
 
 def test_backend_policies_on_cuda():

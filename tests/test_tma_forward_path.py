@@ -1,0 +1,156 @@
+"""The compact TMA forward as a path of the op (issue 22, v17): ``sparse_attention`` with
+``forward_kernel="tma"`` permutes K/V (and a forward-only Q) into compact tile-major order, runs
+``sparse_inductor::tma_block_sparse_attn_fwd`` (the TMA kernel; under TRITON_INTERPRET=1 on CPU)
+and the gather kernels' backward with two slot tables. Outputs and gradients against the float64
+reference (DESIGN.md §3) with helpers.REL_TOL per dtype, the path taken is checked, sites it does
+not cover run the gather kernel and say why, and it compiles (fullgraph, static and dynamic)."""
+import contextlib
+import logging
+import math
+from unittest import mock
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from helpers import HAS_TRITON, REL_TOL, assert_close_rel, grids
+import sparse_inductor as si
+from sparse_inductor import attention
+from sparse_inductor.attention import sparse_attention, tma_forward_unsupported, use_tma_forward
+from sparse_inductor.layout import tile_layout
+from sparse_inductor.reference import reference_attention, token_mask
+
+pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# The TMA kernel covers 16- to 64-slot tiles: (4, 4, 4) and (2, 4, 8) have 64 slots, (2, 4, 4) 32.
+TMA_TILES = st.sampled_from([(4, 4, 4), (2, 4, 8), (2, 4, 4)])
+POLICIES = st.sampled_from([si.TopK(0.5), si.TopK(0.875), si.CumulativeMass(0.8, min_tiles=1),
+                            si.Window(1, 1, 1), si.PerHead([si.TopK(0.75), si.Skip()])])
+
+
+def _inputs(B, H, N, D, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, H, N, D, generator=g).to(DEVICE, dtype).requires_grad_() for _ in range(3)]
+
+
+@contextlib.contextmanager
+def counting_tma_calls():
+    """Yields a list that gets one entry per call taking the TMA path."""
+    calls = []
+    real = attention._tma_attention
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    with mock.patch.object(attention, "_tma_attention", counted):
+        yield calls
+
+
+@pytest.fixture
+def tma_calls():
+    with counting_tma_calls() as calls:
+        yield calls
+
+
+@given(grid=grids(320), tile=TMA_TILES, policy=POLICIES,
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), B=st.integers(1, 2), D=st.sampled_from([64, 128]), seed=st.integers(0, 2**16))
+def test_tma_path_matches_reference_with_gradients(grid, tile, policy, dtype, B, D, seed):
+    H = 2  # PerHead([...]) above names two heads
+    q, k, v = _inputs(B, H, math.prod(grid), D, dtype, seed)
+    with counting_tma_calls() as calls:
+        out = sparse_attention(q, k, v, grid, tile=tile, policy=policy, forward_kernel="tma")
+    assert calls, "the call did not take the TMA path"
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE, dtype)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad)
+    selected = si.select_blocks(q, k, grid, policy=policy, tile=tile).dense_mask()
+    # A skipped head's output and gradients are exactly 0 (the reference has no keys there: NaN).
+    live = [h for h, skip in enumerate(policy.skip_heads(H)) if not skip]
+    for h in set(range(H)) - set(live):
+        assert all((x[:, h] == 0).all() for x in (out, dq, dk, dv)), f"skipped head {h} is not exactly 0"
+    q64, k64, v64 = (x.detach()[:, live].double().requires_grad_() for x in (q, k, v))
+    ref, _ = reference_attention(q64, k64, v64, token_mask(selected[:, live].cpu(), grid, tile).to(DEVICE))
+    rq, rk, rv = torch.autograd.grad(ref, (q64, k64, v64), grad[:, live].double())
+    tol = REL_TOL[dtype]
+    assert out.dtype == dtype and out.shape == q.shape and out.stride() == q.stride()
+    assert_close_rel(out[:, live], ref, tol["out"], "out")
+    for name, got, want in (("dq", dq, rq), ("dk", dk, rk), ("dv", dv, rv)):
+        assert_close_rel(got[:, live], want, tol["grad"], name)
+
+
+def test_tma_path_equals_gather_path_on_a_transposed_q(tma_calls):
+    """A q laid out as [B, L, H, D] transposed (as diffusers models pass it): the output keeps that
+    layout (the store writes through its strides), and equals the gather kernel's."""
+    grid, B, H, D = (5, 6, 7), 1, 3, 64
+    N = math.prod(grid)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, N, H, D, generator=g).to(DEVICE).transpose(1, 2) for _ in range(3))
+    tma = sparse_attention(q, k, v, grid, tile=(4, 4, 4), sparsity=0.5, forward_kernel="tma")
+    gather = sparse_attention(q, k, v, grid, tile=(4, 4, 4), sparsity=0.5, forward_kernel="gather")
+    assert len(tma_calls) == 1
+    assert tma.stride() == q.stride()
+    assert_close_rel(tma, gather, REL_TOL[torch.float32]["out"], "tma vs gather")
+
+
+@pytest.mark.parametrize("case", ["text", "key padding", "query_keep", "full", "head dim", "block-causal"])
+def test_uncovered_calls_run_the_gather_kernel_and_say_why(tma_calls, caplog, case):
+    grid, B, H = (4, 8, 8), 1, 2
+    N = math.prod(grid)
+    D = 32 if case == "head dim" else 64
+    before = 5 if case == "text" else 0
+    q, k, v = (x.detach() for x in _inputs(B, H, before + N, D, torch.float32, 0))
+    kwargs = dict(tile=(4, 4, 4), forward_kernel="tma", text_before=before)
+    if case == "key padding":
+        kwargs["key_padding_mask"] = torch.ones(1, 1, 1, N, dtype=torch.bool, device=DEVICE)
+    if case == "query_keep":
+        kwargs["query_keep"] = 0.5
+    if case == "full":
+        kwargs["policy"] = si.PerHead([si.Full(), si.TopK(0.5)])
+    if case == "block-causal":
+        kwargs["causal_block_size"] = 2
+    with caplog.at_level(logging.INFO, logger="sparse_inductor"):
+        out = sparse_attention(q, k, v, grid, **kwargs)
+    assert not tma_calls
+    assert out.shape == q.shape
+    expected = {"text": "text tokens", "key padding": "key-padding mask", "query_keep": "query_keep",
+                "full": "full rows", "head dim": "head dim 32", "block-causal": "block-causal"}[case]
+    assert any(expected in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
+
+
+def test_auto_uses_tma_only_on_hopper_and_gather_never():
+    layout = tile_layout((4, 8, 8), (4, 4, 4), DEVICE)
+    q = torch.randn(1, 2, 256, 64, device=DEVICE)
+    args = (q, q, q, layout, si.TopK(0.5), 0.125, 1.0, None, None)
+    assert tma_forward_unsupported(*args) is None
+    assert not use_tma_forward(*args, forward_kernel="gather")
+    assert use_tma_forward(*args, forward_kernel="tma")
+    hopper = DEVICE == "cuda" and torch.cuda.get_device_capability()[0] >= 9
+    assert use_tma_forward(*args, forward_kernel="auto") == hopper
+    with pytest.raises(ValueError, match="forward_kernel must be one of .*'auto', 'gather', 'tma'"):
+        use_tma_forward(*args, forward_kernel="fast")
+    assert "scale" in tma_forward_unsupported(q, q, q, layout, si.TopK(0.5), -1.0, 1.0, None, None)
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_tma_path_compiles_and_equals_eager(tma_calls, dynamic):
+    """Under torch.compile (fullgraph) the op is an extern call and its backward the gather
+    backward op: outputs and gradients equal the eager TMA path's."""
+    grid, B, H, D = (5, 6, 7), 1, 2, 64
+    q, k, v = _inputs(B, H, math.prod(grid), D, torch.float32, 3)
+
+    def f(q, k, v):
+        return sparse_attention(q, k, v, grid, tile=(4, 4, 4), sparsity=0.5, forward_kernel="tma")
+
+    want = f(q, k, v)
+    want_grads = torch.autograd.grad(want.square().sum(), (q, k, v))
+    torch.compiler.reset()
+    got = torch.compile(f, fullgraph=True, dynamic=dynamic)(q, k, v)
+    got_grads = torch.autograd.grad(got.square().sum(), (q, k, v))
+    torch.compiler.reset()
+    assert len(tma_calls) == 2  # the eager call and the trace
+    tol = REL_TOL[torch.float32]
+    assert_close_rel(got, want, tol["out"], "compiled out")
+    for name, a, b in zip(("dq", "dk", "dv"), got_grads, want_grads):
+        assert_close_rel(a, b, tol["grad"], f"compiled {name}")
