@@ -1,0 +1,323 @@
+"""The backward of the compact tile-major TMA block-sparse forward (:mod:`kernel_templates.tma_block_sparse`).
+
+Computes ``(dQ, dK, dV)``, the exact gradient of the forward's definition (DESIGN.md §3: softmax
+attention of each query row over the tokens of its query tile's listed KV tiles, per head; a row
+listing nothing has output 0 and LSE -inf and contributes nothing), given the incoming gradient
+``dO`` (and optionally ``dLSE``), the forward's output ``O`` and its natural-log LSE. The
+FlashAttention-2 split into two kernels, no atomics (so deterministic):
+
+- ``delta = rowsum(O * dO) - dLSE`` (fp32, ``[B, H, L]``) is one torch pass before the kernels
+  (a gradient on LSE folds into delta: ``d lse / d s`` is the softmax row). It is a small
+  memory-bound reduction; folding it into the dQ kernel would need a second pass over O there.
+- **dQ** (:func:`_tma_packed_bwd_dq`): one program per (query tile, batch * head). It walks the
+  tile's KV box lists exactly as the forward does (:func:`sparse_inductor.compact_layout.kv_boxes_by_class`,
+  class by class: full boxes unmasked, then whole boxes, half-box pairs and quarter-box quads,
+  ``BLOCK`` columns a step), recomputes ``P = exp2(S * scale * log2e - LSE * log2e)`` from the LSE
+  (no online softmax), ``dP = dO Vᵀ``, ``dS = P ∘ (dP - delta)``, ``dQ += dS K``, and stores
+  ``dQ * scale`` for the tile's own rows.
+- **dK/dV** (:func:`_tma_packed_bwd_dkdv`): one program per (KV tile, batch * head). It walks the
+  query tiles that list this KV tile (the kv-major transpose,
+  :func:`sparse_inductor.ops.transpose_block_lists`), turned into query boxes by the same
+  ``kv_boxes_by_class`` (it maps lists of tiles to boxes whatever the tiles stand for; adjacent
+  query tiles merge into full boxes), so a 16-token border query tile costs a quarter box, not a
+  ``BLOCK``-row step. Per box: ``Sᵀ = K Qᵀ``, ``Pᵀ``, ``dV += Pᵀ dO``, ``dPᵀ = V dOᵀ``,
+  ``dSᵀ = Pᵀ ∘ (dPᵀ - deltaᵀ)``, ``dK += dSᵀ Q``; stores ``dK * scale`` and ``dV`` for the tile's
+  own rows.
+
+**Layout.** Every tensor is ``[B, H, L, D]`` in compact tile-major order
+(:func:`~sparse_inductor.compact_layout.to_compact`; tile ``j`` holds rows ``[off_j, off_j + n_j)``,
+no gaps), contiguous, loaded through host ``TensorDescriptor`` s over ``[B * H, L, D]`` with boxes
+of ``BLOCK``, ``BLOCK / 2`` and ``BLOCK / 4`` rows, per-head extent ``L`` (TMA fills zeros past
+``L``, never the next head's rows). LSE, delta and the results are in the same compact order.
+
+**Masks.** A box's rows past its valid count are real rows of the next tile, so they must be
+masked: in dQ the KV columns of every non-full box are set to ``P = 0`` (a select, so an overflow
+to inf there is dropped, not multiplied); in dK/dV the query rows of a box past its count read
+``LSE = +inf`` (a masked load), which gives ``P = exp2(finite - inf) = 0`` exactly, and delta 0,
+so they add exactly 0 with no mask on the ``[BLOCK, BOX]`` scores. A row whose LSE is -inf (its
+tile lists nothing) is read as +inf too, so its ``P`` is 0, never ``exp2(-inf + inf)`` = NaN:
+its dQ is 0 and it adds nothing (defensive: with the forward's own LSE such a row has no KV boxes
+in dQ and is in no transposed list, so the guard is not reached in scope). Each program computes all ``BLOCK`` rows of its own tile's box and
+stores only its tile's rows (masked stores), as the forward does. Rows of a program are
+independent in the results (a row of dQ depends on its own q, dO, LSE, delta; a row of dK, dV on
+its own k, v), so the extra rows cannot leak into stored ones.
+
+Both kernels keep the forward's branch-free class loops (the unused places of a step's group load
+the class's last box again with no valid row), fp32 accumulators, P and dS rounded to the input
+dtype before their MMAs (flash-style), and the forward's ``_mma`` (fp32 operands under the
+interpreter, whose ``tl.dot`` multiplies bf16 bit patterns; IEEE dots for fp32 inputs).
+
+Launch: ``num_warps`` 4, ``num_stages`` 2 by default (not tuned: no GPU timing yet). Compiled for
+sm_90a on CPU with Triton 3.6 (bf16, BLOCK 64, 4 warps): dQ 199 registers at D = 128 (154 at 64),
+no spills; dK/dV 255 registers at D = 128 with a 4-byte spill (200 at 64, none): two fp32
+``[BLOCK, D]`` accumulators plus the ``[BLOCK, BOX]`` scores; K and V stay in shared memory (SS
+wgmma), P and dS feed their MMAs from registers.
+
+Out of scope (as in the forward): text blocks (joint attention), key padding, query_keep,
+block-causal masks, full rows stored without entries, device-side descriptors, second-order
+gradients. Inputs are assumed finite: a non-finite value in a masked row of a box (another tile's)
+would reach the results through ``0 * inf`` in the MMAs, as in the forward.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kernel_templates.tma_block_sparse import _check, _descriptor, _load_box, _mma
+from sparse_inductor.compact_layout import MIN_BOX, CompactLayout, kv_boxes_by_class
+
+LOG2E = 1.4426950408889634
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _row_stats(LSE, DELTA, offs, valid):
+    """Base-2 LSE and delta of query rows ``offs`` (flat ``[B * H * L]`` offsets). Rows not
+    ``valid`` and rows with LSE -inf (nothing listed) read LSE +inf, so their P is exactly 0."""
+    lse2 = tl.load(LSE + offs, mask=valid, other=float("inf")) * 1.4426950408889634
+    lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)
+    return lse2, tl.load(DELTA + offs, mask=valid, other=0.0)
+
+
+@triton.jit
+def _store_rows(X, bh, L, start, mine, x, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Store the tile's own rows (``mine``) of a ``BLOCK``-row result at compact row ``start``:
+    the box's other rows are the next tile's, which a TMA store of the box would overwrite."""
+    rows = bh.to(tl.int64) * L + start + tl.arange(0, BLOCK)
+    ptrs = X + rows[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
+    tl.store(ptrs, x.to(X.dtype.element_ty), mask=mine[:, None])
+
+
+# ---------------------------------------------------------------------------------------------
+# dQ: one program per (query tile, batch * head), walking the tile's KV boxes
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _dq_box(q, do, lse2, delta, k, v, valid, dq, qk_scale, MASKED: tl.constexpr, UPCAST: tl.constexpr,
+            IEEE: tl.constexpr):
+    """dQ (unscaled) contribution of one KV box; its columns past the box's count are not the
+    listed tile's (``MASKED``)."""
+    p = tl.math.exp2(_mma(q, tl.trans(k), None, UPCAST, IEEE) * qk_scale - lse2[:, None])
+    if MASKED:
+        p = tl.where(valid[None, :], p, 0.0)
+    ds = p * (_mma(do, tl.trans(v), None, UPCAST, IEEE) - delta[:, None])
+    return _mma(ds.to(k.dtype), k, dq, UPCAST, IEEE)
+
+
+@triton.jit
+def _dq_class(q, do, lse2, delta, dq, k_desc, v_desc, bh, starts, rows, start, stop, qk_scale,
+              BOX: tl.constexpr, GROUP: tl.constexpr, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
+              UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """The KV box-list entries ``[start, stop)`` of one class, ``GROUP`` boxes of ``BOX`` rows a
+    step (the forward's steps: the step's loads are issued before its MMAs)."""
+    for e in range(start, stop, GROUP):
+        k0, v0, valid0 = _load_box(k_desc, v_desc, bh, starts, rows, e, stop, BOX, HEAD_DIM)
+        if GROUP >= 2:
+            k1, v1, valid1 = _load_box(k_desc, v_desc, bh, starts, rows, e + 1, stop, BOX, HEAD_DIM)
+        if GROUP == 4:
+            k2, v2, valid2 = _load_box(k_desc, v_desc, bh, starts, rows, e + 2, stop, BOX, HEAD_DIM)
+            k3, v3, valid3 = _load_box(k_desc, v_desc, bh, starts, rows, e + 3, stop, BOX, HEAD_DIM)
+        dq = _dq_box(q, do, lse2, delta, k0, v0, valid0, dq, qk_scale, MASKED, UPCAST, IEEE)
+        if GROUP >= 2:
+            dq = _dq_box(q, do, lse2, delta, k1, v1, valid1, dq, qk_scale, MASKED, UPCAST, IEEE)
+        if GROUP == 4:
+            dq = _dq_box(q, do, lse2, delta, k2, v2, valid2, dq, qk_scale, MASKED, UPCAST, IEEE)
+            dq = _dq_box(q, do, lse2, delta, k3, v3, valid3, dq, qk_scale, MASKED, UPCAST, IEEE)
+    return dq
+
+
+@triton.jit
+def _tma_packed_bwd_dq(q_desc, do_desc, k_desc, v_desc, k_half_desc, v_half_desc, k_quarter_desc, v_quarter_desc,
+                       LSE, DELTA, DQ, BOX_STARTS, BOX_ROWS, CLASS_ENDS, TILE_OFFSETS, COUNTS, L, M, MAX_LIST,
+                       qk_scale, sm_scale, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, UPCAST: tl.constexpr,
+                       IEEE: tl.constexpr):
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    q_start = tl.load(TILE_OFFSETS + tile)
+    q = q_desc.load([bh, q_start, 0]).reshape(BLOCK, HEAD_DIM)
+    do = do_desc.load([bh, q_start, 0]).reshape(BLOCK, HEAD_DIM)
+    mine = tl.arange(0, BLOCK) < tl.load(COUNTS + tile)
+    lse2, delta = _row_stats(LSE, DELTA, bh.to(tl.int64) * L + q_start + tl.arange(0, BLOCK), mine)
+    dq = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
+
+    row = bh * M + tile
+    starts = BOX_STARTS + row * MAX_LIST
+    rows = BOX_ROWS + row * MAX_LIST
+    full_end = tl.load(CLASS_ENDS + row * 4)
+    whole_end = tl.load(CLASS_ENDS + row * 4 + 1)
+    half_end = tl.load(CLASS_ENDS + row * 4 + 2)
+    quarter_end = tl.load(CLASS_ENDS + row * 4 + 3)
+    dq = _dq_class(q, do, lse2, delta, dq, k_desc, v_desc, bh, starts, rows, 0, full_end, qk_scale, BLOCK, 1, False,
+                   HEAD_DIM, UPCAST, IEEE)
+    dq = _dq_class(q, do, lse2, delta, dq, k_desc, v_desc, bh, starts, rows, full_end, whole_end, qk_scale, BLOCK, 1,
+                   True, HEAD_DIM, UPCAST, IEEE)
+    if BLOCK // 2 >= 16:
+        dq = _dq_class(q, do, lse2, delta, dq, k_half_desc, v_half_desc, bh, starts, rows, whole_end, half_end,
+                       qk_scale, BLOCK // 2, 2, True, HEAD_DIM, UPCAST, IEEE)
+    if BLOCK // 4 >= 16:
+        dq = _dq_class(q, do, lse2, delta, dq, k_quarter_desc, v_quarter_desc, bh, starts, rows, half_end,
+                       quarter_end, qk_scale, BLOCK // 4, 4, True, HEAD_DIM, UPCAST, IEEE)
+    # The score scale is applied once here rather than to dS in every step.
+    _store_rows(DQ, bh, L, q_start, mine, dq * sm_scale, BLOCK, HEAD_DIM)
+
+
+# ---------------------------------------------------------------------------------------------
+# dK, dV: one program per (KV tile, batch * head), walking the query boxes that list the tile
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _dkdv_box(k, v, q, do, valid, start, LSE, DELTA, stats, dk, dv, qk_scale, BOX: tl.constexpr,
+              UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """dK (unscaled) and dV contributions of one query box at compact row ``start``; its rows past
+    the box's count (not ``valid``) read LSE +inf (:func:`_row_stats`), so they add exactly 0."""
+    lse2, delta = _row_stats(LSE, DELTA, stats + start + tl.arange(0, BOX), valid)
+    p_t = tl.math.exp2(_mma(k, tl.trans(q), None, UPCAST, IEEE) * qk_scale - lse2[None, :])
+    dv = _mma(p_t.to(do.dtype), do, dv, UPCAST, IEEE)
+    ds_t = p_t * (_mma(v, tl.trans(do), None, UPCAST, IEEE) - delta[None, :])
+    dk = _mma(ds_t.to(q.dtype), q, dk, UPCAST, IEEE)
+    return dk, dv
+
+
+@triton.jit
+def _box_start(starts, e, stop):
+    # The compact row of entry ``e``'s box, clamped as _load_box clamps its entry.
+    return tl.load(starts + tl.minimum(e, stop - 1))
+
+
+@triton.jit
+def _dkdv_class(k, v, dk, dv, q_desc, do_desc, LSE, DELTA, stats, bh, starts, rows, start, stop, qk_scale,
+                BOX: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr,
+                IEEE: tl.constexpr):
+    """The query box-list entries ``[start, stop)`` of one class, ``GROUP`` boxes of ``BOX`` rows
+    (``BLOCK`` query rows) a step."""
+    for e in range(start, stop, GROUP):
+        # _load_box of Q and dO: the same box walk as the forward's K and V.
+        q0, do0, valid0 = _load_box(q_desc, do_desc, bh, starts, rows, e, stop, BOX, HEAD_DIM)
+        if GROUP >= 2:
+            q1, do1, valid1 = _load_box(q_desc, do_desc, bh, starts, rows, e + 1, stop, BOX, HEAD_DIM)
+        if GROUP == 4:
+            q2, do2, valid2 = _load_box(q_desc, do_desc, bh, starts, rows, e + 2, stop, BOX, HEAD_DIM)
+            q3, do3, valid3 = _load_box(q_desc, do_desc, bh, starts, rows, e + 3, stop, BOX, HEAD_DIM)
+        dk, dv = _dkdv_box(k, v, q0, do0, valid0, _box_start(starts, e, stop), LSE, DELTA, stats, dk, dv, qk_scale,
+                           BOX, UPCAST, IEEE)
+        if GROUP >= 2:
+            dk, dv = _dkdv_box(k, v, q1, do1, valid1, _box_start(starts, e + 1, stop), LSE, DELTA, stats, dk, dv,
+                               qk_scale, BOX, UPCAST, IEEE)
+        if GROUP == 4:
+            dk, dv = _dkdv_box(k, v, q2, do2, valid2, _box_start(starts, e + 2, stop), LSE, DELTA, stats, dk, dv,
+                               qk_scale, BOX, UPCAST, IEEE)
+            dk, dv = _dkdv_box(k, v, q3, do3, valid3, _box_start(starts, e + 3, stop), LSE, DELTA, stats, dk, dv,
+                               qk_scale, BOX, UPCAST, IEEE)
+    return dk, dv
+
+
+@triton.jit
+def _tma_packed_bwd_dkdv(k_desc, v_desc, q_desc, do_desc, q_half_desc, do_half_desc, q_quarter_desc,
+                         do_quarter_desc, LSE, DELTA, DK, DV, BOX_STARTS, BOX_ROWS, CLASS_ENDS, TILE_OFFSETS, COUNTS,
+                         L, M, MAX_LIST, qk_scale, sm_scale, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
+                         UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    kv_start = tl.load(TILE_OFFSETS + tile)
+    k = k_desc.load([bh, kv_start, 0]).reshape(BLOCK, HEAD_DIM)
+    v = v_desc.load([bh, kv_start, 0]).reshape(BLOCK, HEAD_DIM)
+    mine = tl.arange(0, BLOCK) < tl.load(COUNTS + tile)
+    stats = bh.to(tl.int64) * L
+    dk = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
+
+    row = bh * M + tile
+    starts = BOX_STARTS + row * MAX_LIST
+    rows = BOX_ROWS + row * MAX_LIST
+    whole_end = tl.load(CLASS_ENDS + row * 4 + 1)
+    half_end = tl.load(CLASS_ENDS + row * 4 + 2)
+    quarter_end = tl.load(CLASS_ENDS + row * 4 + 3)
+    # Full and whole boxes alike: the query-row mask lives in the LSE load, so no class needs a
+    # mask on the scores.
+    dk, dv = _dkdv_class(k, v, dk, dv, q_desc, do_desc, LSE, DELTA, stats, bh, starts, rows, 0, whole_end, qk_scale,
+                         BLOCK, 1, HEAD_DIM, UPCAST, IEEE)
+    if BLOCK // 2 >= 16:
+        dk, dv = _dkdv_class(k, v, dk, dv, q_half_desc, do_half_desc, LSE, DELTA, stats, bh, starts, rows, whole_end,
+                             half_end, qk_scale, BLOCK // 2, 2, HEAD_DIM, UPCAST, IEEE)
+    if BLOCK // 4 >= 16:
+        dk, dv = _dkdv_class(k, v, dk, dv, q_quarter_desc, do_quarter_desc, LSE, DELTA, stats, bh, starts, rows,
+                             half_end, quarter_end, qk_scale, BLOCK // 4, 4, HEAD_DIM, UPCAST, IEEE)
+    _store_rows(DK, bh, L, kv_start, mine, dk * sm_scale, BLOCK, HEAD_DIM)
+    _store_rows(DV, bh, L, kv_start, mine, dv, BLOCK, HEAD_DIM)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host
+# ---------------------------------------------------------------------------------------------
+def _check_backward(grad_out, q, out, lse, grad_lse):
+    B, H, L, D = q.shape
+    for name, x in (("grad_out", grad_out), ("out", out)):
+        if tuple(x.shape) != (B, H, L, D):
+            raise ValueError(f"{name} must be [B, H, L, D] = {(B, H, L, D)} like q, got {tuple(x.shape)}")
+    for name, x in (("lse", lse), ("grad_lse", grad_lse)):
+        if x is not None and tuple(x.shape) != (B, H, L):
+            raise ValueError(f"{name} must be [B, H, L] = {(B, H, L)}, got {tuple(x.shape)}")
+
+
+def tma_packed_block_sparse_attention_backward(grad_out, q, k, v, out, lse, kv_num_blocks, kv_indices,
+                                               compact: CompactLayout, scale=None, *, boxes=None, q_boxes=None,
+                                               grad_lse=None, num_warps: int = 4, num_stages: int = 2):
+    """Gradients ``(dq, dk, dv)`` of :func:`~kernel_templates.tma_block_sparse.tma_packed_block_sparse_attention`
+    (``out_order="tile"``) with respect to its ``q, k, v``.
+
+    ``grad_out, q, k, v, out``: ``[B, H, L, D]`` in compact tile-major order (D 64 or 128; fp32,
+    fp16 or bf16); ``lse``: the forward's fp32 ``[B, H, L]`` (natural log), compact order;
+    ``grad_lse``: an optional gradient on that LSE. ``kv_num_blocks [B, H, M]``, ``kv_indices
+    [B, H, M, K]``: the forward's query-major lists (any order, every entry stored). ``boxes``:
+    :func:`kv_boxes_by_class` of these lists (the forward's, when the caller kept them);
+    ``q_boxes``: the same of their kv-major transpose (``transpose_block_lists``); each computed
+    when not given. Returns contiguous tensors like ``q, k, v``, in compact order.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    _check(q, k, v, kv_num_blocks, kv_indices, compact, scale)
+    _check_backward(grad_out, q, out, lse, grad_lse)
+    from sparse_inductor.triton_launch import kernel_flags
+
+    # TMA descriptors need contiguous rows; incoming gradients may be stride-0 views.
+    grad_out, q, k, v = (x.contiguous() for x in (grad_out, q, k, v))
+    B, H, L, D = q.shape
+    M = compact.num_tiles
+    dq, dk, dv = (torch.empty_like(x) for x in (q, k, v))
+    if dq.numel() == 0:
+        return dq, dk, dv
+    delta = (out.float() * grad_out.float()).sum(-1)
+    if grad_lse is not None:
+        delta = delta - grad_lse.float()
+    delta = delta.contiguous()
+    lse = lse.float().contiguous()
+    if boxes is None:
+        boxes = kv_boxes_by_class(kv_num_blocks, kv_indices, compact)
+    if q_boxes is None:
+        from sparse_inductor.ops import transpose_block_lists
+
+        q_boxes = kv_boxes_by_class(*transpose_block_lists(kv_num_blocks, kv_indices, M), compact)
+
+    block = compact.block
+    # Half and quarter boxes exist only from 16 rows (tl.dot's minimum); the full ones stand in
+    # (their classes are then empty and their loops compiled out).
+    half, quarter = (r if r >= MIN_BOX else block for r in (block // 2, block // 4))
+    meta = dict(HEAD_DIM=D, BLOCK=block, **kernel_flags(q.dtype), num_warps=num_warps, num_stages=num_stages)
+    grid = (M, B * H)
+    qk_scale = scale * LOG2E
+    tables = (compact.tile_offsets, compact.counts)
+
+    starts, rows, ends = boxes
+    _tma_packed_bwd_dq[grid](
+        _descriptor(q, block), _descriptor(grad_out, block), _descriptor(k, block), _descriptor(v, block),
+        _descriptor(k, half), _descriptor(v, half), _descriptor(k, quarter), _descriptor(v, quarter),
+        lse, delta, dq, starts, rows, ends, *tables, L, M, starts.shape[-1], qk_scale, scale, **meta)
+
+    starts, rows, ends = q_boxes
+    _tma_packed_bwd_dkdv[grid](
+        _descriptor(k, block), _descriptor(v, block), _descriptor(q, block), _descriptor(grad_out, block),
+        _descriptor(q, half), _descriptor(grad_out, half), _descriptor(q, quarter), _descriptor(grad_out, quarter),
+        lse, delta, dk, dv, starts, rows, ends, *tables, L, M, starts.shape[-1], qk_scale, scale, **meta)
+    return dq, dk, dv
