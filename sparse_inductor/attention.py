@@ -125,8 +125,10 @@ def use_tma_forward(q: Tensor, *args, forward_kernel: str | None = None) -> bool
         return False
     reason = tma_forward_unsupported(q, *args)
     if reason is not None:
-        (log.info if choice == "tma" else log.debug)(
-            "sparse_inductor: the gather forward kernel runs this call, the TMA forward does not cover %s", reason)
+        if not torch.compiler.is_compiling():  # Dynamo cannot trace a logger call
+            (log.info if choice == "tma" else log.debug)(
+                "sparse_inductor: the gather forward kernel runs this call, the TMA forward does not cover %s",
+                reason)
         return False
     return True
 

@@ -6,6 +6,8 @@ import os
 
 import torch
 
+from . import _compat
+
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -33,9 +35,12 @@ def pack_meta() -> dict:
     return {"CHUNK": PACK_CHUNK}
 
 
-def _tma_capable(device_index: int) -> bool:
-    """Whether CUDA device ``device_index`` can run the TMA kernels: compute capability 9.0 or
-    higher (Hopper), and a Triton with host tensor descriptors."""
+@_compat.constant_when_traced
+def _tma_capable(device_type: str, device_index: int) -> bool:
+    """Whether the device can run the TMA kernels: a CUDA device of compute capability 9.0 or
+    higher (Hopper), and a Triton with host tensor descriptors. A constant under ``torch.compile``."""
+    if device_type != "cuda":
+        return False
     try:
         from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
     except ImportError:
@@ -43,21 +48,10 @@ def _tma_capable(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
-_tma_capable_traced = None
-
-
 def tma_capable(device: torch.device) -> bool:
-    """:func:`_tma_capable` of a CUDA ``device`` (False for any other device); a constant under
-    ``torch.compile``."""
-    global _tma_capable_traced
-    if device.type != "cuda":
-        return False
-    if _tma_capable_traced is None:
-        from ._compat import constant_when_traced
-
-        _tma_capable_traced = constant_when_traced(_tma_capable)
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _tma_capable_traced(index)
+    """:func:`_tma_capable` of ``device``."""
+    index = device.index if device.index is not None else (torch.cuda.current_device() if device.type == "cuda" else -1)
+    return _tma_capable(device.type, index)
 
 
 def kernel_flags(dtype: torch.dtype) -> dict:

@@ -154,3 +154,22 @@ def test_tma_path_compiles_and_equals_eager(tma_calls, dynamic):
     assert_close_rel(got, want, tol["out"], "compiled out")
     for name, a, b in zip(("dq", "dk", "dv"), got_grads, want_grads):
         assert_close_rel(a, b, tol["grad"], f"compiled {name}")
+
+
+@pytest.mark.parametrize("forward_kernel,query_keep", [("auto", 1.0), ("auto", 0.5), ("tma", 0.5)])
+def test_kernel_choice_traces_fullgraph(forward_kernel, query_keep):
+    """The choice itself traces without a graph break: the device check is a constant of the
+    graph, and the log line of an uncovered call is not traced (both broke fullgraph on the H200)."""
+    grid = (4, 8, 8)
+    q, k, v = (x.detach() for x in _inputs(1, 2, math.prod(grid), 64, torch.float32, 5))
+
+    def f(q, k, v):
+        return sparse_attention(q, k, v, grid, tile=(4, 4, 4), sparsity=0.5, query_keep=query_keep,
+                                forward_kernel=forward_kernel)
+
+    torch.compiler.reset()
+    try:
+        got = torch.compile(f, fullgraph=True)(q, k, v)
+    finally:
+        torch.compiler.reset()
+    assert_close_rel(got, f(q, k, v), REL_TOL[torch.float32]["out"], "compiled vs eager")
