@@ -1,0 +1,114 @@
+"""The compact TMA backward (kernel_templates/tma_block_sparse_bwd.py) against our gather backward
+kernel on the same inputs and selection, kernel only (GPU; issue 22, v19).
+
+Both take precomputed lists (the gather kernel its kv-major transpose, the TMA kernels their box
+lists) and precomputed ``delta``-ready inputs; rows:
+
+* ``gather_bwd``: ``sparse_inductor::block_sparse_attn_bwd`` (eager launch of our gather kernel) on
+  sequence-order tensors, delta computed outside the timed region;
+* ``tma_bwd[w, s]``: the TMA dQ + dK/dV kernels on compact copies (delta inside: one torch pass),
+  for a few launch configurations (warps, stages);
+* ``tma_fwd``: the TMA forward on the same inputs, for the fwd+bwd sum.
+
+Prints each time, the ratio to ``gather_bwd`` and the relative L2 of dQ, dK, dV between them.
+
+    PYTHONPATH=$PWD python benchmarks/bench_tma_backward.py --cases wan1.3b-480p
+"""
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+import triton
+
+CASES = {"wan1.3b-480p": (12, (21, 30, 52)), "dividing-20x32x52": (12, (20, 32, 52)),
+         "wan14b-720p": (40, (21, 45, 80))}
+
+
+def bench(fn):
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def run_case(name, sparsity, configs):
+    import sparse_inductor as si
+    from kernel_templates.tma_block_sparse import tma_packed_block_sparse_attention
+    from kernel_templates.tma_block_sparse_bwd import tma_packed_block_sparse_attention_backward
+    from sparse_inductor.compact_layout import compact_layout, from_compact, kv_boxes_by_class, to_compact
+    from sparse_inductor.layout import tile_layout
+    from sparse_inductor.ops import transpose_block_lists
+
+    H, grid = CASES[name]
+    B, D, dtype = 1, 128, torch.bfloat16
+    N = math.prod(grid)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, do = (torch.randn(B, H, N, D, device="cuda", dtype=dtype, generator=g) for _ in range(4))
+    layout = tile_layout(grid, (4, 4, 4), "cuda")
+    compact = compact_layout(layout)
+    sel = si.select_blocks(q, k, grid, sparsity=sparsity)
+    num, idx = sel.kv_num_blocks, sel.kv_indices
+    M = layout.num_tiles
+    scale = D ** -0.5
+    qn, qi = transpose_block_lists(num, idx, M)
+    boxes = kv_boxes_by_class(num, idx, compact)
+    q_boxes = kv_boxes_by_class(qn, qi, compact)
+    qc, kc, vc, doc = (to_compact(x, compact).contiguous() for x in (q, k, v, do))
+
+    # Gather backward on sequence-order tensors (its forward gives out and lse).
+    slots = layout.slots
+    q_slots, kv_slots = slots.expand(B, H, -1), slots.expand(B, -1)
+    q_counts, kv_counts = layout.counts.expand(B, H, -1), layout.counts.expand(B, -1)
+    out, lse = torch.ops.sparse_inductor.block_sparse_attn_fwd(q, k, v, q_slots, kv_slots, q_counts, kv_counts,
+                                                               num, idx, scale)
+    delta = (out.float() * do.float()).sum(-1).contiguous()
+
+    def gather_bwd():
+        return torch.ops.sparse_inductor.block_sparse_attn_bwd(do, q, k, v, lse, delta, q_slots, kv_slots, q_counts,
+                                                               kv_counts, num, idx, qn, qi, scale)
+
+    out_c, lse_c = tma_packed_block_sparse_attention(qc, kc, vc, num, idx, compact, scale, boxes=boxes)
+    ref = gather_bwd()
+    counts = layout.counts.long()
+    live = torch.arange(idx.shape[-1], device="cuda") < num.unsqueeze(-1)
+    kv_tokens = torch.where(live, counts[idx.long().clamp(min=0)], 0).sum(-1)  # [B, H, M]
+    kept = float((kv_tokens * counts.view(1, 1, M)).sum())  # query-key pairs computed
+    flops = 4.0 * D * kept * 2.5  # the backward does 2.5x the forward's matmul work
+    t_gather = bench(gather_bwd)
+    print(f"[{name}] sparsity {sparsity}: gather_bwd {t_gather:.3f} ms ({flops / t_gather / 1e9:.0f} TFLOP/s)",
+          flush=True)
+    t_fwd = bench(lambda: tma_packed_block_sparse_attention(qc, kc, vc, num, idx, compact, scale, boxes=boxes))
+    print(f"[{name}] tma_fwd {t_fwd:.3f} ms", flush=True)
+    for warps, stages in configs:
+        def tma_bwd():
+            return tma_packed_block_sparse_attention_backward(doc, qc, kc, vc, out_c, lse_c, num, idx, compact, scale,
+                                                              boxes=boxes, q_boxes=q_boxes, num_warps=warps,
+                                                              num_stages=stages)
+        try:
+            got = [from_compact(x, compact) for x in tma_bwd()]
+            errs = [((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(got, ref)]
+            t = bench(tma_bwd)
+            print(f"[{name}] tma_bwd[{warps}w,{stages}s] {t:.3f} ms ({flops / t / 1e9:.0f} TFLOP/s), "
+                  f"{t_gather / t:.2f}x gather_bwd; rel L2 vs gather dq {errs[0]:.1e} dk {errs[1]:.1e} "
+                  f"dv {errs[2]:.1e}", flush=True)
+        except Exception as e:  # report, never hide
+            print(f"[{name}] tma_bwd[{warps}w,{stages}s] failed: {type(e).__name__}: "
+                  f"{(str(e).splitlines() or [''])[0][:200]}", flush=True)
+    del q, k, v, do, qc, kc, vc, doc
+    torch.cuda.empty_cache()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", nargs="*", default=["wan1.3b-480p"], choices=list(CASES))
+    parser.add_argument("--sparsity", type=float, default=0.875)
+    parser.add_argument("--configs", nargs="*", default=["4,2", "8,2", "4,3", "8,1"],
+                        help="warps,stages pairs for the TMA kernels")
+    args = parser.parse_args()
+    print(f"device {torch.cuda.get_device_name()}; torch {torch.__version__}; triton {triton.__version__}")
+    configs = [tuple(int(x) for x in c.split(",")) for c in args.configs]
+    for name in args.cases:
+        run_case(name, args.sparsity, configs)
+
+
+if __name__ == "__main__":
+    main()
