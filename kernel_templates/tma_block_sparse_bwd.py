@@ -264,7 +264,7 @@ def _check_backward(grad_out, q, out, lse, grad_lse):
 
 def tma_packed_block_sparse_attention_backward(grad_out, q, k, v, out, lse, kv_num_blocks, kv_indices,
                                                compact: CompactLayout, scale=None, *, boxes=None, q_boxes=None,
-                                               grad_lse=None, num_warps: int = 4, num_stages: int = 2):
+                                               grad_lse=None, delta=None, num_warps: int = 4, num_stages: int = 2):
     """Gradients ``(dq, dk, dv)`` of :func:`~kernel_templates.tma_block_sparse.tma_packed_block_sparse_attention`
     (``out_order="tile"``) with respect to its ``q, k, v``.
 
@@ -274,11 +274,13 @@ def tma_packed_block_sparse_attention_backward(grad_out, q, k, v, out, lse, kv_n
     [B, H, M, K]``: the forward's query-major lists (any order, every entry stored). ``boxes``:
     :func:`kv_boxes_by_class` of these lists (the forward's, when the caller kept them);
     ``q_boxes``: the same of their kv-major transpose (``transpose_block_lists``); each computed
-    when not given. Returns contiguous tensors like ``q, k, v``, in compact order.
+    when not given. ``delta``: ``rowsum(out * grad_out) - grad_lse`` (fp32 ``[B, H, L]``, compact
+    order) when the caller has it; then ``out`` and ``grad_lse`` are not read (``out`` may be None).
+    Returns contiguous tensors like ``q, k, v``, in compact order.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     _check(q, k, v, kv_num_blocks, kv_indices, compact, scale)
-    _check_backward(grad_out, q, out, lse, grad_lse)
+    _check_backward(grad_out, q, q if out is None else out, lse, grad_lse)
     from sparse_inductor.triton_launch import kernel_flags
 
     # TMA descriptors need contiguous rows; incoming gradients may be stride-0 views.
@@ -288,10 +290,15 @@ def tma_packed_block_sparse_attention_backward(grad_out, q, k, v, out, lse, kv_n
     dq, dk, dv = (torch.empty_like(x) for x in (q, k, v))
     if dq.numel() == 0:
         return dq, dk, dv
-    delta = (out.float() * grad_out.float()).sum(-1)
-    if grad_lse is not None:
-        delta = delta - grad_lse.float()
-    delta = delta.contiguous()
+    if delta is None:
+        if out is None:
+            raise ValueError("out is needed when delta is not given")
+        delta = (out.float() * grad_out.float()).sum(-1)
+        if grad_lse is not None:
+            delta = delta - grad_lse.float()
+    elif tuple(delta.shape) != (B, H, L):
+        raise ValueError(f"delta must be [B, H, L] = {(B, H, L)}, got {tuple(delta.shape)}")
+    delta = delta.float().contiguous()
     lse = lse.float().contiguous()
     if boxes is None:
         boxes = kv_boxes_by_class(kv_num_blocks, kv_indices, compact)

@@ -135,13 +135,12 @@ def use_tma_forward(q: Tensor, *args, forward_kernel: str | None = None) -> bool
 
 def _tma_attention(q: Tensor, k: Tensor, v: Tensor, layout: TileLayout, kv_num_blocks: Tensor,
                    kv_indices: Tensor, scale: float) -> Tensor:
-    """The block-sparse op through the compact TMA forward: K and V (and a Q for the forward only)
-    permuted into compact tile-major order; under ``torch.compile`` the permutation is a gather
-    that Inductor fuses into the kernel that produces Q/K/V. The output comes back in sequence
-    order (the forward's store scatters it), dQ too; dK/dV flow back through the permutation."""
+    """The block-sparse op through the compact TMA kernels: Q, K, V permuted into compact
+    tile-major order (under ``torch.compile`` a gather that Inductor fuses into the kernel that
+    produces them); the output comes back in sequence order (the forward's store scatters it, through
+    q's strides); the backward runs in compact order and dQ/dK/dV flow back through the permutation."""
     compact = compact_layout(layout)
-    q_compact = q.detach().index_select(2, compact.positions)  # dQ flows through q (sequence order)
-    k_compact, v_compact = (_CompactRows.apply(x, compact.positions, compact.rows) for x in (k, v))
+    q_compact, k_compact, v_compact = (_CompactRows.apply(x, compact.positions, compact.rows) for x in (q, k, v))
     out, _ = torch.ops.sparse_inductor.tma_block_sparse_attn_fwd(
         q, q_compact, k_compact, v_compact, layout.slots, compact_slots(compact), compact.counts,
         compact.tile_offsets, compact.positions, kv_num_blocks, kv_indices, scale, ops.KERNEL_VERSION)

@@ -414,8 +414,9 @@ def tma_block_sparse_attn_fwd(
     """Block-sparse attention forward of a video-only self-attention over compact tile-major K, V.
 
     Args:
-        q: ``[B, H, L, D]`` in sequence order: not read by the forward on CUDA, kept for the
-            backward (which computes dQ in sequence order through ``q_slots``).
+        q: ``[B, H, L, D]`` in sequence order: the output is laid out like it (on CPU without the
+            interpreter the forward reads it through ``q_slots``); it gets no gradient, the
+            permuted ``q_compact`` does.
         q_compact, k_compact, v_compact: ``[B, H, L, D]`` in compact tile-major order
             (:func:`sparse_inductor.compact_layout.to_compact`).
         q_slots: int32 ``[M * S]``, the layout's slot table (sequence positions, ``-1`` padding).
@@ -430,7 +431,8 @@ def tma_block_sparse_attn_fwd(
     On CUDA (or under ``TRITON_INTERPRET=1``) the TMA kernel of
     ``kernel_templates/tma_block_sparse.py``; otherwise the CPU implementation on the same
     tables. Under ``torch.compile`` the op stays an extern call of this function (host TMA
-    descriptors; no template), and its backward is the templated ``block_sparse_attn_bwd``.
+    descriptors; no template); so does its backward, ``tma_block_sparse_attn_bwd``, which runs in
+    compact order.
     """
     if q.numel() == 0:
         return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=stats_dtype(q.dtype))
@@ -459,21 +461,71 @@ def _(q, q_compact, k_compact, v_compact, q_slots, kv_slots, counts, tile_offset
     return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=stats_dtype(q.dtype))
 
 
-def _tma_setup_context(ctx, inputs, output):
-    (q, _, k_compact, v_compact, q_slots, kv_slots, counts, _, _, kv_num_blocks, kv_indices, scale,
-     kernel_version) = inputs
-    out, lse = output
+@torch.library.custom_op("sparse_inductor::tma_block_sparse_attn_bwd", mutates_args=())
+def tma_block_sparse_attn_bwd(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Tensor,
+    slots: Tensor, counts: Tensor, tile_offsets: Tensor, positions: Tensor,
+    kv_num_blocks: Tensor, kv_indices: Tensor, scale: float, kernel_version: int = 0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward of ``tma_block_sparse_attn_fwd``, every tensor in compact tile-major order:
+    ``grad_out, q, k, v`` ``[B, H, L, D]``, ``lse`` and ``delta = rowsum(out * grad_out) - grad_lse``
+    fp32 ``[B, H, L]``; ``slots`` the compact slot table (:func:`compact_slots`), the other tables
+    as in the forward. Returns ``(dq, dk, dv)`` in compact order. On CUDA (or under
+    ``TRITON_INTERPRET=1``) the TMA backward kernels (``kernel_templates/tma_block_sparse_bwd.py``:
+    dQ, then dK/dV over the transposed lists); otherwise the CPU implementation on the tables."""
+    if q.numel() == 0:
+        return tuple(torch.empty_like(x) for x in (q, k, v))
+    if q.is_cuda or triton_launch.interpreting():
+        from kernel_templates.tma_block_sparse_bwd import tma_packed_block_sparse_attention_backward
+
+        from .compact_layout import CompactLayout
+
+        compact = CompactLayout(block=slots.shape[-1] // counts.shape[-1], num_tiles=counts.shape[-1],
+                                num_tokens=q.shape[2], counts=counts.contiguous(),
+                                tile_offsets=tile_offsets.contiguous(), positions=positions.contiguous(), rows=None)
+        return tma_packed_block_sparse_attention_backward(grad_out, q, k, v, None, lse, kv_num_blocks.contiguous(),
+                                                          kv_indices.contiguous(), compact, scale, delta=delta)
     B, H = q.shape[:2]
-    # The backward is the gather kernels' with two slot tables: Q rows in sequence order, K/V rows
-    # compact.
-    ctx.save_for_backward(q, k_compact, v_compact, out, lse, q_slots.expand(B, H, -1), kv_slots.expand(B, -1),
-                          counts.expand(B, H, -1), counts.expand(B, -1), kv_num_blocks, kv_indices)
-    ctx.scale, ctx.kernel_version, ctx.causal_tokens = scale, kernel_version, 0
+    grads = _torch_bwd(grad_out, q, k, v, lse, delta, slots.expand(B, H, -1), slots.expand(B, -1),
+                       counts.expand(B, H, -1), counts.expand(B, -1), kv_num_blocks, kv_indices, scale)
+    return tuple(torch.empty_like(x).copy_(g) for x, g in zip((q, k, v), grads))
+
+
+@tma_block_sparse_attn_bwd.register_fake
+def _(grad_out, q, k, v, lse, delta, slots, counts, tile_offsets, positions, kv_num_blocks, kv_indices, scale,
+      kernel_version=0):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _tma_setup_context(ctx, inputs, output):
+    (_, q_compact, k_compact, v_compact, _, kv_slots, counts, tile_offsets, positions, kv_num_blocks, kv_indices,
+     scale, kernel_version) = inputs
+    out, lse = output
+    ctx.save_for_backward(q_compact, k_compact, v_compact, out, lse, kv_slots, counts, tile_offsets, positions,
+                          kv_num_blocks, kv_indices)
+    ctx.scale, ctx.kernel_version = scale, kernel_version
 
 
 def _tma_backward(ctx, grad_out, grad_lse):
-    dq, dk, dv = _backward(ctx, grad_out, grad_lse)[:3]
-    return dq, None, dk, dv, None, None, None, None, None, None, None, None, None
+    """Gradients for ``q_compact, k_compact, v_compact`` (none for the sequence-order ``q``, which
+    the caller permuted into ``q_compact``): ``grad_out``, LSE and delta are permuted into compact
+    order and the whole backward runs there."""
+    (q, k, v, out, lse, slots, counts, tile_offsets, positions, kv_num_blocks, kv_indices) = ctx.saved_tensors
+    stats = stats_dtype(q.dtype)
+    delta = (out.to(stats) * grad_out.to(stats)).sum(-1)
+    if grad_lse is not None:
+        delta = delta - grad_lse.to(stats)
+    grad_out, lse, delta = (x.index_select(2, positions) for x in (grad_out, lse, delta))
+    if torch.is_grad_enabled():  # double backward: differentiable torch, as the gather op's
+        B, H = q.shape[:2]
+        grads = _torch_bwd(grad_out, q, k, v, lse, delta, slots.expand(B, H, -1), slots.expand(B, -1),
+                           counts.expand(B, H, -1), counts.expand(B, -1), kv_num_blocks, kv_indices, ctx.scale)
+        dq, dk, dv = (g.to(x.dtype) for g, x in zip(grads, (q, k, v)))
+    else:
+        dq, dk, dv = torch.ops.sparse_inductor.tma_block_sparse_attn_bwd(
+            grad_out, q, k, v, lse, delta.contiguous(), slots, counts, tile_offsets, positions, kv_num_blocks,
+            kv_indices, ctx.scale, ctx.kernel_version)
+    return None, dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
 tma_block_sparse_attn_fwd.register_autograd(_tma_backward, setup_context=_tma_setup_context)
