@@ -112,25 +112,31 @@ def tma_forward_unsupported(q: Tensor, k: Tensor, v: Tensor, layout: TileLayout,
     return None
 
 
-def use_tma_forward(q: Tensor, *args, forward_kernel: str | None = None) -> bool:
-    """Whether this call runs the compact TMA forward (:data:`FORWARD_KERNEL`,
-    :func:`tma_forward_unsupported`); an explicit ``"tma"`` that cannot apply says why in a log
-    line (debug level under ``"auto"``, where the gather kernel is the documented choice)."""
+def forward_kernel_for(q: Tensor, *args, forward_kernel: str | None = None) -> tuple[str, str]:
+    """``("tma" or "gather", why)``: the forward kernel a call with these arguments (those of
+    :func:`tma_forward_unsupported`) runs, and, for the gather kernel, why (``""`` when the TMA
+    path was not asked for: ``"gather"``, or ``"auto"`` off Hopper)."""
     choice = FORWARD_KERNEL if forward_kernel is None else forward_kernel
     if choice not in FORWARD_KERNELS:
         raise ValueError(f"forward_kernel must be one of {FORWARD_KERNELS} or None, got {choice!r}")
     if choice == "gather":
-        return False
+        return "gather", ""
     if choice == "auto" and not triton_launch.tma_capable(q.device):
-        return False
+        return "gather", ""
     reason = tma_forward_unsupported(q, *args)
-    if reason is not None:
-        if not torch.compiler.is_compiling():  # Dynamo cannot trace a logger call
-            (log.info if choice == "tma" else log.debug)(
-                "sparse_inductor: the gather forward kernel runs this call, the TMA forward does not cover %s",
-                reason)
-        return False
-    return True
+    return ("gather", reason) if reason is not None else ("tma", "")
+
+
+def use_tma_forward(q: Tensor, *args, forward_kernel: str | None = None) -> bool:
+    """Whether this call runs the compact TMA forward (:data:`FORWARD_KERNEL`,
+    :func:`tma_forward_unsupported`); an explicit ``"tma"`` that cannot apply says why in a log
+    line (debug level under ``"auto"``, where the gather kernel is the documented choice)."""
+    kernel, reason = forward_kernel_for(q, *args, forward_kernel=forward_kernel)
+    if reason and not torch.compiler.is_compiling():  # Dynamo cannot trace a logger call
+        choice = FORWARD_KERNEL if forward_kernel is None else forward_kernel
+        (log.info if choice == "tma" else log.debug)(
+            "sparse_inductor: the gather forward kernel runs this call, the TMA forward does not cover %s", reason)
+    return kernel == "tma"
 
 
 def _tma_attention(q: Tensor, k: Tensor, v: Tensor, layout: TileLayout, kv_num_blocks: Tensor,

@@ -16,7 +16,11 @@ class Explanation:
     dense), ``reason``, ``mask`` (``"block-causal (c frames per block)"`` for a recognised
     block-causal mask, else ``""``; a column only when some row has it), ``parallel``
     (``"sequence-parallel (Ulysses, degree N)"`` for attention over a sequence gathered from ``N``
-    ranks by an all-to-all, else ``""``; a column only when some row has it).
+    ranks by an all-to-all, else ``""``; a column only when some row has it), ``kernel`` (the
+    forward kernel of a sparse site's calls: ``"tma"`` (the compact TMA kernels, Hopper),
+    ``"gather"``, or ``"gather (why not tma)"`` when the TMA path was asked for or available
+    but does not cover the site; ``""`` for dense sites; a column when some row is not plain
+    ``"gather"``).
     """
 
     COLUMNS = ("graph", "module", "q", "k", "v", "grid", "text_span", "decision", "policy", "query_keep", "reason")
@@ -46,6 +50,8 @@ class Explanation:
             columns = columns[:7] + ("mask",) + columns[7:]
         if any(r.get("parallel") for r in self.rows):
             columns = columns[:-1] + ("parallel",) + columns[-1:]
+        if any(r.get("kernel") not in (None, "", "gather") for r in self.rows):  # plain gather: the CPU's only kernel
+            columns = columns[:-1] + ("kernel",) + columns[-1:]
         table = [list(columns)] + [[cell(r, c) for c in columns] for r in self.rows]
         widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
         lines = ["  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip() for line in table]
@@ -59,6 +65,26 @@ class Explanation:
 
 def _shape(shape):
     return None if shape is None else list(shape)
+
+
+def _forward_kernel(decision, cfg) -> str:
+    """The forward kernel a sparse site's calls run (:func:`sparse_inductor.attention.forward_kernel_for`
+    on the site's example inputs): ``"tma"``, ``"gather"``, or ``"gather (why not tma)"``."""
+    from types import SimpleNamespace
+
+    from .attention import forward_kernel_for
+    from .layout import block_size_for
+
+    site = decision.site
+    q, k, v = (site.args[name].meta.get("example_value") for name in ("query", "key", "value"))
+    if q is None or k is None or v is None:
+        return ""
+    layout = SimpleNamespace(text_before=site.text_before, text_after=site.text_after,
+                             block_size=block_size_for(tuple(cfg.tile)))
+    scale = site.args.get("scale")
+    kernel, why = forward_kernel_for(q, k, v, layout, decision.policy, scale if isinstance(scale, float) else 1.0,
+                                     decision.query_keep, site.args.get("attn_mask"), site.causal_block_size)
+    return f"{kernel} ({why})" if why else kernel
 
 
 def trace_decisions(model, args, kwargs, cfg, *, on_compile=None, on_run=None, coordinates=True, dynamic=None):
@@ -129,6 +155,7 @@ def explain(model, *args, **kwargs) -> Explanation:
                 reason=d.reason,
                 mask=f"block-causal ({s.causal_block_size} frames per block)" if s.causal_block_size else "",
                 parallel=str(s.parallel) if s.parallel is not None else "",
+                kernel=_forward_kernel(d, cfg) if d.sparse else "",
             ))
         graph_index[0] += 1
 

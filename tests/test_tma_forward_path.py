@@ -187,3 +187,32 @@ def test_tma_path_double_backward_equals_gather_path():
         results.append(torch.autograd.grad((dq.square().sum() + dk.sum() + dv.square().sum()), (q, k, v)))
     for name, a, b in zip(("q", "k", "v"), *results):
         assert_close_rel(a, b, REL_TOL[torch.float32]["grad"], f"second-order grad of {name}")
+
+
+def test_backend_runs_the_tma_path_and_explain_says_so(monkeypatch):
+    """Under the backend a video self-attention site of head dim 64 takes the TMA path (its output
+    equals the gather path's), and explain() names each sparse site's kernel (and why not TMA)."""
+    from video_dit import TinyVideoDiT  # examples/ is on sys.path (conftest.py)
+
+    torch.manual_seed(0)
+    x, text = torch.randn(1, 4, 4, 8, 8), torch.randn(1, 5, 16)
+    outs = {}
+    for kernel in ("tma", "gather"):
+        monkeypatch.setattr(attention, "FORWARD_KERNEL", kernel)
+        torch.manual_seed(1)  # the same weights for both kernels
+        model = TinyVideoDiT(dim=128, heads=2, layers=1).eval()
+        torch.compiler.reset()
+        with torch.no_grad(), si.sparsity(0.5, min_tokens=0), counting_tma_calls() as calls:
+            outs[kernel] = torch.compile(model, backend="sparse_inductor")(x, text)
+            explanation = si.explain(model, x, text)
+        torch.compiler.reset()
+        sparse = explanation.sparse_rows
+        assert [r["kernel"] for r in sparse] == [kernel] and bool(calls) == (kernel == "tma")
+        # The column shows when some site is not plain "gather" (on CPU every site is).
+        assert ("kernel" in str(explanation).splitlines()[0]) == (kernel == "tma")
+    assert_close_rel(outs["tma"], outs["gather"], REL_TOL[torch.float32]["out"], "backend, tma vs gather")
+    monkeypatch.setattr(attention, "FORWARD_KERNEL", "tma")
+    small = TinyVideoDiT(dim=32, heads=2, layers=1).eval()
+    with torch.no_grad(), si.sparsity(0.5, min_tokens=0):
+        rows = si.explain(small, x, text).sparse_rows
+    assert [r["kernel"] for r in rows] == ["gather (head dim 16 (64 or 128))"]
