@@ -7,20 +7,28 @@ lists) and precomputed ``delta``-ready inputs; rows:
 * ``gather_bwd``: ``sparse_inductor::block_sparse_attn_bwd`` (eager launch of our gather kernel) on
   sequence-order tensors, delta computed outside the timed region;
 * ``tma_bwd[w, s]``: the TMA dQ + dK/dV kernels on compact copies (delta inside: one torch pass),
-  for a few launch configurations (warps, stages);
+  for a few launch configurations (warps, stages); ``tma_bwd[w, s, variant]`` for each other
+  ``dkdv_variant`` of the dK/dV kernel (``--variants``, default all; NOTES.md v20);
 * ``tma_fwd``: the TMA forward on the same inputs, for the fwd+bwd sum.
 
 Prints each time, the ratio to ``gather_bwd`` and the relative L2 of dQ, dK, dV between them.
 
     PYTHONPATH=$PWD python benchmarks/bench_tma_backward.py --cases wan1.3b-480p
+    PYTHONPATH=$PWD python benchmarks/bench_tma_backward.py --configs 4,2 --variants default two_pass
 """
 from __future__ import annotations
 
 import argparse
 import math
 
+import os
+import sys
+
 import torch
 import triton
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from kernel_templates.tma_block_sparse_bwd import DKDV_VARIANTS  # noqa: E402
 
 CASES = {"wan1.3b-480p": (12, (21, 30, 52)), "dividing-20x32x52": (12, (20, 32, 52)),
          "wan14b-720p": (40, (21, 45, 80))}
@@ -30,7 +38,7 @@ def bench(fn):
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def run_case(name, sparsity, configs):
+def run_case(name, sparsity, configs, variants=("default",)):
     import sparse_inductor as si
     from kernel_templates.tma_block_sparse import tma_packed_block_sparse_attention
     from kernel_templates.tma_block_sparse_bwd import tma_packed_block_sparse_attention_backward
@@ -78,20 +86,21 @@ def run_case(name, sparsity, configs):
           flush=True)
     t_fwd = bench(lambda: tma_packed_block_sparse_attention(qc, kc, vc, num, idx, compact, scale, boxes=boxes))
     print(f"[{name}] tma_fwd {t_fwd:.3f} ms", flush=True)
-    for warps, stages in configs:
+    for (warps, stages), variant in ((c, v) for c in configs for v in variants):
         def tma_bwd():
             return tma_packed_block_sparse_attention_backward(doc, qc, kc, vc, out_c, lse_c, num, idx, compact, scale,
                                                               boxes=boxes, q_boxes=q_boxes, num_warps=warps,
-                                                              num_stages=stages)
+                                                              num_stages=stages, dkdv_variant=variant)
+        label = f"{warps}w,{stages}s" + ("" if variant == "default" else f",{variant}")
         try:
             got = [from_compact(x, compact) for x in tma_bwd()]
             errs = [((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(got, ref)]
             t = bench(tma_bwd)
-            print(f"[{name}] tma_bwd[{warps}w,{stages}s] {t:.3f} ms ({flops / t / 1e9:.0f} TFLOP/s), "
+            print(f"[{name}] tma_bwd[{label}] {t:.3f} ms ({flops / t / 1e9:.0f} TFLOP/s), "
                   f"{t_gather / t:.2f}x gather_bwd; rel L2 vs gather dq {errs[0]:.1e} dk {errs[1]:.1e} "
                   f"dv {errs[2]:.1e}", flush=True)
         except Exception as e:  # report, never hide
-            print(f"[{name}] tma_bwd[{warps}w,{stages}s] failed: {type(e).__name__}: "
+            print(f"[{name}] tma_bwd[{label}] failed: {type(e).__name__}: "
                   f"{(str(e).splitlines() or [''])[0][:200]}", flush=True)
     del q, k, v, do, qc, kc, vc, doc
     torch.cuda.empty_cache()
@@ -103,11 +112,13 @@ def main():
     parser.add_argument("--sparsity", type=float, default=0.875)
     parser.add_argument("--configs", nargs="*", default=["4,2", "8,2", "4,3", "8,1"],
                         help="warps,stages pairs for the TMA kernels")
+    parser.add_argument("--variants", nargs="*", default=list(DKDV_VARIANTS), choices=list(DKDV_VARIANTS),
+                        help="dkdv_variant of the TMA dK/dV kernel, each run under every config")
     args = parser.parse_args()
     print(f"device {torch.cuda.get_device_name()}; torch {torch.__version__}; triton {triton.__version__}")
     configs = [tuple(int(x) for x in c.split(",")) for c in args.configs]
     for name in args.cases:
-        run_case(name, args.sparsity, configs)
+        run_case(name, args.sparsity, configs, args.variants)
 
 
 if __name__ == "__main__":

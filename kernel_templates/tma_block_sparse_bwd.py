@@ -51,7 +51,11 @@ Launch: ``num_warps`` 4, ``num_stages`` 2 by default (not tuned: no GPU timing y
 sm_90a on CPU with Triton 3.6 (bf16, BLOCK 64, 4 warps): dQ 199 registers at D = 128 (154 at 64),
 no spills; dK/dV 255 registers at D = 128 with a 4-byte spill (200 at 64, none): two fp32
 ``[BLOCK, D]`` accumulators plus the ``[BLOCK, BOX]`` scores; K and V stay in shared memory (SS
-wgmma), P and dS feed their MMAs from registers.
+wgmma), P and dS feed their MMAs from registers. The spill is outside the loop steps (none of
+their instructions touches local memory) and 2 programs of 4 warps fit an SM either way (shared
+memory allows 2 at D = 128), so ``dkdv_variant`` (:data:`DKDV_VARIANTS`) offers compiled variants
+that use fewer registers rather than replacing the default (benchmarks/NOTES.md v20,
+``benchmarks/sass_backward.py``).
 
 Out of scope (as in the forward): text blocks (joint attention), key padding, query_keep,
 block-causal masks, full rows stored without entries, device-side descriptors, second-order
@@ -70,6 +74,15 @@ from kernel_templates.tma_block_sparse import _check, _descriptor, _load_box, _m
 from sparse_inductor.compact_layout import MIN_BOX, CompactLayout, kv_boxes_by_class
 
 LOG2E = 1.4426950408889634
+
+#: ``dkdv_variant`` of :func:`tma_packed_block_sparse_attention_backward`: how the dK/dV kernel is
+#: compiled (benchmarks/NOTES.md v20; ``benchmarks/sass_backward.py`` prints their registers).
+#: "default": the kernel as described above. "half_boxes": each ``BLOCK``-row query box (full and
+#: whole classes) as two ``BLOCK / 2``-row halves, scores ``[BLOCK, BLOCK / 2]``. "two_pass": the
+#: kernel twice, once accumulating only dV (``Sᵀ``, ``Pᵀ``, ``dV``), once only dK (``Sᵀ`` again,
+#: ``dPᵀ``, ``dK``): one fp32 ``[BLOCK, D]`` accumulator each, ``Sᵀ`` computed twice.
+#: "stats_in_acc": LSE and delta start the score MMAs' accumulators (:func:`_dkdv_box`).
+DKDV_VARIANTS = ("default", "half_boxes", "two_pass", "stats_in_acc")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,14 +183,32 @@ def _tma_packed_bwd_dq(q_desc, do_desc, k_desc, v_desc, k_half_desc, v_half_desc
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def _dkdv_box(k, v, q, do, valid, start, LSE, DELTA, stats, dk, dv, qk_scale, BOX: tl.constexpr,
-              UPCAST: tl.constexpr, IEEE: tl.constexpr):
+              UPCAST: tl.constexpr, IEEE: tl.constexpr, DO_DK: tl.constexpr = True, DO_DV: tl.constexpr = True,
+              STATS_IN_ACC: tl.constexpr = False):
     """dK (unscaled) and dV contributions of one query box at compact row ``start``; its rows past
-    the box's count (not ``valid``) read LSE +inf (:func:`_row_stats`), so they add exactly 0."""
+    the box's count (not ``valid``) read LSE +inf (:func:`_row_stats`), so they add exactly 0.
+
+    ``DO_DK`` / ``DO_DV``: which of the two results this program accumulates (both by default;
+    ``dkdv_variant="two_pass"`` runs the kernel once for each). ``STATS_IN_ACC``
+    (``dkdv_variant="stats_in_acc"``): the row statistics start the two score MMAs' accumulators,
+    ``Sᵀ - LSE / (scale log2e)`` and ``dPᵀ - deltaᵀ``, instead of being applied after them, so the
+    ``BOX`` columns of LSE and delta each thread holds are dead before the MMAs are issued (an LSE
+    of +inf starts the accumulator at -inf, so P is still exactly 0)."""
     lse2, delta = _row_stats(LSE, DELTA, stats + start + tl.arange(0, BOX), valid)
-    p_t = tl.math.exp2(_mma(k, tl.trans(q), None, UPCAST, IEEE) * qk_scale - lse2[None, :])
-    dv = _mma(p_t.to(do.dtype), do, dv, UPCAST, IEEE)
-    ds_t = p_t * (_mma(v, tl.trans(do), None, UPCAST, IEEE) - delta[None, :])
-    dk = _mma(ds_t.to(q.dtype), q, dk, UPCAST, IEEE)
+    if STATS_IN_ACC:
+        s_acc = tl.zeros([k.shape[0], BOX], tl.float32) - (lse2 / qk_scale)[None, :]
+        p_t = tl.math.exp2(_mma(k, tl.trans(q), s_acc, UPCAST, IEEE) * qk_scale)
+    else:
+        p_t = tl.math.exp2(_mma(k, tl.trans(q), None, UPCAST, IEEE) * qk_scale - lse2[None, :])
+    if DO_DV:
+        dv = _mma(p_t.to(do.dtype), do, dv, UPCAST, IEEE)
+    if DO_DK:
+        if STATS_IN_ACC:
+            dp_acc = tl.zeros([k.shape[0], BOX], tl.float32) - delta[None, :]
+            ds_t = p_t * _mma(v, tl.trans(do), dp_acc, UPCAST, IEEE)
+        else:
+            ds_t = p_t * (_mma(v, tl.trans(do), None, UPCAST, IEEE) - delta[None, :])
+        dk = _mma(ds_t.to(q.dtype), q, dk, UPCAST, IEEE)
     return dk, dv
 
 
@@ -190,7 +221,7 @@ def _box_start(starts, e, stop):
 @triton.jit
 def _dkdv_class(k, v, dk, dv, q_desc, do_desc, LSE, DELTA, stats, bh, starts, rows, start, stop, qk_scale,
                 BOX: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr,
-                IEEE: tl.constexpr):
+                IEEE: tl.constexpr, DO_DK: tl.constexpr, DO_DV: tl.constexpr, STATS_IN_ACC: tl.constexpr):
     """The query box-list entries ``[start, stop)`` of one class, ``GROUP`` boxes of ``BOX`` rows
     (``BLOCK`` query rows) a step."""
     for e in range(start, stop, GROUP):
@@ -202,15 +233,38 @@ def _dkdv_class(k, v, dk, dv, q_desc, do_desc, LSE, DELTA, stats, bh, starts, ro
             q2, do2, valid2 = _load_box(q_desc, do_desc, bh, starts, rows, e + 2, stop, BOX, HEAD_DIM)
             q3, do3, valid3 = _load_box(q_desc, do_desc, bh, starts, rows, e + 3, stop, BOX, HEAD_DIM)
         dk, dv = _dkdv_box(k, v, q0, do0, valid0, _box_start(starts, e, stop), LSE, DELTA, stats, dk, dv, qk_scale,
-                           BOX, UPCAST, IEEE)
+                           BOX, UPCAST, IEEE, DO_DK, DO_DV, STATS_IN_ACC)
         if GROUP >= 2:
             dk, dv = _dkdv_box(k, v, q1, do1, valid1, _box_start(starts, e + 1, stop), LSE, DELTA, stats, dk, dv,
-                               qk_scale, BOX, UPCAST, IEEE)
+                               qk_scale, BOX, UPCAST, IEEE, DO_DK, DO_DV, STATS_IN_ACC)
         if GROUP == 4:
             dk, dv = _dkdv_box(k, v, q2, do2, valid2, _box_start(starts, e + 2, stop), LSE, DELTA, stats, dk, dv,
-                               qk_scale, BOX, UPCAST, IEEE)
+                               qk_scale, BOX, UPCAST, IEEE, DO_DK, DO_DV, STATS_IN_ACC)
             dk, dv = _dkdv_box(k, v, q3, do3, valid3, _box_start(starts, e + 3, stop), LSE, DELTA, stats, dk, dv,
-                               qk_scale, BOX, UPCAST, IEEE)
+                               qk_scale, BOX, UPCAST, IEEE, DO_DK, DO_DV, STATS_IN_ACC)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_class_halved(k, v, dk, dv, q_half_desc, do_half_desc, LSE, DELTA, stats, bh, starts, rows, start, stop,
+                       qk_scale, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr,
+                       IEEE: tl.constexpr, DO_DK: tl.constexpr, DO_DV: tl.constexpr, STATS_IN_ACC: tl.constexpr):
+    """``dkdv_variant="half_boxes"``: the ``BLOCK``-row query box-list entries ``[start, stop)``,
+    each as its two ``BLOCK / 2``-row halves (both loaded, then both computed), so the scores of a
+    box are two ``[BLOCK, BLOCK / 2]`` tiles, one live at a time. A half's rows past the box's count
+    are masked through the LSE as a box's are (the second half of a short box adds exactly 0)."""
+    HALF: tl.constexpr = BLOCK // 2
+    for e in range(start, stop):
+        row0 = tl.load(starts + e)
+        count = tl.load(rows + e)
+        q0 = q_half_desc.load([bh, row0, 0]).reshape(HALF, HEAD_DIM)
+        do0 = do_half_desc.load([bh, row0, 0]).reshape(HALF, HEAD_DIM)
+        q1 = q_half_desc.load([bh, row0 + HALF, 0]).reshape(HALF, HEAD_DIM)
+        do1 = do_half_desc.load([bh, row0 + HALF, 0]).reshape(HALF, HEAD_DIM)
+        dk, dv = _dkdv_box(k, v, q0, do0, tl.arange(0, HALF) < count, row0, LSE, DELTA, stats, dk, dv, qk_scale,
+                           HALF, UPCAST, IEEE, DO_DK, DO_DV, STATS_IN_ACC)
+        dk, dv = _dkdv_box(k, v, q1, do1, tl.arange(0, HALF) + HALF < count, row0 + HALF, LSE, DELTA, stats, dk, dv,
+                           qk_scale, HALF, UPCAST, IEEE, DO_DK, DO_DV, STATS_IN_ACC)
     return dk, dv
 
 
@@ -218,7 +272,10 @@ def _dkdv_class(k, v, dk, dv, q_desc, do_desc, LSE, DELTA, stats, bh, starts, ro
 def _tma_packed_bwd_dkdv(k_desc, v_desc, q_desc, do_desc, q_half_desc, do_half_desc, q_quarter_desc,
                          do_quarter_desc, LSE, DELTA, DK, DV, BOX_STARTS, BOX_ROWS, CLASS_ENDS, TILE_OFFSETS, COUNTS,
                          L, M, MAX_LIST, qk_scale, sm_scale, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
-                         UPCAST: tl.constexpr, IEEE: tl.constexpr):
+                         UPCAST: tl.constexpr, IEEE: tl.constexpr, DO_DK: tl.constexpr = True,
+                         DO_DV: tl.constexpr = True, HALF_BOXES: tl.constexpr = False,
+                         STATS_IN_ACC: tl.constexpr = False):
+    # The constexpr flags select dkdv_variant (DKDV_VARIANTS); their defaults are the default path.
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     kv_start = tl.load(TILE_OFFSETS + tile)
@@ -237,16 +294,23 @@ def _tma_packed_bwd_dkdv(k_desc, v_desc, q_desc, do_desc, q_half_desc, do_half_d
     quarter_end = tl.load(CLASS_ENDS + row * 4 + 3)
     # Full and whole boxes alike: the query-row mask lives in the LSE load, so no class needs a
     # mask on the scores.
-    dk, dv = _dkdv_class(k, v, dk, dv, q_desc, do_desc, LSE, DELTA, stats, bh, starts, rows, 0, whole_end, qk_scale,
-                         BLOCK, 1, HEAD_DIM, UPCAST, IEEE)
+    if HALF_BOXES and BLOCK // 2 >= 16:
+        dk, dv = _dkdv_class_halved(k, v, dk, dv, q_half_desc, do_half_desc, LSE, DELTA, stats, bh, starts, rows, 0,
+                                    whole_end, qk_scale, BLOCK, HEAD_DIM, UPCAST, IEEE, DO_DK, DO_DV, STATS_IN_ACC)
+    else:
+        dk, dv = _dkdv_class(k, v, dk, dv, q_desc, do_desc, LSE, DELTA, stats, bh, starts, rows, 0, whole_end,
+                             qk_scale, BLOCK, 1, HEAD_DIM, UPCAST, IEEE, DO_DK, DO_DV, STATS_IN_ACC)
     if BLOCK // 2 >= 16:
         dk, dv = _dkdv_class(k, v, dk, dv, q_half_desc, do_half_desc, LSE, DELTA, stats, bh, starts, rows, whole_end,
-                             half_end, qk_scale, BLOCK // 2, 2, HEAD_DIM, UPCAST, IEEE)
+                             half_end, qk_scale, BLOCK // 2, 2, HEAD_DIM, UPCAST, IEEE, DO_DK, DO_DV, STATS_IN_ACC)
     if BLOCK // 4 >= 16:
         dk, dv = _dkdv_class(k, v, dk, dv, q_quarter_desc, do_quarter_desc, LSE, DELTA, stats, bh, starts, rows,
-                             half_end, quarter_end, qk_scale, BLOCK // 4, 4, HEAD_DIM, UPCAST, IEEE)
-    _store_rows(DK, bh, L, kv_start, mine, dk * sm_scale, BLOCK, HEAD_DIM)
-    _store_rows(DV, bh, L, kv_start, mine, dv, BLOCK, HEAD_DIM)
+                             half_end, quarter_end, qk_scale, BLOCK // 4, 4, HEAD_DIM, UPCAST, IEEE, DO_DK, DO_DV,
+                             STATS_IN_ACC)
+    if DO_DK:
+        _store_rows(DK, bh, L, kv_start, mine, dk * sm_scale, BLOCK, HEAD_DIM)
+    if DO_DV:
+        _store_rows(DV, bh, L, kv_start, mine, dv, BLOCK, HEAD_DIM)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,7 +328,8 @@ def _check_backward(grad_out, q, out, lse, grad_lse):
 
 def tma_packed_block_sparse_attention_backward(grad_out, q, k, v, out, lse, kv_num_blocks, kv_indices,
                                                compact: CompactLayout, scale=None, *, boxes=None, q_boxes=None,
-                                               grad_lse=None, delta=None, num_warps: int = 4, num_stages: int = 2):
+                                               grad_lse=None, delta=None, num_warps: int = 4, num_stages: int = 2,
+                                               dkdv_variant: str = "default"):
     """Gradients ``(dq, dk, dv)`` of :func:`~kernel_templates.tma_block_sparse.tma_packed_block_sparse_attention`
     (``out_order="tile"``) with respect to its ``q, k, v``.
 
@@ -276,8 +341,11 @@ def tma_packed_block_sparse_attention_backward(grad_out, q, k, v, out, lse, kv_n
     ``q_boxes``: the same of their kv-major transpose (``transpose_block_lists``); each computed
     when not given. ``delta``: ``rowsum(out * grad_out) - grad_lse`` (fp32 ``[B, H, L]``, compact
     order) when the caller has it; then ``out`` and ``grad_lse`` are not read (``out`` may be None).
-    Returns contiguous tensors like ``q, k, v``, in compact order.
+    ``dkdv_variant``: one of :data:`DKDV_VARIANTS`, how the dK/dV kernel is compiled (same
+    results up to rounding). Returns contiguous tensors like ``q, k, v``, in compact order.
     """
+    if dkdv_variant not in DKDV_VARIANTS:
+        raise ValueError(f"dkdv_variant must be one of {', '.join(map(repr, DKDV_VARIANTS))}, got {dkdv_variant!r}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     _check(q, k, v, kv_num_blocks, kv_indices, compact, scale)
     _check_backward(grad_out, q, q if out is None else out, lse, grad_lse)
@@ -323,8 +391,19 @@ def tma_packed_block_sparse_attention_backward(grad_out, q, k, v, out, lse, kv_n
         lse, delta, dq, starts, rows, ends, *tables, L, M, starts.shape[-1], qk_scale, scale, **meta)
 
     starts, rows, ends = q_boxes
-    _tma_packed_bwd_dkdv[grid](
-        _descriptor(k, block), _descriptor(v, block), _descriptor(q, block), _descriptor(grad_out, block),
-        _descriptor(q, half), _descriptor(grad_out, half), _descriptor(q, quarter), _descriptor(grad_out, quarter),
-        lse, delta, dk, dv, starts, rows, ends, *tables, L, M, starts.shape[-1], qk_scale, scale, **meta)
+    args = (_descriptor(k, block), _descriptor(v, block), _descriptor(q, block), _descriptor(grad_out, block),
+            _descriptor(q, half), _descriptor(grad_out, half), _descriptor(q, quarter), _descriptor(grad_out, quarter),
+            lse, delta, dk, dv, starts, rows, ends, *tables, L, M, starts.shape[-1], qk_scale, scale)
+    if dkdv_variant == "default":
+        _tma_packed_bwd_dkdv[grid](*args, **meta)
+    elif dkdv_variant == "two_pass":
+        _tma_packed_bwd_dkdv[grid](*args, DO_DK=False, DO_DV=True, **meta)
+        _tma_packed_bwd_dkdv[grid](*args, DO_DK=True, DO_DV=False, **meta)
+    else:
+        _tma_packed_bwd_dkdv[grid](*args, **dkdv_flags(dkdv_variant), **meta)
     return dq, dk, dv
+
+
+def dkdv_flags(variant: str) -> dict:
+    """The dK/dV kernel's constexpr flags of a one-launch ``dkdv_variant`` (empty: the default)."""
+    return {"default": {}, "half_boxes": {"HALF_BOXES": True}, "stats_in_acc": {"STATS_IN_ACC": True}}[variant]

@@ -28,6 +28,10 @@ from test_tma_block_sparse import DTYPES, TILES, grid_for, random_lists
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 
+# The dK/dV kernel's variants (tma_block_sparse_bwd.DKDV_VARIANTS, spelled out so that collecting
+# this file needs no triton; test_backward_bad_inputs checks the two agree).
+DKDV_VARIANTS = ("default", "half_boxes", "two_pass", "stats_in_acc")
+
 
 def reference_gradients(q, k, v, grad_out, grad_lse, selected, grid, tile, scale):
     """float64 ``(out, lse, dq, dk, dv)`` in raster order for the tile mask ``selected [B, H, M, M]``;
@@ -49,10 +53,11 @@ def reference_gradients(q, k, v, grad_out, grad_lse, selected, grid, tile, scale
     return out, lse, dq, dk, dv
 
 
-def run_backward(q, k, v, grad_out, grad_lse, out, lse, grid, tile, num, idx, scale, merge=None):
+def run_backward(q, k, v, grad_out, grad_lse, out, lse, grid, tile, num, idx, scale, merge=None,
+                 dkdv_variant="default"):
     """The backward on raster-order tensors: permuted to compact tile-major, run, gradients back in
     raster order. ``merge``: pass box lists made with ``merge_adjacent=merge`` (both directions)
-    instead of letting the function make its own (merged)."""
+    instead of letting the function make its own (merged). ``dkdv_variant``: the function's."""
     from kernel_templates.tma_block_sparse_bwd import tma_packed_block_sparse_attention_backward
     from sparse_inductor.compact_layout import compact_layout, from_compact, kv_boxes_by_class, to_compact
     from sparse_inductor.ops import transpose_block_lists
@@ -69,7 +74,8 @@ def run_backward(q, k, v, grad_out, grad_lse, out, lse, grid, tile, num, idx, sc
         q_boxes = kv_boxes_by_class(*transpose_block_lists(num, idx, compact.num_tiles), compact,
                                     merge_adjacent=merge)
     grads = tma_packed_block_sparse_attention_backward(go, qc, kc, vc, oc, lse_c, num, idx, compact, scale,
-                                                       boxes=boxes, q_boxes=q_boxes, grad_lse=gl)
+                                                       boxes=boxes, q_boxes=q_boxes, grad_lse=gl,
+                                                       dkdv_variant=dkdv_variant)
     for g in grads:
         assert g.dtype == dtype and g.shape == q.shape
     return tuple(from_compact(g, compact).cpu() for g in grads)
@@ -83,7 +89,7 @@ def make_inputs(B, H, N, D, dtype, seed, with_grad_lse):
 
 
 def check_gradients(q, k, v, grad_out, grad_lse, grid, tile, num, idx, selected, scale, through_forward=False,
-                    merge=None):
+                    merge=None, dkdv_variant="default"):
     """Backward kernels against the reference; ``through_forward``: out and LSE from the forward
     kernel (as in training) instead of from the reference (which isolates the backward)."""
     ref_out, ref_lse, rq, rk, rv = reference_gradients(q, k, v, grad_out, grad_lse, selected, grid, tile, scale)
@@ -94,23 +100,27 @@ def check_gradients(q, k, v, grad_out, grad_lse, grid, tile, num, idx, selected,
         out, lse = out.cpu(), lse.cpu()
     else:
         out, lse = ref_out.to(q.dtype), ref_lse.float()
-    dq, dk, dv = run_backward(q, k, v, grad_out, grad_lse, out, lse, grid, tile, num, idx, scale, merge)
+    dq, dk, dv = run_backward(q, k, v, grad_out, grad_lse, out, lse, grid, tile, num, idx, scale, merge,
+                              dkdv_variant)
     tol = REL_TOL[q.dtype]["grad"]
     for name, got, want in (("dq", dq, rq), ("dk", dk, rk), ("dv", dv, rv)):
         assert_close_rel(got, want, tol, name)
     return dq, dk, dv
 
 
+@pytest.mark.parametrize("dkdv_variant", DKDV_VARIANTS)
 @given(data=st.data(), tile=st.sampled_from(TILES), dtype=st.sampled_from(DTYPES), B=st.integers(1, 2),
        H=st.integers(1, 2), D=st.sampled_from([64, 128]), seed=st.integers(0, 2**16), with_grad_lse=st.booleans(),
        merge=st.sampled_from([None, False]))
-def test_backward_matches_reference(data, tile, dtype, B, H, D, seed, with_grad_lse, merge):
-    """``merge`` None: the function's own (merged) box lists; False: one box per listed tile, passed in."""
+def test_backward_matches_reference(dkdv_variant, data, tile, dtype, B, H, D, seed, with_grad_lse, merge):
+    """``merge`` None: the function's own (merged) box lists; False: one box per listed tile, passed in.
+    Every ``dkdv_variant`` (the dK/dV kernel's compiled variants) is held to the same tolerance."""
     grid = data.draw(grid_for(tile), label="grid")
     N, M = math.prod(grid), tile_layout(grid, tile).num_tiles
     g, q, k, v, grad_out, grad_lse = make_inputs(B, H, N, D, dtype, seed, with_grad_lse)
     num, idx, selected = random_lists(B, H, M, g)
-    check_gradients(q, k, v, grad_out, grad_lse, grid, tile, num, idx, selected, 1.0 / math.sqrt(D), merge=merge)
+    check_gradients(q, k, v, grad_out, grad_lse, grid, tile, num, idx, selected, 1.0 / math.sqrt(D), merge=merge,
+                    dkdv_variant=dkdv_variant)
 
 
 # The border structure of Wan 480p (21 x 30 x 52 under (4, 4, 4): tiles of 64, 32, 16 and 8 tokens)
@@ -128,8 +138,9 @@ def test_backward_through_the_forward(grid, tile, dtype, D):
                     through_forward=True)  # run_packed: the default scale
 
 
+@pytest.mark.parametrize("dkdv_variant", DKDV_VARIANTS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_empty_row_and_unlisted_kv_tile(dtype):
+def test_empty_row_and_unlisted_kv_tile(dtype, dkdv_variant):
     """Query tile 3 lists nothing (its dQ is exactly 0 and it adds nothing to dK, dV, though its
     incoming gradients are not 0); KV tile 2, a partial border tile, is listed by nobody in head 0
     (dK = dV = 0 there exactly), while head 1 lists everything (the dense case)."""
@@ -147,7 +158,8 @@ def test_empty_row_and_unlisted_kv_tile(dtype):
     num = selected.sum(-1, dtype=torch.int32)
     order = torch.argsort(torch.rand(1, 2, M, M, generator=g) - 2.0 * selected, dim=-1).to(torch.int32)
     idx = torch.where(torch.arange(M) < num[..., None], order, -1)
-    dq, dk, dv = check_gradients(q, k, v, grad_out, grad_lse, grid, tile, num, idx, selected, 1.0 / math.sqrt(D))
+    dq, dk, dv = check_gradients(q, k, v, grad_out, grad_lse, grid, tile, num, idx, selected, 1.0 / math.sqrt(D),
+                                 dkdv_variant=dkdv_variant)
     ids = tile_ids(grid, tile)
     assert torch.equal(dq[0, 0, ids == 3], torch.zeros(int((ids == 3).sum()), D, dtype=dtype))
     for grad in (dk, dv):
@@ -169,6 +181,7 @@ def test_skipped_head():
 
 
 def test_backward_bad_inputs():
+    from kernel_templates import tma_block_sparse_bwd
     from kernel_templates.tma_block_sparse_bwd import tma_packed_block_sparse_attention_backward
     from sparse_inductor.compact_layout import compact_layout
 
@@ -185,3 +198,6 @@ def test_backward_bad_inputs():
         tma_packed_block_sparse_attention_backward(x, x, x, x, x, lse[..., :32], *lists, compact)
     with pytest.raises(ValueError, match="grad_lse"):
         tma_packed_block_sparse_attention_backward(x, x, x, x, x, lse, *lists, compact, grad_lse=lse[..., :32])
+    with pytest.raises(ValueError, match="dkdv_variant must be one of 'default', 'half_boxes'"):
+        tma_packed_block_sparse_attention_backward(x, x, x, x, x, lse, *lists, compact, dkdv_variant="halves")
+    assert tma_block_sparse_bwd.DKDV_VARIANTS == DKDV_VARIANTS
