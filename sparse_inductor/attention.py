@@ -101,6 +101,8 @@ def tma_forward_unsupported(q: Tensor, k: Tensor, v: Tensor, layout: TileLayout,
         return f"head dim {q.shape[-1]} (64 or 128)"
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"dtype {q.dtype}"
+    if not (q.dtype == k.dtype == v.dtype):
+        return f"q, k, v of different dtypes ({q.dtype}, {k.dtype}, {v.dtype})"
     if layout.block_size > 64:
         return f"{layout.block_size} slots per tile (at most 64)"
     if q.stride(-1) != 1:
@@ -209,9 +211,9 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, grid, *, tile, sparsity: f
     part of the graph (symbolic sizes allowed).
 
     The gather kernels make no permuted copy of Q, K, V or the output: they gather and scatter
-    rows through the layout's slot table. Where the compact TMA forward runs
-    (:func:`use_tma_forward`), K and V are permuted into compact tile-major order first (fused
-    into their producer under ``torch.compile``). Either way the output comes back laid out like
+    rows through the layout's slot table. Where the compact TMA kernels run
+    (:func:`use_tma_forward`), Q, K and V are permuted into compact tile-major order first (fused
+    into their producer under ``torch.compile``; gradients flow back through the permutation). Either way the output comes back laid out like
     ``q``.
     """
     policy = resolve_policy(policy, sparsity)

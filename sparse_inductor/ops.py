@@ -457,7 +457,7 @@ def tma_block_sparse_attn_fwd(
 @tma_block_sparse_attn_fwd.register_fake
 def _(q, q_compact, k_compact, v_compact, q_slots, kv_slots, counts, tile_offsets, positions, kv_num_blocks,
       kv_indices, scale, kernel_version=0):
-    _register_lowerings()  # the backward op's template
+    _register_lowerings()  # the other ops' templates, for the rest of the graph
     return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=stats_dtype(q.dtype))
 
 

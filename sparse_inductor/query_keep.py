@@ -25,6 +25,7 @@ import math
 import torch
 from torch import Tensor
 
+from . import _compat
 from .layout import MAX_BLOCK_SIZE, TileLayout
 from .policies.base import check_fraction
 
@@ -47,11 +48,31 @@ def num_kept(query_keep: float, n):
         if isinstance(num, int):
             # A lookup table over every count a block can hold (a graph constant): Inductor fused
             # ``n * num`` into an int32 index expression on the GPU, where 5 * 10^11 overflowed.
-            table = torch.tensor([max(1, (i * num + DECIMALS - 1) // DECIMALS) for i in range(MAX_BLOCK_SIZE + 1)],
-                                 dtype=torch.int64, device=n.device)
-            return table[n.long()]
+            return _kept_table(num, n.device)[n.long()]
         return ((n.long() * num + DECIMALS - 1) // DECIMALS).clamp(min=1)
     return max(1, (n * num + DECIMALS - 1) // DECIMALS)
+
+
+_KEPT_TABLES: dict = {}
+
+
+def _kept_table(num: int, device) -> Tensor:
+    """int64 ``[MAX_BLOCK_SIZE + 1]``: the kept count of every block count at numerator ``num``.
+    Cached for eager calls (no host-to-device copy per call, none while a CUDA graph captures);
+    a traced graph builds it as a constant."""
+    from .selection import DECIMALS
+
+    def build():
+        return torch.tensor([max(1, (i * num + DECIMALS - 1) // DECIMALS) for i in range(MAX_BLOCK_SIZE + 1)],
+                            dtype=torch.int64, device=device)
+
+    if torch.compiler.is_compiling() or _compat.dispatch_mode_active():
+        return build()
+    key = (num, torch.device(device))
+    table = _KEPT_TABLES.get(key)
+    if table is None:
+        table = _KEPT_TABLES.setdefault(key, build())
+    return table
 
 
 def query_block_size(query_keep: float, tile) -> int:

@@ -35,17 +35,24 @@ def pack_meta() -> dict:
     return {"CHUNK": PACK_CHUNK}
 
 
+_TMA_CAPABLE: dict = {}  # device index -> bool
+
+
 @_compat.constant_when_traced
 def _tma_capable(device_type: str, device_index: int) -> bool:
     """Whether the device can run the TMA kernels: a CUDA device of compute capability 9.0 or
     higher (Hopper), and a Triton with host tensor descriptors. A constant under ``torch.compile``."""
     if device_type != "cuda":
         return False
-    try:
-        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
-    except ImportError:
-        return False
-    return torch.cuda.get_device_capability(device_index)[0] >= 9
+    capable = _TMA_CAPABLE.get(device_index)
+    if capable is None:
+        try:
+            from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+            capable = torch.cuda.get_device_capability(device_index)[0] >= 9
+        except ImportError:
+            capable = False
+        _TMA_CAPABLE[device_index] = capable
+    return capable
 
 
 def tma_capable(device: torch.device) -> bool:

@@ -120,8 +120,8 @@ def test_templates_forward_backward(query_keep, forward_kernel, caplog):
 
 @pytest.mark.parametrize("dtype,D", [(torch.bfloat16, 128), (torch.float16, 64), (torch.float32, 64)])
 def test_tma_forward_path(dtype, D):
-    """The compact TMA forward as the op's path (v17; "auto" takes it on Hopper), gradients through
-    the gather backward with two slot tables, on Wan's border structures (1-frame, 2-row tiles)."""
+    """The compact TMA path (v17 forward, v19 backward; "auto" takes it on Hopper), outputs and
+    gradients, on Wan's border structures (1-frame, 2-row tiles)."""
     import sparse_inductor as si
     from test_tma_forward_path import test_tma_path_matches_reference_with_gradients as check
 

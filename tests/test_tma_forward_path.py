@@ -1,7 +1,7 @@
 """The compact TMA forward as a path of the op (issue 22, v17): ``sparse_attention`` with
-``forward_kernel="tma"`` permutes K/V (and a forward-only Q) into compact tile-major order, runs
+``forward_kernel="tma"`` permutes Q, K, V into compact tile-major order, runs
 ``sparse_inductor::tma_block_sparse_attn_fwd`` (the TMA kernel; under TRITON_INTERPRET=1 on CPU)
-and the gather kernels' backward with two slot tables. Outputs and gradients against the float64
+and its backward ``tma_block_sparse_attn_bwd`` (the TMA backward kernels) in compact order. Outputs and gradients against the float64
 reference (DESIGN.md §3) with helpers.REL_TOL per dtype, the path taken is checked, sites it does
 not cover run the gather kernel and say why, and it compiles (fullgraph, static and dynamic)."""
 import contextlib
@@ -135,8 +135,8 @@ def test_auto_uses_tma_only_on_hopper_and_gather_never():
 
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_tma_path_compiles_and_equals_eager(tma_calls, dynamic):
-    """Under torch.compile (fullgraph) the op is an extern call and its backward the gather
-    backward op: outputs and gradients equal the eager TMA path's."""
+    """Under torch.compile (fullgraph) the op and its backward op are extern calls: outputs and
+    gradients equal the eager TMA path's."""
     grid, B, H, D = (5, 6, 7), 1, 2, 64
     q, k, v = _inputs(B, H, math.prod(grid), D, torch.float32, 3)
 
