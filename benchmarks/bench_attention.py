@@ -9,8 +9,8 @@ All competitors run in this one process on the same inputs; times are medians of
   the slot table: no permuted copies).
 * ``sparse_compiled``: the same function under ``torch.compile`` — the path the backend takes:
   selection compiled by Inductor; on Hopper the compact TMA kernels (Q/K/V gathered into compact
-  tile-major order by Inductor, the v17 forward and the v19 backward as extern calls); elsewhere the op rendered from our templates
-  (autotuned).
+  tile-major order by Inductor, the v17 forward and the v19 backward as extern calls); elsewhere
+  the op rendered from our templates (autotuned).
 * ``sparse_compiled_gather``: the same with the gather forward template (``forward_kernel="gather"``).
 * ``sparse_kernel``: the block-sparse op alone (eager kernel) with a fixed selection.
 * ``selection``: the coarse selection alone (forward only), compiled as in ``sparse_compiled``,

@@ -117,7 +117,7 @@ def sass_counts():
                 sig[name] = pointers[name]
             elif name in ("qk_scale",):
                 sig[name] = "fp32"
-            elif name.isupper() and name not in ("L", "M", "MAX_LIST", "BH") or name.startswith("kv_"):
+            elif name.isupper() and name not in ("L", "M", "MAX_LIST", "BH", "H") or name.startswith("kv_"):
                 sig[name] = "*i32"
             else:
                 sig[name] = "i32"

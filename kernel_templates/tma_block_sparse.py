@@ -39,9 +39,13 @@ store does the inverse permutation). Online softmax in base 2 with fp32 accumula
 no listed tile gets output 0 and LSE -inf.
 
 Out of scope in this first version: text blocks (joint attention), key padding, query_keep,
-block-causal masks, full rows stored without entries, the backward. Non-finite values in the rows
-*after* a listed partial tile (another tile's, loaded by its box and masked) would reach the output
-through ``0 * inf`` in P·V: inputs are assumed finite.
+block-causal masks, full rows stored without entries, the backward (``tma_block_sparse_bwd.py``).
+Non-finite values: a masked box's rows past its count are the next tile's and may hold anything;
+their scores are set to -inf by a select, and their V rows to 0 by a select (``_own_rows``), since
+``0 * inf`` in P·V would be NaN. That select costs a shared-memory round trip of V in masked boxes
+only (sm_90a SASS, D = 128, Q in registers: whole box 407 -> 560 instructions, two half boxes
+505 -> 687, four quarter boxes 708 -> 917, full boxes unchanged; 196 -> 210 registers; not yet
+timed, NOTES v21).
 """
 from __future__ import annotations
 
@@ -81,6 +85,13 @@ def _load_box(k_desc, v_desc, bh, starts, rows, e, stop, BOX: tl.constexpr, HEAD
 
 
 @triton.jit
+def _own_rows(x, valid):
+    """``x`` with the rows that are not the box's tile's set to 0 (a select): their P is 0, but
+    0 * inf in a matmul is NaN, and those rows are another tile's, which may hold any value."""
+    return tl.where(valid[:, None], x, tl.zeros_like(x))
+
+
+@triton.jit
 def _scores(q, k, valid, MASKED: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     """Unscaled scores of one box; its rows that are not the tile's are -inf (``MASKED``)."""
     s = _mma(q, tl.trans(k), None, UPCAST, IEEE)
@@ -113,6 +124,8 @@ def _step_one(q, m_i, l_i, acc, k_desc, v_desc, bh, starts, rows, e, stop, qk_sc
               IEEE: tl.constexpr):
     """One online-softmax step over one tile in one box."""
     k, v, valid = _load_box(k_desc, v_desc, bh, starts, rows, e, stop, BOX, HEAD_DIM)
+    if MASKED:
+        v = _own_rows(v, valid)
     s = _scores(q, k, valid, MASKED, UPCAST, IEEE)
     m_i, m_shift, l_i, acc = _rescale(m_i, tl.max(s, 1), l_i, acc, qk_scale)
     l_i, acc = _accumulate(s, v, m_shift, qk_scale, l_i, acc, UPCAST, IEEE)
@@ -125,6 +138,7 @@ def _step_two(q, m_i, l_i, acc, k_desc, v_desc, bh, starts, rows, e, stop, qk_sc
     """One step over the tiles of entries ``e, e + 1``, each in a half box: one rescale."""
     k0, v0, valid0 = _load_box(k_desc, v_desc, bh, starts, rows, e, stop, BOX, HEAD_DIM)
     k1, v1, valid1 = _load_box(k_desc, v_desc, bh, starts, rows, e + 1, stop, BOX, HEAD_DIM)
+    v0, v1 = _own_rows(v0, valid0), _own_rows(v1, valid1)
     s0 = _scores(q, k0, valid0, True, UPCAST, IEEE)
     s1 = _scores(q, k1, valid1, True, UPCAST, IEEE)
     m_i, m_shift, l_i, acc = _rescale(m_i, tl.maximum(tl.max(s0, 1), tl.max(s1, 1)), l_i, acc, qk_scale)
@@ -141,6 +155,7 @@ def _step_four(q, m_i, l_i, acc, k_desc, v_desc, bh, starts, rows, e, stop, qk_s
     k1, v1, valid1 = _load_box(k_desc, v_desc, bh, starts, rows, e + 1, stop, BOX, HEAD_DIM)
     k2, v2, valid2 = _load_box(k_desc, v_desc, bh, starts, rows, e + 2, stop, BOX, HEAD_DIM)
     k3, v3, valid3 = _load_box(k_desc, v_desc, bh, starts, rows, e + 3, stop, BOX, HEAD_DIM)
+    v0, v1, v2, v3 = _own_rows(v0, valid0), _own_rows(v1, valid1), _own_rows(v2, valid2), _own_rows(v3, valid3)
     s0 = _scores(q, k0, valid0, True, UPCAST, IEEE)
     s1 = _scores(q, k1, valid1, True, UPCAST, IEEE)
     s2 = _scores(q, k2, valid2, True, UPCAST, IEEE)

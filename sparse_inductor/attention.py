@@ -213,8 +213,8 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, grid, *, tile, sparsity: f
     The gather kernels make no permuted copy of Q, K, V or the output: they gather and scatter
     rows through the layout's slot table. Where the compact TMA kernels run
     (:func:`use_tma_forward`), Q, K and V are permuted into compact tile-major order first (fused
-    into their producer under ``torch.compile``; gradients flow back through the permutation). Either way the output comes back laid out like
-    ``q``.
+    into their producer under ``torch.compile``; gradients flow back through the permutation).
+    Either way the output comes back laid out like ``q``.
     """
     policy = resolve_policy(policy, sparsity)
     if layout is None:
