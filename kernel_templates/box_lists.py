@@ -6,7 +6,9 @@ the H200, half the attention kernel's time). Here one program per list row does 
 
 1. load the row's ``K`` entries (padded to ``KP``, a power of two) and, with ``MERGE``, sort them by
    tile (``tl.sort``; a compact layout's tile offsets strictly increase with the tile, so this is
-   the order by start row that the torch version sorts into);
+   the order by start row that the torch version sorts into), unless the caller promises they
+   already increase (``SORTED``: the backward's kv-major lists, up to 1024 wide at 480p, where the
+   sort was most of the kernel's 0.1 ms per call);
 2. ``MERGE``: a run head is a live entry whose tile does not begin where the previous entry's
    ends; every entry learns its run's first row (a running max), its place in the run (the same
    over positions) and its run's last row (a reversed running min over the run ends). Entry ``j``
@@ -44,7 +46,7 @@ def _min(a, b):
 
 @triton.jit
 def kv_boxes_kernel(NUM, IDX, TILE_OFFSETS, COUNTS, STARTS, ROWS, CLASS_ENDS, K,
-                    BLOCK: tl.constexpr, KP: tl.constexpr, MERGE: tl.constexpr):
+                    BLOCK: tl.constexpr, KP: tl.constexpr, MERGE: tl.constexpr, SORTED: tl.constexpr = False):
     """The boxes of list row ``program_id(0)``: ``NUM`` int32 ``[R]``, ``IDX`` int32 ``[R, K]``
     (entries past ``NUM`` never read), ``TILE_OFFSETS`` / ``COUNTS`` int32 ``[num_tiles]`` (every
     count at least 1); writes ``STARTS``, ``ROWS`` int32 ``[R, K]`` and ``CLASS_ENDS`` int32 ``[R, 4]``."""
@@ -53,7 +55,7 @@ def kv_boxes_kernel(NUM, IDX, TILE_OFFSETS, COUNTS, STARTS, ROWS, CLASS_ENDS, K,
     n = tl.minimum(tl.load(NUM + row), K)
     live = e < n
     tile = tl.load(IDX + row * K + e, mask=live, other=0)
-    if MERGE:
+    if MERGE and not SORTED:
         # Live entries first, by tile (= by start row); the padding's sentinel sorts last.
         tile = tl.where(live, tl.sort(tl.where(live, tile, _NO_TILE), 0), 0)
     start = tl.load(TILE_OFFSETS + tile)  # dead entries read tile 0, as the torch version does

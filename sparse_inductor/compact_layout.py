@@ -97,7 +97,7 @@ def from_compact(x: torch.Tensor, compact: CompactLayout, dim: int = -2) -> torc
 
 
 def kv_boxes_by_class(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, compact: CompactLayout,
-                      merge_adjacent: bool = True, impl: str | None = None):
+                      merge_adjacent: bool = True, impl: str | None = None, lists_sorted: bool = False):
     """The boxes that cover each row's listed tiles, in box-class order (stable within a class).
 
     One box per listed tile; with ``merge_adjacent``, listed tiles that are neighbours in memory
@@ -116,11 +116,16 @@ def kv_boxes_by_class(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, com
     tensors, or CPU ones under ``TRITON_INTERPRET=1``), ``"torch"``, these torch ops, or ``None``:
     Triton on CUDA, torch otherwise (as the ops of ``sparse_inductor.ops`` choose). Identical
     results. The layout's tiles must not be empty (a ``TileLayout``'s never are).
+
+    ``lists_sorted``: the caller promises every row's live entries strictly increase (as
+    :func:`sparse_inductor.ops.transpose_block_lists` returns them), so the Triton version skips
+    its per-row sort; the result is the same. Unsorted lists with ``lists_sorted=True`` give wrong
+    boxes (not checked: that would cost the pass the sort saves).
     """
     if impl is None:
         impl = "triton" if kv_indices.is_cuda else "torch"
     if impl == "triton":
-        return _kv_boxes_by_class_triton(kv_num_blocks, kv_indices, compact, merge_adjacent)
+        return _kv_boxes_by_class_triton(kv_num_blocks, kv_indices, compact, merge_adjacent, lists_sorted)
     if impl != "torch":
         raise ValueError(f"impl must be 'triton', 'torch' or None, got {impl!r}")
     K = kv_indices.shape[-1]
@@ -176,7 +181,8 @@ def _merged_runs(starts, rows, live, block):
     return piece_start, piece_rows
 
 
-def _kv_boxes_by_class_triton(kv_num_blocks, kv_indices, compact: CompactLayout, merge_adjacent: bool):
+def _kv_boxes_by_class_triton(kv_num_blocks, kv_indices, compact: CompactLayout, merge_adjacent: bool,
+                              lists_sorted: bool = False):
     """:func:`kv_boxes_by_class` as one launch of ``kv_boxes_kernel``: one program per list row."""
     shape, K = kv_indices.shape[:-1], kv_indices.shape[-1]
     starts = torch.empty(*shape, K, dtype=torch.int32, device=kv_indices.device)
@@ -191,6 +197,6 @@ def _kv_boxes_by_class_triton(kv_num_blocks, kv_indices, compact: CompactLayout,
     idx = kv_indices.to(torch.int32).contiguous()
     width = max(16, 1 << (K - 1).bit_length())
     kv_boxes_kernel[(num_rows,)](num, idx, compact.tile_offsets, compact.counts, starts, rows, ends, K,
-                                 BLOCK=compact.block, KP=width, MERGE=merge_adjacent,
+                                 BLOCK=compact.block, KP=width, MERGE=merge_adjacent, SORTED=lists_sorted,
                                  num_warps=1 if width <= 1024 else 4)  # 1 warp: fewest instructions
     return starts, rows, ends

@@ -51,11 +51,13 @@ def make_lists(shape, M, K, order, generator):
     return num.view(shape), idx.to(torch.int32).view(*shape, K)
 
 
-def assert_same_boxes(num, idx, grid, tile, merge):
-    """The kernel's boxes (on the kernel device) equal the torch version's (on CPU), entry for entry."""
+def assert_same_boxes(num, idx, grid, tile, merge, lists_sorted=False):
+    """The kernel's boxes (on the kernel device) equal the torch version's (on CPU), entry for entry;
+    ``lists_sorted``: the kernel is told the live entries are increasing (it skips its sort)."""
     want = kv_boxes_by_class(num, idx, compact_layout(tile_layout(grid, tile)), merge_adjacent=merge, impl="torch")
     compact = compact_layout(tile_layout(grid, tile, KERNEL_DEVICE))
-    got = kv_boxes_by_class(num.to(KERNEL_DEVICE), idx.to(KERNEL_DEVICE), compact, merge_adjacent=merge, impl="triton")
+    got = kv_boxes_by_class(num.to(KERNEL_DEVICE), idx.to(KERNEL_DEVICE), compact, merge_adjacent=merge, impl="triton",
+                            lists_sorted=lists_sorted)
     for name, g, w in zip(("starts", "rows", "class_ends"), got, want):
         assert g.dtype == w.dtype == torch.int32 and g.shape == w.shape, name
         assert torch.equal(g.cpu(), w), f"{name} differ at {(g.cpu() != w).nonzero()[:4].tolist()}"
@@ -91,6 +93,26 @@ def test_kernel_matches_torch_on_a_selection():
     sel = si.select_blocks(q, k, grid, sparsity=0.5)
     for merge in (True, False):
         assert_same_boxes(sel.kv_num_blocks.cpu(), sel.kv_indices.cpu(), grid, tile, merge)
+
+
+@given(data=st.data(), tile=st.sampled_from(TILES), H=st.integers(1, 2), sparsity=st.sampled_from([0.0, 0.5, 0.9]),
+       merge=st.booleans(), seed=st.integers(0, 2**16))
+def test_sorted_lists_skip_the_sort(data, tile, H, sparsity, merge, seed):
+    """The backward's kv-major lists (``transpose_block_lists``: increasing query tiles) with
+    ``lists_sorted=True``, which skips the kernel's sort, give the torch version's boxes; so do
+    TopK's sorted query-major lists."""
+    import sparse_inductor as si
+    from sparse_inductor.ops import transpose_block_lists
+
+    grid = data.draw(grid_for(tile), label="grid")
+    M = tile_layout(grid, tile).num_tiles
+    g = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(1, H, math.prod(grid), 16, generator=g) for _ in range(2))
+    sel = si.select_blocks(q, k, grid, sparsity=sparsity, tile=tile)
+    num, idx = transpose_block_lists(sel.kv_num_blocks, sel.kv_indices, M)
+    assert_same_boxes(num, idx, grid, tile, merge, lists_sorted=True)
+    num, idx = make_lists((1, H, 3), M, max(1, M // 2), "sorted", g)
+    assert_same_boxes(num, idx, grid, tile, merge, lists_sorted=True)
 
 
 def test_empty_lists_and_impl_choice():
