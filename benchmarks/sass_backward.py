@@ -1,14 +1,15 @@
 """Static look at the compact TMA backward's kernels (kernel_templates/tma_block_sparse_bwd.py) on CPU:
-compile them for sm_90a (H100 / H200) and print, per kernel and ``dkdv_variant``, the registers,
+compile them for sm_90a (H100 / H200) and print, per kernel, ``dkdv_variant`` and ``dq_mode``, the registers,
 spill bytes, shared memory and occupancy ptxas reports, and per loop step (full box, two half
 boxes, four quarter boxes; ``BLOCK`` query rows each) the SASS instructions, HGMMAs, MMA waits,
-TMA loads and spill instructions (benchmarks/NOTES.md v20).
+TMA loads and spill instructions (benchmarks/NOTES.md v20; the fused dQ's atomics: v22).
 
 These are issue-pressure and register proxies, not timings: every claim about speed comes from
 ``bench_tma_backward.py`` on the GPU.
 
     python benchmarks/sass_backward.py                       # D 128 and 64, 4 and 8 warps
     python benchmarks/sass_backward.py --dims 128 --warps 4 --variants default two_pass
+    python benchmarks/sass_backward.py --dims 128 --warps 4 --dq-modes separate atomic atomic_tma   # v22
 
 Needs Triton 3.6 (the H200 image's: its wheel ships the CUDA 12.8 ``ptxas`` it runs, so the counts
 are the device's) with its bundled ``ptxas`` and ``nvdisasm``; without a GPU:
@@ -40,7 +41,22 @@ LAUNCHES = {
     "half_boxes": [{"HALF_BOXES": True}],
     "two_pass": [{"DO_DK": False, "DO_DV": True}, {"DO_DK": True, "DO_DV": False}],
     "stats_in_acc": [{"STATS_IN_ACC": True}],
+    "half_steps": [{"HALF_STEPS": True}],
 }
+#: The dK/dV kernel's arguments for the fused dQ (dq_mode "atomic": DQ_ACC a pointer; "atomic_tma":
+#: all three descriptors; "separate": all None, as the default launch leaves them).
+DQ_ACC_ARGS = ("DQ_ACC", "dq_acc_half_desc", "dq_acc_quarter_desc")
+#: FUSE_DQ of each dq_mode (kernel_templates.tma_block_sparse_bwd._FUSE_DQ); the fused dQ joins the
+#: launch that computes dK (two_pass: the second).
+FUSE_DQ = {"separate": 0, "atomic": 1, "atomic_tma": 2}
+
+
+def launch_flags(variant, dq_mode):
+    """The dK/dV kernel's launches (constexpr flags each) of a ``dkdv_variant`` and ``dq_mode``."""
+    fuse = FUSE_DQ[dq_mode]
+    return [dict(flags, FUSE_DQ=fuse) if fuse and flags.get("DO_DK", True) else flags for flags in LAUNCHES[variant]]
+
+
 #: The step loops of each kernel, in program order (dQ masks whole boxes, so it has a loop more).
 STEP_LABELS = {"dQ": ("full box", "whole box", "2 half boxes", "4 quarter boxes"),
                "dK/dV": ("full or whole box", "2 half boxes", "4 quarter boxes")}
@@ -78,9 +94,20 @@ def compile_kernel(fn, D, block, warps, stages, flags, tools):
     triton, ptxas, nvdisasm = tools
     consts = {"HEAD_DIM": D, "BLOCK": block, "UPCAST": False, "IEEE": False, **flags}
     sig, attrs = {}, {}
+    fuse = flags.get("FUSE_DQ", 0)  # dq_mode: the fp32 dQ accumulator as a pointer (1) or descriptors (2)
     for i, name in enumerate(fn.arg_names):
         if name in consts or i in fn.constexprs:
             sig[name] = "constexpr"
+        elif name in DQ_ACC_ARGS:
+            if fuse == 0 or (fuse == 1 and name != "DQ_ACC"):
+                sig[name] = "constexpr"  # None: the kernel's default
+            elif fuse == 1:
+                sig[name] = "*fp32"
+            else:
+                rows = block // 2 if "half" in name else block // 4 if "quarter" in name else block
+                rows = rows if rows >= 16 else block
+                x = torch.zeros(12, 32768, D, dtype=torch.float32)
+                sig[name] = mangle_type(TensorDescriptor.from_tensor(x, [1, rows, D]))
         elif name.endswith("_desc"):
             rows = block // 2 if "half" in name else block // 4 if "quarter" in name else block
             rows = rows if rows >= 16 else block
@@ -129,7 +156,7 @@ def describe(body):
     ops = collections.Counter(sass_loops.opcode(i) for i in body)
     waits = sum("WARPGROUP.DEPBAR" in i for i in body)
     return dict(instructions=len(body), hgmma=ops["HGMMA"], waits=waits, tma=ops["UTMALDG"],
-                spill_ops=ops["LDL"] + ops["STL"])
+                spill_ops=ops["LDL"] + ops["STL"], atomics=ops["REDG"] + ops["ATOMG"] + ops["UTMAREDG"])
 
 
 def measure(fn, D, warps, stages, flags, tools, block=64):
@@ -142,6 +169,7 @@ def measure(fn, D, warps, stages, flags, tools, block=64):
     info = [line.strip() for line in log.splitlines() if "registers" in line]
     occupancy = sass_loops.occupancy(info, shared, warps)
     return dict(registers=regs, spill_stores=stores, spill_loads=loads, shared=shared,
+                serialized="C7515" in log,  # ptxas: wgmma serialized (accumulators touched mid-pipeline)
                 programs=re.search(r"occupancy (\d+)", occupancy).group(1),
                 steps=[describe(b) for b in step_loops(sass)])
 
@@ -152,6 +180,9 @@ def main():
     parser.add_argument("--warps", nargs="*", type=int, default=[4, 8])
     parser.add_argument("--stages", type=int, default=2)
     parser.add_argument("--variants", nargs="*", default=list(LAUNCHES), choices=list(LAUNCHES))
+    parser.add_argument("--dq-modes", nargs="*", default=["separate"], choices=list(FUSE_DQ),
+                        help="dq_mode of each dK/dV variant: separate (the dQ kernel is printed once), atomic / "
+                             "atomic_tma (dQ fused into the dK/dV kernel)")
     parser.add_argument("--no-dq", action="store_true", help="skip the dQ kernel (unchanged by the variants)")
     parser.add_argument("--any-triton", action="store_true", help="measure with whatever triton is importable")
     args = parser.parse_args()
@@ -159,24 +190,33 @@ def main():
     from kernel_templates import tma_block_sparse_bwd as bwd
 
     print(f"triton {tools[0].__version__} ({os.path.dirname(tools[0].__file__)}), ptxas {tools[1]}; sm_90a, bf16, "
-          f"BLOCK 64, {args.stages} stages. Per step: instructions / HGMMA / MMA waits / TMA loads / spill ops")
+          f"BLOCK 64, {args.stages} stages. Per step: instructions / HGMMA / MMA waits / TMA loads / spill ops "
+          "[/ dQ atomic instructions: REDG, ATOMG or UTMAREDG]")
     for D in args.dims:
         for warps in args.warps:
             rows = []
-            if not args.no_dq:
+            if not args.no_dq and "separate" in args.dq_modes:
                 rows.append(("dQ", [measure(bwd._tma_packed_bwd_dq, D, warps, args.stages, {}, tools)]))
-            for variant in args.variants:
-                rows.append((f"dK/dV {variant}", [measure(bwd._tma_packed_bwd_dkdv, D, warps, args.stages, flags,
-                                                          tools) for flags in LAUNCHES[variant]]))
+            for dq_mode in args.dq_modes:
+                for variant in args.variants:
+                    name = f"dK/dV {variant}" + ("" if dq_mode == "separate" else f" +dQ {dq_mode}")
+                    try:
+                        rows.append((name, [measure(bwd._tma_packed_bwd_dkdv, D, warps, args.stages, flags, tools)
+                                            for flags in launch_flags(variant, dq_mode)]))
+                    except Exception as e:  # report, never hide: a variant that does not compile for sm_90a
+                        print(f"  {name}: does not compile: {type(e).__name__}: "
+                              f"{(str(e).strip().splitlines() or [''])[-1][:300]}", flush=True)
             print(f"\nD = {D}, {warps} warps")
             for name, launches in rows:
                 for i, m in enumerate(launches):
                     label = name if len(launches) == 1 else f"{name} pass {i + 1}/{len(launches)}"
                     labels = STEP_LABELS[name.split(" ")[0]]
                     steps = "; ".join(f"{labels[j] if j < len(labels) else j}: {s['instructions']}/{s['hgmma']}/"
-                                      f"{s['waits']}/{s['tma']}/{s['spill_ops']}" for j, s in enumerate(m["steps"]))
+                                      f"{s['waits']}/{s['tma']}/{s['spill_ops']}"
+                                      + (f"/{s['atomics']}" if s["atomics"] else "") for j, s in enumerate(m["steps"]))
                     print(f"  {label:28s} {m['registers']:3d} regs, spill {m['spill_stores']}+{m['spill_loads']} B, "
-                          f"shared {m['shared']} B, {m['programs']} programs/SM | {steps}")
+                          f"shared {m['shared']} B, {m['programs']} programs/SM"
+                          + (", wgmma SERIALIZED (ptxas C7515)" if m["serialized"] else "") + f" | {steps}")
                 if len(launches) > 1:
                     total = [sum(m["steps"][j][key] for m in launches) for j in range(len(launches[0]["steps"]))
                              for key in ("instructions", "hgmma")]

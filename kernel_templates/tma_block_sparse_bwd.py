@@ -65,6 +65,7 @@ would reach the results through ``0 * inf`` in the MMAs, as in the forward.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -82,7 +83,22 @@ LOG2E = 1.4426950408889634
 #: kernel twice, once accumulating only dV (``Sᵀ``, ``Pᵀ``, ``dV``), once only dK (``Sᵀ`` again,
 #: ``dPᵀ``, ``dK``): one fp32 ``[BLOCK, D]`` accumulator each, ``Sᵀ`` computed twice.
 #: "stats_in_acc": LSE and delta start the score MMAs' accumulators (:func:`_dkdv_box`).
-DKDV_VARIANTS = ("default", "half_boxes", "two_pass", "stats_in_acc")
+#: "half_steps": every step takes ``BLOCK / 2`` query rows: a ``BLOCK``-row box is two steps, a half
+#: box one, quarter boxes two a step (:func:`_dkdv_half_steps`; v22, for the fused dQ).
+DKDV_VARIANTS = ("default", "half_boxes", "two_pass", "stats_in_acc", "half_steps")
+
+#: ``dq_mode`` of :func:`tma_packed_block_sparse_attention_backward` (benchmarks/NOTES.md v22).
+#: "separate": dQ by its own kernel (deterministic). "atomic": no dQ kernel; the dK/dV kernel also
+#: computes each query box's dQ partial and adds it into an fp32 buffer with ``tl.atomic_add`` (not
+#: deterministic: the order of the float additions varies from run to run). "atomic_tma": the same
+#: with one TMA reduce-add per box through a tensor descriptor (sm_90; the Triton interpreter has no
+#: descriptor reduce, so it is not run on CPU).
+DQ_MODES = ("separate", "atomic", "atomic_tma")
+#: ``FUSE_DQ`` of the dK/dV kernel for each ``dq_mode``.
+_FUSE_DQ = {"separate": 0, "atomic": 1, "atomic_tma": 2}
+#: The ``dkdv_variant`` s the fused dQ is built and tested with (NOTES v22: "half_steps" is the one
+#: out of spills at D = 128; "default" is the plain fused kernel, "two_pass" fuses dQ into its dK pass).
+ATOMIC_VARIANTS = ("half_steps", "default", "two_pass")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,7 +206,7 @@ def _tma_packed_bwd_dq(q_desc, do_desc, k_desc, v_desc, k_half_desc, v_half_desc
 @triton.jit
 def _dkdv_box(k, v, q, do, valid, start, LSE, DELTA, stats, dk, dv, qk_scale, BOX: tl.constexpr,
               UPCAST: tl.constexpr, IEEE: tl.constexpr, DO_DK: tl.constexpr = True, DO_DV: tl.constexpr = True,
-              STATS_IN_ACC: tl.constexpr = False):
+              STATS_IN_ACC: tl.constexpr = False, DQ_TO=None, bh=None, mine=None, FUSE_DQ: tl.constexpr = 0):
     """dK (unscaled) and dV contributions of one query box at compact row ``start``; its rows past
     the box's count (not ``valid``) read LSE +inf (:func:`_row_stats`), so they add exactly 0.
 
@@ -199,7 +215,15 @@ def _dkdv_box(k, v, q, do, valid, start, LSE, DELTA, stats, dk, dv, qk_scale, BO
     (``dkdv_variant="stats_in_acc"``): the row statistics start the two score MMAs' accumulators,
     ``Sᵀ - LSE / (scale log2e)`` and ``dPᵀ - deltaᵀ``, instead of being applied after them, so the
     ``BOX`` columns of LSE and delta each thread holds are dead before the MMAs are issued (an LSE
-    of +inf starts the accumulator at -inf, so P is still exactly 0)."""
+    of +inf starts the accumulator at -inf, so P is still exactly 0).
+
+    ``FUSE_DQ`` (``dq_mode`` "atomic" 1 / "atomic_tma" 2, with ``DO_DK``): the box's dQ partial is
+    computed too, transposed, ``dQᵀ = Kᵀ dSᵀ`` (unscaled, fp32 ``[D, BOX]``: an MMA of M = D, so
+    wgmma takes it whatever ``BOX``, where ``dS K`` has M = ``BOX`` < 64 for half and quarter
+    boxes), and added into the fp32 accumulator ``DQ_TO`` (:func:`_add_dq`). ``dSᵀ``'s rows that are
+    not the program's tile's (not ``mine``: the next tile's keys, in a partial tile) are selected to
+    0 first: their P is not 0 (those keys are not in the query rows' LSE), and a dQ row sums over the
+    KV rows, where a dK or dV row does not (the kernel zeroes those rows of K as well)."""
     lse2, delta = _row_stats(LSE, DELTA, stats + start + tl.arange(0, BOX), valid)
     if STATS_IN_ACC:
         s_acc = tl.zeros([k.shape[0], BOX], tl.float32) - (lse2 / qk_scale)[None, :]
@@ -214,8 +238,38 @@ def _dkdv_box(k, v, q, do, valid, start, LSE, DELTA, stats, dk, dv, qk_scale, BO
             ds_t = p_t * _mma(v, tl.trans(do), dp_acc, UPCAST, IEEE)
         else:
             ds_t = p_t * (_mma(v, tl.trans(do), None, UPCAST, IEEE) - delta[None, :])
+        if FUSE_DQ != 0:
+            ds_t = tl.where(mine[:, None], ds_t, 0.0)
         dk = _mma(ds_t.to(q.dtype), q, dk, UPCAST, IEEE)
+        if FUSE_DQ != 0:
+            _add_dq(DQ_TO, bh, stats, start, valid, _mma(tl.trans(k), ds_t.to(q.dtype), None, UPCAST, IEEE), BOX,
+                    k.shape[1], FUSE_DQ)
     return dk, dv
+
+
+@triton.jit
+def _add_dq(DQ_TO, bh, stats, start, valid, dq_t, BOX: tl.constexpr, HEAD_DIM: tl.constexpr,
+            FUSE_DQ: tl.constexpr):
+    """Add a query box's dQ partial, transposed (``dq_t``, fp32 ``[D, BOX]``, the box at compact row
+    ``start``), into the fp32 ``[B * H, L, D]`` accumulator.
+
+    ``FUSE_DQ`` 1: ``tl.atomic_add`` on pointers (one scalar base, constant offsets), the box's
+    valid rows only; relaxed: the sum needs no ordering, only each add to be atomic. 2: one TMA
+    reduce-add (``cp.reduce.async.bulk.tensor``) of the whole box through descriptor ``DQ_TO``
+    (rows past ``L`` are clipped by TMA). The box's rows past its count are the next tile's rows in
+    compact order, and the reduce adds exactly +-0.0 to them, which changes no value (x + -0.0 = x;
+    +0.0 only turns a -0.0 into +0.0): such a query row reads LSE +inf and delta 0
+    (:func:`_row_stats`), so its column of ``Pᵀ`` is exp2(finite - inf) = 0 and its column of ``dSᵀ``
+    is 0 * (finite - 0) = +-0 (rounded to +-0 in bf16), and its dQ row is a sum of +-0 times the
+    program's K rows, finite (the foreign ones are zeroed). The same holds for the unused places of a
+    step's group (they reload the class's last box with count 0). It needs Q and dO finite in those
+    rows (another tile's: the v21 gap of this kernel), as the dK/dV results already do."""
+    if FUSE_DQ == 1:
+        base = DQ_TO + (stats + start) * HEAD_DIM
+        ptrs = base + (tl.arange(0, BOX)[None, :] * HEAD_DIM + tl.arange(0, HEAD_DIM)[:, None])
+        tl.atomic_add(ptrs, dq_t, mask=valid[None, :], sem="relaxed")
+    else:
+        DQ_TO.atomic_add([bh, start, 0], tl.trans(dq_t).reshape(1, BOX, HEAD_DIM))
 
 
 @triton.jit
@@ -227,9 +281,10 @@ def _box_start(starts, e, stop):
 @triton.jit
 def _dkdv_class(k, v, dk, dv, q_desc, do_desc, LSE, DELTA, stats, bh, starts, rows, start, stop, qk_scale,
                 BOX: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr,
-                IEEE: tl.constexpr, DO_DK: tl.constexpr, DO_DV: tl.constexpr, STATS_IN_ACC: tl.constexpr):
+                IEEE: tl.constexpr, DO_DK: tl.constexpr, DO_DV: tl.constexpr, STATS_IN_ACC: tl.constexpr,
+                DQ_TO=None, mine=None, FUSE_DQ: tl.constexpr = 0):
     """The query box-list entries ``[start, stop)`` of one class, ``GROUP`` boxes of ``BOX`` rows
-    (``BLOCK`` query rows) a step."""
+    (``BLOCK`` query rows) a step; ``DQ_TO``, ``mine``, ``FUSE_DQ``: :func:`_dkdv_box`'s."""
     for e in range(start, stop, GROUP):
         # _load_box of Q and dO: the same box walk as the forward's K and V.
         q0, do0, valid0 = _load_box(q_desc, do_desc, bh, starts, rows, e, stop, BOX, HEAD_DIM)
@@ -239,15 +294,15 @@ def _dkdv_class(k, v, dk, dv, q_desc, do_desc, LSE, DELTA, stats, bh, starts, ro
             q2, do2, valid2 = _load_box(q_desc, do_desc, bh, starts, rows, e + 2, stop, BOX, HEAD_DIM)
             q3, do3, valid3 = _load_box(q_desc, do_desc, bh, starts, rows, e + 3, stop, BOX, HEAD_DIM)
         dk, dv = _dkdv_box(k, v, q0, do0, valid0, _box_start(starts, e, stop), LSE, DELTA, stats, dk, dv, qk_scale,
-                           BOX, UPCAST, IEEE, DO_DK, DO_DV, STATS_IN_ACC)
+                           BOX, UPCAST, IEEE, DO_DK, DO_DV, STATS_IN_ACC, DQ_TO, bh, mine, FUSE_DQ)
         if GROUP >= 2:
             dk, dv = _dkdv_box(k, v, q1, do1, valid1, _box_start(starts, e + 1, stop), LSE, DELTA, stats, dk, dv,
-                               qk_scale, BOX, UPCAST, IEEE, DO_DK, DO_DV, STATS_IN_ACC)
+                               qk_scale, BOX, UPCAST, IEEE, DO_DK, DO_DV, STATS_IN_ACC, DQ_TO, bh, mine, FUSE_DQ)
         if GROUP == 4:
             dk, dv = _dkdv_box(k, v, q2, do2, valid2, _box_start(starts, e + 2, stop), LSE, DELTA, stats, dk, dv,
-                               qk_scale, BOX, UPCAST, IEEE, DO_DK, DO_DV, STATS_IN_ACC)
+                               qk_scale, BOX, UPCAST, IEEE, DO_DK, DO_DV, STATS_IN_ACC, DQ_TO, bh, mine, FUSE_DQ)
             dk, dv = _dkdv_box(k, v, q3, do3, valid3, _box_start(starts, e + 3, stop), LSE, DELTA, stats, dk, dv,
-                               qk_scale, BOX, UPCAST, IEEE, DO_DK, DO_DV, STATS_IN_ACC)
+                               qk_scale, BOX, UPCAST, IEEE, DO_DK, DO_DV, STATS_IN_ACC, DQ_TO, bh, mine, FUSE_DQ)
     return dk, dv
 
 
@@ -275,19 +330,61 @@ def _dkdv_class_halved(k, v, dk, dv, q_half_desc, do_half_desc, LSE, DELTA, stat
 
 
 @triton.jit
+def _dkdv_half_steps(k, v, dk, dv, q_half_desc, do_half_desc, LSE, DELTA, stats, bh, starts, rows, whole_end,
+                     half_end, qk_scale, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr,
+                     IEEE: tl.constexpr, DO_DK: tl.constexpr, DO_DV: tl.constexpr, DQ_TO=None, mine=None,
+                     FUSE_DQ: tl.constexpr = 0):
+    """``dkdv_variant="half_steps"``: the full, whole and half classes' entries ``[0, half_end)`` as
+    one loop of ``BLOCK / 2``-row query steps: a ``BLOCK``-row box (entries before ``whole_end``)
+    is two steps, its halves; a half box one. So a step's scores are ``[BLOCK, BLOCK / 2]`` and a
+    fused dQ partial ``[D, BLOCK / 2]`` (what keeps the fused kernel out of spills, NOTES v22),
+    and only one half box of Q and dO per pipeline stage is in shared memory. A second half's rows
+    past its box's count (a whole box of at most ``BLOCK / 2`` rows) add exactly 0, as any masked
+    row does."""
+    HALF: tl.constexpr = BLOCK // 2
+    for s in range(0, whole_end + half_end):
+        # Steps [0, 2 * whole_end) are the halves of the BLOCK-row boxes, the rest one half box each.
+        split = s < 2 * whole_end
+        e = tl.where(split, s // 2, s - whole_end)
+        part = tl.where(split, s % 2, 0)
+        row0 = tl.load(starts + e) + part * HALF
+        count = tl.load(rows + e) - part * HALF
+        q0 = q_half_desc.load([bh, row0, 0]).reshape(HALF, HEAD_DIM)
+        do0 = do_half_desc.load([bh, row0, 0]).reshape(HALF, HEAD_DIM)
+        dk, dv = _dkdv_box(k, v, q0, do0, tl.arange(0, HALF) < count, row0, LSE, DELTA, stats, dk, dv, qk_scale,
+                           HALF, UPCAST, IEEE, DO_DK, DO_DV, False, DQ_TO, bh, mine, FUSE_DQ)
+    return dk, dv
+
+
+@triton.jit
 def _tma_packed_bwd_dkdv(k_desc, v_desc, q_desc, do_desc, q_half_desc, do_half_desc, q_quarter_desc,
                          do_quarter_desc, LSE, DELTA, DK, DV, BOX_STARTS, BOX_ROWS, CLASS_ENDS, TILE_OFFSETS, COUNTS,
                          L, M, MAX_LIST, qk_scale, sm_scale, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
                          UPCAST: tl.constexpr, IEEE: tl.constexpr, DO_DK: tl.constexpr = True,
                          DO_DV: tl.constexpr = True, HALF_BOXES: tl.constexpr = False,
-                         STATS_IN_ACC: tl.constexpr = False):
-    # The constexpr flags select dkdv_variant (DKDV_VARIANTS); their defaults are the default path.
+                         STATS_IN_ACC: tl.constexpr = False, HALF_STEPS: tl.constexpr = False, DQ_ACC=None,
+                         dq_acc_half_desc=None, dq_acc_quarter_desc=None, FUSE_DQ: tl.constexpr = 0):
+    # The constexpr flags select dkdv_variant (DKDV_VARIANTS) and dq_mode (FUSE_DQ: 0 separate,
+    # 1 atomic adds on pointers into DQ_ACC, 2 TMA reduces through descriptors DQ_ACC and the half
+    # and quarter ones); their defaults (and None) are the default path.
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     kv_start = tl.load(TILE_OFFSETS + tile)
     k = k_desc.load([bh, kv_start, 0]).reshape(BLOCK, HEAD_DIM)
     v = v_desc.load([bh, kv_start, 0]).reshape(BLOCK, HEAD_DIM)
     mine = tl.arange(0, BLOCK) < tl.load(COUNTS + tile)
+    if FUSE_DQ != 0:
+        # K's rows of the next tile enter dQ (Kᵀ dSᵀ sums over KV rows): zeroed once (a select, so a
+        # non-finite key there is dropped), and dSᵀ's rows are selected (_dkdv_box).
+        k = _own_rows(k, mine)
+    if FUSE_DQ == 2:
+        dq_full = DQ_ACC
+        dq_half = dq_acc_half_desc
+        dq_quarter = dq_acc_quarter_desc
+    else:
+        dq_full = DQ_ACC
+        dq_half = DQ_ACC
+        dq_quarter = DQ_ACC
     stats = bh.to(tl.int64) * L
     dk = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
@@ -303,19 +400,27 @@ def _tma_packed_bwd_dkdv(k_desc, v_desc, q_desc, do_desc, q_half_desc, do_half_d
     # tile's, and a non-finite Q or dO there reaches this tile's dK/dV through 0 * inf; zeroing
     # them (as dQ and the forward zero K and V) made this kernel spill at D = 128, so it waits for a
     # measured fix.
-    if HALF_BOXES and BLOCK // 2 >= 16:
+    # half_steps: quarter boxes two a step (BLOCK / 2 query rows, as its other steps), else four.
+    QUARTER_GROUP: tl.constexpr = 2 if HALF_STEPS else 4
+    if HALF_STEPS and BLOCK // 2 >= 16:
+        dk, dv = _dkdv_half_steps(k, v, dk, dv, q_half_desc, do_half_desc, LSE, DELTA, stats, bh, starts, rows,
+                                  whole_end, half_end, qk_scale, BLOCK, HEAD_DIM, UPCAST, IEEE, DO_DK, DO_DV, dq_half,
+                                  mine, FUSE_DQ)
+    elif HALF_BOXES and BLOCK // 2 >= 16:
         dk, dv = _dkdv_class_halved(k, v, dk, dv, q_half_desc, do_half_desc, LSE, DELTA, stats, bh, starts, rows, 0,
                                     whole_end, qk_scale, BLOCK, HEAD_DIM, UPCAST, IEEE, DO_DK, DO_DV, STATS_IN_ACC)
     else:
         dk, dv = _dkdv_class(k, v, dk, dv, q_desc, do_desc, LSE, DELTA, stats, bh, starts, rows, 0, whole_end,
-                             qk_scale, BLOCK, 1, HEAD_DIM, UPCAST, IEEE, DO_DK, DO_DV, STATS_IN_ACC)
-    if BLOCK // 2 >= 16:
+                             qk_scale, BLOCK, 1, HEAD_DIM, UPCAST, IEEE, DO_DK, DO_DV, STATS_IN_ACC, dq_full, mine,
+                             FUSE_DQ)
+    if BLOCK // 2 >= 16 and not HALF_STEPS:
         dk, dv = _dkdv_class(k, v, dk, dv, q_half_desc, do_half_desc, LSE, DELTA, stats, bh, starts, rows, whole_end,
-                             half_end, qk_scale, BLOCK // 2, 2, HEAD_DIM, UPCAST, IEEE, DO_DK, DO_DV, STATS_IN_ACC)
+                             half_end, qk_scale, BLOCK // 2, 2, HEAD_DIM, UPCAST, IEEE, DO_DK, DO_DV, STATS_IN_ACC,
+                             dq_half, mine, FUSE_DQ)
     if BLOCK // 4 >= 16:
         dk, dv = _dkdv_class(k, v, dk, dv, q_quarter_desc, do_quarter_desc, LSE, DELTA, stats, bh, starts, rows,
-                             half_end, quarter_end, qk_scale, BLOCK // 4, 4, HEAD_DIM, UPCAST, IEEE, DO_DK, DO_DV,
-                             STATS_IN_ACC)
+                             half_end, quarter_end, qk_scale, BLOCK // 4, QUARTER_GROUP, HEAD_DIM, UPCAST, IEEE,
+                             DO_DK, DO_DV, STATS_IN_ACC, dq_quarter, mine, FUSE_DQ)
     if DO_DK:
         _store_rows(DK, bh, L, kv_start, mine, dk * sm_scale, BLOCK, HEAD_DIM)
     if DO_DV:
@@ -338,7 +443,7 @@ def _check_backward(grad_out, q, out, lse, grad_lse):
 def tma_packed_block_sparse_attention_backward(grad_out, q, k, v, out, lse, kv_num_blocks, kv_indices,
                                                compact: CompactLayout, scale=None, *, boxes=None, q_boxes=None,
                                                grad_lse=None, delta=None, num_warps: int = 4, num_stages: int = 2,
-                                               dkdv_variant: str = "default"):
+                                               dkdv_variant: str = "default", dq_mode: str = "separate"):
     """Gradients ``(dq, dk, dv)`` of :func:`~kernel_templates.tma_block_sparse.tma_packed_block_sparse_attention`
     (``out_order="tile"``) with respect to its ``q, k, v``.
 
@@ -351,10 +456,20 @@ def tma_packed_block_sparse_attention_backward(grad_out, q, k, v, out, lse, kv_n
     when not given. ``delta``: ``rowsum(out * grad_out) - grad_lse`` (fp32 ``[B, H, L]``, compact
     order) when the caller has it; then ``out`` and ``grad_lse`` are not read (``out`` may be None).
     ``dkdv_variant``: one of :data:`DKDV_VARIANTS`, how the dK/dV kernel is compiled (same
-    results up to rounding). Returns contiguous tensors like ``q, k, v``, in compact order.
+    results up to rounding). ``dq_mode``: one of :data:`DQ_MODES`: dQ by its own kernel
+    ("separate", deterministic) or fused into the dK/dV kernel by fp32 atomic adds ("atomic",
+    "atomic_tma"; with ``dkdv_variant="two_pass"`` into its dK pass). The atomic modes are not
+    deterministic (float addition order), so a caller must choose "separate" while
+    ``torch.are_deterministic_algorithms_enabled()`` (:func:`backward_dq_mode`). Returns contiguous
+    tensors like ``q, k, v``, in compact order.
     """
     if dkdv_variant not in DKDV_VARIANTS:
         raise ValueError(f"dkdv_variant must be one of {', '.join(map(repr, DKDV_VARIANTS))}, got {dkdv_variant!r}")
+    if dq_mode not in DQ_MODES:
+        raise ValueError(f"dq_mode must be one of {', '.join(map(repr, DQ_MODES))}, got {dq_mode!r}")
+    if dq_mode != "separate" and dkdv_variant not in ATOMIC_VARIANTS:
+        raise ValueError(f"dq_mode {dq_mode!r} takes dkdv_variant one of {', '.join(map(repr, ATOMIC_VARIANTS))}, "
+                         f"got {dkdv_variant!r}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     _check(q, k, v, kv_num_blocks, kv_indices, compact, scale)
     _check_backward(grad_out, q, q if out is None else out, lse, grad_lse)
@@ -393,26 +508,55 @@ def tma_packed_block_sparse_attention_backward(grad_out, q, k, v, out, lse, kv_n
     qk_scale = scale * LOG2E
     tables = (compact.tile_offsets, compact.counts)
 
-    starts, rows, ends = boxes
-    _tma_packed_bwd_dq[grid](
-        _descriptor(q, block), _descriptor(grad_out, block), _descriptor(k, block), _descriptor(v, block),
-        _descriptor(k, half), _descriptor(v, half), _descriptor(k, quarter), _descriptor(v, quarter),
-        lse, delta, dq, starts, rows, ends, *tables, L, M, starts.shape[-1], qk_scale, scale, **meta)
+    fused = {}
+    if dq_mode == "separate":
+        starts, rows, ends = boxes
+        _tma_packed_bwd_dq[grid](
+            _descriptor(q, block), _descriptor(grad_out, block), _descriptor(k, block), _descriptor(v, block),
+            _descriptor(k, half), _descriptor(v, half), _descriptor(k, quarter), _descriptor(v, quarter),
+            lse, delta, dq, starts, rows, ends, *tables, L, M, starts.shape[-1], qk_scale, scale, **meta)
+    else:
+        # The unscaled dQ sums, fp32 [B * H, L, D]: every row gets adds from each KV tile it lists.
+        dq_acc = torch.zeros(B, H, L, D, dtype=torch.float32, device=q.device)
+        if dq_mode == "atomic":
+            fused = dict(DQ_ACC=dq_acc)
+        else:
+            fused = dict(DQ_ACC=_descriptor(dq_acc, block), dq_acc_half_desc=_descriptor(dq_acc, half),
+                         dq_acc_quarter_desc=_descriptor(dq_acc, quarter))
 
     starts, rows, ends = q_boxes
     args = (_descriptor(k, block), _descriptor(v, block), _descriptor(q, block), _descriptor(grad_out, block),
             _descriptor(q, half), _descriptor(grad_out, half), _descriptor(q, quarter), _descriptor(grad_out, quarter),
             lse, delta, dk, dv, starts, rows, ends, *tables, L, M, starts.shape[-1], qk_scale, scale)
+    fused = dict(fused, FUSE_DQ=_FUSE_DQ[dq_mode]) if fused else {}
     if dkdv_variant == "default":
-        _tma_packed_bwd_dkdv[grid](*args, **meta)
+        _tma_packed_bwd_dkdv[grid](*args, **fused, **meta)
     elif dkdv_variant == "two_pass":
         _tma_packed_bwd_dkdv[grid](*args, DO_DK=False, DO_DV=True, **meta)
-        _tma_packed_bwd_dkdv[grid](*args, DO_DK=True, DO_DV=False, **meta)
+        _tma_packed_bwd_dkdv[grid](*args, DO_DK=True, DO_DV=False, **fused, **meta)
     else:
-        _tma_packed_bwd_dkdv[grid](*args, **dkdv_flags(dkdv_variant), **meta)
+        _tma_packed_bwd_dkdv[grid](*args, **dkdv_flags(dkdv_variant), **fused, **meta)
+    if dq_mode != "separate":
+        # One pass: the score scale and the cast (out= takes the lower-precision float result).
+        torch.mul(dq_acc, scale, out=dq)
     return dq, dk, dv
+
+
+#: The environment variable :func:`backward_dq_mode` reads.
+DQ_MODE_ENV = "SPARSE_INDUCTOR_BACKWARD_DQ"
+
+
+def backward_dq_mode() -> str:
+    """The ``dq_mode`` a caller should pass: "separate" while
+    ``torch.are_deterministic_algorithms_enabled()`` (the atomic modes add in no fixed order),
+    else ``$SPARSE_INDUCTOR_BACKWARD_DQ`` (default "separate"; one of :data:`DQ_MODES`)."""
+    mode = os.environ.get(DQ_MODE_ENV, "separate")
+    if mode not in DQ_MODES:
+        raise ValueError(f"{DQ_MODE_ENV} must be one of {', '.join(map(repr, DQ_MODES))}, got {mode!r}")
+    return "separate" if torch.are_deterministic_algorithms_enabled() else mode
 
 
 def dkdv_flags(variant: str) -> dict:
     """The dK/dV kernel's constexpr flags of a one-launch ``dkdv_variant`` (empty: the default)."""
-    return {"default": {}, "half_boxes": {"HALF_BOXES": True}, "stats_in_acc": {"STATS_IN_ACC": True}}[variant]
+    return {"default": {}, "half_boxes": {"HALF_BOXES": True}, "stats_in_acc": {"STATS_IN_ACC": True},
+            "half_steps": {"HALF_STEPS": True}}[variant]

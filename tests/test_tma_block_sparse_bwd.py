@@ -18,7 +18,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from helpers import HAS_TRITON, KERNEL_DEVICE, REL_TOL, assert_close_rel
@@ -28,9 +28,38 @@ from test_tma_block_sparse import DTYPES, TILES, grid_for, random_lists
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 
-# The dK/dV kernel's variants (tma_block_sparse_bwd.DKDV_VARIANTS, spelled out so that collecting
-# this file needs no triton; test_backward_bad_inputs checks the two agree).
-DKDV_VARIANTS = ("default", "half_boxes", "two_pass", "stats_in_acc")
+# The dK/dV kernel's variants and the ways dQ is computed (tma_block_sparse_bwd.DKDV_VARIANTS,
+# DQ_MODES and ATOMIC_VARIANTS, spelled out so that collecting this file needs no triton;
+# test_backward_bad_inputs checks they agree).
+DKDV_VARIANTS = ("default", "half_boxes", "two_pass", "stats_in_acc", "half_steps")
+DQ_MODES = ("separate", "atomic", "atomic_tma")
+ATOMIC_VARIANTS = ("half_steps", "default", "two_pass")
+#: (dq_mode, dkdv_variant) pairs: every variant with the dQ kernel, and dQ fused into the dK/dV
+#: kernel by atomic adds (NOTES v22): "atomic" with each variant it takes, "atomic_tma" (TMA reduces;
+#: emulated under the interpreter, see emulate_descriptor_reduce) with one per box descriptor kind.
+SEPARATE = [("separate", v) for v in DKDV_VARIANTS]
+FUSED = [("atomic", v) for v in ATOMIC_VARIANTS] + [("atomic_tma", "half_steps"), ("atomic_tma", "default")]
+#: What the reference test draws fewer examples for (v22's additions; each compiles new kernels).
+NEW = [("separate", "half_steps")] + FUSED[:4]
+
+
+def emulate_descriptor_reduce():
+    """The Triton interpreter has no tensor-descriptor reduce (``desc.atomic_add``, TMA's
+    ``cp.reduce.async.bulk.tensor``): give it one with that instruction's semantics, an atomic add
+    of each element of the box that lies inside the tensor (rows past its extent are dropped)."""
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    if hasattr(builder, "create_descriptor_reduce"):
+        return
+
+    def create_descriptor_reduce(self, kind, desc, value, indices):
+        assert kind == interpreter._ir.DESCRIPTOR_REDUCE_KIND.ADD, kind
+        ptrs, mask = desc.materialize_pointers(indices)
+        return self.create_atomic_rmw(interpreter._ir.ATOMIC_OP.FADD, ptrs, value, mask,
+                                      interpreter._ir.MEM_SEMANTIC.RELAXED, interpreter._ir.MEM_SYNC_SCOPE.GPU)
+
+    builder.create_descriptor_reduce = create_descriptor_reduce
 
 
 def reference_gradients(q, k, v, grad_out, grad_lse, selected, grid, tile, scale):
@@ -54,15 +83,18 @@ def reference_gradients(q, k, v, grad_out, grad_lse, selected, grid, tile, scale
 
 
 def run_backward(q, k, v, grad_out, grad_lse, out, lse, grid, tile, num, idx, scale, merge=None,
-                 dkdv_variant="default"):
+                 dkdv_variant="default", dq_mode="separate"):
     """The backward on raster-order tensors: permuted to compact tile-major, run, gradients back in
     raster order. ``merge``: pass box lists made with ``merge_adjacent=merge`` (both directions)
-    instead of letting the function make its own (merged). ``dkdv_variant``: the function's."""
+    instead of letting the function make its own (merged). ``dkdv_variant``, ``dq_mode``: the
+    function's."""
     from kernel_templates.tma_block_sparse_bwd import tma_packed_block_sparse_attention_backward
     from sparse_inductor.compact_layout import compact_layout, from_compact, kv_boxes_by_class, to_compact
     from sparse_inductor.ops import transpose_block_lists
 
     compact = compact_layout(tile_layout(grid, tile, KERNEL_DEVICE))
+    if dq_mode == "atomic_tma" and KERNEL_DEVICE == "cpu":
+        emulate_descriptor_reduce()
     dtype = q.dtype
     go, qc, kc, vc, oc = (to_compact(x.to(KERNEL_DEVICE), compact) for x in (grad_out, q, k, v, out.to(dtype)))
     lse_c = to_compact(lse.float().to(KERNEL_DEVICE), compact, dim=-1)
@@ -75,7 +107,7 @@ def run_backward(q, k, v, grad_out, grad_lse, out, lse, grid, tile, num, idx, sc
                                     merge_adjacent=merge)
     grads = tma_packed_block_sparse_attention_backward(go, qc, kc, vc, oc, lse_c, num, idx, compact, scale,
                                                        boxes=boxes, q_boxes=q_boxes, grad_lse=gl,
-                                                       dkdv_variant=dkdv_variant)
+                                                       dkdv_variant=dkdv_variant, dq_mode=dq_mode)
     for g in grads:
         assert g.dtype == dtype and g.shape == q.shape
     return tuple(from_compact(g, compact).cpu() for g in grads)
@@ -89,7 +121,7 @@ def make_inputs(B, H, N, D, dtype, seed, with_grad_lse):
 
 
 def check_gradients(q, k, v, grad_out, grad_lse, grid, tile, num, idx, selected, scale, through_forward=False,
-                    merge=None, dkdv_variant="default"):
+                    merge=None, dkdv_variant="default", dq_mode="separate"):
     """Backward kernels against the reference; ``through_forward``: out and LSE from the forward
     kernel (as in training) instead of from the reference (which isolates the backward)."""
     ref_out, ref_lse, rq, rk, rv = reference_gradients(q, k, v, grad_out, grad_lse, selected, grid, tile, scale)
@@ -101,26 +133,44 @@ def check_gradients(q, k, v, grad_out, grad_lse, grid, tile, num, idx, selected,
     else:
         out, lse = ref_out.to(q.dtype), ref_lse.float()
     dq, dk, dv = run_backward(q, k, v, grad_out, grad_lse, out, lse, grid, tile, num, idx, scale, merge,
-                              dkdv_variant)
+                              dkdv_variant, dq_mode)
     tol = REL_TOL[q.dtype]["grad"]
     for name, got, want in (("dq", dq, rq), ("dk", dk, rk), ("dv", dv, rv)):
         assert_close_rel(got, want, tol, name)
     return dq, dk, dv
 
 
-@pytest.mark.parametrize("dkdv_variant", DKDV_VARIANTS)
-@given(data=st.data(), tile=st.sampled_from(TILES), dtype=st.sampled_from(DTYPES), B=st.integers(1, 2),
-       H=st.integers(1, 2), D=st.sampled_from([64, 128]), seed=st.integers(0, 2**16), with_grad_lse=st.booleans(),
-       merge=st.sampled_from([None, False]))
-def test_backward_matches_reference(dkdv_variant, data, tile, dtype, B, H, D, seed, with_grad_lse, merge):
-    """``merge`` None: the function's own (merged) box lists; False: one box per listed tile, passed in.
-    Every ``dkdv_variant`` (the dK/dV kernel's compiled variants) is held to the same tolerance."""
+def check_drawn(dq_mode, dkdv_variant, data, tile, dtype, B, H, D, seed, with_grad_lse, merge):
     grid = data.draw(grid_for(tile), label="grid")
     N, M = math.prod(grid), tile_layout(grid, tile).num_tiles
     g, q, k, v, grad_out, grad_lse = make_inputs(B, H, N, D, dtype, seed, with_grad_lse)
     num, idx, selected = random_lists(B, H, M, g)
     check_gradients(q, k, v, grad_out, grad_lse, grid, tile, num, idx, selected, 1.0 / math.sqrt(D), merge=merge,
-                    dkdv_variant=dkdv_variant)
+                    dkdv_variant=dkdv_variant, dq_mode=dq_mode)
+
+
+DRAWN = dict(data=st.data(), tile=st.sampled_from(TILES), dtype=st.sampled_from(DTYPES), B=st.integers(1, 2),
+             H=st.integers(1, 2), D=st.sampled_from([64, 128]), seed=st.integers(0, 2**16),
+             with_grad_lse=st.booleans(), merge=st.sampled_from([None, False]))
+
+
+@pytest.mark.parametrize("dq_mode, dkdv_variant", [mode for mode in SEPARATE if mode not in NEW])
+@given(**DRAWN)
+def test_backward_matches_reference(dq_mode, dkdv_variant, data, tile, dtype, B, H, D, seed, with_grad_lse, merge):
+    """``merge`` None: the function's own (merged) box lists; False: one box per listed tile, passed in.
+    Every ``dkdv_variant`` (the dK/dV kernel's compiled variants) is held to the same tolerance."""
+    check_drawn(dq_mode, dkdv_variant, data, tile, dtype, B, H, D, seed, with_grad_lse, merge)
+
+
+@pytest.mark.parametrize("dq_mode, dkdv_variant", NEW)
+@settings(max_examples=max(4, settings.default.max_examples // 3))  # the same draws, fewer of them
+@given(**DRAWN)
+def test_fused_backward_matches_reference(dq_mode, dkdv_variant, data, tile, dtype, B, H, D, seed, with_grad_lse,
+                                          merge):
+    """dQ fused into the dK/dV kernel by fp32 atomic adds (``dq_mode``), and the "half_steps"
+    variant it is built for, held to the same tolerance ("atomic_tma" with "default" boxes: in
+    test_empty_row_and_unlisted_kv_tile)."""
+    check_drawn(dq_mode, dkdv_variant, data, tile, dtype, B, H, D, seed, with_grad_lse, merge)
 
 
 # The border structure of Wan 480p (21 x 30 x 52 under (4, 4, 4): tiles of 64, 32, 16 and 8 tokens)
@@ -138,9 +188,10 @@ def test_backward_through_the_forward(grid, tile, dtype, D):
                     through_forward=True)  # run_packed: the default scale
 
 
-@pytest.mark.parametrize("dkdv_variant", DKDV_VARIANTS)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_empty_row_and_unlisted_kv_tile(dtype, dkdv_variant):
+@pytest.mark.parametrize("dtype, dq_mode, dkdv_variant",
+                         [(dtype, *mode) for dtype in DTYPES for mode in SEPARATE[:4]]
+                         + [(torch.bfloat16, *mode) for mode in SEPARATE[4:] + FUSED])
+def test_empty_row_and_unlisted_kv_tile(dtype, dq_mode, dkdv_variant):
     """Query tile 3 lists nothing (its dQ is exactly 0 and it adds nothing to dK, dV, though its
     incoming gradients are not 0); KV tile 2, a partial border tile, is listed by nobody in head 0
     (dK = dV = 0 there exactly), while head 1 lists everything (the dense case)."""
@@ -159,7 +210,7 @@ def test_empty_row_and_unlisted_kv_tile(dtype, dkdv_variant):
     order = torch.argsort(torch.rand(1, 2, M, M, generator=g) - 2.0 * selected, dim=-1).to(torch.int32)
     idx = torch.where(torch.arange(M) < num[..., None], order, -1)
     dq, dk, dv = check_gradients(q, k, v, grad_out, grad_lse, grid, tile, num, idx, selected, 1.0 / math.sqrt(D),
-                                 dkdv_variant=dkdv_variant)
+                                 dkdv_variant=dkdv_variant, dq_mode=dq_mode)
     ids = tile_ids(grid, tile)
     assert torch.equal(dq[0, 0, ids == 3], torch.zeros(int((ids == 3).sum()), D, dtype=dtype))
     for grad in (dk, dv):
@@ -167,7 +218,9 @@ def test_empty_row_and_unlisted_kv_tile(dtype, dkdv_variant):
         assert grad[0, 0, ids != 2].abs().sum() > 0
 
 
-def test_skipped_head():
+@pytest.mark.parametrize("dq_mode, dkdv_variant", [("separate", "default"), ("separate", "half_steps"),
+                                                   ("atomic", "half_steps"), ("atomic_tma", "half_steps")])
+def test_skipped_head(dq_mode, dkdv_variant):
     """A head listing nothing at all: every gradient of it is exactly 0; the other head's are right."""
     grid, tile, D = (3, 6, 9), (2, 4, 8), 128
     N, M = math.prod(grid), tile_layout(grid, tile).num_tiles
@@ -175,9 +228,37 @@ def test_skipped_head():
     num, idx, selected = random_lists(1, 2, M, g)
     num[0, 1] = 0
     selected[0, 1] = False
-    grads = check_gradients(q, k, v, grad_out, grad_lse, grid, tile, num, idx, selected, 1.0 / math.sqrt(D))
+    grads = check_gradients(q, k, v, grad_out, grad_lse, grid, tile, num, idx, selected, 1.0 / math.sqrt(D),
+                            dkdv_variant=dkdv_variant, dq_mode=dq_mode)
     for grad in grads:
         assert torch.equal(grad[0, 1], torch.zeros(N, D))
+
+
+@pytest.mark.parametrize("dq_mode", ["atomic", "atomic_tma"])
+@pytest.mark.parametrize("where", ["k", "v"])
+def test_fused_dq_drops_non_finite_keys_of_another_tile(where, dq_mode):
+    """Grid (5, 6, 7), tiles (4, 4, 4): tile 1 is partial (48 tokens), so its K/V rows in the dK/dV
+    program hold the first rows of tile 2, which here holds an inf; every tile lists itself only.
+    The fused dQ (a sum over KV rows) must drop them, as the dQ kernel does (v21): the same
+    gradients as dq_mode "separate", finite wherever those are."""
+    grid, tile, D = (5, 6, 7), (4, 4, 4), 64
+    layout = tile_layout(grid, tile)
+    N, M = math.prod(grid), layout.num_tiles
+    g, q, k, v, grad_out, grad_lse = make_inputs(1, 1, N, D, torch.float32, 3, False)
+    ids = tile_ids(grid, tile)
+    {"k": k, "v": v}[where][0, 0, (ids == 2).nonzero()[0, 0]] = float("inf")
+    num = torch.ones(1, 1, M, dtype=torch.int32)
+    idx = torch.arange(M, dtype=torch.int32).view(1, 1, M, 1)
+    from test_tma_block_sparse import run_packed
+
+    out, lse = (x.cpu() for x in run_packed(q, k, v, grid, tile, num, idx, "tile"))  # exact since v21
+    grads = {mode: run_backward(q, k, v, grad_out, None, out, lse, grid, tile, num, idx, 1.0 / math.sqrt(D),
+                                dq_mode=mode, dkdv_variant="half_steps") for mode in ("separate", dq_mode)}
+    assert torch.isfinite(grads["separate"][0][0, 0, ids == 1]).all()
+    for want, got in zip(grads["separate"], grads[dq_mode]):
+        assert torch.equal(torch.isfinite(got), torch.isfinite(want))
+        finite = torch.isfinite(want)
+        assert_close_rel(got[finite], want[finite], REL_TOL[torch.float32]["grad"], f"{dq_mode} vs separate")
 
 
 def test_backward_bad_inputs():
@@ -200,4 +281,30 @@ def test_backward_bad_inputs():
         tma_packed_block_sparse_attention_backward(x, x, x, x, x, lse, *lists, compact, grad_lse=lse[..., :32])
     with pytest.raises(ValueError, match="dkdv_variant must be one of 'default', 'half_boxes'"):
         tma_packed_block_sparse_attention_backward(x, x, x, x, x, lse, *lists, compact, dkdv_variant="halves")
+    with pytest.raises(ValueError, match="dq_mode must be one of 'separate', 'atomic', 'atomic_tma', got 'atomics'"):
+        tma_packed_block_sparse_attention_backward(x, x, x, x, x, lse, *lists, compact, dq_mode="atomics")
+    with pytest.raises(ValueError, match="dq_mode 'atomic' takes dkdv_variant one of 'half_steps', .*got 'half_boxes'"):
+        tma_packed_block_sparse_attention_backward(x, x, x, x, x, lse, *lists, compact, dq_mode="atomic",
+                                                   dkdv_variant="half_boxes")
     assert tma_block_sparse_bwd.DKDV_VARIANTS == DKDV_VARIANTS
+    assert tma_block_sparse_bwd.DQ_MODES == DQ_MODES
+    assert tma_block_sparse_bwd.ATOMIC_VARIANTS == ATOMIC_VARIANTS
+
+
+def test_backward_dq_mode(monkeypatch):
+    """The atomic dQ adds in no fixed order: never chosen while deterministic algorithms are on."""
+    from kernel_templates.tma_block_sparse_bwd import backward_dq_mode
+
+    monkeypatch.delenv("SPARSE_INDUCTOR_BACKWARD_DQ", raising=False)
+    assert backward_dq_mode() == "separate"
+    monkeypatch.setenv("SPARSE_INDUCTOR_BACKWARD_DQ", "atomic")
+    assert backward_dq_mode() == "atomic"
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        assert backward_dq_mode() == "separate"
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    monkeypatch.setenv("SPARSE_INDUCTOR_BACKWARD_DQ", "fused")
+    with pytest.raises(ValueError, match="SPARSE_INDUCTOR_BACKWARD_DQ must be one of 'separate', 'atomic'"):
+        backward_dq_mode()
