@@ -9,12 +9,19 @@ lists) and precomputed ``delta``-ready inputs; rows:
 * ``tma_bwd[w, s]``: the TMA dQ + dK/dV kernels on compact copies (delta inside: one torch pass),
   for a few launch configurations (warps, stages); ``tma_bwd[w, s, variant]`` for each other
   ``dkdv_variant`` of the dK/dV kernel (``--variants``, default all; NOTES.md v20);
+  ``tma_bwd[w, s, variant, dq_mode]`` for each fused ``dq_mode`` (``--dq-modes``; NOTES.md v22: dQ
+  added by fp32 atomics inside the dK/dV kernel, its zeroed buffer and the scale-and-cast pass
+  inside the timing), with the variants that mode takes (``ATOMIC_VARIANTS``);
 * ``tma_fwd``: the TMA forward on the same inputs, for the fwd+bwd sum.
 
-Prints each time, the ratio to ``gather_bwd`` and the relative L2 of dQ, dK, dV between them.
+Prints each time, the ratio to ``gather_bwd``, the relative L2 of dQ, dK, dV against it and, for
+every row but the first of a config, against that config's first row (``separate`` and the first
+variant: the fused modes' rounding differs by the order of the fp32 adds).
 
     PYTHONPATH=$PWD python benchmarks/bench_tma_backward.py --cases wan1.3b-480p
     PYTHONPATH=$PWD python benchmarks/bench_tma_backward.py --configs 4,2 --variants default two_pass
+    PYTHONPATH=$PWD python benchmarks/bench_tma_backward.py --configs 4,2 8,2 --variants default two_pass half_steps \
+        --dq-modes separate atomic atomic_tma                                                      # v22
 """
 from __future__ import annotations
 
@@ -28,7 +35,7 @@ import torch
 import triton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from kernel_templates.tma_block_sparse_bwd import DKDV_VARIANTS  # noqa: E402
+from kernel_templates.tma_block_sparse_bwd import ATOMIC_VARIANTS, DKDV_VARIANTS, DQ_MODES  # noqa: E402
 
 CASES = {"wan1.3b-480p": (12, (21, 30, 52)), "dividing-20x32x52": (12, (20, 32, 52)),
          "wan14b-720p": (40, (21, 45, 80))}
@@ -38,7 +45,18 @@ def bench(fn):
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def run_case(name, sparsity, configs, variants=("default",)):
+def runs(configs, variants, dq_modes):
+    """The ``(warps, stages, dkdv_variant, dq_mode)`` rows to time, in order: per config, every
+    variant with the separate dQ kernel, then every fused mode with the variants it takes."""
+    return [(w, s, v, m) for (w, s) in configs for m in dq_modes for v in variants
+            if m == "separate" or v in ATOMIC_VARIANTS]
+
+
+def rel_l2(got, want):
+    return [((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(got, want)]
+
+
+def run_case(name, sparsity, configs, variants=("default",), dq_modes=("separate",)):
     import sparse_inductor as si
     from kernel_templates.tma_block_sparse import tma_packed_block_sparse_attention
     from kernel_templates.tma_block_sparse_bwd import tma_packed_block_sparse_attention_backward
@@ -86,22 +104,29 @@ def run_case(name, sparsity, configs, variants=("default",)):
           flush=True)
     t_fwd = bench(lambda: tma_packed_block_sparse_attention(qc, kc, vc, num, idx, compact, scale, boxes=boxes))
     print(f"[{name}] tma_fwd {t_fwd:.3f} ms", flush=True)
-    for (warps, stages), variant in ((c, v) for c in configs for v in variants):
+    first = {}  # (warps, stages) -> that config's first row's gradients
+    for warps, stages, variant, dq_mode in runs(configs, variants, dq_modes):
         def tma_bwd():
             return tma_packed_block_sparse_attention_backward(doc, qc, kc, vc, out_c, lse_c, num, idx, compact, scale,
                                                               boxes=boxes, q_boxes=q_boxes, num_warps=warps,
-                                                              num_stages=stages, dkdv_variant=variant)
-        label = f"{warps}w,{stages}s" + ("" if variant == "default" else f",{variant}")
+                                                              num_stages=stages, dkdv_variant=variant,
+                                                              dq_mode=dq_mode)
+        label = f"{warps}w,{stages}s" + ("" if variant == "default" else f",{variant}") + (
+            "" if dq_mode == "separate" else f",{dq_mode}")
         try:
             got = [from_compact(x, compact) for x in tma_bwd()]
-            errs = [((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(got, ref)]
+            errs = rel_l2(got, ref)
+            base = first.setdefault((warps, stages), (label, got))
+            vs = "" if base[0] == label else ("; vs {} dq {:.1e} dk {:.1e} dv {:.1e}".format(base[0],
+                                                                                      *rel_l2(got, base[1])))
             t = bench(tma_bwd)
             print(f"[{name}] tma_bwd[{label}] {t:.3f} ms ({flops / t / 1e9:.0f} TFLOP/s), "
                   f"{t_gather / t:.2f}x gather_bwd; rel L2 vs gather dq {errs[0]:.1e} dk {errs[1]:.1e} "
-                  f"dv {errs[2]:.1e}", flush=True)
+                  f"dv {errs[2]:.1e}{vs}", flush=True)
         except Exception as e:  # report, never hide
             print(f"[{name}] tma_bwd[{label}] failed: {type(e).__name__}: "
                   f"{(str(e).splitlines() or [''])[0][:200]}", flush=True)
+    first.clear()
     del q, k, v, do, qc, kc, vc, doc
     torch.cuda.empty_cache()
 
@@ -114,11 +139,14 @@ def main():
                         help="warps,stages pairs for the TMA kernels")
     parser.add_argument("--variants", nargs="*", default=list(DKDV_VARIANTS), choices=list(DKDV_VARIANTS),
                         help="dkdv_variant of the TMA dK/dV kernel, each run under every config")
+    parser.add_argument("--dq-modes", nargs="*", default=["separate"], choices=list(DQ_MODES),
+                        help="dq_mode of the TMA backward: separate (the dQ kernel) and/or the fused atomic modes, "
+                             f"which run only the variants they take ({', '.join(ATOMIC_VARIANTS)})")
     args = parser.parse_args()
     print(f"device {torch.cuda.get_device_name()}; torch {torch.__version__}; triton {triton.__version__}")
     configs = [tuple(int(x) for x in c.split(",")) for c in args.configs]
     for name in args.cases:
-        run_case(name, args.sparsity, configs, args.variants)
+        run_case(name, args.sparsity, configs, args.variants, args.dq_modes)
 
 
 if __name__ == "__main__":

@@ -59,7 +59,9 @@ def launch_flags(variant, dq_mode):
 
 #: The step loops of each kernel, in program order (dQ masks whole boxes, so it has a loop more).
 STEP_LABELS = {"dQ": ("full box", "whole box", "2 half boxes", "4 quarter boxes"),
-               "dK/dV": ("full or whole box", "2 half boxes", "4 quarter boxes")}
+               "dK/dV": ("full or whole box", "2 half boxes", "4 quarter boxes"),
+               # half_steps: one loop of BLOCK / 2-row steps (half a full or whole box, or a half box)
+               "dK/dV half_steps": ("half box", "2 quarter boxes")}
 
 
 def _toolchain(any_triton: bool):
@@ -210,7 +212,7 @@ def main():
             for name, launches in rows:
                 for i, m in enumerate(launches):
                     label = name if len(launches) == 1 else f"{name} pass {i + 1}/{len(launches)}"
-                    labels = STEP_LABELS[name.split(" ")[0]]
+                    labels = STEP_LABELS.get(" ".join(name.split(" ")[:2]), STEP_LABELS[name.split(" ")[0]])
                     steps = "; ".join(f"{labels[j] if j < len(labels) else j}: {s['instructions']}/{s['hgmma']}/"
                                       f"{s['waits']}/{s['tma']}/{s['spill_ops']}"
                                       + (f"/{s['atomics']}" if s["atomics"] else "") for j, s in enumerate(m["steps"]))
