@@ -3,8 +3,9 @@
 Computes ``(dQ, dK, dV)``, the exact gradient of the forward's definition (DESIGN.md §3: softmax
 attention of each query row over the tokens of its query tile's listed KV tiles, per head; a row
 listing nothing has output 0 and LSE -inf and contributes nothing), given the incoming gradient
-``dO`` (and optionally ``dLSE``), the forward's output ``O`` and its natural-log LSE. The
-FlashAttention-2 split into two kernels, no atomics (so deterministic):
+``dO`` (and optionally ``dLSE``), the forward's output ``O`` and its natural-log LSE. By default
+the FlashAttention-2 split into two kernels, no atomics (so deterministic); optionally dQ fused
+into the dK/dV kernel by atomic adds:
 
 - ``delta = rowsum(O * dO) - dLSE`` (fp32, ``[B, H, L]``) is one torch pass before the kernels
   (a gradient on LSE folds into delta: ``d lse / d s`` is the softmax row). It is a small
@@ -23,6 +24,20 @@ FlashAttention-2 split into two kernels, no atomics (so deterministic):
   ``BLOCK``-row step. Per box: ``Sᵀ = K Qᵀ``, ``Pᵀ``, ``dV += Pᵀ dO``, ``dPᵀ = V dOᵀ``,
   ``dSᵀ = Pᵀ ∘ (dPᵀ - deltaᵀ)``, ``dK += dSᵀ Q``; stores ``dK * scale`` and ``dV`` for the tile's
   own rows.
+- **Fused dQ** (``dq_mode="atomic"`` / ``"atomic_tma"``, benchmarks/NOTES.md v22): the dQ kernel is
+  not launched; the dK/dV kernel also computes each query box's partial ``dQᵀ = Kᵀ dSᵀ`` (fp32
+  ``[D, BOX]``; 5 matmuls per (query box, KV tile) pair instead of the split's 7) and adds it into a zeroed fp32
+  ``[B, H, L, D]`` buffer, by ``tl.atomic_add`` on the box's valid rows ("atomic", which the
+  interpreter runs) or by one TMA reduce-add of the box (``cp.reduce.async.bulk.tensor``,
+  "atomic_tma"; rows past the count get exactly +-0, :func:`_add_dq`); then one pass
+  ``dq = acc * scale`` cast to the input dtype. The program's own K rows past its count (the next
+  tile's) are zeroed and ``dSᵀ``'s selected, since a dQ row sums over KV rows. **Not
+  deterministic**: the fp32 adds land in any order, so callers pick "separate" while
+  ``torch.are_deterministic_algorithms_enabled()`` (:func:`backward_dq_mode`). At D = 128 (sm_90a,
+  Triton 3.6, 4 warps) only the ``dkdv_variant="half_steps"`` form (``BLOCK / 2``-row query steps)
+  keeps 2 programs per SM: with "atomic_tma" 255 registers and no spill; with "atomic" a 24-byte
+  spill (4 spill instructions in the quarter-box loop only); "default" and "two_pass" fused spill
+  or need one program per SM (NOTES v22). Not yet run on a GPU.
 
 **Layout.** Every tensor is ``[B, H, L, D]`` in compact tile-major order
 (:func:`~sparse_inductor.compact_layout.to_compact`; tile ``j`` holds rows ``[off_j, off_j + n_j)``,
