@@ -561,11 +561,11 @@ def tma_packed_block_sparse_attention_backward(grad_out, q, k, v, out, lse, kv_n
 DQ_MODE_ENV = "SPARSE_INDUCTOR_BACKWARD_DQ"
 
 
-def backward_dq_mode() -> str:
+def backward_dq_mode(default: str = "separate") -> str:
     """The ``dq_mode`` a caller should pass: "separate" while
     ``torch.are_deterministic_algorithms_enabled()`` (the atomic modes add in no fixed order),
-    else ``$SPARSE_INDUCTOR_BACKWARD_DQ`` (default "separate"; one of :data:`DQ_MODES`)."""
-    mode = os.environ.get(DQ_MODE_ENV, "separate")
+    else ``$SPARSE_INDUCTOR_BACKWARD_DQ`` (``default`` when unset; one of :data:`DQ_MODES`)."""
+    mode = os.environ.get(DQ_MODE_ENV, default)
     if mode not in DQ_MODES:
         raise ValueError(f"{DQ_MODE_ENV} must be one of {', '.join(map(repr, DQ_MODES))}, got {mode!r}")
     return "separate" if torch.are_deterministic_algorithms_enabled() else mode

@@ -461,6 +461,15 @@ def _(q, q_compact, k_compact, v_compact, q_slots, kv_slots, counts, tile_offset
     return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=stats_dtype(q.dtype))
 
 
+#: How the TMA backward computes dQ when ``$SPARSE_INDUCTOR_BACKWARD_DQ`` is unset (benchmarks/NOTES.md
+#: v22): "separate" (its own kernel, deterministic) or a fused mode ("atomic", "atomic_tma": dQ
+#: added into an fp32 buffer by the dK/dV kernel, not deterministic). Under
+#: ``torch.use_deterministic_algorithms`` the backward always runs "separate".
+TMA_BACKWARD_DQ_MODE = "separate"
+#: The dK/dV kernel variant of the fused modes: 32-row query steps, the one without spills at D = 128.
+TMA_FUSED_DQ_VARIANT = "half_steps"
+
+
 @torch.library.custom_op("sparse_inductor::tma_block_sparse_attn_bwd", mutates_args=())
 def tma_block_sparse_attn_bwd(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Tensor,
@@ -472,11 +481,13 @@ def tma_block_sparse_attn_bwd(
     fp32 ``[B, H, L]``; ``slots`` the compact slot table (:func:`compact_slots`), the other tables
     as in the forward. Returns ``(dq, dk, dv)`` in compact order. On CUDA (or under
     ``TRITON_INTERPRET=1``) the TMA backward kernels (``kernel_templates/tma_block_sparse_bwd.py``:
-    dQ, then dK/dV over the transposed lists); otherwise the CPU implementation on the tables."""
+    dQ fused into the dK/dV kernel over the transposed lists by atomic adds, or under
+    deterministic algorithms dQ then dK/dV: :data:`TMA_BACKWARD_DQ_MODE`); otherwise the CPU
+    implementation on the tables."""
     if q.numel() == 0:
         return tuple(torch.empty_like(x) for x in (q, k, v))
     if q.is_cuda or triton_launch.interpreting():
-        from kernel_templates.tma_block_sparse_bwd import tma_packed_block_sparse_attention_backward
+        import kernel_templates.tma_block_sparse_bwd as bwd
 
         from .compact_layout import CompactLayout
 
@@ -490,8 +501,11 @@ def tma_block_sparse_attn_bwd(
         # the backward's 0.33 ms of box lists at 480p, each row up to 1024 entries wide).
         q_num, q_indices = transpose_block_lists(kv_num_blocks, kv_indices, compact.num_tiles)
         q_boxes = kv_boxes_by_class(q_num, q_indices, compact, lists_sorted=True)
-        return tma_packed_block_sparse_attention_backward(grad_out, q, k, v, None, lse, kv_num_blocks, kv_indices,
-                                                          compact, scale, q_boxes=q_boxes, delta=delta)
+        dq_mode = bwd.backward_dq_mode(default=TMA_BACKWARD_DQ_MODE)
+        variant = "default" if dq_mode == "separate" else TMA_FUSED_DQ_VARIANT
+        return bwd.tma_packed_block_sparse_attention_backward(grad_out, q, k, v, None, lse, kv_num_blocks, kv_indices,
+                                                              compact, scale, q_boxes=q_boxes, delta=delta,
+                                                              dq_mode=dq_mode, dkdv_variant=variant)
     B, H = q.shape[:2]
     grads = _torch_bwd(grad_out, q, k, v, lse, delta, slots.expand(B, H, -1), slots.expand(B, -1),
                        counts.expand(B, H, -1), counts.expand(B, -1), kv_num_blocks, kv_indices, scale)

@@ -269,3 +269,45 @@ def test_tma_backward_propagates_non_finite_values_as_the_reference(where):
     for name, got, want in zip("qkv", grads["tma"], grads["gather"]):
         assert torch.isfinite(want[:, :, rows]).all()
         assert torch.equal(torch.isfinite(got), torch.isfinite(want)), f"d{name}"
+
+
+@pytest.mark.parametrize("env,deterministic,want", [(None, False, "default"), ("separate", False, "separate"),
+                                                    ("atomic", False, "atomic"), ("atomic", True, "separate"),
+                                                    (None, True, "separate")])
+def test_op_backward_dq_mode_follows_env_unless_deterministic(monkeypatch, env, deterministic, want):
+    """The op's backward takes ``ops.TMA_BACKWARD_DQ_MODE`` or ``$SPARSE_INDUCTOR_BACKWARD_DQ`` (the
+    fused dQ by atomic adds, v22, or its own kernel), and always the two-kernel backward under
+    ``torch.use_deterministic_algorithms``; each gives the reference's gradients (float64, REL_TOL)."""
+    import kernel_templates.tma_block_sparse_bwd as bwd
+    from sparse_inductor import ops
+
+    want = ops.TMA_BACKWARD_DQ_MODE if want == "default" else want
+
+    if env is None:
+        monkeypatch.delenv(bwd.DQ_MODE_ENV, raising=False)
+    else:
+        monkeypatch.setenv(bwd.DQ_MODE_ENV, env)
+    modes = []
+    real = bwd.tma_packed_block_sparse_attention_backward
+
+    def spy(*args, **kwargs):
+        modes.append((kwargs.get("dq_mode", "separate"), kwargs.get("dkdv_variant", "default")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bwd, "tma_packed_block_sparse_attention_backward", spy)
+    grid, tile, dtype = (5, 6, 7), (4, 4, 4), torch.float32
+    q, k, v = _inputs(1, 2, math.prod(grid), 64, dtype, 3)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    try:
+        out = sparse_attention(q, k, v, grid, tile=tile, sparsity=0.5, forward_kernel="tma")
+        grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(4)).to(DEVICE, dtype)
+        grads = torch.autograd.grad(out, (q, k, v), grad)
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert modes == [(want, "default" if want == "separate" else ops.TMA_FUSED_DQ_VARIANT)], modes
+    selected = si.select_blocks(q, k, grid, sparsity=0.5, tile=tile).dense_mask()
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ref, _ = reference_attention(q64, k64, v64, token_mask(selected.cpu(), grid, tile).to(DEVICE))
+    for name, got, w in zip(("dq", "dk", "dv"), grads, torch.autograd.grad(ref, (q64, k64, v64), grad.double())):
+        assert_close_rel(got, w, REL_TOL[dtype]["grad"], name)
