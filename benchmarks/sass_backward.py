@@ -10,6 +10,7 @@ These are issue-pressure and register proxies, not timings: every claim about sp
     python benchmarks/sass_backward.py                       # D 128 and 64, 4 and 8 warps
     python benchmarks/sass_backward.py --dims 128 --warps 4 --variants default two_pass
     python benchmarks/sass_backward.py --dims 128 --warps 4 --dq-modes separate atomic atomic_tma   # v22
+    python benchmarks/sass_backward.py --dims 128 --warps 4 --no-dq --query-layout                  # v23: dK/dV with LQ
 
 Needs Triton 3.6 (the H200 image's: its wheel ships the CUDA 12.8 ``ptxas`` it runs, so the counts
 are the device's) with its bundled ``ptxas`` and ``nvdisasm``; without a GPU:
@@ -85,8 +86,9 @@ def _toolchain(any_triton: bool):
     return triton, ptxas, nvdisasm
 
 
-def compile_kernel(fn, D, block, warps, stages, flags, tools):
-    """(sass, shared bytes, ptxas -v lines) of ``fn`` compiled for sm_90a, bf16."""
+def compile_kernel(fn, D, block, warps, stages, flags, tools, query_layout=False):
+    """(sass, shared bytes, ptxas -v lines) of ``fn`` compiled for sm_90a, bf16; ``query_layout``:
+    the dK/dV kernel with the query side's own row count ``LQ`` (query_keep's kept layout, v23)."""
     import torch
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -123,6 +125,8 @@ def compile_kernel(fn, D, block, warps, stages, flags, tools):
             sig[name] = "fp32"
         elif name in ("L", "M", "MAX_LIST"):
             sig[name] = "i32"
+        elif name == "LQ":
+            sig[name] = "i32" if query_layout else "constexpr"  # None: the kernel's default
         else:
             sig[name] = "*i32"
         if sig[name].startswith("*"):
@@ -161,10 +165,10 @@ def describe(body):
                 spill_ops=ops["LDL"] + ops["STL"], atomics=ops["REDG"] + ops["ATOMG"] + ops["UTMAREDG"])
 
 
-def measure(fn, D, warps, stages, flags, tools, block=64):
+def measure(fn, D, warps, stages, flags, tools, block=64, query_layout=False):
     import sass_loops
 
-    sass, shared, log = compile_kernel(fn, D, block, warps, stages, flags, tools)
+    sass, shared, log = compile_kernel(fn, D, block, warps, stages, flags, tools, query_layout)
     regs = int(re.search(r"Used (\d+) registers", log).group(1))
     stores = int(re.search(r"(\d+) bytes spill stores", log).group(1))
     loads = int(re.search(r"(\d+) bytes spill loads", log).group(1))
@@ -186,6 +190,8 @@ def main():
                         help="dq_mode of each dK/dV variant: separate (the dQ kernel is printed once), atomic / "
                              "atomic_tma (dQ fused into the dK/dV kernel)")
     parser.add_argument("--no-dq", action="store_true", help="skip the dQ kernel (unchanged by the variants)")
+    parser.add_argument("--query-layout", action="store_true",
+                        help="the dK/dV kernel as query_keep < 1 launches it (LQ, the kept layout's rows; v23)")
     parser.add_argument("--any-triton", action="store_true", help="measure with whatever triton is importable")
     args = parser.parse_args()
     tools = _toolchain(args.any_triton)
@@ -203,7 +209,8 @@ def main():
                 for variant in args.variants:
                     name = f"dK/dV {variant}" + ("" if dq_mode == "separate" else f" +dQ {dq_mode}")
                     try:
-                        rows.append((name, [measure(bwd._tma_packed_bwd_dkdv, D, warps, args.stages, flags, tools)
+                        rows.append((name, [measure(bwd._tma_packed_bwd_dkdv, D, warps, args.stages, flags, tools,
+                                                    query_layout=args.query_layout)
                                             for flags in launch_flags(variant, dq_mode)]))
                     except Exception as e:  # report, never hide: a variant that does not compile for sm_90a
                         print(f"  {name}: does not compile: {type(e).__name__}: "

@@ -38,7 +38,9 @@ Output and LSE (natural log, fp32, ``[B, H, L]``) are written in compact tile-ma
 store does the inverse permutation). Online softmax in base 2 with fp32 accumulators; a row with
 no listed tile gets output 0 and LSE -inf.
 
-Out of scope in this first version: text blocks (joint attention), key padding, query_keep,
+query_keep (v23): the query side on a layout of its own, the kept rows only (``q_layout`` of
+:func:`tma_packed_block_sparse_attention`; the kernel itself is unchanged).
+Out of scope in this first version: text blocks (joint attention), key padding,
 block-causal masks, full rows stored without entries, the backward (``tma_block_sparse_bwd.py``).
 Non-finite values: a masked box's rows past its count are the next tile's and may hold anything;
 their scores are set to -inf by a select, and their V rows to 0 by a select (``_own_rows``), since
@@ -284,15 +286,25 @@ def _descriptor(x: torch.Tensor, rows: int):
     return TensorDescriptor.from_tensor(x.reshape(B * H, L, D), [1, rows, D])
 
 
-def _check(q, k, v, kv_num_blocks, kv_indices, compact, scale):
-    if not (q.shape == k.shape == v.shape and q.dim() == 4):
-        raise ValueError(f"q, k, v must be [B, H, L, D] of one shape, got {tuple(q.shape)}, {tuple(k.shape)}, "
-                         f"{tuple(v.shape)}")
-    B, H, L, D = q.shape
+def _check(q, k, v, kv_num_blocks, kv_indices, compact, scale, q_layout=None):
+    if q_layout is None:
+        if not (q.shape == k.shape == v.shape and q.dim() == 4):
+            raise ValueError(f"q, k, v must be [B, H, L, D] of one shape, got {tuple(q.shape)}, {tuple(k.shape)}, "
+                             f"{tuple(v.shape)}")
+    elif not (k.shape == v.shape and q.dim() == k.dim() == 4 and q.shape[:2] == k.shape[:2]
+              and q.shape[-1] == k.shape[-1]):
+        raise ValueError(f"q must be [B, H, Lq, D] and k, v [B, H, L, D] of one B, H, D, got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    B, H, L, D = k.shape
     if D not in (64, 128):
         raise ValueError(f"head dim must be 64 or 128, got {D}")
     if L != compact.num_tokens:
         raise ValueError(f"compact tile-major inputs hold the layout's {compact.num_tokens} rows, got {L}")
+    if q_layout is not None and (q.shape[2] != q_layout.num_tokens or q_layout.num_tiles != compact.num_tiles
+                                 or q_layout.block != compact.block):
+        raise ValueError(f"the query layout ({q_layout.num_tiles} tiles of {q_layout.block} slots, "
+                         f"{q_layout.num_tokens} rows) must have the KV layout's tiles ({compact.num_tiles} of "
+                         f"{compact.block}) and q's {q.shape[2]} rows")
     if scale <= 0:
         raise ValueError(f"scale must be positive (it is applied to the row maximum), got {scale}")
     M = compact.num_tiles
@@ -303,7 +315,8 @@ def _check(q, k, v, kv_num_blocks, kv_indices, compact, scale):
 
 def tma_packed_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, compact: CompactLayout, scale=None, *,
                                       out_order: str = "tile", boxes=None, out=None, q_in_registers: bool = True,
-                                      device_descriptors: bool = False, num_warps: int = 4, num_stages: int = 2):
+                                      device_descriptors: bool = False, num_warps: int = 4, num_stages: int = 2,
+                                      q_layout: CompactLayout | None = None):
     """Block-sparse attention over compact tile-major ``q, k, v`` (``[B, H, L, D]``, :func:`to_compact`):
     query tile ``i`` of head ``(b, h)`` attends to the tokens of KV tiles
     ``kv_indices[b, h, i, :kv_num_blocks[b, h, i]]`` (any order; every entry stored).
@@ -315,11 +328,23 @@ def tma_packed_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, compac
     e.g. ``torch.empty_like`` of a sequence-order q that is a transposed view); a new contiguous
     tensor otherwise. ``device_descriptors``: build the TMA descriptors inside the kernel (the form
     a template takes) instead of on the host; the same results.
+
+    ``q_layout``: a compact layout of the query side of its own (query_keep's kept layout,
+    :func:`sparse_inductor.query_keep.kept_layout`: tile ``i`` holds ``q_layout.counts[i]`` rows at
+    ``q_layout.tile_offsets[i]``, as many tiles and slots per tile as ``compact``); then ``q`` is
+    ``[B, H, Lq, D]`` in that order, program ``i`` loads its ``BLOCK``-row query box at its offset
+    there (its rows past the count are the next tile's: computed, not stored, as for a partial
+    tile) and ``out`` / ``lse`` (``[B, H, Lq]``) come back in that order (``out_order="tile"``, host
+    descriptors). The KV side, ``compact`` and the box lists are unchanged. The kernel is the same:
+    only its tables and ``L`` (the LSE's row stride) are the query layout's.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    _check(q, k, v, kv_num_blocks, kv_indices, compact, scale)
+    _check(q, k, v, kv_num_blocks, kv_indices, compact, scale, q_layout)
     if out_order not in ("tile", "sequence"):
         raise ValueError(f"out_order must be 'tile' or 'sequence', got {out_order!r}")
+    if q_layout is not None and (out_order != "tile" or device_descriptors):
+        raise ValueError("with a query layout (q_layout) the output is stored in its order (out_order='tile') "
+                         "through host descriptors (device_descriptors=False)")
     from sparse_inductor.triton_launch import kernel_flags
 
     q, k, v = (x.contiguous() for x in (q, k, v))
@@ -337,6 +362,12 @@ def tma_packed_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, compac
     # Half and quarter boxes exist only from 16 rows (tl.dot's minimum); the full ones stand in.
     half, quarter = (r if r >= MIN_BOX else block for r in (block // 2, block // 4))
     tables = (starts, rows, ends, compact.tile_offsets, compact.counts, compact.positions)
+    if q_layout is not None:
+        # The query side on its own layout: the programs' tile offsets and counts, and L (the LSE's
+        # row stride), are the query layout's; POSITIONS is not read in tile order (any int64 table).
+        positions = compact.positions if compact.positions is not None else q_layout.tile_offsets.new_zeros(
+            1, dtype=torch.int64)
+        tables = (starts, rows, ends, q_layout.tile_offsets, q_layout.counts, positions)
     meta = dict(HEAD_DIM=D, BLOCK=block, SEQUENCE_ORDER=out_order == "sequence", Q_IN_REGISTERS=q_in_registers,
                 **kernel_flags(q.dtype), num_warps=num_warps, num_stages=num_stages)
     grid = (compact.num_tiles, B * H)

@@ -72,7 +72,12 @@ memory allows 2 at D = 128), so ``dkdv_variant`` (:data:`DKDV_VARIANTS`) offers 
 that use fewer registers rather than replacing the default (benchmarks/NOTES.md v20,
 ``benchmarks/sass_backward.py``).
 
-Out of scope (as in the forward): text blocks (joint attention), key padding, query_keep,
+query_keep (v23, ``q_layout``): the query side (Q, dO, LSE, delta, dQ) on the kept layout, the KV
+side on the full compact one; dQ runs unchanged on the kept tiles, the dK/dV kernel walks query
+boxes over kept rows (``LQ``, their row stride, a separate argument whose default ``None`` leaves
+the default path's sm_90a SASS byte-identical).
+
+Out of scope (as in the forward): text blocks (joint attention), key padding,
 block-causal masks, full rows stored without entries, device-side descriptors, second-order
 gradients. Inputs are assumed finite: a non-finite value in a masked row of a box (another tile's)
 would reach the results through ``0 * inf`` in the MMAs, as in the forward.
@@ -378,10 +383,12 @@ def _tma_packed_bwd_dkdv(k_desc, v_desc, q_desc, do_desc, q_half_desc, do_half_d
                          UPCAST: tl.constexpr, IEEE: tl.constexpr, DO_DK: tl.constexpr = True,
                          DO_DV: tl.constexpr = True, HALF_BOXES: tl.constexpr = False,
                          STATS_IN_ACC: tl.constexpr = False, HALF_STEPS: tl.constexpr = False, DQ_ACC=None,
-                         dq_acc_half_desc=None, dq_acc_quarter_desc=None, FUSE_DQ: tl.constexpr = 0):
+                         dq_acc_half_desc=None, dq_acc_quarter_desc=None, FUSE_DQ: tl.constexpr = 0, LQ=None):
     # The constexpr flags select dkdv_variant (DKDV_VARIANTS) and dq_mode (FUSE_DQ: 0 separate,
     # 1 atomic adds on pointers into DQ_ACC, 2 TMA reduces through descriptors DQ_ACC and the half
-    # and quarter ones); their defaults (and None) are the default path.
+    # and quarter ones); their defaults (and None) are the default path. LQ: the query side's rows
+    # per head when it has a layout of its own (query_keep's kept layout, v23): the row stride of
+    # LSE, delta (and a fused dQ); L stays the KV side's (dK, dV). None (a constexpr): LQ = L.
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     kv_start = tl.load(TILE_OFFSETS + tile)
@@ -400,7 +407,7 @@ def _tma_packed_bwd_dkdv(k_desc, v_desc, q_desc, do_desc, q_half_desc, do_half_d
         dq_full = DQ_ACC
         dq_half = DQ_ACC
         dq_quarter = DQ_ACC
-    stats = bh.to(tl.int64) * L
+    stats = bh.to(tl.int64) * (L if LQ is None else LQ)
     dk = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
 
@@ -458,7 +465,8 @@ def _check_backward(grad_out, q, out, lse, grad_lse):
 def tma_packed_block_sparse_attention_backward(grad_out, q, k, v, out, lse, kv_num_blocks, kv_indices,
                                                compact: CompactLayout, scale=None, *, boxes=None, q_boxes=None,
                                                grad_lse=None, delta=None, num_warps: int = 4, num_stages: int = 2,
-                                               dkdv_variant: str = "default", dq_mode: str = "separate"):
+                                               dkdv_variant: str = "default", dq_mode: str = "separate",
+                                               q_layout: CompactLayout | None = None):
     """Gradients ``(dq, dk, dv)`` of :func:`~kernel_templates.tma_block_sparse.tma_packed_block_sparse_attention`
     (``out_order="tile"``) with respect to its ``q, k, v``.
 
@@ -477,6 +485,12 @@ def tma_packed_block_sparse_attention_backward(grad_out, q, k, v, out, lse, kv_n
     deterministic (float addition order), so a caller must choose "separate" while
     ``torch.are_deterministic_algorithms_enabled()`` (:func:`backward_dq_mode`). Returns contiguous
     tensors like ``q, k, v``, in compact order.
+
+    ``q_layout``: the query side's own compact layout, as in the forward (query_keep's kept layout,
+    v23): ``grad_out, q, out`` ``[B, H, Lq, D]``, ``lse``, ``delta``, ``grad_lse`` ``[B, H, Lq]`` and
+    ``dq`` in its order; the dQ programs take their tiles' offsets and counts from it, and ``q_boxes``
+    (computed when not given) are the kv-major lists' boxes over it, so neighbouring kept tiles
+    merge into one query box. K, V, dK, dV and ``boxes`` stay on ``compact``.
     """
     if dkdv_variant not in DKDV_VARIANTS:
         raise ValueError(f"dkdv_variant must be one of {', '.join(map(repr, DKDV_VARIANTS))}, got {dkdv_variant!r}")
@@ -486,14 +500,16 @@ def tma_packed_block_sparse_attention_backward(grad_out, q, k, v, out, lse, kv_n
         raise ValueError(f"dq_mode {dq_mode!r} takes dkdv_variant one of {', '.join(map(repr, ATOMIC_VARIANTS))}, "
                          f"got {dkdv_variant!r}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    _check(q, k, v, kv_num_blocks, kv_indices, compact, scale)
+    _check(q, k, v, kv_num_blocks, kv_indices, compact, scale, q_layout)
     _check_backward(grad_out, q, q if out is None else out, lse, grad_lse)
     from sparse_inductor.triton_launch import kernel_flags
 
     # TMA descriptors need contiguous rows; incoming gradients may be stride-0 views.
     grad_out, q, k, v = (x.contiguous() for x in (grad_out, q, k, v))
-    B, H, L, D = q.shape
+    B, H, L, D = k.shape
+    Lq = q.shape[2]
     M = compact.num_tiles
+    q_side = compact if q_layout is None else q_layout
     dq, dk, dv = (torch.empty_like(x) for x in (q, k, v))
     if dq.numel() == 0:
         return dq, dk, dv
@@ -503,8 +519,8 @@ def tma_packed_block_sparse_attention_backward(grad_out, q, k, v, out, lse, kv_n
         delta = (out.float() * grad_out.float()).sum(-1)
         if grad_lse is not None:
             delta = delta - grad_lse.float()
-    elif tuple(delta.shape) != (B, H, L):
-        raise ValueError(f"delta must be [B, H, L] = {(B, H, L)}, got {tuple(delta.shape)}")
+    elif tuple(delta.shape) != (B, H, Lq):
+        raise ValueError(f"delta must be [B, H, L] = {(B, H, Lq)}, got {tuple(delta.shape)}")
     delta = delta.float().contiguous()
     lse = lse.float().contiguous()
     if boxes is None:
@@ -512,7 +528,7 @@ def tma_packed_block_sparse_attention_backward(grad_out, q, k, v, out, lse, kv_n
     if q_boxes is None:
         from sparse_inductor.ops import transpose_block_lists
 
-        q_boxes = kv_boxes_by_class(*transpose_block_lists(kv_num_blocks, kv_indices, M), compact)
+        q_boxes = kv_boxes_by_class(*transpose_block_lists(kv_num_blocks, kv_indices, M), q_side)
 
     block = compact.block
     # Half and quarter boxes exist only from 16 rows (tl.dot's minimum); the full ones stand in
@@ -526,13 +542,15 @@ def tma_packed_block_sparse_attention_backward(grad_out, q, k, v, out, lse, kv_n
     fused = {}
     if dq_mode == "separate":
         starts, rows, ends = boxes
+        # The dQ kernel's tables and L are all the query side's (K and V come through descriptors).
         _tma_packed_bwd_dq[grid](
             _descriptor(q, block), _descriptor(grad_out, block), _descriptor(k, block), _descriptor(v, block),
             _descriptor(k, half), _descriptor(v, half), _descriptor(k, quarter), _descriptor(v, quarter),
-            lse, delta, dq, starts, rows, ends, *tables, L, M, starts.shape[-1], qk_scale, scale, **meta)
+            lse, delta, dq, starts, rows, ends, q_side.tile_offsets, q_side.counts, Lq, M, starts.shape[-1], qk_scale,
+            scale, **meta)
     else:
         # The unscaled dQ sums, fp32 [B * H, L, D]: every row gets adds from each KV tile it lists.
-        dq_acc = torch.zeros(B, H, L, D, dtype=torch.float32, device=q.device)
+        dq_acc = torch.zeros(B, H, Lq, D, dtype=torch.float32, device=q.device)
         if dq_mode == "atomic":
             fused = dict(DQ_ACC=dq_acc)
         else:
@@ -544,6 +562,8 @@ def tma_packed_block_sparse_attention_backward(grad_out, q, k, v, out, lse, kv_n
             _descriptor(q, half), _descriptor(grad_out, half), _descriptor(q, quarter), _descriptor(grad_out, quarter),
             lse, delta, dk, dv, starts, rows, ends, *tables, L, M, starts.shape[-1], qk_scale, scale)
     fused = dict(fused, FUSE_DQ=_FUSE_DQ[dq_mode]) if fused else {}
+    if q_layout is not None:
+        meta["LQ"] = Lq  # the query side's row stride (LSE, delta, a fused dQ); L stays dK/dV's
     if dkdv_variant == "default":
         _tma_packed_bwd_dkdv[grid](*args, **fused, **meta)
     elif dkdv_variant == "two_pass":

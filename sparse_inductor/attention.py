@@ -17,7 +17,7 @@ from . import triton_launch
 from .causal import effective_block_size, tiles_split_blocks, tokens_per_block
 from .compact_layout import compact_layout, compact_slots
 from .layout import TileLayout, build_layout
-from .query_keep import _centre_maps, broadcast_centres, select_queries
+from .query_keep import _centre_maps, broadcast_centres, from_kept, kept_layout, num_kept, select_queries, to_kept
 from .selection import select_tiles
 from .stats import recording
 
@@ -76,11 +76,11 @@ if FORWARD_KERNEL not in FORWARD_KERNELS:
 
 def tma_forward_unsupported(q: Tensor, k: Tensor, v: Tensor, layout: TileLayout, policy, scale: float,
                             query_keep: float, key_padding_mask, causal_block_size) -> str | None:
-    """Why the compact TMA forward (``ops.tma_block_sparse_attn_fwd``) cannot take this call, or
-    ``None`` if it can. Its first version covers video-only self-attention with 16 to 64 slots
-    per tile, D 64 or 128, fp16 / bf16 / fp32, without key padding, block-causal masks,
-    query_keep, full rows (a ``Full()`` policy anywhere) or a scale that is not positive (the kernel
-    scales the row maximum)."""
+    """Why the compact TMA forward (``ops.tma_block_sparse_attn_fwd``, or under ``query_keep < 1``
+    ``ops.tma_query_keep_attn_fwd``) cannot take this call, or ``None`` if it can. It covers
+    video-only self-attention with 16 to 64 slots per tile, D 64 or 128, fp16 / bf16 / fp32, any
+    ``query_keep`` (v23), without key padding, block-causal masks, full rows (a ``Full()`` policy
+    anywhere) or a scale that is not positive (the kernel scales the row maximum)."""
     from .selection import _has_text, _may_have_full_rows
 
     if _has_text(layout):
@@ -89,8 +89,6 @@ def tma_forward_unsupported(q: Tensor, k: Tensor, v: Tensor, layout: TileLayout,
         return "a key-padding mask"
     if causal_block_size is not None:
         return "a block-causal mask"
-    if query_keep < 1.0:
-        return "query_keep < 1"
     if _may_have_full_rows(policy):
         return "full rows (Full() policy)"
     if not scale > 0:
@@ -142,17 +140,38 @@ def use_tma_forward(q: Tensor, *args, forward_kernel: str | None = None) -> bool
 
 
 def _tma_attention(q: Tensor, k: Tensor, v: Tensor, layout: TileLayout, kv_num_blocks: Tensor,
-                   kv_indices: Tensor, scale: float) -> Tensor:
+                   kv_indices: Tensor, scale: float, query_keep: float = 1.0) -> Tensor:
     """The block-sparse op through the compact TMA kernels: Q, K, V permuted into compact
     tile-major order (under ``torch.compile`` a gather that Inductor fuses into the kernel that
     produces them); the output comes back in sequence order (the forward's store scatters it, through
-    q's strides); the backward runs in compact order and dQ/dK/dV flow back through the permutation."""
+    q's strides); the backward runs in compact order and dQ/dK/dV flow back through the permutation.
+    ``query_keep < 1``: :func:`_tma_query_keep_attention`."""
     compact = compact_layout(layout)
+    if query_keep < 1.0:
+        return _tma_query_keep_attention(q, k, v, layout, compact, kv_num_blocks, kv_indices, scale, query_keep)
     q_compact, k_compact, v_compact = (_CompactRows.apply(x, compact.positions, compact.rows) for x in (q, k, v))
     out, _ = torch.ops.sparse_inductor.tma_block_sparse_attn_fwd(
         q, q_compact, k_compact, v_compact, layout.slots, compact_slots(compact), compact.counts,
         compact.tile_offsets, compact.positions, kv_num_blocks, kv_indices, scale, ops.KERNEL_VERSION)
     return out
+
+
+def _tma_query_keep_attention(q: Tensor, k: Tensor, v: Tensor, layout: TileLayout, compact, kv_num_blocks: Tensor,
+                              kv_indices: Tensor, scale: float, query_keep: float) -> Tensor:
+    """query_keep < 1 on the compact TMA kernels (benchmarks/NOTES.md v23): each head's kept query rows
+    gathered into the kept layout (:func:`sparse_inductor.query_keep.kept_layout`; the counts and
+    offsets are shared by every head), K and V into compact order as at ``query_keep = 1``; the op
+    runs on those (outputs, LSE and the backward in kept order), and every dropped row receives its
+    centre's output (a gather; its dO is summed into the centre's in the backward, in a fixed order).
+    dQ reaches the kept rows only (a dropped row's q takes no part: the ranking is a discrete choice)."""
+    kept = kept_layout(q, layout, query_keep)
+    q_kept = to_kept(q, kept)
+    k_compact, v_compact = (_CompactRows.apply(x, compact.positions, compact.rows) for x in (k, v))
+    attn, _ = torch.ops.sparse_inductor.tma_query_keep_attn_fwd(
+        q_kept, k_compact, v_compact, kept.slots(), compact_slots(compact), kept.compact.counts,
+        kept.compact.tile_offsets, compact.counts, compact.tile_offsets, kv_num_blocks, kv_indices, scale,
+        ops.KERNEL_VERSION)
+    return from_kept(attn, kept)
 
 
 class _CompactRows(torch.autograd.Function):
@@ -214,7 +233,8 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, grid, *, tile, sparsity: f
     rows through the layout's slot table. Where the compact TMA kernels run
     (:func:`use_tma_forward`), Q, K and V are permuted into compact tile-major order first (fused
     into their producer under ``torch.compile``; gradients flow back through the permutation).
-    Either way the output comes back laid out like ``q``.
+    Either way the output comes back laid out like ``q``, except with ``query_keep < 1`` on the TMA
+    kernels, where it is the (contiguous) gather that gives dropped rows their centre's output.
     """
     policy = resolve_policy(policy, sparsity)
     if layout is None:
@@ -244,10 +264,11 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, grid, *, tile, sparsity: f
     if use_tma_forward(q, k, v, layout, policy, scale, query_keep, key_padding_mask, causal_block_size,
                        forward_kernel=forward_kernel):
         if record_as is not None:
+            q_rows = layout.counts if query_keep >= 1.0 else num_kept(query_keep, layout.counts).to(torch.int32)
             kv_num_blocks = torch.ops.sparse_inductor.record_selection(
-                kv_num_blocks, kv_indices, layout.counts.expand(B, H, -1), layout.counts, layout.num_video_tiles,
+                kv_num_blocks, kv_indices, q_rows.expand(B, H, -1), layout.counts, layout.num_video_tiles,
                 f"{record_as}|{policy.describe()}")
-        return _tma_attention(q, k, v, layout, kv_num_blocks, kv_indices, scale)
+        return _tma_attention(q, k, v, layout, kv_num_blocks, kv_indices, scale, query_keep)
     keep = None
     if query_keep < 1.0 and not _no_rows(B, H):
         keep = select_queries(q, layout, query_keep)

@@ -553,6 +553,139 @@ tma_block_sparse_attn_fwd.register_autograd(_tma_backward, setup_context=_tma_se
 
 
 # --------------------------------------------------------------------------------------------
+# query_keep < 1 on the compact TMA kernels (v23): the query side on the kept layout
+# (``query_keep.kept_layout``), the KV side on the full compact layout, both ops in those orders.
+# --------------------------------------------------------------------------------------------
+def _kept_layouts(q_slots, kv_slots, q_counts, q_tile_offsets, kv_counts, kv_tile_offsets, Lq, L):
+    from .compact_layout import CompactLayout
+
+    M = kv_counts.shape[-1]
+    S = kv_slots.shape[-1] // M
+    q_layout = CompactLayout(block=S, num_tiles=M, num_tokens=Lq, counts=q_counts.contiguous(),
+                             tile_offsets=q_tile_offsets.contiguous(), positions=None, rows=None)
+    kv_layout = CompactLayout(block=S, num_tiles=M, num_tokens=L, counts=kv_counts.contiguous(),
+                              tile_offsets=kv_tile_offsets.contiguous(), positions=None, rows=None)
+    return q_layout, kv_layout
+
+
+@torch.library.custom_op("sparse_inductor::tma_query_keep_attn_fwd", mutates_args=())
+def tma_query_keep_attn_fwd(
+    q_kept: Tensor, k_compact: Tensor, v_compact: Tensor,
+    q_slots: Tensor, kv_slots: Tensor, q_counts: Tensor, q_tile_offsets: Tensor, kv_counts: Tensor,
+    kv_tile_offsets: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor, scale: float, kernel_version: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """The forward of the kept query rows (query_keep < 1) over compact tile-major K, V.
+
+    Args:
+        q_kept: ``[B, H, Lq, D]``, each head's kept query rows in kept order (tile ``i``'s
+            ``q_counts[i]`` rows at ``q_tile_offsets[i]``; :func:`sparse_inductor.query_keep.kept_layout`).
+        k_compact, v_compact: ``[B, H, L, D]`` in compact tile-major order.
+        q_slots, kv_slots: int32 ``[M * S]``, the kept / compact row each padded slot holds (``-1``
+            past a tile's count; the CPU implementation's tables, and where ``S`` is read from).
+        q_counts, q_tile_offsets, kv_counts, kv_tile_offsets: int32 ``[M]``, the two layouts.
+        kv_num_blocks, kv_indices, scale, kernel_version: as in ``tma_block_sparse_attn_fwd``.
+
+    Returns ``(out, lse)`` of the kept rows, ``[B, H, Lq, D]`` (contiguous) and ``[B, H, Lq]``, in
+    kept order: the caller gives the dropped rows their centre's. On CUDA (or under
+    ``TRITON_INTERPRET=1``) the TMA forward with its query side on the kept layout (``q_layout``);
+    otherwise the CPU implementation on the slot tables.
+    """
+    if q_kept.numel() == 0:
+        return torch.empty_like(q_kept), q_kept.new_empty(q_kept.shape[:-1], dtype=stats_dtype(q_kept.dtype))
+    if q_kept.is_cuda or triton_launch.interpreting():
+        from kernel_templates.tma_block_sparse import tma_packed_block_sparse_attention
+
+        q_layout, kv_layout = _kept_layouts(q_slots, kv_slots, q_counts, q_tile_offsets, kv_counts, kv_tile_offsets,
+                                            q_kept.shape[2], k_compact.shape[2])
+        return tma_packed_block_sparse_attention(q_kept, k_compact, v_compact, kv_num_blocks.contiguous(),
+                                                 kv_indices.contiguous(), kv_layout, scale, q_layout=q_layout)
+    B, H = q_kept.shape[:2]
+    out, lse = _torch_fwd(q_kept, k_compact, v_compact, q_slots.expand(B, H, -1), kv_slots.expand(B, -1),
+                          q_counts.expand(B, H, -1), kv_counts.expand(B, -1), kv_num_blocks, kv_indices, scale)
+    return out.to(q_kept.dtype).contiguous(), lse.to(stats_dtype(q_kept.dtype)).contiguous()
+
+
+@tma_query_keep_attn_fwd.register_fake
+def _(q_kept, k_compact, v_compact, q_slots, kv_slots, q_counts, q_tile_offsets, kv_counts, kv_tile_offsets,
+      kv_num_blocks, kv_indices, scale, kernel_version=0):
+    _register_lowerings()  # the other ops' templates, for the rest of the graph
+    return (q_kept.new_empty(q_kept.shape),
+            q_kept.new_empty(q_kept.shape[:-1], dtype=stats_dtype(q_kept.dtype)))
+
+
+@torch.library.custom_op("sparse_inductor::tma_query_keep_attn_bwd", mutates_args=())
+def tma_query_keep_attn_bwd(
+    grad_out: Tensor, q_kept: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Tensor,
+    q_slots: Tensor, kv_slots: Tensor, q_counts: Tensor, q_tile_offsets: Tensor, kv_counts: Tensor,
+    kv_tile_offsets: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor, scale: float, kernel_version: int = 0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward of ``tma_query_keep_attn_fwd``: ``grad_out`` ``[B, H, Lq, D]`` (the dropped
+    rows' dO already summed into their centres'), ``lse`` and ``delta`` ``[B, H, Lq]`` in kept
+    order, ``k, v`` compact; returns ``(dq_kept, dk, dv)`` in those orders. On CUDA (or under
+    ``TRITON_INTERPRET=1``) the TMA backward with ``q_layout`` (dQ per kept tile; dK/dV over the
+    kv-major lists' boxes of kept rows, neighbouring kept tiles merged); else the CPU implementation."""
+    if q_kept.numel() == 0:
+        return tuple(torch.empty_like(x) for x in (q_kept, k, v))
+    if q_kept.is_cuda or triton_launch.interpreting():
+        import kernel_templates.tma_block_sparse_bwd as bwd
+
+        from .compact_layout import kv_boxes_by_class
+
+        q_layout, kv_layout = _kept_layouts(q_slots, kv_slots, q_counts, q_tile_offsets, kv_counts, kv_tile_offsets,
+                                            q_kept.shape[2], k.shape[2])
+        kv_num_blocks, kv_indices = kv_num_blocks.contiguous(), kv_indices.contiguous()
+        q_num, q_indices = transpose_block_lists(kv_num_blocks, kv_indices, kv_layout.num_tiles)
+        q_boxes = kv_boxes_by_class(q_num, q_indices, q_layout, lists_sorted=True)
+        dq_mode = bwd.backward_dq_mode(default=TMA_BACKWARD_DQ_MODE)
+        variant = "default" if dq_mode == "separate" else TMA_FUSED_DQ_VARIANT
+        return bwd.tma_packed_block_sparse_attention_backward(grad_out, q_kept, k, v, None, lse, kv_num_blocks,
+                                                              kv_indices, kv_layout, scale, q_boxes=q_boxes,
+                                                              delta=delta, dq_mode=dq_mode, dkdv_variant=variant,
+                                                              q_layout=q_layout)
+    B, H = q_kept.shape[:2]
+    grads = _torch_bwd(grad_out, q_kept, k, v, lse, delta, q_slots.expand(B, H, -1), kv_slots.expand(B, -1),
+                       q_counts.expand(B, H, -1), kv_counts.expand(B, -1), kv_num_blocks, kv_indices, scale)
+    return tuple(g.to(x.dtype).contiguous() for x, g in zip((q_kept, k, v), grads))
+
+
+@tma_query_keep_attn_bwd.register_fake
+def _(grad_out, q_kept, k, v, lse, delta, q_slots, kv_slots, q_counts, q_tile_offsets, kv_counts, kv_tile_offsets,
+      kv_num_blocks, kv_indices, scale, kernel_version=0):
+    return tuple(x.new_empty(x.shape) for x in (q_kept, k, v))
+
+
+def _tma_query_keep_setup_context(ctx, inputs, output):
+    (q_kept, k, v, q_slots, kv_slots, q_counts, q_tile_offsets, kv_counts, kv_tile_offsets, kv_num_blocks, kv_indices,
+     scale, kernel_version) = inputs
+    out, lse = output
+    ctx.save_for_backward(q_kept, k, v, out, lse, q_slots, kv_slots, q_counts, q_tile_offsets, kv_counts,
+                          kv_tile_offsets, kv_num_blocks, kv_indices)
+    ctx.scale, ctx.kernel_version = scale, kernel_version
+
+
+def _tma_query_keep_backward(ctx, grad_out, grad_lse):
+    (q, k, v, out, lse, q_slots, kv_slots, q_counts, q_tile_offsets, kv_counts, kv_tile_offsets, kv_num_blocks,
+     kv_indices) = ctx.saved_tensors
+    stats = stats_dtype(q.dtype)
+    delta = (out.to(stats) * grad_out.to(stats)).sum(-1)
+    if grad_lse is not None:
+        delta = delta - grad_lse.to(stats)
+    if torch.is_grad_enabled():  # double backward: differentiable torch, as the gather op's
+        B, H = q.shape[:2]
+        grads = _torch_bwd(grad_out, q, k, v, lse, delta, q_slots.expand(B, H, -1), kv_slots.expand(B, -1),
+                           q_counts.expand(B, H, -1), kv_counts.expand(B, -1), kv_num_blocks, kv_indices, ctx.scale)
+        dq, dk, dv = (g.to(x.dtype) for g, x in zip(grads, (q, k, v)))
+    else:
+        dq, dk, dv = torch.ops.sparse_inductor.tma_query_keep_attn_bwd(
+            grad_out, q, k, v, lse, delta.contiguous(), q_slots, kv_slots, q_counts, q_tile_offsets, kv_counts,
+            kv_tile_offsets, kv_num_blocks, kv_indices, ctx.scale, ctx.kernel_version)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+
+
+tma_query_keep_attn_fwd.register_autograd(_tma_query_keep_backward, setup_context=_tma_query_keep_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
 # Coarse-stage ops (DESIGN.md §3.2): one Triton kernel each on CUDA, plain torch on CPU.
 # --------------------------------------------------------------------------------------------
 @torch.library.custom_op("sparse_inductor::pool_tiles", mutates_args=())

@@ -17,6 +17,18 @@ side is laid out in blocks of ``Sq`` slots, the smallest power of two >= ``ceil(
 tokens)`` (at least 16): a 64-token tile with ``r = 0.5`` is two query blocks of 32 slots, the
 first holding the kept rows and the second none (its programs exit at once), so the kernels run
 32-row MMAs instead of 64-row ones. KV blocks keep their ``S`` slots.
+
+On the compact TMA kernels (Hopper; :func:`kept_layout`, benchmarks/NOTES.md v23) the query side is a
+*kept layout* instead: a compact tile-major layout whose tile ``i`` holds only its ``c_i =
+num_kept(r, n_i)`` kept rows, in the rank order above (the centre first), with no gap between
+tiles. The counts ``c_i`` depend only on the tile's size and ``r``, so the counts and offsets are
+one table shared by every batch and head, and only which token each row holds differs per (batch,
+head) (the ranking is per head): each head's Q rows are gathered into kept order (``[B, H, Lq, D]``,
+``Lq = Σ c_i``, a size known from the grid alone). The TMA programs then take ``BLOCK``-row query
+boxes at the kept offsets exactly as they take partial tiles (rows past ``c_i`` are the next tile's
+kept rows: computed, never stored), and the dK/dV kernel's query boxes merge neighbouring kept
+tiles, so at ``r = 0.5`` two listed query tiles are one 64-row box: its work halves. Per-(batch,
+head) tables would buy nothing: the FLOPs and the boxes are the same for every head.
 """
 from __future__ import annotations
 
@@ -226,3 +238,151 @@ def broadcast_centres(attn: Tensor, keep: QueryKeep) -> Tensor:
     centre_pos, is_centre, tile = _centre_maps(layout, attn.device)
     video_slots = layout.slots[: layout.num_video_tiles * layout.block_size].long().view(layout.num_video_tiles, -1)
     return _CentreBroadcast.apply(attn, keep.kept, centre_pos, is_centre, tile, video_slots)
+
+
+# ---------------------------------------------------------------------------------------------
+# The kept layout of the compact TMA kernels
+# ---------------------------------------------------------------------------------------------
+def _kept_count(num, n):
+    """``max(1, ceil(n · num / 10^12))`` of a Python int or SymInt ``n`` (no tensor)."""
+    from .selection import DECIMALS
+
+    c = (n * num + DECIMALS - 1) // DECIMALS
+    return torch.sym_max(1, c) if isinstance(c, torch.SymInt) else max(1, c)
+
+
+def kept_rows_total(grid, tile, query_keep: float):
+    """``Lq = Σ_i num_kept(r, n_i)`` over the video tiles of ``grid`` under ``tile``, from the grid
+    alone (Python ints, or SymInts while Dynamo traces symbolic sizes or a symbolic ``r``): the
+    number of rows of the kept layout, a size that must not come from reading a tensor."""
+    from .selection import decimal_numerator
+
+    num = decimal_numerator(query_keep)
+    # Per axis: g // t whole tiles of extent t and (ceil(g / t) - g // t) border tiles of g % t.
+    axes = [((g // t, t), ((g + t - 1) // t - g // t, g % t)) for g, t in zip(grid, tile)]
+    total = 0
+    for ct, et in axes[0]:
+        for ch, eh in axes[1]:
+            for cw, ew in axes[2]:
+                total = total + ct * ch * cw * _kept_count(num, et * eh * ew)
+    return total
+
+
+class KeptLayout:
+    """The kept rows of one call in the compact form of the TMA kernels (:func:`kept_layout`).
+
+    Attributes:
+        compact: the query side's :class:`~sparse_inductor.compact_layout.CompactLayout`: ``counts``
+            ``c_i`` and ``tile_offsets`` (int32 ``[M]``, shared by every head), ``block`` the KV
+            layout's ``S``, ``num_tokens`` ``Lq``; ``positions`` / ``rows`` are ``None`` (per head
+            here instead).
+        positions: int64 ``[B, H, Lq]``, the sequence position each kept row holds (per head).
+        source_rows: int64 ``[B, H, L]``, the kept row whose output each sequence position receives:
+            its own, or its tile's centre's (the tile's first kept row).
+        kept: bool ``[B, H, L]``, the position is computed.
+        tile_of_row: int64 ``[Lq]``, the tile of each kept row; ``is_centre_row``: bool ``[Lq]``.
+        video_slots: int64 ``[M, S]``, the sequence position of each tile slot, ``-1`` for padding
+            (the per-tile sums of the dropped rows' dO).
+    """
+
+    def __init__(self, compact, positions, source_rows, kept, tile_of_row, is_centre_row, video_slots):
+        self.compact, self.positions, self.source_rows, self.kept = compact, positions, source_rows, kept
+        self.tile_of_row, self.is_centre_row, self.video_slots = tile_of_row, is_centre_row, video_slots
+
+    def slots(self) -> Tensor:
+        """int32 ``[M * S]``: the kept row each slot of the padded layout holds, ``-1`` past ``c_i``
+        (the slot table of the CPU implementation over kept tensors)."""
+        from .compact_layout import compact_slots
+
+        return compact_slots(self.compact)
+
+
+def kept_layout(q: Tensor, layout: TileLayout, query_keep: float) -> KeptLayout:
+    """The kept layout of ``q`` (``[B, H, L, D]``, sequence order) for a video-only ``layout``: the
+    rows :func:`select_queries` keeps, laid out for the compact TMA kernels (module docstring).
+    Index arithmetic and one ranking op, no host sync, so it traces (symbolic sizes included)."""
+    from . import ops
+    from .compact_layout import CompactLayout
+
+    if layout.num_tiles != layout.num_video_tiles:
+        raise ValueError("kept_layout covers video-only layouts; text blocks are out of scope")
+    B, H, L, _ = q.shape
+    S, M = layout.block_size, layout.num_tiles
+    device = q.device
+    n_kept = num_kept(query_keep, layout.counts.long())  # [M] int64
+    Lq = kept_rows_total(layout.grid, layout.tile, query_keep)
+    ends = torch.cumsum(n_kept, 0)
+    offsets = ends - n_kept
+    # Rank tables: tile m's slots in rank order (the centre first), ranks past n_kept marked dropped.
+    tables, kept_slot = ops.rank_query_rows(q.detach(), layout.slots[: M * S], layout.counts, n_kept.to(torch.int32))
+    row = torch.arange(Lq, device=device)
+    tile_of_row = torch.searchsorted(ends, row, right=True)
+    rank = row - offsets.index_select(0, tile_of_row)
+    positions = tables.view(B, H, M * S).index_select(2, tile_of_row * S + rank).long()
+    kept = kept_slot.view(B, H, M * S).index_select(2, layout.scatter_index)
+    # Every position takes its tile's centre row (the tile's first); kept ones their own row.
+    centre_rows = offsets.index_select(0, layout.scatter_index // S)
+    source_rows = centre_rows.view(1, 1, L).expand(B, H, L).scatter(2, positions, row.view(1, 1, Lq).expand(B, H, Lq))
+    compact = CompactLayout(block=S, num_tiles=M, num_tokens=Lq, counts=n_kept.to(torch.int32),
+                            tile_offsets=offsets.to(torch.int32), positions=None, rows=None)
+    video_slots = layout.slots.long().view(M, S)
+    return KeptLayout(compact, positions, source_rows, kept, tile_of_row, rank == 0, video_slots)
+
+
+class _KeptRows(torch.autograd.Function):
+    """Each head's kept rows of ``[B, H, L, D]`` in kept order (``positions [B, H, Lq]``); the
+    gradient goes back by a gather too (``source_rows``), 0 for dropped rows (no scatter)."""
+
+    @staticmethod
+    def forward(x, positions, source_rows, kept):
+        return torch.gather(x, 2, positions.unsqueeze(-1).expand(*positions.shape, x.shape[-1]))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[2], inputs[3])
+
+    @staticmethod
+    def backward(ctx, grad):
+        source_rows, kept = ctx.saved_tensors
+        index = source_rows.unsqueeze(-1).expand(*source_rows.shape, grad.shape[-1])
+        return torch.where(kept.unsqueeze(-1), torch.gather(grad, 2, index), 0), None, None, None
+
+
+class _FromKept(torch.autograd.Function):
+    """The sequence-order output from the kept rows' (``out[p] = attn[source_rows[p]]``: a kept
+    row's own, a dropped row its centre's). The backward is the exact gradient in a fixed order: a
+    kept row's dO, plus for a centre row the sum of its tile's dropped rows' dO (over the tile's
+    slots, accumulated in fp32), no atomics."""
+
+    @staticmethod
+    def forward(attn, source_rows, positions, kept, tile_of_row, is_centre_row, video_slots):
+        return torch.gather(attn, 2, source_rows.unsqueeze(-1).expand(*source_rows.shape, attn.shape[-1]))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[2:])
+
+    @staticmethod
+    def backward(ctx, grad):
+        positions, kept, tile_of_row, is_centre_row, video_slots = ctx.saved_tensors
+        B, H, L, D = grad.shape
+        M = video_slots.shape[0]
+        acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
+        dropped = torch.where(kept.unsqueeze(-1), 0, grad).to(acc)
+        padded = torch.cat([dropped, dropped.new_zeros(B, H, 1, D)], dim=2)
+        per_tile = padded.index_select(2, torch.where(video_slots >= 0, video_slots, L).flatten())
+        per_tile = per_tile.view(B, H, M, -1, D).sum(3)  # [B, H, M, D]
+        own = torch.gather(grad, 2, positions.unsqueeze(-1).expand(*positions.shape, D))
+        into_centre = torch.where(is_centre_row.view(1, 1, -1, 1), per_tile.index_select(2, tile_of_row), 0)
+        return (own.to(acc) + into_centre).to(grad.dtype), None, None, None, None, None, None
+
+
+def to_kept(q: Tensor, kept: KeptLayout) -> Tensor:
+    """``q`` ``[B, H, L, D]`` -> its kept rows ``[B, H, Lq, D]`` (differentiable)."""
+    return _KeptRows.apply(q, kept.positions, kept.source_rows, kept.kept)
+
+
+def from_kept(attn: Tensor, kept: KeptLayout) -> Tensor:
+    """The kept rows' output ``[B, H, Lq, D]`` -> every position's ``[B, H, L, D]`` (differentiable)."""
+    return _FromKept.apply(attn, kept.source_rows, kept.positions, kept.kept, kept.tile_of_row, kept.is_centre_row,
+                           kept.video_slots)

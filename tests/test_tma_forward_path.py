@@ -96,7 +96,7 @@ def test_tma_path_equals_gather_path_on_a_transposed_q(tma_calls):
     assert_close_rel(tma, gather, REL_TOL[torch.float32]["out"], "tma vs gather")
 
 
-@pytest.mark.parametrize("case", ["text", "key padding", "query_keep", "full", "head dim", "block-causal"])
+@pytest.mark.parametrize("case", ["text", "key padding", "full", "head dim", "block-causal"])
 def test_uncovered_calls_run_the_gather_kernel_and_say_why(tma_calls, caplog, case):
     grid, B, H = (4, 8, 8), 1, 2
     N = math.prod(grid)
@@ -106,8 +106,6 @@ def test_uncovered_calls_run_the_gather_kernel_and_say_why(tma_calls, caplog, ca
     kwargs = dict(tile=(4, 4, 4), forward_kernel="tma", text_before=before)
     if case == "key padding":
         kwargs["key_padding_mask"] = torch.ones(1, 1, 1, N, dtype=torch.bool, device=DEVICE)
-    if case == "query_keep":
-        kwargs["query_keep"] = 0.5
     if case == "full":
         kwargs["policy"] = si.PerHead([si.Full(), si.TopK(0.5)])
     if case == "block-causal":
@@ -116,9 +114,23 @@ def test_uncovered_calls_run_the_gather_kernel_and_say_why(tma_calls, caplog, ca
         out = sparse_attention(q, k, v, grid, **kwargs)
     assert not tma_calls
     assert out.shape == q.shape
-    expected = {"text": "text tokens", "key padding": "key-padding mask", "query_keep": "query_keep",
-                "full": "full rows", "head dim": "head dim 32", "block-causal": "block-causal"}[case]
+    expected = {"text": "text tokens", "key padding": "key-padding mask", "full": "full rows",
+                "head dim": "head dim 32", "block-causal": "block-causal"}[case]
     assert any(expected in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
+
+
+def test_query_keep_runs_the_tma_kernel_and_logs_nothing(tma_calls, caplog):
+    """query_keep < 1 is covered since v23 (it ran the gather kernel and said "query_keep < 1" before):
+    the TMA path takes it, with no log line, and says so to explain()'s kernel column."""
+    grid = (4, 8, 8)
+    q, k, v = (x.detach() for x in _inputs(1, 2, math.prod(grid), 64, torch.float32, 0))
+    with caplog.at_level(logging.DEBUG, logger="sparse_inductor"):
+        out = sparse_attention(q, k, v, grid, tile=(4, 4, 4), forward_kernel="tma", query_keep=0.5)
+    assert len(tma_calls) == 1 and out.shape == q.shape
+    assert not [r.getMessage() for r in caplog.records if "gather forward kernel" in r.getMessage()]
+    layout = tile_layout(grid, (4, 4, 4), DEVICE)
+    assert attention.forward_kernel_for(q, k, v, layout, si.TopK(0.875), 0.125, 0.5, None, None,
+                                        forward_kernel="tma") == ("tma", "")
 
 
 def test_auto_uses_tma_only_on_hopper_and_gather_never():
