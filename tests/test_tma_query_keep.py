@@ -169,3 +169,15 @@ def test_kept_kernels_refuse_mismatched_layouts():
     with pytest.raises(ValueError, match="out_order"):
         tma_packed_block_sparse_attention(q[:, :, : kl.compact.num_tokens], k, v, num, idx, compact_layout(layout),
                                           q_layout=kl.compact, out_order="sequence")
+
+
+@pytest.mark.tier
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU tier needs CUDA")
+@pytest.mark.parametrize("r", [0.25, 0.5])
+def test_tier_tma_query_keep(r):
+    """The GPU tier's case of this path (``pytest -m tier -n 4``): Wan's border structures (1-frame,
+    2-row tiles), bf16, D = 128, a skipped head. (tests/test_gpu_tier.py's ``(0.5, "auto")`` template
+    case runs this path on Hopper since v23.)"""
+    check = test_tma_query_keep_matches_reference_with_gradients
+    check.hypothesis.inner_test(grid=(5, 6, 10), tile=(4, 4, 4), policy=si.PerHead([si.TopK(0.75), si.Skip()]), r=r,
+                                dtype=torch.bfloat16, B=2, D=128, seed=7)
