@@ -1,11 +1,13 @@
 """query_keep under torch.compile (the backend's path) at Wan-1.3B 480p: compiled vs eager, fwd and fwd+bwd.
 
 ``bench_policies.py`` times the eager op, whose centre broadcast runs as separate torch ops; under the
-backend Inductor compiles that glue with the rest of the graph and the attention runs as our Triton
-templates (autotuned). One process, the same inputs for every row (B=1, H=12, grid 21x30x52, D=128,
-bf16, TopK(0.875)); prints each row's time and its ratio to query_keep 1 of the same path.
+backend Inductor compiles that glue with the rest of the graph. On Hopper every query_keep runs the
+compact TMA kernels (v23: the kept rows in a layout of their own; before, query_keep < 1 ran the gather
+templates, autotuned). One process, the same inputs for every row (B=1, H=12, grid 21x30x52, D=128,
+bf16, TopK(0.875)); prints each row's time, its ratio to query_keep 1 of the same path, and the seconds
+since the start. The compiled rows come first (all keeps), then the eager ones, so a cut keeps them.
 
-    PYTHONPATH=$PWD python benchmarks/bench_query_keep_compiled.py [--keeps 1 0.75 0.5]
+    PYTHONPATH=$PWD python benchmarks/bench_query_keep_compiled.py [--keeps 1 0.75 0.5] [--paths compiled]
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import argparse
 import math
 import os
 import sys
+import time
 
 import torch
 
@@ -27,7 +30,9 @@ def main():
     parser.add_argument("--keeps", type=float, nargs="+", default=[1.0, 0.75, 0.5])
     parser.add_argument("--grid", type=int, nargs=3, default=[21, 30, 52])
     parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--paths", nargs="+", default=["compiled", "eager"], choices=["compiled", "eager"])
     args = parser.parse_args()
+    start = time.perf_counter()
     import triton.testing
 
     grid, H, D = tuple(args.grid), args.heads, 128
@@ -39,13 +44,14 @@ def main():
     print(f"device {torch.cuda.get_device_name()}; torch {torch.__version__}; grid {grid}, H={H}, D={D}, bf16, "
           "TopK(0.875)", flush=True)
     times = {}
-    for keep in args.keeps:
-        def eager(q, k, v, keep=keep):
-            return sparse_attention(q, k, v, grid, tile=(4, 4, 4), policy=si.TopK(0.875), query_keep=keep,
-                                    layout=layout)
+    for path in args.paths:
+        for keep in args.keeps:
+            def eager(q, k, v, keep=keep):
+                return sparse_attention(q, k, v, grid, tile=(4, 4, 4), policy=si.TopK(0.875), query_keep=keep,
+                                        layout=layout)
 
-        compiled = torch.compile(eager, fullgraph=True)
-        for path, fn in (("eager", eager), ("compiled", compiled)):
+            fn = torch.compile(eager, fullgraph=True) if path == "compiled" else eager
+
             def fwd(fn=fn):
                 with torch.no_grad():
                     fn(q, k, v)
@@ -64,7 +70,8 @@ def main():
                 times[(keep, path, pass_)] = ms
                 base = times.get((1.0, path, pass_))
                 ratio = f"  {base / ms:.2f}x of query_keep 1" if base and keep != 1.0 else ""
-                print(f"query_keep {keep:<5} {path:9s} {pass_:8s} {ms:8.3f} ms{ratio}", flush=True)
+                print(f"query_keep {keep:<5} {path:9s} {pass_:8s} {ms:8.3f} ms{ratio}  "
+                      f"[{time.perf_counter() - start:.0f} s]", flush=True)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ attention kernel (issue 22: selection <= 4 % of the compiled forward).
 
     PYTHONPATH=$PWD python benchmarks/profile_compiled.py            # GPU, ~60 s with compiles
     PYTHONPATH=$PWD python benchmarks/profile_compiled.py --grid 21 45 80 --heads 40
+    PYTHONPATH=$PWD python benchmarks/profile_compiled.py --query-keep 0.5      # v23: the kept-layout path
 """
 import argparse
 import math
@@ -34,6 +35,7 @@ def main():
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--sparsity", type=float, default=0.875)
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--query-keep", type=float, default=1.0)
     args = parser.parse_args()
     grid, H, D = tuple(args.grid), args.heads, 128
     N = math.prod(grid)
@@ -41,7 +43,7 @@ def main():
     q, k, v, grad = (torch.randn(1, H, N, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(4))
     layout = tile_layout(grid, (4, 4, 4), "cuda")
     fn = torch.compile(lambda q, k, v: sparse_attention(q, k, v, grid, sparsity=args.sparsity, tile=(4, 4, 4),
-                                                        layout=layout), fullgraph=True)
+                                                        query_keep=args.query_keep, layout=layout), fullgraph=True)
     leaf = [t.detach().requires_grad_() for t in (q, k, v)]
 
     def forward():
@@ -59,7 +61,7 @@ def main():
             for _ in range(args.reps):
                 step()
             torch.cuda.synchronize()
-        table(prof, args.reps, f"{title}, grid {grid}, H={H}")
+        table(prof, args.reps, f"{title}, grid {grid}, H={H}, query_keep {args.query_keep}")
 
 
 if __name__ == "__main__":

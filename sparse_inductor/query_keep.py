@@ -283,11 +283,15 @@ class KeptLayout:
         tile_of_row: int64 ``[Lq]``, the tile of each kept row; ``is_centre_row``: bool ``[Lq]``.
         video_slots: int64 ``[M, S]``, the sequence position of each tile slot, ``-1`` for padding
             (the per-tile sums of the dropped rows' dO).
+        row_valid: ``None``, or with a symbolic ``query_keep`` bool ``[L]``: the kept layout then has
+            ``L`` rows, and those past ``Σ c_i`` are spare (no tile's; :func:`kept_layout`).
     """
 
-    def __init__(self, compact, positions, source_rows, kept, tile_of_row, is_centre_row, video_slots):
+    def __init__(self, compact, positions, source_rows, kept, tile_of_row, is_centre_row, video_slots,
+                 row_valid=None):
         self.compact, self.positions, self.source_rows, self.kept = compact, positions, source_rows, kept
         self.tile_of_row, self.is_centre_row, self.video_slots = tile_of_row, is_centre_row, video_slots
+        self.row_valid = row_valid
 
     def slots(self) -> Tensor:
         """int32 ``[M * S]``: the kept row each slot of the padded layout holds, ``-1`` past ``c_i``
@@ -297,10 +301,19 @@ class KeptLayout:
         return compact_slots(self.compact)
 
 
-def kept_layout(q: Tensor, layout: TileLayout, query_keep: float) -> KeptLayout:
+def kept_layout(q: Tensor, layout: TileLayout, query_keep: float, spare_rows: bool | None = None) -> KeptLayout:
     """The kept layout of ``q`` (``[B, H, L, D]``, sequence order) for a video-only ``layout``: the
     rows :func:`select_queries` keeps, laid out for the compact TMA kernels (module docstring).
-    Index arithmetic and one ranking op, no host sync, so it traces (symbolic sizes included)."""
+    Index arithmetic and one ranking op, no host sync, so it traces (symbolic sizes included).
+
+    ``spare_rows`` (``None``: while compiling): the layout gets ``L`` rows, the kept rows first as
+    always and ``L - Lq`` spare rows past them that no tile holds (``row_valid``: their q and dO are
+    0, their outputs never read). Traced code needs it: a ``query_keep`` that changed between calls of
+    a compiled function is symbolic, and Dynamo cannot lift a size derived from a float into an
+    autograd.Function (torch 2.13: "Source of ... is None when lifting it to input of top-level"),
+    while inside the trace such a float looks like any other (``isinstance`` answers ``float``), so
+    every traced call takes sizes from the grid only. Cost at 480p, r = 0.5: ~0.2 GB more traffic per
+    fwd+bwd (zeros written for spare rows of q and dO, delta over ``L`` rows), ~0.07 ms (NOTES v23)."""
     from . import ops
     from .compact_layout import CompactLayout
 
@@ -310,23 +323,41 @@ def kept_layout(q: Tensor, layout: TileLayout, query_keep: float) -> KeptLayout:
     S, M = layout.block_size, layout.num_tiles
     device = q.device
     n_kept = num_kept(query_keep, layout.counts.long())  # [M] int64
-    Lq = kept_rows_total(layout.grid, layout.tile, query_keep)
+    from .selection import decimal_numerator
+
+    if spare_rows is None:
+        spare_rows = torch.compiler.is_compiling() or not isinstance(decimal_numerator(query_keep), int)
+    Lq = L if spare_rows else kept_rows_total(layout.grid, layout.tile, query_keep)
     ends = torch.cumsum(n_kept, 0)
     offsets = ends - n_kept
     # Rank tables: tile m's slots in rank order (the centre first), ranks past n_kept marked dropped.
     tables, kept_slot = ops.rank_query_rows(q.detach(), layout.slots[: M * S], layout.counts, n_kept.to(torch.int32))
     row = torch.arange(Lq, device=device)
     tile_of_row = torch.searchsorted(ends, row, right=True)
+    row_valid = None
+    if spare_rows:  # rows past the last tile's: tile M - 1, rank past its count
+        tile_of_row = tile_of_row.clamp(max=M - 1)
     rank = row - offsets.index_select(0, tile_of_row)
+    if spare_rows:
+        row_valid = rank < n_kept.index_select(0, tile_of_row)
+        rank = torch.where(row_valid, rank, 0)
     positions = tables.view(B, H, M * S).index_select(2, tile_of_row * S + rank).long()
     kept = kept_slot.view(B, H, M * S).index_select(2, layout.scatter_index)
     # Every position takes its tile's centre row (the tile's first); kept ones their own row.
     centre_rows = offsets.index_select(0, layout.scatter_index // S)
-    source_rows = centre_rows.view(1, 1, L).expand(B, H, L).scatter(2, positions, row.view(1, 1, Lq).expand(B, H, Lq))
+    rows = row.view(1, 1, Lq).expand(B, H, Lq)
+    if spare_rows:
+        # Spare rows hold position 0 (never a source): they scatter into a column past L, cut off.
+        source_rows = torch.cat([centre_rows, centre_rows.new_zeros(1)]).view(1, 1, L + 1).expand(B, H, L + 1)
+        source_rows = source_rows.scatter(2, torch.where(row_valid, positions, L), rows)[:, :, :L]
+        positions = torch.where(row_valid, positions, 0)
+    else:
+        source_rows = centre_rows.view(1, 1, L).expand(B, H, L).scatter(2, positions, rows)
     compact = CompactLayout(block=S, num_tiles=M, num_tokens=Lq, counts=n_kept.to(torch.int32),
                             tile_offsets=offsets.to(torch.int32), positions=None, rows=None)
     video_slots = layout.slots.long().view(M, S)
-    return KeptLayout(compact, positions, source_rows, kept, tile_of_row, rank == 0, video_slots)
+    is_centre_row = rank == 0 if row_valid is None else (rank == 0) & row_valid
+    return KeptLayout(compact, positions, source_rows, kept, tile_of_row, is_centre_row, video_slots, row_valid)
 
 
 class _KeptRows(torch.autograd.Function):
@@ -334,8 +365,9 @@ class _KeptRows(torch.autograd.Function):
     gradient goes back by a gather too (``source_rows``), 0 for dropped rows (no scatter)."""
 
     @staticmethod
-    def forward(x, positions, source_rows, kept):
-        return torch.gather(x, 2, positions.unsqueeze(-1).expand(*positions.shape, x.shape[-1]))
+    def forward(x, positions, source_rows, kept, row_valid):
+        rows = torch.gather(x, 2, positions.unsqueeze(-1).expand(*positions.shape, x.shape[-1]))
+        return rows if row_valid is None else torch.where(row_valid.view(-1, 1), rows, 0)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -345,7 +377,7 @@ class _KeptRows(torch.autograd.Function):
     def backward(ctx, grad):
         source_rows, kept = ctx.saved_tensors
         index = source_rows.unsqueeze(-1).expand(*source_rows.shape, grad.shape[-1])
-        return torch.where(kept.unsqueeze(-1), torch.gather(grad, 2, index), 0), None, None, None
+        return torch.where(kept.unsqueeze(-1), torch.gather(grad, 2, index), 0), None, None, None, None
 
 
 class _FromKept(torch.autograd.Function):
@@ -355,7 +387,7 @@ class _FromKept(torch.autograd.Function):
     slots, accumulated in fp32), no atomics."""
 
     @staticmethod
-    def forward(attn, source_rows, positions, kept, tile_of_row, is_centre_row, video_slots):
+    def forward(attn, source_rows, positions, kept, tile_of_row, is_centre_row, video_slots, row_valid):
         return torch.gather(attn, 2, source_rows.unsqueeze(-1).expand(*source_rows.shape, attn.shape[-1]))
 
     @staticmethod
@@ -364,7 +396,7 @@ class _FromKept(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        positions, kept, tile_of_row, is_centre_row, video_slots = ctx.saved_tensors
+        positions, kept, tile_of_row, is_centre_row, video_slots, row_valid = ctx.saved_tensors
         B, H, L, D = grad.shape
         M = video_slots.shape[0]
         acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
@@ -373,16 +405,18 @@ class _FromKept(torch.autograd.Function):
         per_tile = padded.index_select(2, torch.where(video_slots >= 0, video_slots, L).flatten())
         per_tile = per_tile.view(B, H, M, -1, D).sum(3)  # [B, H, M, D]
         own = torch.gather(grad, 2, positions.unsqueeze(-1).expand(*positions.shape, D))
+        if row_valid is not None:  # spare rows (symbolic query_keep): dO 0
+            own = torch.where(row_valid.view(-1, 1), own, 0)
         into_centre = torch.where(is_centre_row.view(1, 1, -1, 1), per_tile.index_select(2, tile_of_row), 0)
-        return (own.to(acc) + into_centre).to(grad.dtype), None, None, None, None, None, None
+        return (own.to(acc) + into_centre).to(grad.dtype), None, None, None, None, None, None, None
 
 
 def to_kept(q: Tensor, kept: KeptLayout) -> Tensor:
     """``q`` ``[B, H, L, D]`` -> its kept rows ``[B, H, Lq, D]`` (differentiable)."""
-    return _KeptRows.apply(q, kept.positions, kept.source_rows, kept.kept)
+    return _KeptRows.apply(q, kept.positions, kept.source_rows, kept.kept, kept.row_valid)
 
 
 def from_kept(attn: Tensor, kept: KeptLayout) -> Tensor:
     """The kept rows' output ``[B, H, Lq, D]`` -> every position's ``[B, H, L, D]`` (differentiable)."""
     return _FromKept.apply(attn, kept.source_rows, kept.positions, kept.kept, kept.tile_of_row, kept.is_centre_row,
-                           kept.video_slots)
+                           kept.video_slots, kept.row_valid)

@@ -63,33 +63,42 @@ def test_tma_query_keep_matches_reference_with_gradients(grid, tile, policy, r, 
 
 @settings(max_examples=max(20, settings.default.max_examples * 4))
 @given(grid=grids(400), tile=tiles, r=st.sampled_from([0.1, 0.25, 1 / 3, 0.5, 2 / 3, 0.75, 0.9, 1.0]),
-       B=st.integers(1, 2), H=st.integers(1, 3), seed=st.integers(0, 2**16))
-def test_kept_layout_holds_the_reference_rows(grid, tile, r, B, H, seed):
+       B=st.integers(1, 2), H=st.integers(1, 3), spare_rows=st.booleans(), seed=st.integers(0, 2**16))
+def test_kept_layout_holds_the_reference_rows(grid, tile, r, B, H, spare_rows, seed):
     """The kept layout of every head: tile i's kept rows at [offset_i, offset_i + c_i), the centre
     first, the same counts and offsets for every head, the rows the reference keeps; each sequence
     position's source row is its own kept row or its tile's centre; its size comes from the grid
-    alone (no tensor read)."""
+    alone (no tensor read). With spare rows (traced calls) the same rows come first, then L - Lq
+    rows that no tile holds, holding position 0 and never a source."""
     from sparse_inductor.query_keep import kept_layout, kept_rows_total, num_kept
 
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, H, math.prod(grid), 16, generator=g, dtype=torch.float64)
+    L = math.prod(grid)
+    q = torch.randn(B, H, L, 16, generator=g, dtype=torch.float64)
     layout = build_layout(grid, tile)
-    kl = kept_layout(q, layout, r)
+    kl = kept_layout(q, layout, r, spare_rows=spare_rows)
     counts = num_kept(r, layout.counts.long())
     Lq = int(counts.sum())
     assert kept_rows_total(grid, tile, r) == Lq
     assert torch.equal(kl.compact.counts.long(), counts)
     assert torch.equal(kl.compact.tile_offsets.long(), torch.cumsum(counts, 0) - counts)
-    assert kl.compact.num_tokens == Lq and kl.compact.block == layout.block_size
-    assert tuple(kl.positions.shape) == (B, H, Lq)
+    rows = L if spare_rows else Lq
+    assert kl.compact.num_tokens == rows and kl.compact.block == layout.block_size
+    assert tuple(kl.positions.shape) == (B, H, rows)
+    if spare_rows:
+        assert torch.equal(kl.row_valid, torch.arange(L) < Lq)
+        assert (kl.positions[:, :, Lq:] == 0).all() and not kl.is_centre_row[Lq:].any()
+    else:
+        assert kl.row_valid is None
+    assert (kl.source_rows < Lq).all()
     kept, source = reference_query_keep(q, grid, tile, r)
     assert torch.equal(kl.kept, kept)
     for b in range(B):
         for h in range(H):
-            rows = kl.positions[b, h]
-            assert torch.equal(torch.sort(rows).values, torch.nonzero(kept[b, h]).flatten())
+            assert torch.equal(torch.sort(kl.positions[b, h, :Lq]).values, torch.nonzero(kept[b, h]).flatten())
     # Each tile's first kept row is its centre: every dropped position's source.
     assert torch.equal(torch.gather(kl.positions, 2, kl.source_rows), source)
+    assert torch.equal(kl.is_centre_row[:Lq], torch.isin(torch.arange(Lq), kl.compact.tile_offsets.long()))
 
 
 def _case(r, dtype=torch.float32, D=64, seed=0, grid=(5, 6, 7)):
@@ -137,6 +146,29 @@ def test_tma_query_keep_compiles_and_equals_eager(dynamic):
     assert_close_rel(got, want, tol["out"], "compiled out")
     for name, a, b in zip(("dq", "dk", "dv"), got_grads, want_grads):
         assert_close_rel(a, b, tol["grad"], f"compiled {name}")
+
+
+def test_query_keep_as_an_argument_of_a_compiled_function_on_the_tma_path():
+    """A query_keep that changes between calls of a compiled function becomes symbolic in the trace:
+    the kept layout then takes its sizes from the grid (spare rows), so the trace works (it failed in
+    Dynamo's lifting of a size derived from the float into the autograd.Function) and each value
+    gives the eager result, gradients included (aot_eager: Inductor is covered above)."""
+    grid, q, k, v, grad = _case(0.5, seed=5, grid=(4, 8, 8))
+
+    def attend(q, k, v, r):
+        return sparse_attention(q, k, v, grid, tile=(4, 4, 4), sparsity=0.5, query_keep=r, forward_kernel="tma")
+
+    torch.compiler.reset()
+    try:
+        compiled = torch.compile(attend, fullgraph=True, backend="aot_eager")
+        for r in (0.5, 0.25, 2 / 3, 0.5):
+            got = compiled(q, k, v, r)
+            want = attend(q, k, v, r)
+            for a, b in zip((got, *torch.autograd.grad(got, (q, k, v), grad)),
+                            (want, *torch.autograd.grad(want, (q, k, v), grad))):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+    finally:
+        torch.compiler.reset()
 
 
 def test_tma_query_keep_double_backward_equals_gather_path():
