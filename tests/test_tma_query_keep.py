@@ -184,6 +184,34 @@ def test_tma_query_keep_double_backward_equals_gather_path():
         assert_close_rel(a, b, REL_TOL[torch.float32]["grad"], f"second-order grad of {name}")
 
 
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+def test_tma_query_keep_propagates_non_finite_values_as_the_gather_path(where):
+    """A NaN in tile 2 (the centre's query, always kept, or a key / value row) reaches the outputs
+    the gather path gives NaN, no others: tile 1's query boxes hold tile 2's first kept rows, its KV
+    boxes tile 2's first rows (grid (5, 6, 7), Window(0, 0, 0): every tile attends to itself). The
+    gradients too for keys and values; a non-finite query or dO row is the dK/dV kernel's known gap
+    (tests/test_tma_forward_path.py, NOTES v21), wider under query_keep (README)."""
+    from sparse_inductor.compact_layout import compact_layout
+
+    grid, tile = (5, 6, 7), (4, 4, 4)
+    compact = compact_layout(build_layout(grid, tile))
+    start, count = compact.tile_offsets[2].item(), compact.counts[2].item()
+    poisoned = compact.positions[start + (count // 2 if where == "q" else 0)].item()
+    q, k, v = _inputs(1, 2, math.prod(grid), 64, torch.float32, 4)
+    with torch.no_grad():
+        {"q": q, "k": k, "v": v}[where][:, :, poisoned] = float("nan")
+    results = {}
+    for kernel in ("gather", "tma"):
+        out = sparse_attention(q, k, v, grid, tile=tile, policy=si.Window(0, 0, 0), query_keep=0.5,
+                               forward_kernel=kernel)
+        results[kernel] = (out, *torch.autograd.grad(out, (q, k, v), torch.ones_like(out)))
+    assert not torch.isfinite(results["gather"][0]).all()
+    checked = ("out",) if where == "q" else ("out", "dq", "dk", "dv")
+    for name, got, want in zip(("out", "dq", "dk", "dv"), results["tma"], results["gather"]):
+        if name in checked:
+            assert torch.equal(torch.isfinite(got), torch.isfinite(want)), name
+
+
 def test_kept_kernels_refuse_mismatched_layouts():
     """The kernels' host functions check the query layout against q and the KV layout."""
     from kernel_templates.tma_block_sparse import tma_packed_block_sparse_attention
