@@ -14,6 +14,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # The CPU tests' tensors are too small for intra-op threads to pay off, and two threads on
+    # two cores slow down many-fold whenever another process keeps a core busy (Inductor's
+    # compile workers, the ranks of a distributed test, a second test run); examples/testbed_dit.py's
+    # --tiny does the same. The environment variable carries it to the processes tests start.
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from hypothesis import HealthCheck, settings  # noqa: E402
 
