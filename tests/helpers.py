@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+from hypothesis import settings
 from hypothesis import strategies as st
 
 from sparse_inductor import _compat
@@ -16,6 +17,14 @@ except ImportError:  # pragma: no cover - triton is a dependency on Linux x86-64
 
 HAS_CUDA = torch.cuda.is_available()
 KERNEL_DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+def interpreted_examples(n):
+    """``settings`` for a property whose every example runs the Triton kernels: ``n`` examples on
+    CPU, where the interpreter takes seconds per example (the suite's time budget), the profile's
+    count on CUDA. Only the number of draws changes, never the strategies (the spec)."""
+    return settings(max_examples=settings.default.max_examples if HAS_CUDA else n)
+
 
 #: Sparse sites with a data-dependent text length (Mochi) exist only where Inductor compiles them
 #: (``_compat.UNBACKED_TEXT_SUPPORTED``); below that version they stay dense, which other tests check.

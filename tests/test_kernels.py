@@ -8,11 +8,11 @@ import math
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
-from helpers import (HAS_TRITON, KERNEL_DEVICE, REL_TOL, assert_close_rel, grids, joint_token_mask, kernel_dtypes,
-                     sparsities, text_key_keep, text_paddings, tiles)
+from helpers import (HAS_TRITON, KERNEL_DEVICE, REL_TOL, assert_close_rel, grids, interpreted_examples,
+                     joint_token_mask, kernel_dtypes, sparsities, text_key_keep, text_paddings, tiles)
 from sparse_inductor import TopK, triton_launch
 from sparse_inductor.attention import _valid_keys_first
 from sparse_inductor.layout import build_layout, tile_layout
@@ -65,6 +65,7 @@ def check_against_reference(grid, tile, sparsity, dtype, B, H, D, seed, heads_in
         assert_close_rel(got, want, tol["grad"], name)
 
 
+@interpreted_examples(6)
 @given(grid=grids(200), tile=tiles, sparsity=sparsities, dtype=kernel_dtypes, B=st.integers(1, 2),
        H=st.integers(1, 2), D=st.sampled_from([16, 32, 48, 64]), seed=st.integers(0, 2**16),
        heads_inner=st.booleans())
@@ -86,7 +87,8 @@ def test_kernels_pack_border_rows_over_several_chunks(monkeypatch, chunk):
     # listed per query tile, chunk 4 takes five passes and chunk 16 two, each ending on a partly
     # filled step.
     monkeypatch.setattr(triton_launch, "PACK_CHUNK", chunk)
-    check_against_reference((6, 10, 14), (4, 4, 4), 0.25, torch.float32, 1, 2, 32, seed=chunk)
+    # (One head: the chunk passes are per query tile, and TopK lists 18 tiles for every head.)
+    check_against_reference((6, 10, 14), (4, 4, 4), 0.25, torch.float32, 1, 1, 32, seed=chunk)
 
 
 def test_kernels_rows_with_very_negative_scores():
@@ -112,6 +114,7 @@ def test_kernels_rows_with_very_negative_scores():
         assert_close_rel(got, want, tol["grad"], name)
 
 
+@interpreted_examples(7)
 @given(grid=grids(120), tile=st.sampled_from([(4, 4, 4), (2, 2, 2), (2, 3, 5)]), sparsity=sparsities,
        dtype=kernel_dtypes, before=st.integers(0, 70), after=st.integers(0, 20),
        padding=text_paddings, seed=st.integers(0, 2**16))
@@ -178,8 +181,14 @@ def test_gradients_are_bitwise_deterministic():
             assert torch.equal(a, b)
 
 
+@interpreted_examples(5)
 @given(grid=grids(150), tile=tiles, r=st.sampled_from([0.25, 0.5, 0.75]), dtype=kernel_dtypes,
        seed=st.integers(0, 2**16))
+# The CPU profile's five draws hold r = 0.25 and 0.5 only: r = 0.75 and bfloat16 pinned here, and
+# the 64-slot tile at r = 0.5 and 0.75 (its 32- and 64-slot query blocks, checked below).
+@example(grid=(3, 2, 1), tile=(2, 2, 2), r=0.75, dtype=torch.float16, seed=65536)
+@example(grid=(5, 6, 4), tile=(4, 4, 4), r=0.5, dtype=torch.bfloat16, seed=1)
+@example(grid=(5, 6, 4), tile=(4, 4, 4), r=0.75, dtype=torch.float32, seed=2)
 def test_kernels_query_keep(grid, tile, r, dtype, seed):
     """query_keep in the kernels: per-head query tables, query blocks smaller than KV blocks
     (e.g. 32 query slots against 64-slot KV tiles), kept rows computed, dropped rows given
@@ -256,6 +265,7 @@ def check_query_keep_kernels(grid, tile, r, dtype, B, H, D, before, after, paddi
     return layout.block_size, keep.block, q_num.cpu(), keep.q_counts.cpu()
 
 
+@interpreted_examples(6)
 @given(grid=grids(150), tile=st.sampled_from([(4, 4, 4), (2, 4, 4), (1, 4, 8), (3, 3, 3), (2, 3, 5)]),
        r=st.sampled_from([0.25, 0.5]), dtype=kernel_dtypes, H=st.integers(1, 2), D=st.sampled_from([16, 32]),
        case=st.sampled_from(["video", "text", "text, key padding", "block-causal"]),
