@@ -374,13 +374,17 @@ def _setup_context(ctx, inputs, output):
     ctx.scale, ctx.kernel_version, ctx.causal_tokens = scale, kernel_version, causal
 
 
+def _backward_delta(out, grad_out, grad_lse, dtype):
+    """``rowsum(out * dO) - dLSE`` in the statistics dtype of ``dtype``: the backward's delta (d lse /
+    d s is the softmax row, so a gradient on LSE folds into it). Shared by every op's backward."""
+    stats = stats_dtype(dtype)
+    delta = (out.to(stats) * grad_out.to(stats)).sum(-1)
+    return delta if grad_lse is None else delta - grad_lse.to(stats)
+
+
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, q_slots, kv_slots, q_counts, kv_counts, kv_num_blocks, kv_indices = ctx.saved_tensors
-    stats = stats_dtype(q.dtype)
-    delta = (out.to(stats) * grad_out.to(stats)).sum(-1)
-    if grad_lse is not None:
-        # d lse / d s = softmax row, so a gradient on LSE folds into delta.
-        delta = delta - grad_lse.to(stats)
+    delta = _backward_delta(out, grad_out, grad_lse, q.dtype)
     if torch.is_grad_enabled():
         # create_graph=True: the gradient itself is differentiated later (double backward). The
         # backward op has no autograd formula, so the same arithmetic runs as plain, differentiable
@@ -470,6 +474,25 @@ TMA_BACKWARD_DQ_MODE = "separate"
 TMA_FUSED_DQ_VARIANT = "half_steps"
 
 
+def _tma_backward_kernels(grad_out, q, k, v, lse, delta, kv_num_blocks, kv_indices, kv_layout, q_layout, scale):
+    """The TMA backward kernels of both TMA ops (``q_layout`` is ``kv_layout`` unless query_keep < 1):
+    the kv-major lists' boxes over the query side, then the kernels in the chosen ``dq_mode``."""
+    import kernel_templates.tma_block_sparse_bwd as bwd
+
+    from .compact_layout import kv_boxes_by_class
+
+    kv_num_blocks, kv_indices = kv_num_blocks.contiguous(), kv_indices.contiguous()
+    # The kv-major lists come out increasing, so their box pass skips its sort (it was ~0.2 of
+    # the backward's 0.33 ms of box lists at 480p, each row up to 1024 entries wide).
+    q_num, q_indices = transpose_block_lists(kv_num_blocks, kv_indices, kv_layout.num_tiles)
+    q_boxes = kv_boxes_by_class(q_num, q_indices, q_layout, lists_sorted=True)
+    dq_mode = bwd.backward_dq_mode(default=TMA_BACKWARD_DQ_MODE)
+    variant = "default" if dq_mode == "separate" else TMA_FUSED_DQ_VARIANT
+    return bwd.tma_packed_block_sparse_attention_backward(
+        grad_out, q, k, v, None, lse, kv_num_blocks, kv_indices, kv_layout, scale, q_boxes=q_boxes, delta=delta,
+        dq_mode=dq_mode, dkdv_variant=variant, q_layout=None if q_layout is kv_layout else q_layout)
+
+
 @torch.library.custom_op("sparse_inductor::tma_block_sparse_attn_bwd", mutates_args=())
 def tma_block_sparse_attn_bwd(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Tensor,
@@ -481,31 +504,19 @@ def tma_block_sparse_attn_bwd(
     fp32 ``[B, H, L]``; ``slots`` the compact slot table (:func:`compact_slots`), the other tables
     as in the forward. Returns ``(dq, dk, dv)`` in compact order. On CUDA (or under
     ``TRITON_INTERPRET=1``) the TMA backward kernels (``kernel_templates/tma_block_sparse_bwd.py``:
-    dQ fused into the dK/dV kernel over the transposed lists by atomic adds, or under
-    deterministic algorithms dQ then dK/dV: :data:`TMA_BACKWARD_DQ_MODE`); otherwise the CPU
-    implementation on the tables."""
+    dQ, then dK/dV over the transposed lists; dQ fused into dK/dV by atomic adds only when
+    ``$SPARSE_INDUCTOR_BACKWARD_DQ`` or :data:`TMA_BACKWARD_DQ_MODE` asks and deterministic
+    algorithms are off); otherwise the CPU implementation on the tables."""
     if q.numel() == 0:
         return tuple(torch.empty_like(x) for x in (q, k, v))
     if q.is_cuda or triton_launch.interpreting():
-        import kernel_templates.tma_block_sparse_bwd as bwd
-
         from .compact_layout import CompactLayout
 
         compact = CompactLayout(block=slots.shape[-1] // counts.shape[-1], num_tiles=counts.shape[-1],
                                 num_tokens=q.shape[2], counts=counts.contiguous(),
                                 tile_offsets=tile_offsets.contiguous(), positions=positions.contiguous(), rows=None)
-        from .compact_layout import kv_boxes_by_class
-
-        kv_num_blocks, kv_indices = kv_num_blocks.contiguous(), kv_indices.contiguous()
-        # The kv-major lists come out increasing, so their box pass skips its sort (it was ~0.3 of
-        # the backward's 0.33 ms of box lists at 480p, each row up to 1024 entries wide).
-        q_num, q_indices = transpose_block_lists(kv_num_blocks, kv_indices, compact.num_tiles)
-        q_boxes = kv_boxes_by_class(q_num, q_indices, compact, lists_sorted=True)
-        dq_mode = bwd.backward_dq_mode(default=TMA_BACKWARD_DQ_MODE)
-        variant = "default" if dq_mode == "separate" else TMA_FUSED_DQ_VARIANT
-        return bwd.tma_packed_block_sparse_attention_backward(grad_out, q, k, v, None, lse, kv_num_blocks, kv_indices,
-                                                              compact, scale, q_boxes=q_boxes, delta=delta,
-                                                              dq_mode=dq_mode, dkdv_variant=variant)
+        return _tma_backward_kernels(grad_out, q, k, v, lse, delta, kv_num_blocks, kv_indices, compact, compact,
+                                     scale)
     B, H = q.shape[:2]
     grads = _torch_bwd(grad_out, q, k, v, lse, delta, slots.expand(B, H, -1), slots.expand(B, -1),
                        counts.expand(B, H, -1), counts.expand(B, -1), kv_num_blocks, kv_indices, scale)
@@ -532,10 +543,7 @@ def _tma_backward(ctx, grad_out, grad_lse):
     the caller permuted into ``q_compact``): ``grad_out``, LSE and delta are permuted into compact
     order and the whole backward runs there."""
     (q, k, v, out, lse, slots, counts, tile_offsets, positions, kv_num_blocks, kv_indices) = ctx.saved_tensors
-    stats = stats_dtype(q.dtype)
-    delta = (out.to(stats) * grad_out.to(stats)).sum(-1)
-    if grad_lse is not None:
-        delta = delta - grad_lse.to(stats)
+    delta = _backward_delta(out, grad_out, grad_lse, q.dtype)
     grad_out, lse, delta = (x.index_select(2, positions) for x in (grad_out, lse, delta))
     if torch.is_grad_enabled():  # double backward: differentiable torch, as the gather op's
         B, H = q.shape[:2]
@@ -627,21 +635,10 @@ def tma_query_keep_attn_bwd(
     if q_kept.numel() == 0:
         return tuple(torch.empty_like(x) for x in (q_kept, k, v))
     if q_kept.is_cuda or triton_launch.interpreting():
-        import kernel_templates.tma_block_sparse_bwd as bwd
-
-        from .compact_layout import kv_boxes_by_class
-
         q_layout, kv_layout = _kept_layouts(q_slots, kv_slots, q_counts, q_tile_offsets, kv_counts, kv_tile_offsets,
                                             q_kept.shape[2], k.shape[2])
-        kv_num_blocks, kv_indices = kv_num_blocks.contiguous(), kv_indices.contiguous()
-        q_num, q_indices = transpose_block_lists(kv_num_blocks, kv_indices, kv_layout.num_tiles)
-        q_boxes = kv_boxes_by_class(q_num, q_indices, q_layout, lists_sorted=True)
-        dq_mode = bwd.backward_dq_mode(default=TMA_BACKWARD_DQ_MODE)
-        variant = "default" if dq_mode == "separate" else TMA_FUSED_DQ_VARIANT
-        return bwd.tma_packed_block_sparse_attention_backward(grad_out, q_kept, k, v, None, lse, kv_num_blocks,
-                                                              kv_indices, kv_layout, scale, q_boxes=q_boxes,
-                                                              delta=delta, dq_mode=dq_mode, dkdv_variant=variant,
-                                                              q_layout=q_layout)
+        return _tma_backward_kernels(grad_out, q_kept, k, v, lse, delta, kv_num_blocks, kv_indices, kv_layout,
+                                     q_layout, scale)
     B, H = q_kept.shape[:2]
     grads = _torch_bwd(grad_out, q_kept, k, v, lse, delta, q_slots.expand(B, H, -1), kv_slots.expand(B, -1),
                        q_counts.expand(B, H, -1), kv_counts.expand(B, -1), kv_num_blocks, kv_indices, scale)
@@ -666,10 +663,7 @@ def _tma_query_keep_setup_context(ctx, inputs, output):
 def _tma_query_keep_backward(ctx, grad_out, grad_lse):
     (q, k, v, out, lse, q_slots, kv_slots, q_counts, q_tile_offsets, kv_counts, kv_tile_offsets, kv_num_blocks,
      kv_indices) = ctx.saved_tensors
-    stats = stats_dtype(q.dtype)
-    delta = (out.to(stats) * grad_out.to(stats)).sum(-1)
-    if grad_lse is not None:
-        delta = delta - grad_lse.to(stats)
+    delta = _backward_delta(out, grad_out, grad_lse, q.dtype)
     if torch.is_grad_enabled():  # double backward: differentiable torch, as the gather op's
         B, H = q.shape[:2]
         grads = _torch_bwd(grad_out, q, k, v, lse, delta, q_slots.expand(B, H, -1), kv_slots.expand(B, -1),
