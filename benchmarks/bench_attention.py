@@ -32,7 +32,8 @@ All competitors run in this one process on the same inputs; times are medians of
   ``tma_packed_permute`` the permutation of q, k, v to compact order (both would fuse into the
   selection and the producing kernels).
 * ``sparse_compiled_t128`` / ``sparse_kernel_t128`` (``--tile128``): ``sparse_compiled`` and
-  ``sparse_kernel`` with (4, 4, 8) tiles of 128 tokens at the same sparsity (FLOPs from their own lists).
+  ``sparse_kernel`` with (4, 4, 8) tiles of 128 tokens at the same sparsity (FLOPs from their own lists);
+  ``tma_t128_w4`` / ``_w8`` (``_qreg``): the compact TMA forward kernel on those tiles, 4 or 8 warps.
 * ``fastvideo_triton``: FastVideo's Triton VSA kernel (``fastvideo-kernel`` 0.3.5,
   ``FASTVIDEO_VSA_TRITON=1``) on tile-major copies and the identical selection, when the
   package is importable (install it with ``pip install --no-deps fastvideo-kernel==0.3.5``).
@@ -211,7 +212,7 @@ def kernel_for(layout, selection, B, H, scale):
     return kernel
 
 
-def tile128_rows(q, k, v, grad, grid, sparsity, B, H, scale) -> list:
+def tile128_rows(q, k, v, grad, grid, sparsity, B, H, scale, only=None) -> list:
     """``sparse_compiled_t128`` / ``sparse_kernel_t128``: our path with (4, 4, 8) tiles of 128 tokens
     (KV blocks and query blocks of 128 rows) at the same sparsity, FLOPs from its own lists."""
     tile = (4, 4, 8)
@@ -220,8 +221,41 @@ def tile128_rows(q, k, v, grad, grid, sparsity, B, H, scale) -> list:
     flops = 4.0 * q.shape[-1] * kept_pair_tokens(selection)
     compiled = torch.compile(
         lambda q, k, v: sparse_attention(q, k, v, grid, sparsity=sparsity, tile=tile, layout=layout), fullgraph=True)
-    return [("sparse_compiled_t128", compiled, (q, k, v), grad, flops),
-            ("sparse_kernel_t128", kernel_for(layout, selection, B, H, scale), (q, k, v), grad, flops)]
+    kernel = kernel_for(layout, selection, B, H, scale)
+    rows = [("sparse_compiled_t128", compiled, (q, k, v), grad, flops), ("sparse_kernel_t128", kernel, (q, k, v), grad, flops)]
+    if only and not any(p.startswith("tma_t128") or "tma_t128".startswith(p) for p in only):
+        return rows  # its setup compiles and runs every variant
+    return rows + [(impl, fn, inputs, None, flops) for impl, fn, inputs in tma_t128_setup(layout, selection, q, k, v, kernel)]
+
+
+def tma_t128_setup(layout, selection, q, k, v, sparse_kernel) -> list:
+    """``tma_t128_w{4,8}[_qreg]``: the compact TMA forward kernel on (4, 4, 8) tiles (v24 probe: 128-row
+    query boxes and 128-column steps, the structure of issue 22's 6.9x ceiling), 4 or 8 warps, Q in
+    shared memory or registers; forward only, kernel only. A variant that fails to build says why."""
+    from sparse_inductor.compact_layout import compact_layout, from_compact, kv_boxes_by_class, to_compact
+    import kernel_templates.tma_block_sparse as tma_block_sparse
+
+    compact = compact_layout(layout)
+    num, idx = selection.kv_num_blocks, selection.kv_indices
+    boxes = kv_boxes_by_class(num, idx, compact)
+    inputs = tuple(to_compact(x, compact).contiguous() for x in (q, k, v))
+    with torch.no_grad():
+        ref = sparse_kernel(q, k, v).float()
+    rows = []
+    for warps in (4, 8):
+        for qreg in (False, True):
+            def fn(q, k, v, warps=warps, qreg=qreg):
+                return tma_block_sparse.tma_packed_block_sparse_attention(
+                    q, k, v, num, idx, compact, boxes=boxes, q_in_registers=qreg, num_warps=warps)[0]
+            name = f"tma_t128_w{warps}" + ("_qreg" if qreg else "")
+            try:
+                with torch.no_grad():
+                    err = (from_compact(fn(*inputs), compact).float() - ref).norm() / ref.norm()
+                print(f"{name} vs sparse_kernel_t128: relative L2 {err.item():.2e}", flush=True)
+                rows.append((name, fn, inputs))
+            except Exception as e:  # report, never hide
+                print(f"{name} dropped: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}", flush=True)
+    return rows
 
 
 def run_case(name, H, grid, sparsity, records, meta, with_flex=True, with_dense=True, only=None, tile128=False):
@@ -267,7 +301,7 @@ def run_case(name, H, grid, sparsity, records, meta, with_flex=True, with_dense=
              ("selection", selection_compiled, (q, k), None, None),
              ("selection_launch", selection_compiled, (q, k), None, None)]
     if tile128:  # issue 22 item 1: 128-token tiles (4, 4, 8), 128-row blocks, the same sparsity
-        impls += tile128_rows(q, k, v, grad, grid, sparsity, B, H, scale)
+        impls += tile128_rows(q, k, v, grad, grid, sparsity, B, H, scale, only)
     if with_flex:
         try:
             impls.append(("flex_kernel", flex_setup(layout, selection, N), (tq, tk, tv), tgrad, sparse_flops))

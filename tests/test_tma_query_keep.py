@@ -58,7 +58,7 @@ def test_tma_query_keep_matches_reference_with_gradients(grid, tile, policy, r, 
         assert_close_rel(got[:, live], want, tol["grad"], name)
     # A dropped row's query takes no part: its gradient is exactly 0 (the ranking is a discrete choice).
     kept, _ = reference_query_keep(q.detach().double(), grid, tile, r)
-    assert (dq.detach().cpu()[~kept] == 0).all()
+    assert (dq.detach().cpu()[~kept.cpu()] == 0).all()
 
 
 @settings(max_examples=max(20, settings.default.max_examples * 4))
