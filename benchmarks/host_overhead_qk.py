@@ -4,7 +4,7 @@
 while `profile_compiled.py` summed 2.57 ms of CUDA kernel time: this prints, for each query_keep, the
 `do_bench` time (host launches included), the CUDA-graph time (`do_bench_cudagraph`: GPU only) and the
 host time per call of enqueueing without a sync (median of 50), so a host-bound path shows as
-host >= do_bench > cudagraph.
+host >= do_bench > cudagraph; ``--cprofile`` prints where the host time goes.
 
     PYTHONPATH=$PWD SPARSE_INDUCTOR_FORWARD_KERNEL=tma python benchmarks/host_overhead_qk.py [--keeps 1 0.5]
 """
@@ -28,6 +28,7 @@ def main():
     parser.add_argument("--keeps", type=float, nargs="+", default=[1.0, 0.5])
     parser.add_argument("--grid", type=int, nargs=3, default=[21, 30, 52])
     parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--cprofile", action="store_true", help="also print where the host time of 20 calls goes")
     args = parser.parse_args()
     import triton.testing
 
@@ -61,6 +62,18 @@ def main():
             fwd()
             host.append((time.perf_counter() - t0) * 1e3)
         torch.cuda.synchronize()
+        if args.cprofile:
+            import cProfile
+            import pstats
+
+            profile = cProfile.Profile()
+            profile.enable()
+            for _ in range(20):
+                fwd()
+            profile.disable()
+            torch.cuda.synchronize()
+            print(f"query_keep {keep}: host time of 20 calls by function (tottime)", flush=True)
+            pstats.Stats(profile).sort_stats("tottime").print_stats(25)
         print(f"query_keep {keep:<4} compiled fwd: do_bench {wall:.3f} ms, cudagraph {graph:.3f} ms, host enqueue "
               f"{statistics.median(host):.3f} ms per call", flush=True)
 
