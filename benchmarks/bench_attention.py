@@ -222,10 +222,12 @@ def tile128_rows(q, k, v, grad, grid, sparsity, B, H, scale, only=None) -> list:
     compiled = torch.compile(
         lambda q, k, v: sparse_attention(q, k, v, grid, sparsity=sparsity, tile=tile, layout=layout), fullgraph=True)
     kernel = kernel_for(layout, selection, B, H, scale)
-    rows = [("sparse_compiled_t128", compiled, (q, k, v), grad, flops), ("sparse_kernel_t128", kernel, (q, k, v), grad, flops)]
+    rows = [("sparse_compiled_t128", compiled, (q, k, v), grad, flops),
+            ("sparse_kernel_t128", kernel, (q, k, v), grad, flops)]
     if only and not any(p.startswith("tma_t128") or "tma_t128".startswith(p) for p in only):
         return rows  # its setup compiles and runs every variant
-    return rows + [(impl, fn, inputs, None, flops) for impl, fn, inputs in tma_t128_setup(layout, selection, q, k, v, kernel)]
+    tma_rows = tma_t128_setup(layout, selection, q, k, v, kernel)
+    return rows + [(impl, fn, inputs, None, flops) for impl, fn, inputs in tma_rows]
 
 
 def tma_t128_setup(layout, selection, q, k, v, sparse_kernel) -> list:

@@ -46,6 +46,10 @@ def main():
     times = {}
     for path in args.paths:
         for keep in args.keeps:
+            # A fresh Dynamo per keep: otherwise the second keep recompiles the lambda with query_keep as a
+            # dynamic float, whose graph computes the kept layout's tables per call (267 launches at 480p;
+            # NOTES, eighth session) -- a real case (a query_keep ramp), timed by host_overhead_qk.py.
+            torch.compiler.reset()
             def eager(q, k, v, keep=keep):
                 return sparse_attention(q, k, v, grid, tile=(4, 4, 4), policy=si.TopK(0.875), query_keep=keep,
                                         layout=layout)
