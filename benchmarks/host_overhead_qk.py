@@ -5,8 +5,9 @@ while `profile_compiled.py` summed 2.57 ms of CUDA kernel time: this prints, for
 `do_bench` time (host launches included), the CUDA-graph time (`do_bench_cudagraph`: GPU only) and the
 host time per call of enqueueing without a sync (median of 50), so a host-bound path shows as
 host >= do_bench > cudagraph; ``--cprofile`` prints where the host time goes. The keeps share one process
-and one lambda on purpose: every keep after the first is Dynamo's recompile with ``query_keep`` as a dynamic
-float (the slow case of NOTES, eighth session); run one keep per process for the fresh numbers.
+and one lambda on purpose: in the eighth session every keep after the first was Dynamo's recompile with
+``query_keep`` as a dynamic float (267 kernels per call, NOTES); since the ninth it is a graph constant
+per value (``_compat.specialize_float``), so later keeps must time like fresh processes.
 
     PYTHONPATH=$PWD SPARSE_INDUCTOR_FORWARD_KERNEL=tma python benchmarks/host_overhead_qk.py [--keeps 1 0.5]
 """

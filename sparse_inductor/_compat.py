@@ -27,6 +27,17 @@ def compile_fx(gm, example_inputs, config_patches=None):
 UNBACKED_TEXT_SUPPORTED = TORCH_VERSION >= (2, 13)
 
 
+def specialize_float(value) -> float:
+    """``value`` as a graph constant while Dynamo traces (a guard on its value, so each value gets
+    its own graph), unchanged elsewhere. Dynamo makes a float argument that changed between calls a
+    graph input (automatic dynamic floats, ``torch._dynamo.config.specialize_float = False``); our
+    fractions decide table sizes and index arithmetic, which then ran per call (NOTES, ninth
+    session). ``guard_scalar`` traces on torch 2.11 and 2.13; ``guard_float`` is marked skipped."""
+    from torch.fx.experimental.symbolic_shapes import guard_scalar
+
+    return guard_scalar(value) if torch.compiler.is_compiling() else value
+
+
 def has_unbacked_symbols(size) -> bool:
     """Whether a size (int or SymInt) depends on a data-dependent (unbacked) symbol."""
     from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols

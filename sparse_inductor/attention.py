@@ -246,6 +246,7 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, grid, *, tile, sparsity: f
     kernels, where it is the (contiguous) gather that gives dropped rows their centre's output.
     """
     policy = resolve_policy(policy, sparsity)
+    query_keep = _compat.specialize_float(query_keep)  # one graph per value (not validated here)
     if layout is None:
         layout = build_layout(grid, tile, text_before, text_after, q.device)
     if scale is None:

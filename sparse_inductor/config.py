@@ -13,6 +13,7 @@ import fnmatch
 import numbers
 from dataclasses import dataclass, field, replace
 
+from . import _compat
 from .layout import check_grid_and_tile
 
 #: Sparsity used when neither a context nor compile options say otherwise (VSA's inference value).
@@ -84,7 +85,7 @@ def layer_matches(pattern: str, module_path: str) -> bool:
 def check_sparsity(value, name: str = "sparsity") -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (0.0 <= float(value) < 1.0):
         raise ValueError(f"{name} must be a number in [0, 1) (the fraction of KV tiles skipped), got {value!r}")
-    return float(value)
+    return _compat.specialize_float(float(value))
 
 
 def _check_policy(value, name: str):

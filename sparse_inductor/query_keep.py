@@ -306,14 +306,15 @@ def kept_layout(q: Tensor, layout: TileLayout, query_keep: float, spare_rows: bo
     rows :func:`select_queries` keeps, laid out for the compact TMA kernels (module docstring).
     Index arithmetic and one ranking op, no host sync, so it traces (symbolic sizes included).
 
-    ``spare_rows`` (``None``: while compiling): the layout gets ``L`` rows, the kept rows first as
-    always and ``L - Lq`` spare rows past them that no tile holds (``row_valid``: their q and dO are
-    0, their outputs never read). Traced code needs it: a ``query_keep`` that changed between calls of
-    a compiled function is symbolic, and Dynamo cannot lift a size derived from a float into an
-    autograd.Function (torch 2.13: "Source of ... is None when lifting it to input of top-level"),
-    while inside the trace such a float looks like any other (``isinstance`` answers ``float``), so
-    every traced call takes sizes from the grid only. Cost at 480p, r = 0.5: ~0.2 GB more traffic per
-    fwd+bwd (zeros written for spare rows of q and dO, delta over ``L`` rows), ~0.07 ms (NOTES v23)."""
+    ``spare_rows`` (``None``: only for a symbolic ``query_keep``): the layout gets ``L`` rows, the kept
+    rows first as always and ``L - Lq`` spare rows past them that no tile holds (``row_valid``: their
+    q and dO are 0, their outputs never read), so no size derives from the float (Dynamo cannot lift
+    such a size into an autograd.Function, torch 2.13: "Source of ... is None when lifting it to
+    input of top-level"). The public entry points make every traced ``query_keep`` a graph constant
+    (:func:`sparse_inductor._compat.specialize_float`), so traced calls take ``Lq`` rows too (until
+    the ninth session they always took spare rows: ~0.2 GB more traffic per fwd+bwd at 480p, r = 0.5,
+    NOTES v23). ``spare_rows=True`` remains for a caller that traces a symbolic ``query_keep`` itself
+    (inside Dynamo such a float passes ``isinstance(r, float)``, so it must ask)."""
     from . import ops
     from .compact_layout import CompactLayout
 
@@ -326,7 +327,7 @@ def kept_layout(q: Tensor, layout: TileLayout, query_keep: float, spare_rows: bo
     from .selection import decimal_numerator
 
     if spare_rows is None:
-        spare_rows = torch.compiler.is_compiling() or not isinstance(decimal_numerator(query_keep), int)
+        spare_rows = not isinstance(decimal_numerator(query_keep), int)
     Lq = L if spare_rows else kept_rows_total(layout.grid, layout.tile, query_keep)
     ends = torch.cumsum(n_kept, 0)
     offsets = ends - n_kept

@@ -149,10 +149,11 @@ def test_tma_query_keep_compiles_and_equals_eager(dynamic):
 
 
 def test_query_keep_as_an_argument_of_a_compiled_function_on_the_tma_path():
-    """A query_keep that changes between calls of a compiled function becomes symbolic in the trace:
-    the kept layout then takes its sizes from the grid (spare rows), so the trace works (it failed in
-    Dynamo's lifting of a size derived from the float into the autograd.Function) and each value
-    gives the eager result, gradients included (aot_eager: Inductor is covered above)."""
+    """A query_keep that changes between calls of a compiled function: Dynamo would make it symbolic
+    (the trace then failed in lifting a size derived from the float into the autograd.Function, and
+    later built the kept layout per call); it is a graph constant per value now
+    (test_policies.py::test_float_arguments_of_a_compiled_function_are_graph_constants), and each
+    value gives the eager result, gradients included (aot_eager: Inductor is covered above)."""
     grid, q, k, v, grad = _case(0.5, seed=5, grid=(4, 8, 8))
 
     def attend(q, k, v, r):
@@ -161,7 +162,7 @@ def test_query_keep_as_an_argument_of_a_compiled_function_on_the_tma_path():
     torch.compiler.reset()
     try:
         compiled = torch.compile(attend, fullgraph=True, backend="aot_eager")
-        for r in (0.5, 0.25, 2 / 3):  # the second value makes it symbolic, the third reuses that graph
+        for r in (0.5, 0.25, 2 / 3):  # one graph each
             got = compiled(q, k, v, r)
             want = attend(q, k, v, r)
             for a, b in zip((got, *torch.autograd.grad(got, (q, k, v), grad)),

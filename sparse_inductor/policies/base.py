@@ -19,6 +19,8 @@ import numbers
 import torch
 from torch import Tensor
 
+from .. import _compat
+
 
 def ceil_div(a, b):
     return (a + b - 1) // b
@@ -156,7 +158,7 @@ def check_fraction(value, name: str, *, low_open: bool = True, allow_one: bool =
     if not ok:
         bounds = ("(0, " if low_open else "[0, ") + ("1]" if allow_one else "1)")
         raise ValueError(f"{name} must be a number in {bounds}, got {value!r}")
-    return float(value)
+    return _compat.specialize_float(float(value))
 
 
 def check_count(value, name: str, minimum: int = 0) -> int:
