@@ -112,13 +112,6 @@ def tma_forward_unsupported(q: Tensor, k: Tensor, v: Tensor, layout: TileLayout,
     return None
 
 
-#: Whether ``"auto"`` takes the TMA path under ``query_keep < 1`` (v23). Off until it has run on a
-#: GPU: its kernels passed the interpreter's tests only (NOTES v23); ``"tma"`` runs it.
-TMA_QUERY_KEEP_BY_DEFAULT = False
-QUERY_KEEP_NOT_DEFAULT = ("query_keep < 1 (its TMA path is not yet validated on a GPU; "
-                          "SPARSE_INDUCTOR_FORWARD_KERNEL=tma runs it)")
-
-
 def forward_kernel_for(q: Tensor, *args, forward_kernel: str | None = None) -> tuple[str, str]:
     """``("tma" or "gather", why)``: the forward kernel a call with these arguments (those of
     :func:`tma_forward_unsupported`) runs, and, for the gather kernel, why (``""`` when the TMA
@@ -130,8 +123,6 @@ def forward_kernel_for(q: Tensor, *args, forward_kernel: str | None = None) -> t
         return "gather", ""
     if choice == "auto" and not triton_launch.tma_capable(q.device):
         return "gather", ""
-    if choice == "auto" and not TMA_QUERY_KEEP_BY_DEFAULT and len(args) > 5 and args[5] < 1.0:
-        return "gather", QUERY_KEEP_NOT_DEFAULT
     reason = tma_forward_unsupported(q, *args)
     return ("gather", reason) if reason is not None else ("tma", "")
 
