@@ -90,8 +90,8 @@ def attention_calls(draw, bad_arguments: bool):
     (and the tensors stay tiny), else all are valid, the tensors of any strides and values."""
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
     bad = Bad()
-    dtype = draw(st.sampled_from(FLOATS))
     device = draw(st.sampled_from(DEVICES))
+    dtype = draw(st.sampled_from(FLOATS if device == "cpu" else FLOATS[:3]))  # float64: CPU only
     B, H = draw(st.sampled_from([1, 2, 0])), draw(st.sampled_from([1, 2, 0]))
     grid, tile = draw(st.sampled_from(GRIDS)), draw(st.sampled_from(TILES))
     D = draw(st.sampled_from([1, 8, 16]))

@@ -279,7 +279,7 @@ def test_tma_backward_propagates_non_finite_values_as_the_reference(where):
     them in masked boxes); queries and dO: the dK/dV kernel's known gap, a strict xfail."""
     grid, tile, poisoned, rows = _non_finite_case()
     q, k, v = _inputs(1, 1, math.prod(grid), 64, torch.float32, 5)
-    grad = torch.ones(q.shape)
+    grad = torch.ones(q.shape, device=q.device)
     with torch.no_grad():
         {"q": q, "k": k, "v": v, "grad": grad}[where][:, :, poisoned] = float("nan")
     grads = {}

@@ -220,11 +220,11 @@ def test_kept_kernels_refuse_mismatched_layouts():
     from sparse_inductor.query_keep import kept_layout
 
     grid, tile = (4, 8, 8), (4, 4, 4)
-    layout = build_layout(grid, tile)
     q, k, v = (x.detach() for x in _inputs(1, 1, math.prod(grid), 64, torch.float32, 0))
+    layout = build_layout(grid, tile, device=q.device)
     kl = kept_layout(q, layout, 0.5)
-    num = torch.ones(1, 1, layout.num_tiles, dtype=torch.int32)
-    idx = torch.arange(layout.num_tiles, dtype=torch.int32).view(1, 1, -1, 1)
+    num = torch.ones(1, 1, layout.num_tiles, dtype=torch.int32, device=q.device)
+    idx = torch.arange(layout.num_tiles, dtype=torch.int32, device=q.device).view(1, 1, -1, 1)
     with pytest.raises(ValueError, match="query layout"):
         tma_packed_block_sparse_attention(q, k, v, num, idx, compact_layout(layout), q_layout=kl.compact)
     with pytest.raises(ValueError, match="out_order"):
