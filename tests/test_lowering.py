@@ -12,6 +12,7 @@ import re
 
 import pytest
 import torch
+import torch._inductor.exc  # the xfail below names its error
 
 from helpers import HAS_CUDA, HAS_TRITON, REL_TOL, assert_close_rel, joint_token_mask, needs_unbacked_text
 from sparse_inductor import TopK
@@ -47,7 +48,10 @@ def _model(grid, tile, sparsity, heads_inner, text=(0, 0)):
     """Attention as a DiT calls it: output back to ``[B, L, H*D]`` then a pointwise op."""
 
     def attend(q, k, v):
-        out = sparse_attention(q, k, v, grid, sparsity=sparsity, tile=tile, text_before=text[0], text_after=text[1])
+        # The gather kernels: these tests are about their templates (on Hopper "auto" would take
+        # video-only calls to the TMA kernels, extern calls with no template).
+        out = sparse_attention(q, k, v, grid, sparsity=sparsity, tile=tile, text_before=text[0], text_after=text[1],
+                               forward_kernel="gather")
         B, H, L, D = out.shape
         if heads_inner:
             out = out.transpose(1, 2).reshape(B, L, H * D)
@@ -82,7 +86,11 @@ def _kernel_body(code: str, name: str) -> str:
         (torch.bfloat16, False, (5, 4, 4), (4, 4, 4), (0, 0)),
         (torch.float16, True, (5, 4, 4), (4, 4, 4), (0, 0)),
         # Joint attention: text query blocks are full rows (every block, no stored entries).
-        (torch.float32, False, (3, 4, 6), (2, 2, 2), (11, 3)),
+        pytest.param(torch.float32, False, (3, 4, 6), (2, 2, 2), (11, 3), marks=pytest.mark.xfail(
+            HAS_CUDA and TORCH_VERSION < (2, 13), strict=True, raises=torch._inductor.exc.InductorError,
+            reason="torch 2.11's GPU Inductor fails on the layout's in-graph index arithmetic with text "
+                   "(simplify_loops: \"The argument '3 - 2*((((0))//6))' is not comparable\", H200, ninth session); "
+                   "the backend passes the layout as graph constants instead")),
     ],
 )
 def test_templates_render_fuse_and_match(template_backend, dtype, heads_inner, grid, tile, text):
