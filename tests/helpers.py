@@ -26,6 +26,18 @@ def interpreted_examples(n):
     return settings(max_examples=settings.default.max_examples if HAS_CUDA else n)
 
 
+#: Cases that repeat what a cheaper case of the same test already shows on CPU, at a cost CI's two
+#: cores cannot carry in the suite's 30-minute budget: marked ``slow`` and run where CUDA is
+#: (``pytest -m slow`` on the GPU machine), skipped without it; never deleted.
+SLOW_ON_CPU = (pytest.mark.slow,
+               pytest.mark.skipif(not HAS_CUDA, reason="slow on CPU (the suite's time budget): runs with CUDA"))
+
+
+def slow_on_cpu(*values):
+    """``pytest.param(*values)`` marked :data:`SLOW_ON_CPU`."""
+    return pytest.param(*values, marks=SLOW_ON_CPU)
+
+
 #: Sparse sites with a data-dependent text length (Mochi) exist only where Inductor compiles them
 #: (``_compat.UNBACKED_TEXT_SUPPORTED``); below that version they stay dense, which other tests check.
 needs_unbacked_text = pytest.mark.skipif(

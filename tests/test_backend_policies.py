@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import sparse_inductor as si
+from helpers import slow_on_cpu
 from test_backend import GRID, Recorder, inputs, rel
 from video_dit import TinyVideoDiT
 
@@ -42,8 +43,10 @@ def eager_policy(model, policy_for_block, query_keep=1.0):
     return model
 
 
-@pytest.mark.parametrize("name", list(POLICIES))
-@pytest.mark.parametrize("query_keep", [1.0, 0.5])
+# On CPU (the suite's time budget, ~17-24 s a case) every policy runs at query_keep 0.5 and the
+# dynamic one (mass) at 1.0 as well; the other 1.0 cases run where CUDA is.
+@pytest.mark.parametrize("name,query_keep", [(n, 0.5) for n in POLICIES] + [("mass", 1.0)] + [
+    slow_on_cpu(n, 1.0) for n in POLICIES if n != "mass"])
 def test_compiled_policy_equals_eager_op_with_gradients(name, query_keep):
     torch.manual_seed(0)
     policy = POLICIES[name]

@@ -14,7 +14,7 @@ pytest.importorskip("diffusers")
 import sparse_inductor as si  # noqa: E402
 from sparse_inductor import _compat  # noqa: E402
 from diffusers_models import DENSE_MODELS, GRID, MODELS  # noqa: E402
-from helpers import unbacked_text_params  # noqa: E402
+from helpers import slow_on_cpu, unbacked_text_params  # noqa: E402
 from sparse_inductor.attention import sparse_attention  # noqa: E402
 
 N_VIDEO = math.prod(GRID)
@@ -84,8 +84,14 @@ POLICY_CASES = {"topk": dict(sparsity=0.5),
                 "mass+query_keep": dict(policy=si.CumulativeMass(0.6, min_tiles=1, max_fraction=0.5), query_keep=0.5)}
 
 
-@pytest.mark.parametrize("name,case", unbacked_text_params([(n, "topk") for n in MODELS] + [("hunyuan", "mass+query_keep"),
-                                                                      ("wan", "mass+query_keep")]))
+# On CPU (the suite's time budget) HunyuanVideo runs BSA's case only and FramePack, HunyuanVideo's
+# architecture again, runs where CUDA is (37-44 s each on CPU, ninth session).
+_SLOW_ON_CPU_MODELS = ("hunyuan", "hunyuan_framepack")
+
+
+@pytest.mark.parametrize("name,case", unbacked_text_params(
+    [slow_on_cpu(n, "topk") if n in _SLOW_ON_CPU_MODELS else (n, "topk") for n in MODELS]
+    + [("hunyuan", "mass+query_keep"), ("wan", "mass+query_keep")]))
 def test_compiled_equals_eager_sparse_op(name, case):
     settings = POLICY_CASES[case]
     model, args, kwargs, expect = MODELS[name]()
@@ -141,10 +147,11 @@ def test_models_without_rewritable_attention_stay_dense(name):
         assert row["decision"] == "dense" and why in row["reason"], row
 
 
-@pytest.mark.parametrize("name", ["cosmos", "kandinsky6", "allegro", "ltx_video", "mochi", "hunyuan_video15",
-                                  "hunyuan_framepack"])
+@pytest.mark.parametrize("name", ["cosmos", "ltx_video", *(slow_on_cpu(n) for n in (
+    "kandinsky6", "allegro", "mochi", "hunyuan_video15", "hunyuan_framepack"))])
 def test_sparsity_zero_is_dense(name):
-    """At sparsity 0 the backend compiles the model as plain Inductor does."""
+    """At sparsity 0 the backend compiles the model as plain Inductor does. Two models on CPU (each
+    case compiles its model twice with Inductor, ~27 s on CI's cores); the rest where CUDA is."""
     model, args, kwargs, expect = MODELS[name]()
     with torch.no_grad(), dynamo_config(expect):
         torch._dynamo.reset()

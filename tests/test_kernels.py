@@ -114,7 +114,7 @@ def test_kernels_rows_with_very_negative_scores():
         assert_close_rel(got, want, tol["grad"], name)
 
 
-@interpreted_examples(7)
+@interpreted_examples(4)  # 7 took 112 s on CPU (ninth session); the GPU runs the profile's count
 @given(grid=grids(120), tile=st.sampled_from([(4, 4, 4), (2, 2, 2), (2, 3, 5)]), sparsity=sparsities,
        dtype=kernel_dtypes, before=st.integers(0, 70), after=st.integers(0, 20),
        padding=text_paddings, seed=st.integers(0, 2**16))

@@ -464,6 +464,8 @@ def test_census_cli_on_the_untrained_tiny_model(tmp_path, capsys):
     assert "census of 2 layers x 2 heads x 2 noise levels" in capsys.readouterr().out
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="71 s on CPU (the suite's time budget): runs with CUDA")
 def test_sparse_training_option(tmp_path):
     """--attention trains through the backend under a policy (BSA's CumulativeMass + query_keep)."""
     assert tb.parse_attention("dense") == {}

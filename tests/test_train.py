@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import sparse_inductor as si
+from helpers import HAS_CUDA
 import train_tiny_video_dit as tr
 
 
@@ -95,6 +96,8 @@ def test_bsa_measures_the_attention_flops_it_kept(tiny_runs):
     assert topk["kept"] == pytest.approx(0.125) and topk["points"][0]["tiles_max"] == 1
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_CUDA, reason="75 s on CPU (the suite's time budget): runs with CUDA")
 def test_bsa_mass_cut_adapts_per_query_tile_when_unclamped(tmp_path):
     """With the clamp opened (min 1 tile, max every tile) the cut at p = 0.5 keeps a number of tiles
     that differs between query tiles, all of it recorded: fewer than all tiles on average, the
@@ -118,6 +121,8 @@ def test_bsa_query_keep_ramp_steps_down_from_dense():
         [1.0, 0.75, 0.5, 0.25, 0.25]
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_CUDA, reason="163 s on CPU (three compiled query keeps): runs with CUDA")
 def test_bsa_ramp_trains_each_stage_under_its_query_keep(tmp_path):
     """End to end: 6 steps, a ramp over all of them in 2 decrements (stages of 2 steps): the
     measured validation passes after steps 2, 4 and 6 ran at query keep 1, 0.75 and 0.5."""
