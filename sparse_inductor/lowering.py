@@ -70,8 +70,10 @@ class _TemplateLowering:
         return self._templates[key]
 
     # ---- helpers ------------------------------------------------------------------------
-    def _why_not(self, q) -> str | None:
+    def _why_not(self, q, q_slots) -> str | None:
         device = q.get_device()
+        if len(q_slots.get_size()) != 3:  # the templates index query tables per head
+            return "query tables shared by the heads ([B, n]) have no template"
         if q.get_dtype() not in TEMPLATE_DTYPES:
             return f"dtype {q.get_dtype()} has no template"
         if device.type == "cuda":
@@ -153,7 +155,7 @@ class _TemplateLowering:
                 kernel_version=0, causal_tokens=0):
         op = torch.ops.sparse_inductor.block_sparse_attn_fwd.default
         args = (q, k, v, q_slots, kv_slots, q_counts, kv_counts, kv_num_blocks, kv_indices, scale)
-        reason = self._why_not(q)
+        reason = self._why_not(q, q_slots)
         if reason is not None:
             return self._fallback(op, (*args, kernel_version, causal_tokens), reason)
         try:
@@ -189,7 +191,7 @@ class _TemplateLowering:
         op = torch.ops.sparse_inductor.block_sparse_attn_bwd.default
         args = (grad_out, q, k, v, lse, delta, q_slots, kv_slots, q_counts, kv_counts,
                 kv_num_blocks, kv_indices, q_num_blocks, q_indices, scale)
-        reason = self._why_not(q)
+        reason = self._why_not(q, q_slots)
         if reason is not None:
             return self._fallback(op, (*args, kernel_version, causal_tokens), reason)
         try:

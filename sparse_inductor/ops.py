@@ -264,7 +264,8 @@ def block_sparse_attn_fwd(
         q_slots, kv_slots: int32 ``[B, H, Mq * Sq]`` / ``[B, Mk * S]`` (batch and head strides may
             be 0), the sequence position each block slot holds, ``-1`` for padding. Query blocks
             hold ``Sq`` slots and KV blocks ``S`` (``Sq < S`` under query_keep); the query tables
-            are per head because query_keep chooses rows per head.
+            are per head because query_keep chooses rows per head (``[B, Mq * Sq]`` / ``[B, Mq]``
+            tables are shared by the heads).
         q_counts, kv_counts: int32 ``[B, H, Mq]`` / ``[B, Mk]``, slots per block that take part.
             A query slot holding ``-(p + 2)`` excludes position ``p`` (query_keep's dropped rows):
             not computed, its output row not written, its dQ row 0.

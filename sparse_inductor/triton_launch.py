@@ -76,9 +76,11 @@ def _strides3(t: torch.Tensor):
 
 
 def _table_strides(q_slots, kv_slots, q_counts, kv_counts):
-    """Batch (and, for the per-head query tables, head) strides of the slot and count tables."""
-    return (q_slots.stride(0), q_slots.stride(1), kv_slots.stride(0), q_counts.stride(0), q_counts.stride(1),
-            kv_counts.stride(0))
+    """Batch (and, for the per-head query tables, head) strides of the slot and count tables.
+    Query tables given as ``[B, n]`` are shared by the heads (head stride 0), like the KV tables."""
+    def batch_and_head(t):
+        return (t.stride(0), t.stride(1)) if t.dim() == 3 else (t.stride(0), 0)
+    return (*batch_and_head(q_slots), kv_slots.stride(0), *batch_and_head(q_counts), kv_counts.stride(0))
 
 
 def blocks(q_slots, q_counts, kv_slots, kv_counts) -> dict:

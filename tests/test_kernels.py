@@ -23,12 +23,15 @@ from sparse_inductor.selection import lists_from_mask, mask_from_lists, select_t
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 
 
-def run_kernels(q, k, v, grad, grid, tile, selected, scale):
-    """Forward and backward kernels on sequence-order inputs (any strides)."""
+def run_kernels(q, k, v, grad, grid, tile, selected, scale, query_tables_per_head=True):
+    """Forward and backward kernels on sequence-order inputs (any strides). With
+    ``query_tables_per_head=False`` the query tables are ``[B, n]``, shared by the heads."""
     layout = tile_layout(grid, tile, q.device)
     B, H = q.shape[:2]
     slots, counts = layout.slots.expand(B, -1), layout.counts.expand(B, -1)
     q_slots, q_counts = layout.slots.expand(B, H, -1), layout.counts.expand(B, H, -1)  # per head
+    if not query_tables_per_head:
+        q_slots, q_counts = slots, counts
     kv_num, kv_idx = lists_from_mask(selected.to(q.device))
     out = torch.empty_like(q)
     lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
@@ -112,6 +115,21 @@ def test_kernels_rows_with_very_negative_scores():
     assert_close_rel(out, ref, tol["out"], "out")
     for name, got, want in (("dq", dq, rq), ("dk", dk, rk), ("dv", dv, rv)):
         assert_close_rel(got, want, tol["grad"], name)
+
+
+def test_kernels_take_query_tables_shared_by_the_heads():
+    # The op's documented query tables are [B, H, n]; [B, n] (what the KV tables are) must mean
+    # "the same for every head", not a head stride of 1 (which read the next slot, and past the
+    # table for the last head: an illegal address on the H200, tenth session).
+    grid, tile, dtype = (3, 5, 6), (2, 4, 4), torch.float32
+    g = torch.Generator().manual_seed(0)
+    q, k, v, grad = (torch.randn(2, 3, math.prod(grid), 16, generator=g).to(dtype) for _ in range(4))
+    selected = reference_selection(q, k, grid, 0.5, tile)
+    inputs = [x.to(KERNEL_DEVICE) for x in (q, k, v, grad)]
+    per_head = run_kernels(*inputs, grid, tile, selected, 0.25)
+    shared = run_kernels(*inputs, grid, tile, selected, 0.25, query_tables_per_head=False)
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), per_head, shared):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
 
 
 @interpreted_examples(4)  # 7 took 112 s on CPU (ninth session); the GPU runs the profile's count

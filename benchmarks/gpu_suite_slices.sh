@@ -1,0 +1,24 @@
+#!/bin/bash
+# The GPU suite beyond the tier, in slices whose summaries survive the call's limit
+# (benchmarks/NOTES.md, "Next GPU run (ninth)"). Logs go to $OUT.
+set -u
+export PYTHONPATH=$PWD
+OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
+python -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" > "$OUT/versions.txt" 2>&1
+step() {  # step NAME SECONDS pytest-args...
+  local name=$1 secs=$2; shift 2
+  echo "== $name ($(date +%T))"
+  timeout "$secs" python -m pytest -q -p no:cacheprovider "$@" > "$OUT/$name.log" 2>&1
+  echo "rc=$?"; tail -n 25 "$OUT/$name.log" | grep -v PytestBenchmarkWarning | grep -v 'warner('
+}
+case "${1:-diagnose}" in
+diagnose)
+  step 1_tier 280 -m tier -n 4 tests/test_gpu_tier.py tests/test_tma_query_keep.py
+  CUDA_LAUNCH_BLOCKING=1 step 2_unlisted 120 -x --tb=long tests/test_op.py -k "unlisted_blocks"
+  step 3_test_op 150 -n 8 --tb=short -rf tests/test_op.py
+  ;;
+more)
+  step 4_tma 200 -n 8 --tb=short -rf tests/test_tma_attention.py tests/test_tma_block_sparse.py tests/test_tma_block_sparse_bwd.py
+  step 5_rest 200 -n 8 --tb=short -rf tests/test_selection.py tests/test_nn.py tests/test_layout.py tests/test_box_lists.py
+  ;;
+esac
