@@ -18,7 +18,8 @@ diagnose)
   step 3_test_op 150 -n 8 --tb=short -rf tests/test_op.py
   ;;
 more)
+  step 3_test_op 130 -n 8 --tb=short -rf tests/test_op.py tests/test_kernels.py::test_kernels_take_query_tables_shared_by_the_heads
   step 4_tma 200 -n 8 --tb=short -rf tests/test_tma_attention.py tests/test_tma_block_sparse.py tests/test_tma_block_sparse_bwd.py
-  step 5_rest 200 -n 8 --tb=short -rf tests/test_selection.py tests/test_nn.py tests/test_layout.py tests/test_box_lists.py
+  step 5_rest 180 -n 8 --tb=short -rf tests/test_selection.py tests/test_nn.py tests/test_layout.py tests/test_box_lists.py
   ;;
 esac
