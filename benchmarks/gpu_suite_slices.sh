@@ -22,4 +22,10 @@ more)
   step 4_tma 200 -n 8 --tb=short -rf tests/test_tma_attention.py tests/test_tma_block_sparse.py tests/test_tma_block_sparse_bwd.py
   step 5_rest 180 -n 8 --tb=short -rf tests/test_selection.py tests/test_nn.py tests/test_layout.py tests/test_box_lists.py
   ;;
+tma)  # one file per step so each summary survives; tier first (DESIGN: before anything else on the GPU)
+  step 1_tier 170 -m tier -n 4 tests/test_gpu_tier.py tests/test_tma_query_keep.py
+  step 4a_tma_attention 100 -n 8 --tb=short -rf tests/test_tma_attention.py
+  step 4b_tma_block_sparse 130 -n 8 --tb=short -rf tests/test_tma_block_sparse.py
+  step 4c_tma_block_sparse_bwd 170 -n 8 --tb=short -rf tests/test_tma_block_sparse_bwd.py
+  ;;
 esac

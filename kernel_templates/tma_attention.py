@@ -23,21 +23,30 @@ import triton.language as tl
 
 
 @triton.jit
-def _attend_block(q, k, v, acc, m_i, l_i, valid, qk_scale):
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    # fp32 inputs get IEEE products: tl.dot's default on Hopper is TF32 (a 4e-4 relative error).
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _attend_block(q, k, v, acc, m_i, l_i, valid, qk_scale, IEEE: tl.constexpr):
     """One online-softmax step (base 2) of a query block over one K/V block."""
-    s = tl.dot(q, tl.trans(k)) * qk_scale
+    s = _dot(q, tl.trans(k), None, IEEE) * qk_scale
     s = tl.where(valid, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.math.exp2(m_i - m_new)
     p = tl.math.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], IEEE)
     return acc, m_new, l_i
 
 
 @triton.jit
 def _tma_dense_fwd(q_desc, k_desc, v_desc, o_desc, N, qk_scale,
-                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     q = q_desc.load([bh, start_m, 0]).reshape(BLOCK_M, HEAD_DIM)
@@ -48,14 +57,14 @@ def _tma_dense_fwd(q_desc, k_desc, v_desc, o_desc, N, qk_scale,
     for start_n in range(0, N, BLOCK_N):
         k = k_desc.load([bh, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
         v = v_desc.load([bh, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
-        acc, m_i, l_i = _attend_block(q, k, v, acc, m_i, l_i, (start_n + cols)[None, :] < N, qk_scale)
+        acc, m_i, l_i = _attend_block(q, k, v, acc, m_i, l_i, (start_n + cols)[None, :] < N, qk_scale, IEEE)
     out = (acc / l_i[:, None]).to(q.dtype)
     o_desc.store([bh, start_m, 0], out.reshape(1, BLOCK_M, HEAD_DIM))
 
 
 @triton.jit
 def _tma_block_list_fwd(q_desc, k_desc, v_desc, o_desc, kv_num_blocks, kv_indices, kv_counts, num_q_tiles,
-                        max_list, qk_scale, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
+                        max_list, qk_scale, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, IEEE: tl.constexpr):
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     row = bh * num_q_tiles + tile
@@ -69,7 +78,7 @@ def _tma_block_list_fwd(q_desc, k_desc, v_desc, o_desc, kv_num_blocks, kv_indice
         k = k_desc.load([bh, kv_tile * BLOCK, 0]).reshape(BLOCK, HEAD_DIM)
         v = v_desc.load([bh, kv_tile * BLOCK, 0]).reshape(BLOCK, HEAD_DIM)
         count = tl.load(kv_counts + kv_tile)
-        acc, m_i, l_i = _attend_block(q, k, v, acc, m_i, l_i, cols[None, :] < count, qk_scale)
+        acc, m_i, l_i = _attend_block(q, k, v, acc, m_i, l_i, cols[None, :] < count, qk_scale, IEEE)
     out = (acc / tl.maximum(l_i, 1e-30)[:, None]).to(q.dtype)
     o_desc.store([bh, tile * BLOCK, 0], out.reshape(1, BLOCK, HEAD_DIM))
 
@@ -98,7 +107,8 @@ def tma_dense_attention(q, k, v, scale=None, block_m=128, block_n=128, num_warps
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     (qd, od), (kd, vd) = _descriptors(block_m, q, out), _descriptors(block_n, k, v)
     _tma_dense_fwd[(triton.cdiv(N, block_m), B * H)](qd, kd, vd, od, N, scale * 1.4426950408889634, HEAD_DIM=D,
-                                                      BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+                                                      BLOCK_M=block_m, BLOCK_N=block_n, IEEE=q.dtype == torch.float32,
+                                                      num_warps=num_warps,
                                                       num_stages=num_stages)
     return out
 
@@ -123,5 +133,5 @@ def tma_block_list_attention(q_tiles, k_tiles, v_tiles, kv_num_blocks, kv_indice
     _tma_block_list_fwd[(M, B * H)](qd, kd, vd, od, kv_num_blocks.to(torch.int32).contiguous(),
                                     kv_indices.to(torch.int32).contiguous(), kv_counts.to(torch.int32).contiguous(),
                                     M, kv_indices.shape[-1], scale * 1.4426950408889634, HEAD_DIM=D, BLOCK=block,
-                                    num_warps=num_warps, num_stages=num_stages)
+                                    IEEE=q.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages)
     return out
