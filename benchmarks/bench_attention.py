@@ -227,14 +227,21 @@ def tile128_rows(q, k, v, grad, grid, sparsity, B, H, scale, only=None) -> list:
     if only and not any(p.startswith("tma_t128") or "tma_t128".startswith(p) for p in only):
         return rows  # its setup compiles and runs every variant
     tma_rows = tma_t128_setup(layout, selection, q, k, v, kernel)
-    return rows + [(impl, fn, inputs, None, flops) for impl, fn, inputs in tma_rows]
+    return rows + [(impl, fn, inputs, None, flops * share) for impl, fn, inputs, share in tma_rows]
 
 
 def tma_t128_setup(layout, selection, q, k, v, sparse_kernel) -> list:
-    """``tma_t128_w{4,8}[_qreg]``: the compact TMA forward kernel on (4, 4, 8) tiles (v24 probe: 128-row
-    query boxes and 128-column steps, the structure of issue 22's 6.9x ceiling), 4 or 8 warps, Q in
-    shared memory or registers; forward only, kernel only. A variant that fails to build says why."""
+    """The compact TMA forward kernel on (4, 4, 8) tiles, forward only, kernel only; a variant that
+    fails to build says why.
+
+    - ``tma_t128_w8[_qreg]``: 128-row query boxes and 128-column steps (v24 probe), 8 warps;
+    - ``tma_t128_s64_w{4,8}[_qreg]``: 128-row query boxes over 64-row KV steps (v25: the structure of
+      issue 22's 6.9x ceiling probe), Q in shared memory or registers;
+    - ``tma_t128_qk05_m64_w{4,8}[_qreg]``: query_keep 0.5's kept rows (64 of a full tile) in 64-row
+      query boxes over the same 64-row steps (issue 15: the forward of qk 0.5 against ``tma_t128_s64``);
+      the gather of the kept rows is not timed, its FLOPs are the kept rows' share."""
     from sparse_inductor.compact_layout import compact_layout, from_compact, kv_boxes_by_class, to_compact
+    from sparse_inductor.query_keep import kept_layout
     import kernel_templates.tma_block_sparse as tma_block_sparse
 
     compact = compact_layout(layout)
@@ -243,18 +250,31 @@ def tma_t128_setup(layout, selection, q, k, v, sparse_kernel) -> list:
     inputs = tuple(to_compact(x, compact).contiguous() for x in (q, k, v))
     with torch.no_grad():
         ref = sparse_kernel(q, k, v).float()
+    boxes64 = kv_boxes_by_class(num, idx, compact, step=64)
+    kl = kept_layout(q, layout, 0.5)
+    kept_rows = kl.positions[..., None].expand(-1, -1, -1, q.shape[-1])
+    kept_inputs = (q.gather(2, kept_rows).contiguous(),) + inputs[1:]
+    ref_kept = ref.gather(2, kept_rows)
     rows = []
-    for warps in (4, 8):
+    variants = ([("tma_t128_w8", 128, 128, 8)]
+                + [(f"tma_t128_s64_w{w}", 64, 128, w) for w in (4, 8)]
+                + [(f"tma_t128_qk05_m64_w{w}", 64, 64, w) for w in (4, 8)])
+    for base, step, query_rows, warps in variants:
+        kept = "qk05" in base
         for qreg in (False, True):
-            def fn(q, k, v, warps=warps, qreg=qreg):
+            def fn(q, k, v, step=step, query_rows=query_rows, warps=warps, qreg=qreg, kept=kept):
                 return tma_block_sparse.tma_packed_block_sparse_attention(
-                    q, k, v, num, idx, compact, boxes=boxes, q_in_registers=qreg, num_warps=warps)[0]
-            name = f"tma_t128_w{warps}" + ("_qreg" if qreg else "")
+                    q, k, v, num, idx, compact, boxes=boxes64 if step == 64 else boxes, q_in_registers=qreg,
+                    num_warps=warps, step=step, query_rows=query_rows, q_layout=kl.compact if kept else None)[0]
+            name = base + ("_qreg" if qreg else "")
             try:
                 with torch.no_grad():
-                    err = (from_compact(fn(*inputs), compact).float() - ref).norm() / ref.norm()
+                    got = fn(*(kept_inputs if kept else inputs)).float()
+                    want = ref_kept if kept else ref
+                    err = ((got if kept else from_compact(got, compact).float()) - want).norm() / want.norm()
                 print(f"{name} vs sparse_kernel_t128: relative L2 {err.item():.2e}", flush=True)
-                rows.append((name, fn, inputs))
+                rows.append((name, fn, kept_inputs if kept else inputs, kl.compact.num_tokens / q.shape[2] if kept
+                             else 1.0))
             except Exception as e:  # report, never hide
                 print(f"{name} dropped: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}", flush=True)
     return rows

@@ -17,8 +17,11 @@ the H200, half the attention kernel's time). Here one program per list row does 
    pieces stay in run order, so this is the torch version's piece layout with gaps;
 3. the class of each box (``box_class``) and a stable counting sort by class (one ``tl.cumsum``
    per class), written with a scattered store; the entries past the last box are written as the
-   torch version leaves them (``rows`` 0; ``starts`` the first tile's row, or with ``MERGE``
-   ``BLOCK`` apart from 0), so both give identical tensors.
+   torch version leaves them (``starts`` and ``rows`` 0), so both give identical tensors.
+
+``PIECES = 2`` (KV steps of half a tile, ``STEP = BLOCK / 2`` rows): entry ``e`` yields two boxes,
+at places ``2e`` and ``2e + 1`` of a row twice as wide (a tile's first ``STEP`` rows and the rest;
+with ``MERGE``, pieces ``2j`` and ``2j + 1`` of its run), classed as ``STEP``-row boxes.
 """
 import triton
 import triton.language as tl
@@ -46,10 +49,13 @@ def _min(a, b):
 
 @triton.jit
 def kv_boxes_kernel(NUM, IDX, TILE_OFFSETS, COUNTS, STARTS, ROWS, CLASS_ENDS, K,
-                    BLOCK: tl.constexpr, KP: tl.constexpr, MERGE: tl.constexpr, SORTED: tl.constexpr = False):
+                    BLOCK: tl.constexpr, KP: tl.constexpr, MERGE: tl.constexpr, SORTED: tl.constexpr = False,
+                    PIECES: tl.constexpr = 1):
     """The boxes of list row ``program_id(0)``: ``NUM`` int32 ``[R]``, ``IDX`` int32 ``[R, K]``
     (entries past ``NUM`` never read), ``TILE_OFFSETS`` / ``COUNTS`` int32 ``[num_tiles]`` (every
-    count at least 1); writes ``STARTS``, ``ROWS`` int32 ``[R, K]`` and ``CLASS_ENDS`` int32 ``[R, 4]``."""
+    count at least 1); writes ``STARTS``, ``ROWS`` int32 ``[R, K * PIECES]`` and ``CLASS_ENDS``
+    int32 ``[R, 4]``."""
+    STEP = BLOCK // PIECES
     row = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, KP)
     n = tl.minimum(tl.load(NUM + row), K)
@@ -70,19 +76,28 @@ def kv_boxes_kernel(NUM, IDX, TILE_OFFSETS, COUNTS, STARTS, ROWS, CLASS_ENDS, K,
         piece = e - tl.associative_scan(tl.where(head, e, -1), 0, _max)
         run_end = tl.associative_scan(tl.where(last, end, _NO_TILE), 0, _min, reverse=True)
         start = run_start + piece * BLOCK
-        rows = tl.where(live, tl.minimum(tl.maximum(run_end - start, 0), BLOCK), 0)
+        end = run_end
+    else:
+        end = start + rows
+    if PIECES == 2:  # entry e's first STEP rows at place 2e, the rest at 2e + 1
+        start = tl.reshape(tl.join(start, start + STEP), [2 * KP])
+        end = tl.reshape(tl.join(end, end), [2 * KP])
+        live = tl.reshape(tl.join(live, live), [2 * KP])
+        e = tl.arange(0, 2 * KP)
+    rows = tl.where(live, tl.minimum(tl.maximum(end - start, 0), STEP), 0)
 
-    cls = tl.full([KP], _WHOLE_BOX, tl.int32)
-    if BLOCK // 2 >= _MIN_BOX:
-        cls = tl.where(rows <= BLOCK // 2, _HALF_BOX, cls)
-    if BLOCK // 4 >= _MIN_BOX:
-        cls = tl.where(rows <= BLOCK // 4, _QUARTER_BOX, cls)
-    cls = tl.where(rows == BLOCK, _FULL, cls)
+    cls = tl.full([KP * PIECES], _WHOLE_BOX, tl.int32)
+    if STEP // 2 >= _MIN_BOX:
+        cls = tl.where(rows <= STEP // 2, _HALF_BOX, cls)
+    if STEP // 4 >= _MIN_BOX:
+        cls = tl.where(rows <= STEP // 4, _QUARTER_BOX, cls)
+    cls = tl.where(rows == STEP, _FULL, cls)
     cls = tl.where(rows > 0, cls, _NUM_CLASSES)
 
     # Stable counting sort: a box's place is its class's first place plus the boxes of its class
     # before it.
-    place = tl.zeros([KP], tl.int32)
+    W = K * PIECES
+    place = tl.zeros([KP * PIECES], tl.int32)
     first = 0
     for c in tl.static_range(_NUM_CLASSES):
         mine = (cls == c).to(tl.int32)
@@ -90,13 +105,9 @@ def kv_boxes_kernel(NUM, IDX, TILE_OFFSETS, COUNTS, STARTS, ROWS, CLASS_ENDS, K,
         first += tl.sum(mine, 0)
         tl.store(CLASS_ENDS + row * _NUM_CLASSES + c, first)
     boxed = rows > 0
-    tl.store(STARTS + row * K + place, start, mask=boxed)
-    tl.store(ROWS + row * K + place, rows, mask=boxed)
-    # Past the last box: what the torch version's sort leaves there.
-    tail = (e >= first) & (e < K)
-    if MERGE:
-        tail_start = (e - first) * BLOCK
-    else:
-        tail_start = tl.zeros([KP], tl.int32) + tl.load(TILE_OFFSETS)
-    tl.store(STARTS + row * K + e, tail_start, mask=tail)
-    tl.store(ROWS + row * K + e, tl.zeros([KP], tl.int32), mask=tail)
+    tl.store(STARTS + row * W + place, start, mask=boxed)
+    tl.store(ROWS + row * W + place, rows, mask=boxed)
+    # Past the last box: what the torch version writes there.
+    tail = (e >= first) & (e < W)
+    tl.store(STARTS + row * W + e, tl.zeros([KP * PIECES], tl.int32), mask=tail)
+    tl.store(ROWS + row * W + e, tl.zeros([KP * PIECES], tl.int32), mask=tail)

@@ -57,7 +57,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sparse_inductor.compact_layout import MIN_BOX, CompactLayout, kv_boxes_by_class
+from sparse_inductor.compact_layout import MIN_BOX, CompactLayout, check_step, kv_boxes_by_class
 
 # ---------------------------------------------------------------------------------------------
 # Kernel
@@ -194,12 +194,13 @@ def _tma_packed_fwd(q_desc, k_desc, v_desc, k_half_desc, v_half_desc, k_quarter_
                     BOX_STARTS, BOX_ROWS, CLASS_ENDS, TILE_OFFSETS, COUNTS, POSITIONS, L, M, MAX_LIST, H, stride_ob,
                     stride_oh, stride_ol, qk_scale,
                     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, SEQUENCE_ORDER: tl.constexpr,
-                    Q_IN_REGISTERS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+                    Q_IN_REGISTERS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+                    BLOCK_M: tl.constexpr, SUB_BOXES: tl.constexpr):
     """The kernel with host-side descriptors (``TensorDescriptor`` arguments)."""
     _packed_program(q_desc, k_desc, v_desc, k_half_desc, v_half_desc, k_quarter_desc, v_quarter_desc, O, LSE,
                     BOX_STARTS, BOX_ROWS, CLASS_ENDS, TILE_OFFSETS, COUNTS, POSITIONS, L, M, MAX_LIST, H, stride_ob,
                     stride_oh, stride_ol, qk_scale,
-                    HEAD_DIM, BLOCK, SEQUENCE_ORDER, Q_IN_REGISTERS, UPCAST, IEEE)
+                    HEAD_DIM, BLOCK, SEQUENCE_ORDER, Q_IN_REGISTERS, UPCAST, IEEE, BLOCK_M, SUB_BOXES)
 
 
 @triton.jit
@@ -213,16 +214,17 @@ def _device_descriptor(X, BH, L, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr):
 def _tma_packed_fwd_device(Q, K, V, O, LSE, BOX_STARTS, BOX_ROWS, CLASS_ENDS, TILE_OFFSETS, COUNTS, POSITIONS, BH,
                            L, M, MAX_LIST, H, stride_ob, stride_oh, stride_ol, qk_scale, HEAD_DIM: tl.constexpr,
                            BLOCK: tl.constexpr, HALF: tl.constexpr, QUARTER: tl.constexpr, SEQUENCE_ORDER: tl.constexpr,
-                           Q_IN_REGISTERS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+                           Q_IN_REGISTERS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+                           BLOCK_M: tl.constexpr, SUB_BOXES: tl.constexpr):
     """The same program with device-side descriptors built from pointers, the form an Inductor
     template can take (Inductor's own TMA templates build theirs so; NOTES v17): the A/B of their
     cost against host descriptors is ``tma_packed_kernel_devdesc`` in bench_attention.py."""
-    _packed_program(_device_descriptor(Q, BH, L, HEAD_DIM, BLOCK), _device_descriptor(K, BH, L, HEAD_DIM, BLOCK),
+    _packed_program(_device_descriptor(Q, BH, L, HEAD_DIM, BLOCK_M), _device_descriptor(K, BH, L, HEAD_DIM, BLOCK),
                     _device_descriptor(V, BH, L, HEAD_DIM, BLOCK), _device_descriptor(K, BH, L, HEAD_DIM, HALF),
                     _device_descriptor(V, BH, L, HEAD_DIM, HALF), _device_descriptor(K, BH, L, HEAD_DIM, QUARTER),
                     _device_descriptor(V, BH, L, HEAD_DIM, QUARTER), O, LSE, BOX_STARTS, BOX_ROWS, CLASS_ENDS,
                     TILE_OFFSETS, COUNTS, POSITIONS, L, M, MAX_LIST, H, stride_ob, stride_oh, stride_ol, qk_scale,
-                    HEAD_DIM, BLOCK, SEQUENCE_ORDER, Q_IN_REGISTERS, UPCAST, IEEE)
+                    HEAD_DIM, BLOCK, SEQUENCE_ORDER, Q_IN_REGISTERS, UPCAST, IEEE, BLOCK_M, SUB_BOXES)
 
 
 @triton.jit
@@ -230,18 +232,43 @@ def _packed_program(q_desc, k_desc, v_desc, k_half_desc, v_half_desc, k_quarter_
                     BOX_STARTS, BOX_ROWS, CLASS_ENDS, TILE_OFFSETS, COUNTS, POSITIONS, L, M, MAX_LIST, H, stride_ob,
                     stride_oh, stride_ol, qk_scale,
                     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, SEQUENCE_ORDER: tl.constexpr,
-                    Q_IN_REGISTERS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    """One (query tile, batch * head) program over its box lists, whatever made the descriptors."""
+                    Q_IN_REGISTERS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+                    BLOCK_M: tl.constexpr, SUB_BOXES: tl.constexpr):
+    """One (query tile, batch * head) program over its box lists, whatever made the descriptors:
+    its tile's rows in one ``BLOCK_M``-row query box, or (``SUB_BOXES``: query boxes smaller than
+    the tile) in as many as its rows need, one after the other."""
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     q_start = tl.load(TILE_OFFSETS + tile)
-    q = q_desc.load([bh, q_start, 0]).reshape(BLOCK, HEAD_DIM)
+    count = tl.load(COUNTS + tile)
+    if SUB_BOXES:
+        for sub in range(0, count, BLOCK_M):
+            _query_box(q_desc, k_desc, v_desc, k_half_desc, v_half_desc, k_quarter_desc, v_quarter_desc, O, LSE,
+                       BOX_STARTS, BOX_ROWS, CLASS_ENDS, POSITIONS, L, M, MAX_LIST, H, stride_ob, stride_oh,
+                       stride_ol, qk_scale, tile, bh, q_start + sub, count - sub, HEAD_DIM, BLOCK, SEQUENCE_ORDER,
+                       Q_IN_REGISTERS, UPCAST, IEEE, BLOCK_M)
+    else:
+        _query_box(q_desc, k_desc, v_desc, k_half_desc, v_half_desc, k_quarter_desc, v_quarter_desc, O, LSE,
+                   BOX_STARTS, BOX_ROWS, CLASS_ENDS, POSITIONS, L, M, MAX_LIST, H, stride_ob, stride_oh, stride_ol,
+                   qk_scale, tile, bh, q_start, count, HEAD_DIM, BLOCK, SEQUENCE_ORDER, Q_IN_REGISTERS, UPCAST, IEEE,
+                   BLOCK_M)
+
+
+@triton.jit
+def _query_box(q_desc, k_desc, v_desc, k_half_desc, v_half_desc, k_quarter_desc, v_quarter_desc, O, LSE,
+               BOX_STARTS, BOX_ROWS, CLASS_ENDS, POSITIONS, L, M, MAX_LIST, H, stride_ob, stride_oh, stride_ol,
+               qk_scale, tile, bh, q_start, mine_rows, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
+               SEQUENCE_ORDER: tl.constexpr, Q_IN_REGISTERS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+               BLOCK_M: tl.constexpr):
+    """The ``BLOCK_M`` query rows from compact row ``q_start`` over the tile's box lists (steps of
+    ``BLOCK`` KV rows); stores the first ``mine_rows`` of them."""
+    q = q_desc.load([bh, q_start, 0]).reshape(BLOCK_M, HEAD_DIM)
     if Q_IN_REGISTERS:
         # An exact multiply by 1.0 the compiler cannot fold: Q becomes a register operand (wgmma RS).
         q = (q.to(tl.float32) * (qk_scale / qk_scale)).to(q.dtype)
-    m_i = tl.full([BLOCK], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK], tl.float32)
-    acc = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
 
     row = bh * M + tile
     starts = BOX_STARTS + row * MAX_LIST
@@ -266,8 +293,8 @@ def _packed_program(q_desc, k_desc, v_desc, k_half_desc, v_half_desc, k_quarter_
     out = acc / tl.where(has_mass, l_i, 1.0)[:, None]
     lse = tl.where(has_mass, (m_i + tl.math.log2(tl.where(has_mass, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
     # Only the tile's own rows are stored: the box's others are the next tile's (masked store).
-    offs = tl.arange(0, BLOCK)
-    mine = offs < tl.load(COUNTS + tile)
+    offs = tl.arange(0, BLOCK_M)
+    mine = offs < mine_rows
     dst = q_start + offs
     if SEQUENCE_ORDER:
         dst = tl.load(POSITIONS + dst, mask=mine, other=0)
@@ -316,7 +343,8 @@ def _check(q, k, v, kv_num_blocks, kv_indices, compact, scale, q_layout=None):
 def tma_packed_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, compact: CompactLayout, scale=None, *,
                                       out_order: str = "tile", boxes=None, out=None, q_in_registers: bool = True,
                                       device_descriptors: bool = False, num_warps: int = 4, num_stages: int = 2,
-                                      q_layout: CompactLayout | None = None):
+                                      q_layout: CompactLayout | None = None, step: int | None = None,
+                                      query_rows: int | None = None):
     """Block-sparse attention over compact tile-major ``q, k, v`` (``[B, H, L, D]``, :func:`to_compact`):
     query tile ``i`` of head ``(b, h)`` attends to the tokens of KV tiles
     ``kv_indices[b, h, i, :kv_num_blocks[b, h, i]]`` (any order; every entry stored).
@@ -337,6 +365,13 @@ def tma_packed_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, compac
     tile) and ``out`` / ``lse`` (``[B, H, Lq]``) come back in that order (``out_order="tile"``, host
     descriptors). The KV side, ``compact`` and the box lists are unchanged. The kernel is the same:
     only its tables and ``L`` (the LSE's row stride) are the query layout's.
+
+    ``step`` (KV rows per online-softmax step, the full box) and ``query_rows`` (the query box):
+    each ``compact.block`` (``None``) or half of it, independently. 128-slot tiles with a 64-row
+    step and 128-row query boxes keep the S tile at 128 x 64 (the structure of the ceiling probe,
+    NOTES v25); 64-row query boxes over 128-slot tiles fit query_keep's 64 kept rows of a tile. A
+    query box smaller than a tile's rows is run as many times as the rows need, in one program.
+    ``boxes`` must then be :func:`kv_boxes_by_class` with the same ``step``.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     _check(q, k, v, kv_num_blocks, kv_indices, compact, scale, q_layout)
@@ -349,7 +384,18 @@ def tma_packed_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, compac
 
     q, k, v = (x.contiguous() for x in (q, k, v))
     B, H, L, D = q.shape
-    starts, rows, ends = boxes if boxes is not None else kv_boxes_by_class(kv_num_blocks, kv_indices, compact)
+    block = compact.block
+    step = check_step(step, block)
+    if query_rows is not None and query_rows not in (block, block // 2) or query_rows == block // 2 < MIN_BOX:
+        allowed = " or ".join(map(str, [block] + ([block // 2] if block // 2 >= MIN_BOX else [])))
+        raise ValueError(f"query_rows must be {allowed} (rows of the query box for {block}-slot tiles: the tile or "
+                         f"half of it), got {query_rows}")
+    query_rows = query_rows or block
+    starts, rows, ends = (boxes if boxes is not None else
+                          kv_boxes_by_class(kv_num_blocks, kv_indices, compact, step=step))
+    if starts.shape[-1] != kv_indices.shape[-1] * (block // step):
+        raise ValueError(f"boxes must be kv_boxes_by_class(..., step={step}) of these lists ({kv_indices.shape[-1]} "
+                         f"entries -> {kv_indices.shape[-1] * (block // step)} boxes a row), got {starts.shape[-1]}")
     if out is None:
         out = torch.empty_like(q)
     elif out.shape != q.shape or out.stride(-1) != 1 or out.dtype != q.dtype:
@@ -358,9 +404,8 @@ def tma_packed_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, compac
     lse = torch.empty(B, H, L, device=q.device, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse
-    block = compact.block
     # Half and quarter boxes exist only from 16 rows (tl.dot's minimum); the full ones stand in.
-    half, quarter = (r if r >= MIN_BOX else block for r in (block // 2, block // 4))
+    half, quarter = (r if r >= MIN_BOX else step for r in (step // 2, step // 4))
     tables = (starts, rows, ends, compact.tile_offsets, compact.counts, compact.positions)
     if q_layout is not None:
         # The query side on its own layout: the programs' tile offsets and counts, and L (the LSE's
@@ -368,7 +413,8 @@ def tma_packed_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, compac
         positions = compact.positions if compact.positions is not None else q_layout.tile_offsets.new_zeros(
             1, dtype=torch.int64)
         tables = (starts, rows, ends, q_layout.tile_offsets, q_layout.counts, positions)
-    meta = dict(HEAD_DIM=D, BLOCK=block, SEQUENCE_ORDER=out_order == "sequence", Q_IN_REGISTERS=q_in_registers,
+    meta = dict(HEAD_DIM=D, BLOCK=step, BLOCK_M=query_rows, SUB_BOXES=query_rows < block,
+                SEQUENCE_ORDER=out_order == "sequence", Q_IN_REGISTERS=q_in_registers,
                 **kernel_flags(q.dtype), num_warps=num_warps, num_stages=num_stages)
     grid = (compact.num_tiles, B * H)
     qk_scale = scale * 1.4426950408889634
@@ -378,7 +424,7 @@ def tma_packed_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, compac
         _tma_packed_fwd_device[grid](q, k, v, out, lse, *tables, B * H, L, compact.num_tiles, starts.shape[-1],
                                      H, *out.stride()[:3], qk_scale, HALF=half, QUARTER=quarter, **meta)
         return out, lse
-    descriptors = [_descriptor(q, block), _descriptor(k, block), _descriptor(v, block), _descriptor(k, half),
+    descriptors = [_descriptor(q, query_rows), _descriptor(k, step), _descriptor(v, step), _descriptor(k, half),
                    _descriptor(v, half), _descriptor(k, quarter), _descriptor(v, quarter)]
     _tma_packed_fwd[grid](*descriptors, out, lse, *tables, L, compact.num_tiles, starts.shape[-1], H,
                           *out.stride()[:3], qk_scale, **meta)

@@ -97,7 +97,8 @@ def from_compact(x: torch.Tensor, compact: CompactLayout, dim: int = -2) -> torc
 
 
 def kv_boxes_by_class(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, compact: CompactLayout,
-                      merge_adjacent: bool = True, impl: str | None = None, lists_sorted: bool = False):
+                      merge_adjacent: bool = True, impl: str | None = None, lists_sorted: bool = False,
+                      step: int | None = None):
     """The boxes that cover each row's listed tiles, in box-class order (stable within a class).
 
     One box per listed tile; with ``merge_adjacent``, listed tiles that are neighbours in memory
@@ -110,7 +111,7 @@ def kv_boxes_by_class(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, com
     class ``c``'s boxes are ``[class_ends[..., c - 1], class_ends[..., c])`` (from 0 for ``c = 0``).
     A row has at most as many boxes as list entries (a run of ``n`` listed tiles holds at most
     ``n * BLOCK`` rows, so at most ``n`` pieces); entries past ``class_ends[..., -1]`` are never
-    read (both implementations write them alike: ``rows`` 0).
+    read (both implementations write them alike: ``starts`` and ``rows`` 0).
 
     ``impl``: ``"triton"``, one program per list row (``kernel_templates/box_lists.py``; CUDA
     tensors, or CPU ones under ``TRITON_INTERPRET=1``), ``"torch"``, these torch ops, or ``None``:
@@ -121,26 +122,50 @@ def kv_boxes_by_class(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, com
     :func:`sparse_inductor.ops.transpose_block_lists` returns them), so the Triton version skips
     its per-row sort; the result is the same. Unsorted lists with ``lists_sorted=True`` give wrong
     boxes (not checked: that would cost the pass the sort saves).
+
+    ``step``: the rows of a full box, the kernel's KV step: ``compact.block`` (``None``) or half of
+    it (128-slot tiles walked in 64-row steps, so that a 128-row query box keeps its S tile at
+    128 x 64). With half steps every listed tile is up to two boxes, the lists are twice as wide
+    (``K * block // step``), and the classes are those of ``step``-row boxes.
     """
+    step = check_step(step, compact.block)
     if impl is None:
         impl = "triton" if kv_indices.is_cuda else "torch"
     if impl == "triton":
-        return _kv_boxes_by_class_triton(kv_num_blocks, kv_indices, compact, merge_adjacent, lists_sorted)
+        return _kv_boxes_by_class_triton(kv_num_blocks, kv_indices, compact, merge_adjacent, lists_sorted, step)
     if impl != "torch":
         raise ValueError(f"impl must be 'triton', 'torch' or None, got {impl!r}")
     K = kv_indices.shape[-1]
+    pieces = compact.block // step
     live = torch.arange(K, device=kv_indices.device) < kv_num_blocks[..., None]
     tiles = torch.where(live, kv_indices, 0).long()
     starts = compact.tile_offsets[tiles].long()
     rows = torch.where(live, compact.counts[tiles].long(), 0)
     if merge_adjacent:
-        starts, rows = _merged_runs(starts, rows, live, compact.block)
-    classes = _box_classes(rows, compact.block)
+        starts, rows = _merged_runs(starts, rows, live, step, K * pieces)
+    elif pieces == 2:  # entry e's tile as pieces 2e (its first step rows) and 2e + 1 (the rest)
+        starts = torch.stack([starts, starts + step], -1).flatten(-2)
+        rows = torch.stack([rows.clamp(max=step), (rows - step).clamp(0, step)], -1).flatten(-2)
+    classes = _box_classes(rows, step)
     key, order = torch.sort(torch.where(rows > 0, classes, NUM_CLASSES), dim=-1, stable=True)
-    starts = starts.gather(-1, order).to(torch.int32).contiguous()
-    rows = rows.gather(-1, order).to(torch.int32).contiguous()
+    rows = rows.gather(-1, order)
+    # Past the last box (never read): start 0, rows 0.
+    starts = torch.where(rows > 0, starts.gather(-1, order), 0).to(torch.int32).contiguous()
+    rows = rows.to(torch.int32).contiguous()
     ends = torch.stack([(key <= c).sum(-1) for c in range(NUM_CLASSES)], dim=-1).to(torch.int32).contiguous()
     return starts, rows, ends
+
+
+def check_step(step: int | None, block: int) -> int:
+    """``step`` (rows of a full box) for ``block``-slot tiles: the tile, or half of it where that
+    is at least ``tl.dot``'s 16; ``None`` is the tile."""
+    if step is None:
+        return block
+    allowed = [block] + ([block // 2] if block // 2 >= MIN_BOX else [])
+    if step not in allowed:
+        raise ValueError(f"step must be {' or '.join(map(str, allowed))} (rows of a full box for {block}-slot "
+                         f"tiles: the tile or half of it, at least {MIN_BOX}), got {step}")
+    return step
 
 
 def _box_classes(rows: torch.Tensor, block: int) -> torch.Tensor:
@@ -153,10 +178,10 @@ def _box_classes(rows: torch.Tensor, block: int) -> torch.Tensor:
     return torch.where(rows == block, FULL, cls)
 
 
-def _merged_runs(starts, rows, live, block):
+def _merged_runs(starts, rows, live, block, width):
     """Boxes over runs of adjacent listed tiles: the live entries sorted by start, runs where a
     tile begins where the previous one ends, each run cut into ``block``-row pieces. Returns
-    ``(starts, rows)`` of the pieces, as wide as the input (``rows`` 0 past a row's last piece)."""
+    ``(starts, rows)`` of the pieces, ``width`` wide (``rows`` 0 past a row's last piece)."""
     K = starts.shape[-1]
     starts, order = torch.sort(torch.where(live, starts, torch.iinfo(torch.int64).max), dim=-1)
     rows = rows.gather(-1, order)
@@ -172,7 +197,7 @@ def _merged_runs(starts, rows, live, block):
     # Piece p of run r starts at run_start[r] + p * block; pieces laid out run after run.
     pieces = (run_rows + block - 1) // block
     last_piece = torch.cumsum(pieces, -1)  # one past each run's last piece
-    slot = torch.arange(K, device=rows.device).expand_as(rows).contiguous()
+    slot = torch.arange(width, device=rows.device).expand(*rows.shape[:-1], width).contiguous()
     piece_run = torch.searchsorted(last_piece, slot, right=True).clamp(max=K - 1)
     p = slot - (last_piece.gather(-1, piece_run) - pieces.gather(-1, piece_run))
     piece_start = run_start.gather(-1, piece_run) + p * block
@@ -182,10 +207,11 @@ def _merged_runs(starts, rows, live, block):
 
 
 def _kv_boxes_by_class_triton(kv_num_blocks, kv_indices, compact: CompactLayout, merge_adjacent: bool,
-                              lists_sorted: bool = False):
+                              lists_sorted: bool = False, step: int | None = None):
     """:func:`kv_boxes_by_class` as one launch of ``kv_boxes_kernel``: one program per list row."""
     shape, K = kv_indices.shape[:-1], kv_indices.shape[-1]
-    starts = torch.empty(*shape, K, dtype=torch.int32, device=kv_indices.device)
+    pieces = compact.block // (step or compact.block)
+    starts = torch.empty(*shape, K * pieces, dtype=torch.int32, device=kv_indices.device)
     rows = torch.empty_like(starts)
     if K == 0 or starts.numel() == 0:  # nothing listed (Triton rejects a grid with a 0)
         return starts, rows, torch.zeros(*shape, NUM_CLASSES, dtype=torch.int32, device=kv_indices.device)
@@ -198,5 +224,6 @@ def _kv_boxes_by_class_triton(kv_num_blocks, kv_indices, compact: CompactLayout,
     width = max(16, 1 << (K - 1).bit_length())
     kv_boxes_kernel[(num_rows,)](num, idx, compact.tile_offsets, compact.counts, starts, rows, ends, K,
                                  BLOCK=compact.block, KP=width, MERGE=merge_adjacent, SORTED=lists_sorted,
+                                 PIECES=pieces,
                                  num_warps=1 if width <= 1024 else 4)  # 1 warp: fewest instructions
     return starts, rows, ends

@@ -86,3 +86,31 @@ def test_a_failing_box_kernel_leaves_the_kernel_rows_the_torch_lists(bench, monk
     assert "box-list kernel failed (RuntimeError: PassManager::run failed)" in out, out
     got, want = from_compact(rows[0][1](*rows[0][2]), compact_layout(layout)), sparse_kernel(q, k, v)
     assert (got - want).norm() / want.norm() < 1e-4
+
+
+def test_tile128_rows_compute_the_selections_attention(bench, capsys):
+    """``tma_t128_setup``'s rows (128-token tiles: 128-column steps, 64-row steps, query_keep 0.5's
+    kept rows in 64-row query boxes) each match the selection's attention; the kept rows' FLOP share
+    is theirs."""
+    import sparse_inductor as si
+    from sparse_inductor.layout import tile_layout
+
+    grid, tile, D = (6, 6, 12), (4, 4, 8), 64
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, math.prod(grid), D, generator=g) for _ in range(3))
+    selection = si.select_blocks(q, k, grid, sparsity=0.5, tile=tile)
+    mask = token_mask(selection.dense_mask(), grid, tile)
+
+    def sparse_kernel(q, k, v):
+        return reference_attention(q, k, v, mask)[0].to(q.dtype)
+
+    rows = bench.tma_t128_setup(tile_layout(grid, tile), selection, q, k, v, sparse_kernel)
+    out = capsys.readouterr().out
+    names = [name for name, _, _, _ in rows]
+    assert names == [f"{base}{qreg}" for base in ("tma_t128_w8", "tma_t128_s64_w4", "tma_t128_s64_w8",
+                                                  "tma_t128_qk05_m64_w4", "tma_t128_qk05_m64_w8")
+                     for qreg in ("", "_qreg")], out
+    errors = [float(line.rsplit(" ", 1)[1]) for line in out.splitlines() if "relative L2" in line]
+    assert len(errors) == 10 and max(errors) < 1e-4, out
+    shares = {name: share for name, _, _, share in rows}
+    assert shares["tma_t128_s64_w4"] == 1.0 and 0.5 <= shares["tma_t128_qk05_m64_w4"] < 0.6

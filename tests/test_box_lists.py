@@ -51,26 +51,52 @@ def make_lists(shape, M, K, order, generator):
     return num.view(shape), idx.to(torch.int32).view(*shape, K)
 
 
-def assert_same_boxes(num, idx, grid, tile, merge, lists_sorted=False):
+def assert_same_boxes(num, idx, grid, tile, merge, lists_sorted=False, step=None):
     """The kernel's boxes (on the kernel device) equal the torch version's (on CPU), entry for entry;
-    ``lists_sorted``: the kernel is told the live entries are increasing (it skips its sort)."""
-    want = kv_boxes_by_class(num, idx, compact_layout(tile_layout(grid, tile)), merge_adjacent=merge, impl="torch")
+    ``lists_sorted``: the kernel is told the live entries are increasing (it skips its sort);
+    ``step``: boxes of at most that many rows (half a tile: two pieces per listed tile)."""
+    want = kv_boxes_by_class(num, idx, compact_layout(tile_layout(grid, tile)), merge_adjacent=merge, impl="torch",
+                             step=step)
     compact = compact_layout(tile_layout(grid, tile, KERNEL_DEVICE))
     got = kv_boxes_by_class(num.to(KERNEL_DEVICE), idx.to(KERNEL_DEVICE), compact, merge_adjacent=merge, impl="triton",
-                            lists_sorted=lists_sorted)
+                            lists_sorted=lists_sorted, step=step)
     for name, g, w in zip(("starts", "rows", "class_ends"), got, want):
         assert g.dtype == w.dtype == torch.int32 and g.shape == w.shape, name
         assert torch.equal(g.cpu(), w), f"{name} differ at {(g.cpu() != w).nonzero()[:4].tolist()}"
 
 
 @given(data=st.data(), tile=st.sampled_from(TILES), B=st.integers(1, 2), H=st.integers(1, 2),
-       rows=st.integers(1, 6), order=st.sampled_from(ORDERS), merge=st.booleans(), seed=st.integers(0, 2**16))
-def test_kernel_matches_torch(data, tile, B, H, rows, order, merge, seed):
+       rows=st.integers(1, 6), order=st.sampled_from(ORDERS), merge=st.booleans(), half_steps=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_kernel_matches_torch(data, tile, B, H, rows, order, merge, half_steps, seed):
     grid = data.draw(grid_for(tile), label="grid")
-    M = tile_layout(grid, tile).num_tiles
+    M, S = tile_layout(grid, tile).num_tiles, math.prod(tile)
     K = data.draw(st.integers(1, M + 4 if order == "repeats" else M), label="K")
     num, idx = make_lists((B, H, rows), M, K, order, torch.Generator().manual_seed(seed))
-    assert_same_boxes(num, idx, grid, tile, merge)
+    assert_same_boxes(num, idx, grid, tile, merge, step=S // 2 if half_steps and S // 2 >= 16 else None)
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_half_steps_of_128_slot_tiles(merge):
+    """(4, 4, 8) tiles walked in 64-row steps (the 128-row query box kernel): every listed tile is two
+    boxes of at most 64 rows; runs of neighbours are cut at 64 rows."""
+    grid, tile = (6, 6, 12), (4, 4, 8)  # borders of 2 frames, 2 rows, 4 columns: tiles of 128 down to 16
+    M = tile_layout(grid, tile).num_tiles
+    for order in ("sorted", "runs", "shuffled"):
+        num, idx = make_lists((1, 2, 3), M, max(1, M // 2), order, torch.Generator().manual_seed(3))
+        assert_same_boxes(num, idx, grid, tile, merge, step=64)
+    starts, rows, ends = kv_boxes_by_class(num, idx, compact_layout(tile_layout(grid, tile)), step=64)
+    assert starts.shape[-1] == 2 * idx.shape[-1] and int(rows.max()) == 64
+
+
+def test_steps_other_than_a_tile_or_half_a_tile_are_refused():
+    compact = compact_layout(tile_layout((5, 6, 8), (4, 4, 4)))
+    num, idx = torch.ones(1, 2, dtype=torch.int32), torch.zeros(1, 2, 1, dtype=torch.int32)
+    for step in (16, 48, 128):
+        with pytest.raises(ValueError, match="step must be 64 or 32"):
+            kv_boxes_by_class(num, idx, compact, step=step)
+    with pytest.raises(ValueError, match="step must be 16"):  # 8-row boxes: under tl.dot's 16
+        kv_boxes_by_class(num, idx, compact_layout(tile_layout((2, 4, 4), (1, 4, 4))), step=8)
 
 
 @pytest.mark.parametrize("merge", [True, False])

@@ -45,7 +45,8 @@ def random_lists(B, H, M, generator, width=None):
     return num, idx.contiguous(), selected
 
 
-def run_packed(q, k, v, grid, tile, num, idx, out_order, q_in_registers=False, device_descriptors=False):
+def run_packed(q, k, v, grid, tile, num, idx, out_order, q_in_registers=False, device_descriptors=False,
+               step=None, query_rows=None):
     """The packed kernel on raster-order inputs: permute to compact tile-major, run, and return
     output and LSE in raster order (through from_compact, or written so by the kernel)."""
     from sparse_inductor.compact_layout import compact_layout, from_compact, to_compact
@@ -55,20 +56,22 @@ def run_packed(q, k, v, grid, tile, num, idx, out_order, q_in_registers=False, d
     tiles = [to_compact(x.to(KERNEL_DEVICE), compact) for x in (q, k, v)]
     out, lse = tma_packed_block_sparse_attention(*tiles, num.to(KERNEL_DEVICE), idx.to(KERNEL_DEVICE), compact,
                                                  out_order=out_order, q_in_registers=q_in_registers,
-                                                 device_descriptors=device_descriptors)
+                                                 device_descriptors=device_descriptors, step=step,
+                                                 query_rows=query_rows)
     if out_order == "tile":
         out, lse = from_compact(out, compact), from_compact(lse, compact, dim=-1)
     return out, lse
 
 
 def check_against_reference(grid, tile, dtype, B, H, D, seed, out_order, q_in_registers=False,
-                            device_descriptors=False):
+                            device_descriptors=False, step=None, query_rows=None):
     g = torch.Generator().manual_seed(seed)
     N = math.prod(grid)
     M = tile_layout(grid, tile).num_tiles
     q, k, v = (torch.randn(B, H, N, D, generator=g).to(dtype) for _ in range(3))
     num, idx, selected = random_lists(B, H, M, g)
-    out, lse = run_packed(q, k, v, grid, tile, num, idx, out_order, q_in_registers, device_descriptors)
+    out, lse = run_packed(q, k, v, grid, tile, num, idx, out_order, q_in_registers, device_descriptors, step,
+                          query_rows)
     ref, ref_lse = reference_attention(q.double(), k.double(), v.double(), token_mask(selected, grid, tile),
                                        1.0 / math.sqrt(D))
     assert out.dtype == dtype and out.shape == q.shape and lse.shape == (B, H, N)
@@ -79,10 +82,15 @@ def check_against_reference(grid, tile, dtype, B, H, D, seed, out_order, q_in_re
 @given(data=st.data(), tile=st.sampled_from(TILES), dtype=st.sampled_from(DTYPES), B=st.integers(1, 2),
        H=st.integers(1, 2), D=st.sampled_from([64, 128]), seed=st.integers(0, 2**16),
        out_order=st.sampled_from(["tile", "sequence"]), q_in_registers=st.booleans(),
-       device_descriptors=st.booleans())
-def test_packed_matches_reference(data, tile, dtype, B, H, D, seed, out_order, q_in_registers, device_descriptors):
+       device_descriptors=st.booleans(), half_step=st.booleans(), half_query=st.booleans())
+def test_packed_matches_reference(data, tile, dtype, B, H, D, seed, out_order, q_in_registers, device_descriptors,
+                                  half_step, half_query):
+    """``half_step``: KV walked in steps of half a tile (boxes cut at S / 2 rows); ``half_query``:
+    query boxes of half a tile (a program computes its tile in two boxes)."""
     grid = data.draw(grid_for(tile), label="grid")
-    check_against_reference(grid, tile, dtype, B, H, D, seed, out_order, q_in_registers, device_descriptors)
+    half = math.prod(tile) // 2
+    check_against_reference(grid, tile, dtype, B, H, D, seed, out_order, q_in_registers, device_descriptors,
+                            half if half_step else None, half if half_query else None)
 
 
 # The border structure of Wan 480p (21 x 30 x 52 under (4, 4, 4): tiles of 64, 32, 16 and 8 tokens)
@@ -95,6 +103,39 @@ def test_packed_matches_reference(data, tile, dtype, B, H, D, seed, out_order, q
 def test_packed_border_structures(grid, tile, dtype, D):
     check_against_reference(grid, tile, dtype, 1, 2, D, 0, "tile")
     check_against_reference(grid, tile, dtype, 1, 2, D, 0, "sequence", device_descriptors=True)
+
+
+# 128-token tiles (4, 4, 8): 128-row query boxes over 64-row KV steps (the TMA probe's 6.9x structure,
+# issue 22), 64-row query boxes, and both at the tile's size.
+@pytest.mark.parametrize("step, query_rows", [(64, None), (64, 64), (None, 64), (None, None)])
+def test_packed_128_slot_tiles(step, query_rows):
+    check_against_reference((6, 6, 12), (4, 4, 8), torch.bfloat16, 1, 2, 128, 0, "sequence", True, False, step,
+                            query_rows)
+
+
+@pytest.mark.parametrize("r", [0.5, 0.75])
+def test_packed_kept_query_rows_in_half_tile_boxes(r):
+    """query_keep's kept layout on 128-slot tiles in 64-row query boxes over 64-row KV steps: at
+    r = 0.5 a tile's kept rows fit one box, at 0.75 (96 rows) the program runs two."""
+    from kernel_templates.tma_block_sparse import tma_packed_block_sparse_attention
+    from sparse_inductor.compact_layout import compact_layout, to_compact
+    from sparse_inductor.query_keep import kept_layout
+
+    grid, tile, D = (6, 6, 12), (4, 4, 8), 64
+    g = torch.Generator().manual_seed(5)
+    N, M = math.prod(grid), tile_layout(grid, tile).num_tiles
+    q, k, v = (torch.randn(1, 2, N, D, generator=g).to(KERNEL_DEVICE) for _ in range(3))
+    num, idx, selected = random_lists(1, 2, M, g)
+    layout = tile_layout(grid, tile, KERNEL_DEVICE)
+    compact, kl = compact_layout(layout), kept_layout(q, layout, r)
+    rows = kl.positions[..., None].expand(-1, -1, -1, D)
+    out, lse = tma_packed_block_sparse_attention(q.gather(2, rows), to_compact(k, compact), to_compact(v, compact),
+                                                 num.to(KERNEL_DEVICE), idx.to(KERNEL_DEVICE), compact,
+                                                 q_layout=kl.compact, step=64, query_rows=64)
+    ref, ref_lse = reference_attention(q.double().cpu(), k.double().cpu(), v.double().cpu(),
+                                       token_mask(selected, grid, tile), 1.0 / math.sqrt(D))
+    assert_close_rel(out, ref.gather(2, rows.cpu()), REL_TOL[torch.float32]["out"], "out")
+    assert_close_rel(lse, ref_lse.gather(2, kl.positions.cpu()), REL_TOL[torch.float32]["lse"], "lse")
 
 
 def test_packed_rows_without_keys():
@@ -138,11 +179,13 @@ def test_compact_permutation(data, tile):
     assert torch.equal(from_compact(to_compact(x[..., 0], compact, dim=-1), compact, dim=-1), x[..., 0])
 
 
-@given(tile=st.sampled_from(TILES), seed=st.integers(0, 2**16), merge=st.booleans(), data=st.data())
-def test_boxes_cover_the_listed_rows_class_by_class(tile, seed, merge, data):
-    """kv_boxes_by_class covers each row's listed tiles with disjoint boxes of at most BLOCK rows,
-    no row of an unlisted tile, ordered class by class; one box per tile unless ``merge``, then
-    at most as many (and fewer where listed tiles are neighbours)."""
+@given(tile=st.sampled_from(TILES), seed=st.integers(0, 2**16), merge=st.booleans(), half_step=st.booleans(),
+       data=st.data())
+def test_boxes_cover_the_listed_rows_class_by_class(tile, seed, merge, half_step, data):
+    """kv_boxes_by_class covers each row's listed tiles with disjoint boxes of at most ``step`` rows
+    (BLOCK, or half of it: ``half_step``), no row of an unlisted tile, ordered class by class; one
+    box per tile (per ``step`` rows of a tile) unless ``merge``, then at most as many (and fewer
+    where listed tiles are neighbours)."""
     from sparse_inductor.compact_layout import box_class, compact_layout, kv_boxes_by_class
 
     grid = data.draw(grid_for(tile), label="grid")
@@ -150,7 +193,9 @@ def test_boxes_cover_the_listed_rows_class_by_class(tile, seed, merge, data):
     M, S = compact.num_tiles, compact.block
     g = torch.Generator().manual_seed(seed)
     num, idx, _ = random_lists(2, 2, M, g)
-    starts, rows, ends = kv_boxes_by_class(num, idx, compact, merge_adjacent=merge)
+    step = S // 2 if half_step else S
+    starts, rows, ends = kv_boxes_by_class(num, idx, compact, merge_adjacent=merge, step=step)
+    assert starts.shape[-1] == idx.shape[-1] * (S // step)
     offsets, counts = compact.tile_offsets.tolist(), compact.counts.tolist()
     assert ends.shape == (2, 2, M, 4)
     for b, h, i in ((b, h, i) for b in range(2) for h in range(2) for i in range(M)):
@@ -158,11 +203,12 @@ def test_boxes_cover_the_listed_rows_class_by_class(tile, seed, merge, data):
         listed = sorted(r for m in idx[b, h, i, :n].tolist() for r in range(offsets[m], offsets[m] + counts[m]))
         box = list(zip(starts[b, h, i, :boxes].tolist(), rows[b, h, i, :boxes].tolist()))
         assert sorted(r for start, count in box for r in range(start, start + count)) == listed
-        assert all(0 < count <= S for _, count in box)
-        assert boxes == n if not merge else boxes <= n
+        assert all(0 < count <= step for _, count in box)
+        pieces = sum(-(-counts[m] // step) for m in idx[b, h, i, :n].tolist())
+        assert boxes == pieces if not merge else boxes <= pieces
         first = 0
         for c, end in enumerate(ends[b, h, i].tolist()):
-            assert all(box_class(count, S) == c for _, count in box[first:end])
+            assert all(box_class(count, step) == c for _, count in box[first:end])
             first = end
 
 
@@ -211,6 +257,13 @@ def test_packed_bad_inputs():
         tma_packed_block_sparse_attention(x, x, x, *lists, compact, scale=-1.0)
     with pytest.raises(ValueError, match="kv_num_blocks"):
         tma_packed_block_sparse_attention(x, x, x, lists[0][..., :0], lists[1], compact)
+    with pytest.raises(ValueError, match="step must be 64 or 32"):
+        tma_packed_block_sparse_attention(x, x, x, *lists, compact, step=16)
+    with pytest.raises(ValueError, match="query_rows must be 64 or 32"):
+        tma_packed_block_sparse_attention(x, x, x, *lists, compact, query_rows=128)
+    with pytest.raises(ValueError, match="boxes"):  # boxes of 64-row steps for a 32-row step
+        from sparse_inductor.compact_layout import kv_boxes_by_class
+        tma_packed_block_sparse_attention(x, x, x, *lists, compact, step=32, boxes=kv_boxes_by_class(*lists, compact))
 
 
 @pytest.mark.slow
