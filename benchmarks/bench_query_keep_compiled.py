@@ -8,6 +8,11 @@ bf16, TopK(0.875)); prints each row's time, its ratio to query_keep 1 of the sam
 since the start. The compiled rows come first (all keeps), then the eager ones, so a cut keeps them.
 
     PYTHONPATH=$PWD python benchmarks/bench_query_keep_compiled.py [--keeps 1 0.75 0.5] [--paths compiled]
+        [--tile 4 4 8] [--passes fwd]
+
+``--tile 4 4 8``: 128-token tiles; their forward without gradients runs the TMA kernel in 64-row KV
+steps (v25), with gradients the gather kernels. Each compiled forward is checked against the eager
+gather path (relative L2 printed).
 """
 from __future__ import annotations
 
@@ -31,6 +36,8 @@ def main():
     parser.add_argument("--grid", type=int, nargs=3, default=[21, 30, 52])
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--paths", nargs="+", default=["compiled", "eager"], choices=["compiled", "eager"])
+    parser.add_argument("--tile", type=int, nargs=3, default=[4, 4, 4])
+    parser.add_argument("--passes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
     args = parser.parse_args()
     start = time.perf_counter()
     import triton.testing
@@ -39,10 +46,11 @@ def main():
     N = math.prod(grid)
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v, grad = (torch.randn(1, H, N, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(4))
-    layout = tile_layout(grid, (4, 4, 4), "cuda")
+    tile = tuple(args.tile)
+    layout = tile_layout(grid, tile, "cuda")
     leaf = [t.detach().requires_grad_() for t in (q, k, v)]
     print(f"device {torch.cuda.get_device_name()}; torch {torch.__version__}; grid {grid}, H={H}, D={D}, bf16, "
-          "TopK(0.875)", flush=True)
+          f"TopK(0.875), tile {tile}", flush=True)
     times = {}
     for path in args.paths:
         for keep in args.keeps:
@@ -51,7 +59,7 @@ def main():
             # NOTES, eighth session) -- a real case (a query_keep ramp), timed by host_overhead_qk.py.
             torch.compiler.reset()
             def eager(q, k, v, keep=keep):
-                return sparse_attention(q, k, v, grid, tile=(4, 4, 4), policy=si.TopK(0.875), query_keep=keep,
+                return sparse_attention(q, k, v, grid, tile=tile, policy=si.TopK(0.875), query_keep=keep,
                                         layout=layout)
 
             fn = torch.compile(eager, fullgraph=True) if path == "compiled" else eager
@@ -63,7 +71,15 @@ def main():
             def fwd_bwd(fn=fn):
                 torch.autograd.grad(fn(*leaf), leaf, grad)
 
+            if path == "compiled" and "fwd" in args.passes:
+                with torch.no_grad():
+                    want = sparse_attention(q, k, v, grid, tile=tile, policy=si.TopK(0.875), query_keep=keep,
+                                            layout=layout, forward_kernel="gather").float()
+                    err = (fn(q, k, v).float() - want).norm() / want.norm()
+                print(f"query_keep {keep} compiled fwd vs eager gather path: relative L2 {err.item():.2e}", flush=True)
             for pass_, f in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+                if pass_ not in args.passes:
+                    continue
                 try:
                     f()  # compile (and autotune) outside the timing
                     ms = triton.testing.do_bench(f, warmup=25, rep=100, return_mode="median")

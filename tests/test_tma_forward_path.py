@@ -96,14 +96,17 @@ def test_tma_path_equals_gather_path_on_a_transposed_q(tma_calls):
     assert_close_rel(tma, gather, REL_TOL[torch.float32]["out"], "tma vs gather")
 
 
-@pytest.mark.parametrize("case", ["text", "key padding", "full", "head dim", "block-causal"])
+@pytest.mark.parametrize("case", ["text", "key padding", "full", "head dim", "block-causal", "128 slots, grad"])
 def test_uncovered_calls_run_the_gather_kernel_and_say_why(tma_calls, caplog, case):
     grid, B, H = (4, 8, 8), 1, 2
     N = math.prod(grid)
     D = 32 if case == "head dim" else 64
     before = 5 if case == "text" else 0
-    q, k, v = (x.detach() for x in _inputs(B, H, before + N, D, torch.float32, 0))
-    kwargs = dict(tile=(4, 4, 4), forward_kernel="tma", text_before=before)
+    q, k, v = _inputs(B, H, before + N, D, torch.float32, 0)
+    if case != "128 slots, grad":  # 128-slot tiles are covered without gradients only
+        q, k, v = (x.detach() for x in (q, k, v))
+    kwargs = dict(tile=(4, 4, 8) if case == "128 slots, grad" else (4, 4, 4), forward_kernel="tma",
+                  text_before=before)
     if case == "key padding":
         kwargs["key_padding_mask"] = torch.ones(1, 1, 1, N, dtype=torch.bool, device=DEVICE)
     if case == "full":
@@ -115,8 +118,29 @@ def test_uncovered_calls_run_the_gather_kernel_and_say_why(tma_calls, caplog, ca
     assert not tma_calls
     assert out.shape == q.shape
     expected = {"text": "text tokens", "key padding": "key-padding mask", "full": "full rows",
-                "head dim": "head dim 32", "block-causal": "block-causal"}[case]
+                "head dim": "head dim 32", "block-causal": "block-causal",
+                "128 slots, grad": "128 slots per tile with gradients"}[case]
     assert any(expected in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
+
+
+@pytest.mark.parametrize("query_keep", [1.0, 0.5])
+def test_128_slot_tiles_without_gradients_take_the_tma_path(tma_calls, query_keep):
+    """(4, 4, 8) tiles under no_grad (inference) run the TMA forward in 64-row KV steps (v25; 64-row
+    query boxes for query_keep's kept rows), equal to the float64 reference (query_keep 1) or to the
+    gather path (query_keep 0.5), on a grid with border tiles of 2 frames, 2 rows and 4 columns."""
+    grid, H, D = (6, 6, 12), 2, 64
+    q, k, v = (x.detach() for x in _inputs(1, H, math.prod(grid), D, torch.bfloat16, 3))
+    kwargs = dict(tile=(4, 4, 8), sparsity=0.5, query_keep=query_keep)
+    with torch.no_grad():
+        out = sparse_attention(q, k, v, grid, forward_kernel="tma", **kwargs)
+    assert len(tma_calls) == 1
+    if query_keep == 1.0:
+        selected = si.select_blocks(q, k, grid, tile=(4, 4, 8), sparsity=0.5).dense_mask()
+        want, _ = reference_attention(q.double(), k.double(), v.double(), token_mask(selected.cpu(), grid,
+                                                                                     (4, 4, 8)).to(DEVICE))
+    else:
+        want = sparse_attention(q, k, v, grid, forward_kernel="gather", **kwargs)
+    assert_close_rel(out, want, REL_TOL[torch.bfloat16]["out"], "out")
 
 
 def test_query_keep_runs_the_tma_kernel_and_logs_nothing(tma_calls, caplog):
