@@ -29,14 +29,14 @@ tma)  # one file per step so each summary survives; tier first (DESIGN: before a
   step 4c_tma_block_sparse_bwd 170 -n 8 --tb=short -rf tests/test_tma_block_sparse_bwd.py
   ;;
 v25)  # tier, v25's GPU cases, then the compiled 128-token-tile forward (NOTES v25)
-  step 1_tier 200 -m tier -n 4 tests/test_gpu_tier.py tests/test_tma_query_keep.py
-  step 2_v25_tests 70 -n 8 --tb=short -rf tests/test_tma_forward_path.py tests/test_tma_block_sparse.py -k "128_slot or kept_query_rows"
+  step 1_tier 170 -m tier -n 4 tests/test_gpu_tier.py tests/test_tma_query_keep.py
+  step 2_v25_tests 60 -n 8 --tb=short -rf tests/test_tma_forward_path.py tests/test_tma_block_sparse.py -k "128_slot or kept_query_rows"
   echo "== 3_bench ($(date +%T))"
-  timeout 190 python benchmarks/bench_attention.py --cases wan1.3b-480p --sparsity 0.875 --no-flex --tile128 \
-    --only dense_sdpa sparse_compiled selection --out-dir "$OUT" > "$OUT/3_bench_t128_compiled.log" 2>&1
+  timeout 170 python benchmarks/bench_attention.py --cases wan1.3b-480p --sparsity 0.875 --no-flex --tile128 \
+    --only dense_sdpa sparse_compiled_t128 selection --out-dir "$OUT" > "$OUT/3_bench_t128_compiled.log" 2>&1
   echo "rc=$?"; grep -v Warn "$OUT/3_bench_t128_compiled.log" | grep -v 'warner(' | tail -n 30
   echo "== 4_qk ($(date +%T))"
-  timeout 120 python benchmarks/bench_query_keep_compiled.py --tile 4 4 8 --keeps 1 0.5 --paths compiled \
+  timeout 110 python benchmarks/bench_query_keep_compiled.py --tile 4 4 8 --keeps 1 0.5 --paths compiled \
     --passes fwd > "$OUT/4_qk_t128.log" 2>&1
   echo "rc=$?"; tail -n 12 "$OUT/4_qk_t128.log"
   ;;
