@@ -10,8 +10,8 @@ since the start. The compiled rows come first (all keeps), then the eager ones, 
     PYTHONPATH=$PWD python benchmarks/bench_query_keep_compiled.py [--keeps 1 0.75 0.5] [--paths compiled]
         [--tile 4 4 8] [--passes fwd]
 
-``--tile 4 4 8``: 128-token tiles; their forward without gradients runs the TMA kernel in 64-row KV
-steps (v25), with gradients the gather kernels. Each compiled forward is checked against the eager
+``--tile 4 4 8``: 128-token tiles; their forward runs the TMA kernel in 64-row KV steps (v25), their
+backward the TMA kernels on 64-slot halves (v26). Each compiled forward is checked against the eager
 gather path (relative L2 printed).
 """
 from __future__ import annotations

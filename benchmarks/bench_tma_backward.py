@@ -14,6 +14,10 @@ lists) and precomputed ``delta``-ready inputs; rows:
   inside the timing), with the variants that mode takes (``ATOMIC_VARIANTS``);
 * ``tma_fwd``: the TMA forward on the same inputs, for the fwd+bwd sum.
 
+``--tile 4 4 8`` (128-slot tiles, NOTES.md v26): the TMA rows run each tile as two 64-slot halves
+(``split_tiles``, the default: the half lists, their boxes and the transpose inside the timed
+region), and with ``--whole-tiles`` also as 128-row programs (``split_tiles=False``).
+
 Prints each time, the ratio to ``gather_bwd``, the relative L2 of dQ, dK, dV against it and, for
 every row but the first of a config, against that config's first row (``separate`` and the first
 variant: the fused modes' rounding differs by the order of the fp32 adds).
@@ -22,6 +26,8 @@ variant: the fused modes' rounding differs by the order of the fp32 adds).
     PYTHONPATH=$PWD python benchmarks/bench_tma_backward.py --configs 4,2 --variants default two_pass
     PYTHONPATH=$PWD python benchmarks/bench_tma_backward.py --configs 4,2 8,2 --variants default two_pass half_steps \
         --dq-modes separate atomic atomic_tma                                                      # v22
+    PYTHONPATH=$PWD python benchmarks/bench_tma_backward.py --tile 4 4 8 --configs 4,2 8,2 --variants default \
+        --whole-tiles                                                                              # v26
 """
 from __future__ import annotations
 
@@ -56,7 +62,8 @@ def rel_l2(got, want):
     return [((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(got, want)]
 
 
-def run_case(name, sparsity, configs, variants=("default",), dq_modes=("separate",)):
+def run_case(name, sparsity, configs, variants=("default",), dq_modes=("separate",), tile=(4, 4, 4),
+             whole_tiles=False):
     import sparse_inductor as si
     from kernel_templates.tma_block_sparse import tma_packed_block_sparse_attention
     from kernel_templates.tma_block_sparse_bwd import tma_packed_block_sparse_attention_backward
@@ -69,15 +76,16 @@ def run_case(name, sparsity, configs, variants=("default",), dq_modes=("separate
     N = math.prod(grid)
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v, do = (torch.randn(B, H, N, D, device="cuda", dtype=dtype, generator=g) for _ in range(4))
-    layout = tile_layout(grid, (4, 4, 4), "cuda")
+    layout = tile_layout(grid, tile, "cuda")
     compact = compact_layout(layout)
-    sel = si.select_blocks(q, k, grid, sparsity=sparsity)
+    sel = si.select_blocks(q, k, grid, sparsity=sparsity, tile=tile)
     num, idx = sel.kv_num_blocks, sel.kv_indices
     M = layout.num_tiles
     scale = D ** -0.5
     qn, qi = transpose_block_lists(num, idx, M)
-    boxes = kv_boxes_by_class(num, idx, compact)
-    q_boxes = kv_boxes_by_class(qn, qi, compact)
+    big = compact.block > 64  # 128-slot tiles: the forward in 64-row steps, the backward on halves
+    boxes = kv_boxes_by_class(num, idx, compact, step=64 if big else None)
+    q_boxes = None if big else kv_boxes_by_class(qn, qi, compact)
     qc, kc, vc, doc = (to_compact(x, compact).contiguous() for x in (q, k, v, do))
 
     # Gather backward on sequence-order tensors (its forward gives out and lse).
@@ -92,7 +100,8 @@ def run_case(name, sparsity, configs, variants=("default",), dq_modes=("separate
         return torch.ops.sparse_inductor.block_sparse_attn_bwd(do, q, k, v, lse, delta, q_slots, kv_slots, q_counts,
                                                                kv_counts, num, idx, qn, qi, scale)
 
-    out_c, lse_c = tma_packed_block_sparse_attention(qc, kc, vc, num, idx, compact, scale, boxes=boxes)
+    out_c, lse_c = tma_packed_block_sparse_attention(qc, kc, vc, num, idx, compact, scale, boxes=boxes,
+                                                     step=64 if big else None)
     ref = gather_bwd()
     counts = layout.counts.long()
     live = torch.arange(idx.shape[-1], device="cuda") < num.unsqueeze(-1)
@@ -100,19 +109,22 @@ def run_case(name, sparsity, configs, variants=("default",), dq_modes=("separate
     kept = float((kv_tokens * counts.view(1, 1, M)).sum())  # query-key pairs computed
     flops = 4.0 * D * kept * 2.5  # the backward does 2.5x the forward's matmul work
     t_gather = bench(gather_bwd)
+    name = name if tile == (4, 4, 4) else f"{name} tile {tile}"
     print(f"[{name}] sparsity {sparsity}: gather_bwd {t_gather:.3f} ms ({flops / t_gather / 1e9:.0f} TFLOP/s)",
           flush=True)
-    t_fwd = bench(lambda: tma_packed_block_sparse_attention(qc, kc, vc, num, idx, compact, scale, boxes=boxes))
+    t_fwd = bench(lambda: tma_packed_block_sparse_attention(qc, kc, vc, num, idx, compact, scale, boxes=boxes,
+                                                            step=64 if big else None))
     print(f"[{name}] tma_fwd {t_fwd:.3f} ms", flush=True)
     first = {}  # (warps, stages) -> that config's first row's gradients
-    for warps, stages, variant, dq_mode in runs(configs, variants, dq_modes):
+    splits = [True, False] if big and whole_tiles else [None]
+    for (warps, stages, variant, dq_mode), split in ((r, sp) for r in runs(configs, variants, dq_modes) for sp in splits):
         def tma_bwd():
             return tma_packed_block_sparse_attention_backward(doc, qc, kc, vc, out_c, lse_c, num, idx, compact, scale,
-                                                              boxes=boxes, q_boxes=q_boxes, num_warps=warps,
-                                                              num_stages=stages, dkdv_variant=variant,
-                                                              dq_mode=dq_mode)
+                                                              boxes=None if big else boxes, q_boxes=q_boxes,
+                                                              num_warps=warps, num_stages=stages, dkdv_variant=variant,
+                                                              dq_mode=dq_mode, split_tiles=split)
         label = f"{warps}w,{stages}s" + ("" if variant == "default" else f",{variant}") + (
-            "" if dq_mode == "separate" else f",{dq_mode}")
+            "" if dq_mode == "separate" else f",{dq_mode}") + ("" if split is not False else ",whole")
         try:
             got = [from_compact(x, compact) for x in tma_bwd()]
             errs = rel_l2(got, ref)
@@ -142,11 +154,14 @@ def main():
     parser.add_argument("--dq-modes", nargs="*", default=["separate"], choices=list(DQ_MODES),
                         help="dq_mode of the TMA backward: separate (the dQ kernel) and/or the fused atomic modes, "
                              f"which run only the variants they take ({', '.join(ATOMIC_VARIANTS)})")
+    parser.add_argument("--tile", nargs=3, type=int, default=[4, 4, 4])
+    parser.add_argument("--whole-tiles", action="store_true",
+                        help="with 128-slot tiles, also time the kernels' own 128-row programs (split_tiles=False)")
     args = parser.parse_args()
     print(f"device {torch.cuda.get_device_name()}; torch {torch.__version__}; triton {triton.__version__}")
     configs = [tuple(int(x) for x in c.split(",")) for c in args.configs]
     for name in args.cases:
-        run_case(name, args.sparsity, configs, args.variants, args.dq_modes)
+        run_case(name, args.sparsity, configs, args.variants, args.dq_modes, tuple(args.tile), args.whole_tiles)
 
 
 if __name__ == "__main__":

@@ -40,4 +40,26 @@ v25)  # tier, v25's GPU cases, then the compiled 128-token-tile forward (NOTES v
     --passes fwd > "$OUT/4_qk_t128.log" 2>&1
   echo "rc=$?"; tail -n 12 "$OUT/4_qk_t128.log"
   ;;
+v26)  # tier, v26's GPU cases, the backward kernels at 128-token tiles (NOTES v26)
+  step 1_tier 240 -m tier -n 4 tests/test_gpu_tier.py tests/test_tma_query_keep.py
+  step 2_v26_tests 120 -n 8 --tb=short -rf tests/test_tma_forward_path.py tests/test_tma_block_sparse_bwd.py \
+    tests/test_box_lists.py -k "128_slot or half_tiles"
+  echo "== 3_bwd ($(date +%T))"
+  timeout 200 python benchmarks/bench_tma_backward.py --tile 4 4 8 --configs 4,2 8,2 --variants default \
+    --whole-tiles > "$OUT/3_bwd_t128.log" 2>&1
+  echo "rc=$?"; grep -v Warn "$OUT/3_bwd_t128.log" | grep -v 'warner(' | tail -n 12
+  ;;
+v26b)  # the compiled path at 128-token tiles with gradients, query_keep 0.5, and the forward's profile
+  echo "== 4_bench ($(date +%T))"
+  timeout 220 python benchmarks/bench_attention.py --cases wan1.3b-480p --sparsity 0.875 --no-flex --tile128 \
+    --only dense_sdpa sparse_compiled sparse_compiled_t128 --out-dir "$OUT" > "$OUT/4_bench_t128.log" 2>&1
+  echo "rc=$?"; grep -v Warn "$OUT/4_bench_t128.log" | grep -v 'warner(' | tail -n 30
+  echo "== 5_qk ($(date +%T))"
+  timeout 170 python benchmarks/bench_query_keep_compiled.py --tile 4 4 8 --keeps 1 0.5 --paths compiled \
+    > "$OUT/5_qk_t128.log" 2>&1
+  echo "rc=$?"; tail -n 14 "$OUT/5_qk_t128.log"
+  echo "== 6_profile ($(date +%T))"
+  timeout 150 python benchmarks/profile_compiled.py --tile 4 4 8 > "$OUT/6_profile_t128.log" 2>&1
+  echo "rc=$?"; grep -v Warn "$OUT/6_profile_t128.log" | tail -n 46
+  ;;
 esac

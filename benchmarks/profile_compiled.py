@@ -6,6 +6,7 @@ attention kernel (issue 22: selection <= 4 % of the compiled forward).
     PYTHONPATH=$PWD python benchmarks/profile_compiled.py            # GPU, ~60 s with compiles
     PYTHONPATH=$PWD python benchmarks/profile_compiled.py --grid 21 45 80 --heads 40
     PYTHONPATH=$PWD python benchmarks/profile_compiled.py --query-keep 0.5      # v23: the kept-layout path
+    PYTHONPATH=$PWD python benchmarks/profile_compiled.py --tile 4 4 8          # v25 / v26: 128-token tiles
 """
 import argparse
 import math
@@ -36,13 +37,15 @@ def main():
     parser.add_argument("--sparsity", type=float, default=0.875)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--query-keep", type=float, default=1.0)
+    parser.add_argument("--tile", type=int, nargs=3, default=(4, 4, 4))
     args = parser.parse_args()
     grid, H, D = tuple(args.grid), args.heads, 128
     N = math.prod(grid)
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v, grad = (torch.randn(1, H, N, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(4))
-    layout = tile_layout(grid, (4, 4, 4), "cuda")
-    fn = torch.compile(lambda q, k, v: sparse_attention(q, k, v, grid, sparsity=args.sparsity, tile=(4, 4, 4),
+    tile = tuple(args.tile)
+    layout = tile_layout(grid, tile, "cuda")
+    fn = torch.compile(lambda q, k, v: sparse_attention(q, k, v, grid, sparsity=args.sparsity, tile=tile,
                                                         query_keep=args.query_keep, layout=layout), fullgraph=True)
     leaf = [t.detach().requires_grad_() for t in (q, k, v)]
 
@@ -61,7 +64,7 @@ def main():
             for _ in range(args.reps):
                 step()
             torch.cuda.synchronize()
-        table(prof, args.reps, f"{title}, grid {grid}, H={H}, query_keep {args.query_keep}")
+        table(prof, args.reps, f"{title}, grid {grid}, tile {tile}, H={H}, query_keep {args.query_keep}")
 
 
 if __name__ == "__main__":

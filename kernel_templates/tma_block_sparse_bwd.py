@@ -92,7 +92,7 @@ import triton
 import triton.language as tl
 
 from kernel_templates.tma_block_sparse import _check, _descriptor, _load_box, _mma, _own_rows
-from sparse_inductor.compact_layout import MIN_BOX, CompactLayout, kv_boxes_by_class
+from sparse_inductor.compact_layout import MIN_BOX, CompactLayout, half_tile_lists, half_tiles, kv_boxes_by_class
 
 LOG2E = 1.4426950408889634
 
@@ -466,7 +466,7 @@ def tma_packed_block_sparse_attention_backward(grad_out, q, k, v, out, lse, kv_n
                                                compact: CompactLayout, scale=None, *, boxes=None, q_boxes=None,
                                                grad_lse=None, delta=None, num_warps: int = 4, num_stages: int = 2,
                                                dkdv_variant: str = "default", dq_mode: str = "separate",
-                                               q_layout: CompactLayout | None = None):
+                                               q_layout: CompactLayout | None = None, split_tiles: bool | None = None):
     """Gradients ``(dq, dk, dv)`` of :func:`~kernel_templates.tma_block_sparse.tma_packed_block_sparse_attention`
     (``out_order="tile"``) with respect to its ``q, k, v``.
 
@@ -491,6 +491,12 @@ def tma_packed_block_sparse_attention_backward(grad_out, q, k, v, out, lse, kv_n
     ``dq`` in its order; the dQ programs take their tiles' offsets and counts from it, and ``q_boxes``
     (computed when not given) are the kv-major lists' boxes over it, so neighbouring kept tiles
     merge into one query box. K, V, dK, dV and ``boxes`` stay on ``compact``.
+
+    ``split_tiles``: run each tile as two tiles of half its slots
+    (:func:`~sparse_inductor.compact_layout.half_tiles`, same gradients); ``None``, the default,
+    splits tiles of more than 64 slots, which then take ``boxes = q_boxes = None`` (they are made
+    for the halves). Tiles of up to 128 slots (benchmarks/NOTES.md v26: the kernels' own 128-row
+    programs need twice the accumulator registers).
     """
     if dkdv_variant not in DKDV_VARIANTS:
         raise ValueError(f"dkdv_variant must be one of {', '.join(map(repr, DKDV_VARIANTS))}, got {dkdv_variant!r}")
@@ -502,6 +508,16 @@ def tma_packed_block_sparse_attention_backward(grad_out, q, k, v, out, lse, kv_n
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     _check(q, k, v, kv_num_blocks, kv_indices, compact, scale, q_layout)
     _check_backward(grad_out, q, q if out is None else out, lse, grad_lse)
+    if compact.block > 128:
+        raise ValueError(f"tiles of at most 128 slots, got {compact.block}")
+    if compact.block > 64 if split_tiles is None else split_tiles:
+        if boxes is not None or q_boxes is not None:
+            raise ValueError(f"boxes and q_boxes must be None for {compact.block}-slot tiles (they are made for "
+                             f"the {compact.block // 2}-slot halves the kernels run)")
+        q_side = compact if q_layout is None else q_layout
+        kv_num_blocks, kv_indices = half_tile_lists(kv_num_blocks, kv_indices, compact.counts, q_side.counts,
+                                                    compact.block)
+        compact, q_layout = half_tiles(compact), None if q_layout is None else half_tiles(q_layout)
     from sparse_inductor.triton_launch import kernel_flags
 
     # TMA descriptors need contiguous rows; incoming gradients may be stride-0 views.
@@ -528,7 +544,8 @@ def tma_packed_block_sparse_attention_backward(grad_out, q, k, v, out, lse, kv_n
     if q_boxes is None:
         from sparse_inductor.ops import transpose_block_lists
 
-        q_boxes = kv_boxes_by_class(*transpose_block_lists(kv_num_blocks, kv_indices, M), q_side)
+        # The kv-major lists come out increasing, so their box pass skips its sort.
+        q_boxes = kv_boxes_by_class(*transpose_block_lists(kv_num_blocks, kv_indices, M), q_side, lists_sorted=True)
 
     block = compact.block
     # Half and quarter boxes exist only from 16 rows (tl.dot's minimum); the full ones stand in

@@ -78,8 +78,8 @@ def tma_forward_unsupported(q: Tensor, k: Tensor, v: Tensor, layout: TileLayout,
                             query_keep: float, key_padding_mask, causal_block_size) -> str | None:
     """Why the compact TMA forward (``ops.tma_block_sparse_attn_fwd``, or under ``query_keep < 1``
     ``ops.tma_query_keep_attn_fwd``) cannot take this call, or ``None`` if it can. It covers
-    video-only self-attention with 16 to 64 slots per tile (128 without gradients: the forward walks
-    them in 64-row steps, NOTES v25), D 64 or 128, fp16 / bf16 / fp32, any
+    video-only self-attention with 16 to 128 slots per tile (128-slot tiles: the forward walks them
+    in 64-row steps, NOTES v25, the backward runs them as 64-slot halves, v26), D 64 or 128, fp16 / bf16 / fp32, any
     ``query_keep`` (v23), without key padding, block-causal masks, full rows (a ``Full()`` policy
     anywhere) or a scale that is not positive (the kernel scales the row maximum)."""
     from .selection import _has_text, _may_have_full_rows
@@ -104,8 +104,6 @@ def tma_forward_unsupported(q: Tensor, k: Tensor, v: Tensor, layout: TileLayout,
         return f"q, k, v of different dtypes ({q.dtype}, {k.dtype}, {v.dtype})"
     if layout.block_size > 128:
         return f"{layout.block_size} slots per tile (at most 128)"
-    if layout.block_size > 64 and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
-        return f"{layout.block_size} slots per tile with gradients (the TMA backward takes at most 64)"
     if q.stride(-1) != 1:
         return "a q whose feature stride is not 1"
     if _no_rows(*q.shape[:2]):

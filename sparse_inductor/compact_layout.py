@@ -86,6 +86,41 @@ def compact_slots(compact: CompactLayout) -> torch.Tensor:
                        compact.tile_offsets.long().index_select(0, m) + j, -1).to(torch.int32)
 
 
+def half_tiles(compact: CompactLayout) -> CompactLayout:
+    """The same rows as ``2 * num_tiles`` tiles of ``block // 2`` slots: tile ``j``'s first
+    ``block // 2`` rows are tile ``2 j``, the rest tile ``2 j + 1`` (empty when ``n_j <= block // 2``,
+    at offset ``off_j + n_j``). The TMA backward's kernels take tiles of at most 64 slots; attending
+    to a tile is attending to both its halves, so 128-slot tiles run as these (benchmarks/NOTES.md v26)."""
+    half = compact.block // 2
+    first = compact.counts.clamp(max=half)
+    counts = torch.stack([first, compact.counts - first], -1).flatten().to(torch.int32)
+    offsets = torch.stack([compact.tile_offsets, compact.tile_offsets + first], -1).flatten().to(torch.int32)
+    return CompactLayout(block=half, num_tiles=2 * compact.num_tiles, num_tokens=compact.num_tokens, counts=counts,
+                         tile_offsets=offsets, positions=compact.positions, rows=compact.rows)
+
+
+def half_tile_lists(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, kv_counts: torch.Tensor,
+                    q_counts: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query-major lists over :func:`half_tiles`: query halves ``2 i`` and ``2 i + 1`` list the
+    non-empty halves of every tile query tile ``i`` lists, in increasing order, and a query half
+    with no rows (``q_counts[i] <= block // 2`` for ``2 i + 1``) lists nothing. ``kv_num_blocks
+    [B, H, M]``, ``kv_indices [B, H, M, K]`` (any order, entries past a row's length never read);
+    ``kv_counts``, ``q_counts`` int32 ``[M]``: rows per tile of the KV and query layouts. Returns
+    ``[B, H, 2 M]`` and ``[B, H, 2 M, 2 K]`` int32 (entries past a row's length 0). No host sync."""
+    half = block // 2
+    M, K = kv_indices.shape[-2], kv_indices.shape[-1]
+    live = torch.arange(K, device=kv_indices.device) < kv_num_blocks[..., None]
+    tiles = torch.where(live, kv_indices, 0).long()
+    second = live & (kv_counts.long()[tiles] > half)
+    past = 2 * M  # sorts after every half
+    halves = torch.stack([torch.where(live, 2 * tiles, past), torch.where(second, 2 * tiles + 1, past)], -1)
+    halves = torch.sort(halves.flatten(-2), dim=-1).values
+    num = (live.sum(-1) + second.sum(-1)).to(torch.int32)
+    idx = torch.where(halves < past, halves, 0).to(torch.int32)
+    num = torch.stack([num, torch.where(q_counts > half, num, 0)], -1).flatten(-2)
+    return num.contiguous(), idx.repeat_interleave(2, dim=-2).contiguous()
+
+
 def to_compact(x: torch.Tensor, compact: CompactLayout, dim: int = -2) -> torch.Tensor:
     """Sequence order -> compact tile-major order along ``dim`` (one gather)."""
     return x.index_select(dim % x.dim(), compact.positions)

@@ -476,22 +476,15 @@ TMA_FUSED_DQ_VARIANT = "half_steps"
 
 
 def _tma_backward_kernels(grad_out, q, k, v, lse, delta, kv_num_blocks, kv_indices, kv_layout, q_layout, scale):
-    """The TMA backward kernels of both TMA ops (``q_layout`` is ``kv_layout`` unless query_keep < 1):
-    the kv-major lists' boxes over the query side, then the kernels in the chosen ``dq_mode``."""
+    """The TMA backward kernels of both TMA ops (``q_layout`` is ``kv_layout`` unless query_keep < 1)
+    in the chosen ``dq_mode``; 128-slot tiles run as 64-slot halves (v26)."""
     import kernel_templates.tma_block_sparse_bwd as bwd
 
-    from .compact_layout import kv_boxes_by_class
-
-    kv_num_blocks, kv_indices = kv_num_blocks.contiguous(), kv_indices.contiguous()
-    # The kv-major lists come out increasing, so their box pass skips its sort (it was ~0.2 of
-    # the backward's 0.33 ms of box lists at 480p, each row up to 1024 entries wide).
-    q_num, q_indices = transpose_block_lists(kv_num_blocks, kv_indices, kv_layout.num_tiles)
-    q_boxes = kv_boxes_by_class(q_num, q_indices, q_layout, lists_sorted=True)
     dq_mode = bwd.backward_dq_mode(default=TMA_BACKWARD_DQ_MODE)
     variant = "default" if dq_mode == "separate" else TMA_FUSED_DQ_VARIANT
     return bwd.tma_packed_block_sparse_attention_backward(
-        grad_out, q, k, v, None, lse, kv_num_blocks, kv_indices, kv_layout, scale, q_boxes=q_boxes, delta=delta,
-        dq_mode=dq_mode, dkdv_variant=variant, q_layout=None if q_layout is kv_layout else q_layout)
+        grad_out, q, k, v, None, lse, kv_num_blocks.contiguous(), kv_indices.contiguous(), kv_layout, scale,
+        delta=delta, dq_mode=dq_mode, dkdv_variant=variant, q_layout=None if q_layout is kv_layout else q_layout)
 
 
 @torch.library.custom_op("sparse_inductor::tma_block_sparse_attn_bwd", mutates_args=())

@@ -149,3 +149,52 @@ def test_empty_lists_and_impl_choice():
         assert starts.shape == rows.shape == (1, 2, 0) and torch.equal(ends, torch.zeros(1, 2, 4, dtype=torch.int32))
     with pytest.raises(ValueError, match="impl"):
         kv_boxes_by_class(num, idx, compact, impl="cuda")
+
+
+def compact_pairs(num, idx, q_layout, kv_layout):
+    """bool ``[B, H, Lq, L]``: the (query row, KV row) pairs that lists over compact layouts stand for
+    (query tile ``i``'s rows attend to every row of each listed tile)."""
+    B, H, M = num.shape
+    pairs = torch.zeros(B, H, q_layout.num_tokens, kv_layout.num_tokens, dtype=torch.bool)
+    for b in range(B):
+        for h in range(H):
+            for i in range(M):
+                q0, nq = int(q_layout.tile_offsets[i]), int(q_layout.counts[i])
+                for j in idx[b, h, i, : int(num[b, h, i])].tolist():
+                    k0, nk = int(kv_layout.tile_offsets[j]), int(kv_layout.counts[j])
+                    pairs[b, h, q0:q0 + nq, k0:k0 + nk] = True
+    return pairs
+
+
+@given(data=st.data(), B=st.integers(1, 2), H=st.integers(1, 2), kept_half=st.booleans(), seed=st.integers(0, 2**16))
+def test_half_tiles_stand_for_the_same_pairs(data, B, H, kept_half, seed):
+    """128-slot tiles as 64-slot halves (how the TMA backward runs them, v26): the same rows, the
+    same (query row, KV row) pairs; no live entry names an empty half, an empty query half lists
+    nothing, and each row's entries increase. ``kept_half``: a query side holding ceil(n / 2) rows a
+    tile, as query_keep 0.5's kept layout does (its second halves are all empty)."""
+    from sparse_inductor.compact_layout import CompactLayout, half_tile_lists, half_tiles
+
+    grid = data.draw(grid_for((4, 4, 8), max_tokens=1200), label="grid")
+    kv = compact_layout(tile_layout(grid, (4, 4, 8)))
+    q = kv
+    if kept_half:
+        counts = (kv.counts + 1) // 2
+        q = CompactLayout(block=128, num_tiles=kv.num_tiles, num_tokens=int(counts.sum()), counts=counts,
+                          tile_offsets=(torch.cumsum(counts, 0) - counts).to(torch.int32), positions=None, rows=None)
+    g = torch.Generator().manual_seed(seed)
+    M = kv.num_tiles
+    num, idx = make_lists((B, H, M), M, max(1, M // 2), "shuffled", g)
+    num = num.clamp(max=idx.shape[-1])
+    half_q, half_kv = half_tiles(q), half_tiles(kv)
+    hnum, hidx = half_tile_lists(num, idx, kv.counts, q.counts, 128)
+    for half, whole in ((half_q, q), (half_kv, kv)):
+        assert half.block == 64 and half.num_tiles == 2 * whole.num_tiles and half.num_tokens == whole.num_tokens
+        assert torch.equal(half.counts.view(-1, 2).sum(-1), whole.counts)
+        assert torch.equal(half.tile_offsets, (torch.cumsum(half.counts, 0) - half.counts).to(torch.int32))
+        assert half.counts.dtype == half.tile_offsets.dtype == torch.int32
+    assert hnum.shape == (B, H, 2 * M) and hidx.shape == (B, H, 2 * M, 2 * idx.shape[-1])
+    live = torch.arange(hidx.shape[-1]) < hnum[..., None]
+    assert (half_kv.counts[hidx.long()][live] > 0).all(), "a live entry names an empty half"
+    assert (hnum[..., half_q.counts == 0] == 0).all(), "an empty query half lists something"
+    assert ((hidx[..., 1:] > hidx[..., :-1]) | ~live[..., 1:]).all(), "entries do not increase"
+    assert torch.equal(compact_pairs(hnum, hidx, half_q, half_kv), compact_pairs(num, idx, q, kv))

@@ -188,6 +188,33 @@ def test_backward_through_the_forward(grid, tile, dtype, D):
                     through_forward=True)  # run_packed: the default scale
 
 
+# 128-slot tiles (4, 4, 8): the backward runs each as two 64-slot halves (v26); border tiles of 1 frame
+# (at most 32 tokens: an empty second half), 2 rows or 4 columns among the drawn grids.
+@settings(max_examples=max(4, settings.default.max_examples // 3))
+@given(data=st.data(), dtype=st.sampled_from(DTYPES), B=st.integers(1, 2), H=st.integers(1, 2),
+       D=st.sampled_from([64, 128]), seed=st.integers(0, 2**16), with_grad_lse=st.booleans(),
+       mode=st.sampled_from([("separate", "default"), ("separate", "half_steps"), ("atomic", "half_steps")]))
+def test_backward_of_128_slot_tiles(data, dtype, B, H, D, seed, with_grad_lse, mode):
+    tile = (4, 4, 8)
+    grid = data.draw(grid_for(tile, max_tokens=640), label="grid")
+    N, M = math.prod(grid), tile_layout(grid, tile).num_tiles
+    g, q, k, v, grad_out, grad_lse = make_inputs(B, H, N, D, dtype, seed, with_grad_lse)
+    num, idx, selected = random_lists(B, H, M, g)
+    check_gradients(q, k, v, grad_out, grad_lse, grid, tile, num, idx, selected, 1.0 / math.sqrt(D),
+                    dq_mode=mode[0], dkdv_variant=mode[1])
+
+
+def test_backward_of_128_slot_tiles_through_the_forward():
+    """Wan's 480p border structure at (4, 4, 8) in small (1-frame, 2-row and 4-column border tiles),
+    out and LSE from the v25 forward (64-row steps), as in training."""
+    grid, tile, D = (5, 6, 12), (4, 4, 8), 128
+    N, M = math.prod(grid), tile_layout(grid, tile).num_tiles
+    g, q, k, v, grad_out, grad_lse = make_inputs(1, 2, N, D, torch.bfloat16, 9, True)
+    num, idx, selected = random_lists(1, 2, M, g)
+    check_gradients(q, k, v, grad_out, grad_lse, grid, tile, num, idx, selected, 1.0 / math.sqrt(D),
+                    through_forward=True)
+
+
 @pytest.mark.parametrize("dtype, dq_mode, dkdv_variant",
                          [(dtype, *mode) for dtype in DTYPES for mode in SEPARATE[:4]]
                          + [(torch.bfloat16, *mode) for mode in SEPARATE[4:] + FUSED])
@@ -286,6 +313,12 @@ def test_backward_bad_inputs():
     with pytest.raises(ValueError, match="dq_mode 'atomic' takes dkdv_variant one of 'half_steps', .*got 'half_boxes'"):
         tma_packed_block_sparse_attention_backward(x, x, x, x, x, lse, *lists, compact, dq_mode="atomic",
                                                    dkdv_variant="half_boxes")
+    # 128-slot tiles are split into 64-slot halves inside: box lists of the whole tiles do not apply.
+    compact128 = compact_layout(tile_layout((4, 4, 8), (4, 4, 8)))
+    x128, lse128 = torch.zeros(1, 1, 128, 64), torch.zeros(1, 1, 128)
+    with pytest.raises(ValueError, match="boxes and q_boxes must be None for 128-slot tiles"):
+        tma_packed_block_sparse_attention_backward(x128, x128, x128, x128, x128, lse128, *lists, compact128,
+                                                   boxes=(lists[1], lists[1], lists[1]))
     assert tma_block_sparse_bwd.DKDV_VARIANTS == DKDV_VARIANTS
     assert tma_block_sparse_bwd.DQ_MODES == DQ_MODES
     assert tma_block_sparse_bwd.ATOMIC_VARIANTS == ATOMIC_VARIANTS

@@ -20,13 +20,15 @@ import sparse_inductor as si
 from sparse_inductor import attention
 from sparse_inductor.attention import sparse_attention, tma_forward_unsupported, use_tma_forward
 from sparse_inductor.layout import tile_layout
-from sparse_inductor.reference import reference_attention, token_mask
+from sparse_inductor.reference import (reference_attention, reference_attention_query_keep, reference_query_keep,
+                                       token_mask)
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# The TMA kernel covers 16- to 64-slot tiles: (4, 4, 4) and (2, 4, 8) have 64 slots, (2, 4, 4) 32.
-TMA_TILES = st.sampled_from([(4, 4, 4), (2, 4, 8), (2, 4, 4)])
+# The TMA kernels cover 16- to 128-slot tiles: (4, 4, 4) and (2, 4, 8) have 64 slots, (2, 4, 4) 32,
+# (4, 4, 8) 128 (the forward in 64-row steps, v25; the backward on 64-slot halves, v26).
+TMA_TILES = st.sampled_from([(4, 4, 4), (2, 4, 8), (2, 4, 4), (4, 4, 8)])
 POLICIES = st.sampled_from([si.TopK(0.5), si.TopK(0.875), si.CumulativeMass(0.8, min_tiles=1),
                             si.Window(1, 1, 1), si.PerHead([si.TopK(0.75), si.Skip()])])
 
@@ -96,17 +98,14 @@ def test_tma_path_equals_gather_path_on_a_transposed_q(tma_calls):
     assert_close_rel(tma, gather, REL_TOL[torch.float32]["out"], "tma vs gather")
 
 
-@pytest.mark.parametrize("case", ["text", "key padding", "full", "head dim", "block-causal", "128 slots, grad"])
+@pytest.mark.parametrize("case", ["text", "key padding", "full", "head dim", "block-causal"])
 def test_uncovered_calls_run_the_gather_kernel_and_say_why(tma_calls, caplog, case):
     grid, B, H = (4, 8, 8), 1, 2
     N = math.prod(grid)
     D = 32 if case == "head dim" else 64
     before = 5 if case == "text" else 0
-    q, k, v = _inputs(B, H, before + N, D, torch.float32, 0)
-    if case != "128 slots, grad":  # 128-slot tiles are covered without gradients only
-        q, k, v = (x.detach() for x in (q, k, v))
-    kwargs = dict(tile=(4, 4, 8) if case == "128 slots, grad" else (4, 4, 4), forward_kernel="tma",
-                  text_before=before)
+    q, k, v = (x.detach() for x in _inputs(B, H, before + N, D, torch.float32, 0))
+    kwargs = dict(tile=(4, 4, 4), forward_kernel="tma", text_before=before)
     if case == "key padding":
         kwargs["key_padding_mask"] = torch.ones(1, 1, 1, N, dtype=torch.bool, device=DEVICE)
     if case == "full":
@@ -118,8 +117,7 @@ def test_uncovered_calls_run_the_gather_kernel_and_say_why(tma_calls, caplog, ca
     assert not tma_calls
     assert out.shape == q.shape
     expected = {"text": "text tokens", "key padding": "key-padding mask", "full": "full rows",
-                "head dim": "head dim 32", "block-causal": "block-causal",
-                "128 slots, grad": "128 slots per tile with gradients"}[case]
+                "head dim": "head dim 32", "block-causal": "block-causal"}[case]
     assert any(expected in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
 
 
@@ -141,6 +139,29 @@ def test_128_slot_tiles_without_gradients_take_the_tma_path(tma_calls, query_kee
     else:
         want = sparse_attention(q, k, v, grid, forward_kernel="gather", **kwargs)
     assert_close_rel(out, want, REL_TOL[torch.bfloat16]["out"], "out")
+
+
+@pytest.mark.parametrize("query_keep", [1.0, 0.5])
+def test_128_slot_tiles_with_gradients_take_the_tma_path(tma_calls, query_keep):
+    """(4, 4, 8) tiles in training: the TMA forward and the TMA backward on 64-slot halves (v26), the
+    output and gradients against the float64 definition, on a grid whose 1-frame border tiles hold at
+    most 32 tokens (their second halves are empty) and whose other borders hold 2 rows or 4 columns."""
+    grid, H, D = (5, 6, 12), 2, 64
+    q, k, v = _inputs(1, H, math.prod(grid), D, torch.float32, 4)
+    kwargs = dict(tile=(4, 4, 8), sparsity=0.5)
+    out = sparse_attention(q, k, v, grid, forward_kernel="tma", query_keep=query_keep, **kwargs)
+    assert len(tma_calls) == 1
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    got = (out, *torch.autograd.grad(out, (q, k, v), grad))
+    selected = si.select_blocks(q, k, grid, sparsity=0.5, tile=(4, 4, 8)).dense_mask()
+    mask = token_mask(selected.cpu(), grid, (4, 4, 8)).to(DEVICE)
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    source = reference_query_keep(q64, grid, (4, 4, 8), query_keep)[1].to(DEVICE)
+    ref = reference_attention_query_keep(q64, k64, v64, mask, source)
+    want = (ref, *torch.autograd.grad(ref, (q64, k64, v64), grad.double()))
+    tol = REL_TOL[torch.float32]
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        assert_close_rel(g, w, tol["out" if name == "out" else "grad"], name)
 
 
 def test_query_keep_runs_the_tma_kernel_and_logs_nothing(tma_calls, caplog):
