@@ -62,4 +62,33 @@ v26b)  # the compiled path at 128-token tiles with gradients, query_keep 0.5, an
   timeout 150 python benchmarks/profile_compiled.py --tile 4 4 8 > "$OUT/6_profile_t128.log" 2>&1
   echo "rc=$?"; grep -v Warn "$OUT/6_profile_t128.log" | tail -n 46
   ;;
+v26c)  # after the 128-row query box default (Q from shared memory): compiled rows again, qk 0.5's profile
+  echo "== 7_bench ($(date +%T))"
+  timeout 200 python benchmarks/bench_attention.py --cases wan1.3b-480p --sparsity 0.875 --no-flex --tile128 \
+    --only dense_sdpa sparse_compiled_t128 --out-dir "$OUT" > "$OUT/7_bench_t128.log" 2>&1
+  echo "rc=$?"; grep -v Warn "$OUT/7_bench_t128.log" | grep -v 'warner(' | grep -v Autotune | tail -n 12
+  echo "== 8_qk ($(date +%T))"
+  timeout 150 python benchmarks/bench_query_keep_compiled.py --tile 4 4 8 --keeps 1 0.5 --paths compiled \
+    > "$OUT/8_qk_t128.log" 2>&1
+  echo "rc=$?"; grep -v Warn "$OUT/8_qk_t128.log" | grep -v warn | tail -n 8
+  echo "== 9_profile_qk ($(date +%T))"
+  timeout 150 python benchmarks/profile_compiled.py --tile 4 4 8 --query-keep 0.5 > "$OUT/9_profile_qk_t128.log" 2>&1
+  echo "rc=$?"; grep -v Warn "$OUT/9_profile_qk_t128.log" | tail -n 46
+  ;;
+v26d)  # 128-token tiles: 720p, the other sparsities, the dividing grid; qk after the sort went (NOTES v26)
+  step 10_v26_tests 100 -n 8 --tb=short -rf tests/test_tma_forward_path.py tests/test_tma_block_sparse_bwd.py \
+    tests/test_box_lists.py -k "128_slot or half_tiles"
+  echo "== 11_qk ($(date +%T))"
+  timeout 100 python benchmarks/bench_query_keep_compiled.py --tile 4 4 8 --keeps 1 0.5 --paths compiled \
+    > "$OUT/11_qk_t128.log" 2>&1
+  echo "rc=$?"; grep -v Warn "$OUT/11_qk_t128.log" | grep -v warn | tail -n 6
+  echo "== 12_host_qk ($(date +%T))"
+  timeout 80 python benchmarks/host_overhead_qk.py --tile 4 4 8 > "$OUT/12_host_qk_t128.log" 2>&1
+  echo "rc=$?"; grep "query_keep" "$OUT/12_host_qk_t128.log" | tail -n 4
+  echo "== 13_bench ($(date +%T))"
+  timeout 250 python benchmarks/bench_attention.py --cases wan1.3b-480p dividing-20x32x52 wan14b-720p \
+    --sparsity 0.875 0.75 0.9375 --no-flex --tile128 --only dense_sdpa sparse_compiled_t128 --out-dir "$OUT" \
+    > "$OUT/13_bench_t128.log" 2>&1
+  echo "rc=$?"; grep -v Warn "$OUT/13_bench_t128.log" | grep -v 'warner(' | grep -v Autotune | grep -v '^{' | tail -n 40
+  ;;
 esac

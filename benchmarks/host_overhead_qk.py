@@ -9,7 +9,7 @@ and one lambda on purpose: in the eighth session every keep after the first was 
 ``query_keep`` as a dynamic float (267 kernels per call, NOTES); since the ninth it is a graph constant
 per value (``_compat.specialize_float``), so later keeps must time like fresh processes.
 
-    PYTHONPATH=$PWD SPARSE_INDUCTOR_FORWARD_KERNEL=tma python benchmarks/host_overhead_qk.py [--keeps 1 0.5]
+    PYTHONPATH=$PWD SPARSE_INDUCTOR_FORWARD_KERNEL=tma python benchmarks/host_overhead_qk.py [--keeps 1 0.5] [--tile 4 4 8]
 """
 import argparse
 import math
@@ -31,6 +31,7 @@ def main():
     parser.add_argument("--keeps", type=float, nargs="+", default=[1.0, 0.5])
     parser.add_argument("--grid", type=int, nargs=3, default=[21, 30, 52])
     parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--tile", type=int, nargs=3, default=[4, 4, 4])
     parser.add_argument("--cprofile", action="store_true", help="also print where the host time of 20 calls goes")
     args = parser.parse_args()
     import triton.testing
@@ -39,12 +40,14 @@ def main():
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(1, H, math.prod(grid), D, device="cuda", dtype=torch.bfloat16, generator=g)
                for _ in range(3))
-    layout = tile_layout(grid, (4, 4, 4), "cuda")
-    print(f"device {torch.cuda.get_device_name()}; torch {torch.__version__}; grid {grid}, H={H}, bf16, TopK(0.875), "
+    tile = tuple(args.tile)
+    layout = tile_layout(grid, tile, "cuda")
+    print(f"device {torch.cuda.get_device_name()}; torch {torch.__version__}; grid {grid}, tile {tile}, H={H}, bf16, "
+          f"TopK(0.875), "
           f"forward kernel {os.environ.get('SPARSE_INDUCTOR_FORWARD_KERNEL', 'auto')}", flush=True)
     for keep in args.keeps:
         fn = torch.compile(lambda q, k, v, keep=keep: sparse_attention(
-            q, k, v, grid, tile=(4, 4, 4), policy=si.TopK(0.875), query_keep=keep, layout=layout), fullgraph=True)
+            q, k, v, grid, tile=tile, policy=si.TopK(0.875), query_keep=keep, layout=layout), fullgraph=True)
 
         def fwd():
             with torch.no_grad():

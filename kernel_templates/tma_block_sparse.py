@@ -30,8 +30,10 @@ the TMA structure and avoids most of that padding:
   registers (wgmma RS) instead of from shared memory for every box (SS): the 16-column MMAs of
   quarter boxes would otherwise be bound by re-reading Q (2 KB of Q per 0.5 KB of K). Costs ~44
   registers (156 -> 200 at D = 128 in the sm_90a SASS, NOTES v16; occupancy is bound by shared
-  memory anyway). The default: on the H200 it is 1.7 % / 4.0 % faster than SS on the dividing and
-  the 480p grid (1.933 vs 1.966 ms, 2.027 vs 2.112 ms; ``bench_attention.py`` times both, NOTES v16).
+  memory anyway). The default for query boxes of up to 64 rows: on the H200 it is 1.7 % / 4.0 % faster
+  than SS on the dividing and the 480p grid (1.933 vs 1.966 ms, 2.027 vs 2.112 ms; ``bench_attention.py``
+  times both, NOTES v16). A 128-row query box in registers spills at 4 warps (2.208 vs 1.819 ms at 480p,
+  NOTES v25), so those read Q from shared memory (:func:`q_in_registers_default`).
 
 Output and LSE (natural log, fp32, ``[B, H, L]``) are written in compact tile-major order
 (``out_order="tile"``) or scattered straight to sequence order (``out_order="sequence"``, the
@@ -340,8 +342,14 @@ def _check(q, k, v, kv_num_blocks, kv_indices, compact, scale, q_layout=None):
                          f"{tuple(kv_num_blocks.shape)} and {tuple(kv_indices.shape)}")
 
 
+def q_in_registers_default(query_rows: int) -> bool:
+    """Whether a forward with ``query_rows``-row query boxes keeps Q in registers by default: up to
+    64 rows (faster, NOTES v16); not 128 (the accumulator and Q spill at 4 warps, NOTES v25 / v26)."""
+    return query_rows <= 64
+
+
 def tma_packed_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, compact: CompactLayout, scale=None, *,
-                                      out_order: str = "tile", boxes=None, out=None, q_in_registers: bool = True,
+                                      out_order: str = "tile", boxes=None, out=None, q_in_registers: bool | None = None,
                                       device_descriptors: bool = False, num_warps: int = 4, num_stages: int = 2,
                                       q_layout: CompactLayout | None = None, step: int | None = None,
                                       query_rows: int | None = None):
@@ -393,6 +401,7 @@ def tma_packed_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, compac
         raise ValueError(f"query_rows must be {allowed} (rows of the query box for {block}-slot tiles: the tile or "
                          f"half of it), got {query_rows}")
     query_rows = query_rows or (min(block, 64) if q_layout is not None else block)
+    q_in_registers = q_in_registers_default(query_rows) if q_in_registers is None else q_in_registers
     starts, rows, ends = (boxes if boxes is not None else
                           kv_boxes_by_class(kv_num_blocks, kv_indices, compact, step=step))
     if starts.shape[-1] != kv_indices.shape[-1] * (block // step):

@@ -102,22 +102,27 @@ def half_tiles(compact: CompactLayout) -> CompactLayout:
 def half_tile_lists(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, kv_counts: torch.Tensor,
                     q_counts: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Query-major lists over :func:`half_tiles`: query halves ``2 i`` and ``2 i + 1`` list the
-    non-empty halves of every tile query tile ``i`` lists, in increasing order, and a query half
-    with no rows (``q_counts[i] <= block // 2`` for ``2 i + 1``) lists nothing. ``kv_num_blocks
-    [B, H, M]``, ``kv_indices [B, H, M, K]`` (any order, entries past a row's length never read);
-    ``kv_counts``, ``q_counts`` int32 ``[M]``: rows per tile of the KV and query layouts. Returns
-    ``[B, H, 2 M]`` and ``[B, H, 2 M, 2 K]`` int32 (entries past a row's length 0). No host sync."""
+    non-empty halves of every tile query tile ``i`` lists (in its list's order, the first half
+    before the second), and a query half with no rows (``q_counts[i] <= block // 2`` for ``2 i + 1``)
+    lists nothing. ``kv_num_blocks [B, H, M]``, ``kv_indices [B, H, M, K]`` (any order, entries past
+    a row's length never read); ``kv_counts``, ``q_counts`` int32 ``[M]``: rows per tile of the KV
+    and query layouts. Returns ``[B, H, 2 M]`` and ``[B, H, 2 M, 2 K]`` int32 (entries past a row's
+    length 0). No host sync, no sort: the empty halves are squeezed out by a search of the running
+    count (a sort of the rows cost 0.056 ms at 480p, NOTES v26)."""
     half = block // 2
-    M, K = kv_indices.shape[-2], kv_indices.shape[-1]
+    K = kv_indices.shape[-1]
     live = torch.arange(K, device=kv_indices.device) < kv_num_blocks[..., None]
     tiles = torch.where(live, kv_indices, 0).long()
     second = live & (kv_counts.long()[tiles] > half)
-    past = 2 * M  # sorts after every half
-    halves = torch.stack([torch.where(live, 2 * tiles, past), torch.where(second, 2 * tiles + 1, past)], -1)
-    halves = torch.sort(halves.flatten(-2), dim=-1).values
-    num = (live.sum(-1) + second.sum(-1)).to(torch.int32)
-    idx = torch.where(halves < past, halves, 0).to(torch.int32)
-    num = torch.stack([num, torch.where(q_counts > half, num, 0)], -1).flatten(-2)
+    valid = torch.stack([live, second], -1).flatten(-2)  # [B, H, M, 2K], entry e's halves at 2e, 2e + 1
+    halves = torch.stack([2 * tiles, 2 * tiles + 1], -1).flatten(-2)
+    running = torch.cumsum(valid.to(torch.int32), -1)
+    num = running[..., -1] if K else torch.zeros_like(kv_num_blocks, dtype=torch.int32)
+    # The s-th valid entry is the first whose running count reaches s + 1.
+    wanted = torch.arange(1, 2 * K + 1, device=kv_indices.device, dtype=torch.int32).expand_as(running).contiguous()
+    source = torch.searchsorted(running.contiguous(), wanted).clamp(max=max(2 * K - 1, 0))
+    idx = torch.where(wanted <= num[..., None], halves.gather(-1, source), 0).to(torch.int32)
+    num = torch.stack([num.to(torch.int32), torch.where(q_counts > half, num, 0).to(torch.int32)], -1).flatten(-2)
     return num.contiguous(), idx.repeat_interleave(2, dim=-2).contiguous()
 
 
