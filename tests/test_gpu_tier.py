@@ -3,7 +3,7 @@ with pytest-xdist's 4 processes, over 290 s in one): fixed shapes over every ker
 in every GPU session, before anything is timed.
 
 Paths covered: forward and backward kernels on partial tiles at D = 64 and 128 in fp16, bf16
-and fp32; the compact TMA forward as the op's path; joint text with a key-padding mask; query_keep (query blocks smaller than KV blocks);
+and fp32; the compact TMA forward as the op's path (128-token tiles included); joint text with a key-padding mask; query_keep (query blocks smaller than KV blocks);
 block-causal masks (selection kernels, per-token masking in kernels and templates);
 the selection kernels (pooling, top-k, the cumulative-mass cut) inside the op; the Inductor
 templates (forward and backward, with and without query_keep); the backend on a small model
@@ -130,6 +130,17 @@ def test_tma_forward_path(dtype, D):
                                 dtype=dtype, B=2, D=D, seed=D)
     check.hypothesis.inner_test(grid=(5, 10, 9), tile=(4, 4, 4), policy=si.CumulativeMass(0.8, min_tiles=1),
                                 dtype=dtype, B=1, D=D, seed=1)
+
+
+def test_tma_path_at_128_token_tiles():
+    """(4, 4, 8) tiles on the TMA path with gradients: the forward in 64-row steps (v25), the backward
+    on 64-slot halves (v26), query_keep 1 and 0.5, on 1-frame (empty second half), 2-row and 4-column
+    border tiles."""
+    from test_tma_forward_path import counting_tma_calls, test_128_slot_tiles_with_gradients_take_the_tma_path
+
+    for query_keep in (1.0, 0.5):
+        with counting_tma_calls() as calls:
+            test_128_slot_tiles_with_gradients_take_the_tma_path(calls, query_keep)
 
 
 def test_backend_policies_on_cuda():
