@@ -77,6 +77,11 @@ side on the full compact one; dQ runs unchanged on the kept tiles, the dK/dV ker
 boxes over kept rows (``LQ``, their row stride, a separate argument whose default ``None`` leaves
 the default path's sm_90a SASS byte-identical).
 
+128-slot tiles (v26): the wrapper runs each as two 64-slot tiles (``split_tiles``,
+:func:`sparse_inductor.compact_layout.half_tiles` and ``half_tile_lists``): the same pairs of rows, so
+the same gradients, at the 64-row programs' register budget (the kernels' own 128-row programs are
+correct but 2.7-4.5x slower on the H200, NOTES v26).
+
 Out of scope (as in the forward): text blocks (joint attention), key padding,
 block-causal masks, full rows stored without entries, device-side descriptors, second-order
 gradients. Inputs are assumed finite: a non-finite value in a masked row of a box (another tile's)
