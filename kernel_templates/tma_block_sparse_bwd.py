@@ -515,6 +515,9 @@ def tma_packed_block_sparse_attention_backward(grad_out, q, k, v, out, lse, kv_n
     _check_backward(grad_out, q, q if out is None else out, lse, grad_lse)
     if compact.block > 128:
         raise ValueError(f"tiles of at most 128 slots, got {compact.block}")
+    if split_tiles and compact.block // 2 < MIN_BOX:
+        raise ValueError(f"split_tiles takes tiles of at least {2 * MIN_BOX} slots (halves of at least {MIN_BOX} rows, "
+                         f"tl.dot's minimum), got {compact.block}")
     if compact.block > 64 if split_tiles is None else split_tiles:
         if boxes is not None or q_boxes is not None:
             raise ValueError(f"boxes and q_boxes must be None for {compact.block}-slot tiles (they are made for "

@@ -112,11 +112,12 @@ def half_tile_lists(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, kv_co
     half = block // 2
     K = kv_indices.shape[-1]
     live = torch.arange(K, device=kv_indices.device) < kv_num_blocks[..., None]
-    tiles = torch.where(live, kv_indices, 0).long()
-    second = live & (kv_counts.long()[tiles] > half)
+    # int32 throughout: at 720p (H = 40) these [B, H, M, 2K] tables are the backward's largest temporaries.
+    tiles = torch.where(live, kv_indices, 0).to(torch.int32)
+    second = live & (kv_counts[tiles] > half)
     valid = torch.stack([live, second], -1).flatten(-2)  # [B, H, M, 2K], entry e's halves at 2e, 2e + 1
     halves = torch.stack([2 * tiles, 2 * tiles + 1], -1).flatten(-2)
-    running = torch.cumsum(valid.to(torch.int32), -1)
+    running = torch.cumsum(valid, -1, dtype=torch.int32)
     num = running[..., -1] if K else torch.zeros_like(kv_num_blocks, dtype=torch.int32)
     # The s-th valid entry is the first whose running count reaches s + 1.
     wanted = torch.arange(1, 2 * K + 1, device=kv_indices.device, dtype=torch.int32).expand_as(running).contiguous()

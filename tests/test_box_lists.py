@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from helpers import HAS_TRITON, KERNEL_DEVICE
 from sparse_inductor.compact_layout import compact_layout, kv_boxes_by_class
 from sparse_inductor.layout import tile_layout
+from sparse_inductor.ops import transpose_block_lists
 from test_tma_block_sparse import grid_for
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
@@ -183,7 +184,9 @@ def test_half_tiles_stand_for_the_same_pairs(data, B, H, kept_half, seed):
                           tile_offsets=(torch.cumsum(counts, 0) - counts).to(torch.int32), positions=None, rows=None)
     g = torch.Generator().manual_seed(seed)
     M = kv.num_tiles
-    num, idx = make_lists((B, H, M), M, max(1, M // 2), "shuffled", g)
+    # Half the width, or the full width (row 0 then lists every tile: on a grid of full tiles the half
+    # row lists all 2M halves, which transpose_block_lists reads as a full row, the same pairs).
+    num, idx = make_lists((B, H, M), M, data.draw(st.sampled_from([max(1, M // 2), M]), label="K"), "shuffled", g)
     num = num.clamp(max=idx.shape[-1])
     half_q, half_kv = half_tiles(q), half_tiles(kv)
     hnum, hidx = half_tile_lists(num, idx, kv.counts, q.counts, 128)
@@ -201,4 +204,25 @@ def test_half_tiles_stand_for_the_same_pairs(data, B, H, kept_half, seed):
         want = [x for j in idx[b, h, i, : int(num[b, h, i])].tolist() for x in (2 * j, 2 * j + 1)
                 if half_kv.counts[x] > 0]
         assert hidx[b, h, 2 * i, : int(hnum[b, h, 2 * i])].tolist() == want
-    assert torch.equal(compact_pairs(hnum, hidx, half_q, half_kv), compact_pairs(num, idx, q, kv))
+    pairs = compact_pairs(num, idx, q, kv)
+    assert torch.equal(compact_pairs(hnum, hidx, half_q, half_kv), pairs)
+    # The backward's kv-major transpose of the half lists holds the same pairs.
+    tnum, tidx = transpose_block_lists(hnum, hidx, 2 * M)
+    assert torch.equal(compact_pairs(tnum, tidx, half_kv, half_q).transpose(-1, -2), pairs)
+
+
+def test_half_lists_of_a_row_listing_every_tile():
+    """Grid (4, 8, 16) at (4, 4, 8): four full tiles; a row listing all of them lists all eight halves
+    (num == 2M with its entries stored), which the transpose reads as a full row: every KV half lists
+    both query halves of that tile."""
+    from sparse_inductor.compact_layout import half_tile_lists, half_tiles
+
+    kv = compact_layout(tile_layout((4, 8, 16), (4, 4, 8)))
+    num = torch.tensor([[[4, 1, 0, 2]]], dtype=torch.int32)
+    idx = torch.tensor([[[[3, 1, 0, 2], [2, -1, -1, -1], [-1, -1, -1, -1], [0, 3, -1, -1]]]], dtype=torch.int32)
+    hnum, hidx = half_tile_lists(num, idx, kv.counts, kv.counts, 128)
+    assert hnum.tolist() == [[[8, 8, 2, 2, 0, 0, 4, 4]]]
+    assert hidx[0, 0, 0].tolist() == [6, 7, 2, 3, 0, 1, 4, 5]
+    tnum, tidx = transpose_block_lists(hnum, hidx, 8)
+    half = half_tiles(kv)
+    assert torch.equal(compact_pairs(tnum, tidx, half, half).transpose(-1, -2), compact_pairs(num, idx, kv, kv))

@@ -138,9 +138,9 @@ def test_tma_path_at_128_token_tiles():
     border tiles."""
     from test_tma_forward_path import counting_tma_calls, test_128_slot_tiles_with_gradients_take_the_tma_path
 
-    for query_keep in (1.0, 0.5):
+    for query_keep, grid in ((1.0, (5, 6, 12)), (0.5, (5, 6, 12)), (0.75, (5, 8, 16))):
         with counting_tma_calls() as calls:
-            test_128_slot_tiles_with_gradients_take_the_tma_path(calls, query_keep)
+            test_128_slot_tiles_with_gradients_take_the_tma_path(calls, query_keep, grid)
 
 
 def test_backend_policies_on_cuda():

@@ -290,3 +290,29 @@ def test_q_stays_in_registers_by_default_for_query_boxes_of_up_to_64_rows():
     from kernel_templates.tma_block_sparse import q_in_registers_default
 
     assert [q_in_registers_default(r) for r in (16, 32, 64, 128)] == [True, True, True, False]
+
+
+@pytest.mark.parametrize("tile, query_rows, expected", [((4, 4, 4), None, True), ((4, 4, 8), None, False),
+                                                        ((4, 4, 8), 64, True)])
+def test_the_wrapper_launches_with_that_default(monkeypatch, tile, query_rows, expected):
+    """What the forward wrapper hands the kernel when ``q_in_registers`` is not given (the compiled path
+    does not give it): the launch is intercepted, its ``Q_IN_REGISTERS`` and ``BLOCK_M`` read."""
+    import kernel_templates.tma_block_sparse as module
+    from sparse_inductor.compact_layout import compact_layout
+
+    launched = {}
+
+    class Intercepted:
+        def __getitem__(self, grid):
+            return lambda *args, **meta: launched.update(meta)
+
+    monkeypatch.setattr(module, "_tma_packed_fwd", Intercepted())
+    grid = (4, 4, 8)
+    compact = compact_layout(tile_layout(grid, tile, KERNEL_DEVICE))
+    x = torch.zeros(1, 1, math.prod(grid), 64, device=KERNEL_DEVICE)
+    M = compact.num_tiles
+    num = torch.ones(1, 1, M, dtype=torch.int32, device=KERNEL_DEVICE)
+    idx = torch.zeros(1, 1, M, 1, dtype=torch.int32, device=KERNEL_DEVICE)
+    module.tma_packed_block_sparse_attention(x, x, x, num, idx, compact, query_rows=query_rows)
+    assert launched["Q_IN_REGISTERS"] is expected
+    assert launched["BLOCK_M"] == (query_rows or compact.block)

@@ -316,6 +316,10 @@ def test_backward_bad_inputs():
     # 128-slot tiles are split into 64-slot halves inside: box lists of the whole tiles do not apply.
     compact128 = compact_layout(tile_layout((4, 4, 8), (4, 4, 8)))
     x128, lse128 = torch.zeros(1, 1, 128, 64), torch.zeros(1, 1, 128)
+    with pytest.raises(ValueError, match="split_tiles takes tiles of at least 32 slots"):
+        tma_packed_block_sparse_attention_backward(x[..., :16, :], x[..., :16, :], x[..., :16, :], x[..., :16, :],
+                                                   x[..., :16, :], lse[..., :16], *lists,
+                                                   compact_layout(tile_layout((1, 4, 4), (1, 4, 4))), split_tiles=True)
     with pytest.raises(ValueError, match="boxes and q_boxes must be None for 128-slot tiles"):
         tma_packed_block_sparse_attention_backward(x128, x128, x128, x128, x128, lse128, *lists, compact128,
                                                    boxes=(lists[1], lists[1], lists[1]))

@@ -141,12 +141,14 @@ def test_128_slot_tiles_without_gradients_take_the_tma_path(tma_calls, query_kee
     assert_close_rel(out, want, REL_TOL[torch.bfloat16]["out"], "out")
 
 
-@pytest.mark.parametrize("query_keep", [1.0, 0.5])
-def test_128_slot_tiles_with_gradients_take_the_tma_path(tma_calls, query_keep):
+@pytest.mark.parametrize("query_keep", [1.0, 0.5, 0.75])
+@pytest.mark.parametrize("grid", [(5, 6, 12), (5, 8, 16)])
+def test_128_slot_tiles_with_gradients_take_the_tma_path(tma_calls, query_keep, grid):
     """(4, 4, 8) tiles in training: the TMA forward and the TMA backward on 64-slot halves (v26), the
-    output and gradients against the float64 definition, on a grid whose 1-frame border tiles hold at
-    most 32 tokens (their second halves are empty) and whose other borders hold 2 rows or 4 columns."""
-    grid, H, D = (5, 6, 12), 2, 64
+    output and gradients against the float64 definition. Grids: 1-frame border tiles of at most 32
+    tokens (empty second halves) with 2-row and 4-column borders (5, 6, 12), or beside four full
+    tiles (5, 8, 16); query_keep 0.75 keeps 96 rows of a full tile (a partial second query half)."""
+    H, D = 2, 64
     q, k, v = _inputs(1, H, math.prod(grid), D, torch.float32, 4)
     kwargs = dict(tile=(4, 4, 8), sparsity=0.5)
     out = sparse_attention(q, k, v, grid, forward_kernel="tma", query_keep=query_keep, **kwargs)
