@@ -122,8 +122,8 @@ def half_tile_lists(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, kv_co
     # The s-th valid entry is the first whose running count reaches s + 1.
     wanted = torch.arange(1, 2 * K + 1, device=kv_indices.device, dtype=torch.int32).expand_as(running).contiguous()
     source = torch.searchsorted(running.contiguous(), wanted).clamp(max=max(2 * K - 1, 0))
-    idx = torch.where(wanted <= num[..., None], halves.gather(-1, source), 0).to(torch.int32)
-    num = torch.stack([num.to(torch.int32), torch.where(q_counts > half, num, 0).to(torch.int32)], -1).flatten(-2)
+    idx = torch.where(wanted <= num[..., None], halves.gather(-1, source), 0)
+    num = torch.stack([num, torch.where(q_counts > half, num, 0)], -1).flatten(-2)
     return num.contiguous(), idx.repeat_interleave(2, dim=-2).contiguous()
 
 

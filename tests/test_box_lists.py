@@ -196,6 +196,7 @@ def test_half_tiles_stand_for_the_same_pairs(data, B, H, kept_half, seed):
         assert torch.equal(half.tile_offsets, (torch.cumsum(half.counts, 0) - half.counts).to(torch.int32))
         assert half.counts.dtype == half.tile_offsets.dtype == torch.int32
     assert hnum.shape == (B, H, 2 * M) and hidx.shape == (B, H, 2 * M, 2 * idx.shape[-1])
+    assert hnum.dtype == hidx.dtype == torch.int32  # the kernels' tables
     live = torch.arange(hidx.shape[-1]) < hnum[..., None]
     assert (half_kv.counts[hidx.long()][live] > 0).all(), "a live entry names an empty half"
     assert (hnum[..., half_q.counts == 0] == 0).all(), "an empty query half lists something"
