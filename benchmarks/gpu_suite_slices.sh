@@ -5,6 +5,12 @@ set -u
 export PYTHONPATH=$PWD
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 python -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" > "$OUT/versions.txt" 2>&1
+wheels() {  # pure-Python / cp312 wheels carried in .whl (diffusers, fastvideo-kernel): device README
+  [ -d .whl ] || return 0
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    > "$OUT/wheels.log" 2>&1 && export PYTHONPATH=/tmp/site:$PWD
+  echo "wheels: rc=$? $(ls .whl | tr '\n' ' ')"
+}
 step() {  # step NAME SECONDS pytest-args...
   local name=$1 secs=$2; shift 2
   echo "== $name ($(date +%T))"
@@ -90,5 +96,24 @@ v26d)  # 128-token tiles: 720p, the other sparsities, the dividing grid; qk afte
     --sparsity 0.875 0.75 0.9375 --no-flex --tile128 --only dense_sdpa sparse_compiled_t128 --out-dir "$OUT" \
     > "$OUT/13_bench_t128.log" 2>&1
   echo "rc=$?"; grep -v Warn "$OUT/13_bench_t128.log" | grep -v 'warner(' | grep -v Autotune | grep -v '^{' | tail -n 40
+  ;;
+v27)  # tier; FastVideo's Triton kernel (its wheel carried in .whl) against ours on both 480p grids
+  wheels
+  step 1_tier 240 -m tier -n 4 tests/test_gpu_tier.py tests/test_tma_query_keep.py
+  echo "== 2_bench_fastvideo ($(date +%T))"
+  timeout 290 python benchmarks/bench_attention.py --cases wan1.3b-480p dividing-20x32x52 --sparsity 0.875 --no-flex \
+    --tile128 --only dense_sdpa sparse_compiled tma_packed_kernel tma_t128 fastvideo selection --out-dir "$OUT" \
+    > "$OUT/2_bench_fastvideo.log" 2>&1
+  echo "rc=$?"; grep -v Warn "$OUT/2_bench_fastvideo.log" | grep -v 'warner(' | grep -v Autotune | grep -v '^{' | tail -n 40
+  ;;
+v27b)  # the Wan-1.3B step at 128-token tiles (diffusers carried); FastVideo at 720p
+  wheels
+  echo "== 3_wan_t128 ($(date +%T))"
+  timeout 330 python examples/wan_t2v.py --steps 2 --warmup 0 --tile 4 4 8 > "$OUT/3_wan_t128.log" 2>&1
+  echo "rc=$?"; grep -v Warn "$OUT/3_wan_t128.log" | grep -v 'warner(' | tail -n 14
+  echo "== 4_bench_fastvideo_720p ($(date +%T))"
+  timeout 200 python benchmarks/bench_attention.py --cases wan14b-720p --sparsity 0.875 --no-flex --tile128 \
+    --only dense_sdpa sparse_compiled tma_packed_kernel fastvideo --out-dir "$OUT" > "$OUT/4_bench_fastvideo_720p.log" 2>&1
+  echo "rc=$?"; grep -v Warn "$OUT/4_bench_fastvideo_720p.log" | grep -v 'warner(' | grep -v Autotune | grep -v '^{' | tail -n 30
   ;;
 esac

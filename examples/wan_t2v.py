@@ -7,6 +7,7 @@ with a dense warm-up (the first steps dense through the context manager).
     python examples/wan_t2v.py                    # GPU: Wan-1.3B architecture, 480p, 81 frames
     python examples/wan_t2v.py --tiny             # CPU: a tiny Wan configuration
     python examples/wan_t2v.py --checkpoint DIR   # local diffusers checkpoint (nothing is downloaded)
+    python examples/wan_t2v.py --tile 4 4 8       # 128-token tiles
 
 Without a checkpoint the weights are random (attention close to uniform, the hardest case for any
 selection): the error printed is not the quality on the trained model.
@@ -51,13 +52,13 @@ def build(args, device, dtype):
     return model.to(device, dtype).eval()
 
 
-def sample(model, latents, text, steps, warmup, sparsity):
+def sample(model, latents, text, steps, warmup, sparsity, tile=(4, 4, 4)):
     """A flow-matching Euler loop; the first ``warmup`` steps run dense (sparsity 0)."""
     x = latents
     for i in range(steps):
         t = 1.0 - i / steps
         level = 0.0 if i < warmup else sparsity
-        with sparse_inductor.sparsity(level, min_tokens=0):
+        with sparse_inductor.sparsity(level, min_tokens=0, tile=tile):
             start = time.perf_counter()
             velocity = model(x, timestep=torch.full((x.shape[0],), t * 1000, device=x.device), encoder_hidden_states=text,
                              return_dict=False)[0]
@@ -75,6 +76,8 @@ def main():
     parser.add_argument("--sparsity", type=float, default=0.875)
     parser.add_argument("--steps", type=int, default=4, help="steps of the sampling loop")
     parser.add_argument("--warmup", type=int, default=1, help="dense steps at the start of the loop")
+    parser.add_argument("--tile", type=int, nargs=3, default=(4, 4, 4), metavar=("T", "H", "W"),
+                        help="tile shape; 4 4 8 gives 128-token tiles (faster kernels on Hopper, RESULTS.md)")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -87,10 +90,11 @@ def main():
     print(f"Wan transformer: {cfg.num_layers} layers, {cfg.num_attention_heads} heads x {cfg.attention_head_dim}, "
           f"latent {list(latents.shape)}, {dtype}, {device}")
 
-    sparse_model = compare(model, (latents,), step, device, args.sparsity)
+    tile = tuple(args.tile)
+    sparse_model = compare(model, (latents,), step, device, args.sparsity, tile)
     with torch.no_grad():
         print(f"sampling {args.steps} steps, the first {args.warmup} dense:")
-        sample(sparse_model, latents, text, args.steps, args.warmup, args.sparsity)
+        sample(sparse_model, latents, text, args.steps, args.warmup, args.sparsity, tile)
 
 
 if __name__ == "__main__":
