@@ -226,11 +226,11 @@ def tile128_rows(q, k, v, grad, grid, sparsity, B, H, scale, only=None) -> list:
             ("sparse_kernel_t128", kernel, (q, k, v), grad, flops)]
     if only and not any(p.startswith("tma_t128") or "tma_t128".startswith(p) for p in only):
         return rows  # its setup compiles and runs every variant
-    tma_rows = tma_t128_setup(layout, selection, q, k, v, kernel)
+    tma_rows = tma_t128_setup(layout, selection, q, k, v, kernel, only)
     return rows + [(impl, fn, inputs, None, flops * share) for impl, fn, inputs, share in tma_rows]
 
 
-def tma_t128_setup(layout, selection, q, k, v, sparse_kernel) -> list:
+def tma_t128_setup(layout, selection, q, k, v, sparse_kernel, only=None) -> list:
     """The compact TMA forward kernel on (4, 4, 8) tiles, forward only, kernel only; a variant that
     fails to build says why.
 
@@ -239,7 +239,11 @@ def tma_t128_setup(layout, selection, q, k, v, sparse_kernel) -> list:
       issue 22's 6.9x ceiling probe), Q in shared memory or registers;
     - ``tma_t128_qk05_m64_w{4,8}[_qreg]``: query_keep 0.5's kept rows (64 of a full tile) in 64-row
       query boxes over the same 64-row steps (issue 15: the forward of qk 0.5 against ``tma_t128_s64``);
-      the gather of the kept rows is not timed, its FLOPs are the kept rows' share."""
+      the gather of the kept rows is not timed, its FLOPs are the kept rows' share;
+    - ``tma_t128_s64_w4_s{3,4}``: ``tma_t128_s64_w4`` (the compiled path's configuration) with 3 or 4
+      pipeline stages instead of 2.
+
+    Variants whose names no ``--only`` prefix selects are not built."""
     from sparse_inductor.compact_layout import compact_layout, from_compact, kv_boxes_by_class, to_compact
     from sparse_inductor.query_keep import kept_layout
     import kernel_templates.tma_block_sparse as tma_block_sparse
@@ -256,17 +260,22 @@ def tma_t128_setup(layout, selection, q, k, v, sparse_kernel) -> list:
     kept_inputs = (q.gather(2, kept_rows).contiguous(),) + inputs[1:]
     ref_kept = ref.gather(2, kept_rows)
     rows = []
-    variants = ([("tma_t128_w8", 128, 128, 8)]
-                + [(f"tma_t128_s64_w{w}", 64, 128, w) for w in (4, 8)]
-                + [(f"tma_t128_qk05_m64_w{w}", 64, 64, w) for w in (4, 8)])
-    for base, step, query_rows, warps in variants:
+    variants = ([("tma_t128_w8", 128, 128, 8, 2, (False, True))]
+                + [(f"tma_t128_s64_w{w}", 64, 128, w, 2, (False, True)) for w in (4, 8)]
+                + [(f"tma_t128_s64_w4_s{s}", 64, 128, 4, s, (False,)) for s in (3, 4)]
+                + [(f"tma_t128_qk05_m64_w{w}", 64, 64, w, 2, (False, True)) for w in (4, 8)])
+    for base, step, query_rows, warps, stages, qregs in variants:
         kept = "qk05" in base
-        for qreg in (False, True):
-            def fn(q, k, v, step=step, query_rows=query_rows, warps=warps, qreg=qreg, kept=kept):
+        for qreg in qregs:
+            name = base + ("_qreg" if qreg else "")
+            if only and not name.startswith(tuple(only)):
+                continue
+
+            def fn(q, k, v, step=step, query_rows=query_rows, warps=warps, qreg=qreg, kept=kept, stages=stages):
                 return tma_block_sparse.tma_packed_block_sparse_attention(
                     q, k, v, num, idx, compact, boxes=boxes64 if step == 64 else boxes, q_in_registers=qreg,
-                    num_warps=warps, step=step, query_rows=query_rows, q_layout=kl.compact if kept else None)[0]
-            name = base + ("_qreg" if qreg else "")
+                    num_warps=warps, num_stages=stages, step=step, query_rows=query_rows,
+                    q_layout=kl.compact if kept else None)[0]
             try:
                 with torch.no_grad():
                     got = fn(*(kept_inputs if kept else inputs)).float()
@@ -352,6 +361,13 @@ def run_case(name, H, grid, sparsity, records, meta, with_flex=True, with_dense=
     fastvideo = fastvideo_setup(layout, selection)
     if fastvideo is not None:
         tq_c, tk_c, tv_c, tg_c = (x.contiguous() for x in (tq, tk, tv, tgrad))
+        try:  # same selection, same attention: their output against our eager kernel's
+            with torch.no_grad():
+                got, want = from_tiles(fastvideo(tq_c, tk_c, tv_c), layout).float(), sparse_kernel(q, k, v).float()
+            print(f"fastvideo_triton vs sparse_kernel: relative L2 {((got - want).norm() / want.norm()).item():.2e}",
+                  flush=True)
+        except Exception as e:  # report, never hide
+            print(f"fastvideo_triton check failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}")
         impls.append(("fastvideo_triton", fastvideo, (tq_c, tk_c, tv_c), tg_c, sparse_flops))
 
         def fastvideo_pipeline(q, k, v):

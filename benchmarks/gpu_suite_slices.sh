@@ -116,4 +116,21 @@ v27b)  # the Wan-1.3B step at 128-token tiles (diffusers carried); FastVideo at 
     --only dense_sdpa sparse_compiled tma_packed_kernel fastvideo --out-dir "$OUT" > "$OUT/4_bench_fastvideo_720p.log" 2>&1
   echo "rc=$?"; grep -v Warn "$OUT/4_bench_fastvideo_720p.log" | grep -v 'warner(' | grep -v Autotune | grep -v '^{' | tail -n 30
   ;;
+v27c)  # the 128-token forward's pipeline depth (stages 2 / 3 / 4); where the compiled path's host time goes
+  echo "== 5_bench_stages ($(date +%T))"
+  timeout 200 python benchmarks/bench_attention.py --cases wan1.3b-480p --sparsity 0.875 --no-flex --tile128 \
+    --only dense_sdpa sparse_compiled_t128 tma_t128_s64_w4 --out-dir "$OUT" > "$OUT/5_bench_stages.log" 2>&1
+  echo "rc=$?"; grep -v Warn "$OUT/5_bench_stages.log" | grep -v 'warner(' | grep -v Autotune | grep -v '^{' | tail -n 16
+  echo "== 6_host_cprofile ($(date +%T))"
+  timeout 150 python benchmarks/host_overhead_qk.py --tile 4 4 8 --cprofile > "$OUT/6_host_cprofile.log" 2>&1
+  echo "rc=$?"; grep "compiled fwd" "$OUT/6_host_cprofile.log"
+  ;;
+v27d)  # FastVideo's kernel against ours at 0.75 and 0.9375 on both 480p grids
+  wheels
+  echo "== 7_bench_fastvideo_sparsities ($(date +%T))"
+  timeout 420 python benchmarks/bench_attention.py --cases wan1.3b-480p dividing-20x32x52 --sparsity 0.75 0.9375 \
+    --no-flex --only dense_sdpa sparse_compiled tma_packed_kernel_qreg fastvideo_triton --out-dir "$OUT" \
+    > "$OUT/7_bench_fastvideo_sparsities.log" 2>&1
+  echo "rc=$?"; grep -v Warn "$OUT/7_bench_fastvideo_sparsities.log" | grep -v 'warner(' | grep -v Autotune | grep '^\[\|relative L2' | tail -n 50
+  ;;
 esac

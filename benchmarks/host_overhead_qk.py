@@ -80,6 +80,8 @@ def main():
             torch.cuda.synchronize()
             print(f"query_keep {keep}: host time of 20 calls by function (tottime)", flush=True)
             pstats.Stats(profile).sort_stats("tottime").print_stats(25)
+            print(f"query_keep {keep}: the same by cumulative time", flush=True)
+            pstats.Stats(profile).sort_stats("cumulative").print_stats(40)
         print(f"query_keep {keep:<4} compiled fwd: do_bench {wall:.3f} ms, cudagraph {graph:.3f} ms, host enqueue "
               f"{statistics.median(host):.3f} ms per call", flush=True)
 

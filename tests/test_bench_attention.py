@@ -107,10 +107,14 @@ def test_tile128_rows_compute_the_selections_attention(bench, capsys):
     rows = bench.tma_t128_setup(tile_layout(grid, tile), selection, q, k, v, sparse_kernel)
     out = capsys.readouterr().out
     names = [name for name, _, _, _ in rows]
-    assert names == [f"{base}{qreg}" for base in ("tma_t128_w8", "tma_t128_s64_w4", "tma_t128_s64_w8",
-                                                  "tma_t128_qk05_m64_w4", "tma_t128_qk05_m64_w8")
-                     for qreg in ("", "_qreg")], out
+    with_qreg = [f"{base}{qreg}" for base in ("tma_t128_w8", "tma_t128_s64_w4", "tma_t128_s64_w8")
+                 for qreg in ("", "_qreg")]
+    kept = [f"{base}{qreg}" for base in ("tma_t128_qk05_m64_w4", "tma_t128_qk05_m64_w8") for qreg in ("", "_qreg")]
+    assert names == with_qreg + ["tma_t128_s64_w4_s3", "tma_t128_s64_w4_s4"] + kept, out
     errors = [float(line.rsplit(" ", 1)[1]) for line in out.splitlines() if "relative L2" in line]
-    assert len(errors) == 10 and max(errors) < 1e-4, out
+    assert len(errors) == 12 and max(errors) < 1e-4, out
     shares = {name: share for name, _, _, share in rows}
     assert shares["tma_t128_s64_w4"] == 1.0 and 0.5 <= shares["tma_t128_qk05_m64_w4"] < 0.6
+    # --only builds just the variants it names (each build compiles a kernel on the GPU).
+    only = bench.tma_t128_setup(tile_layout(grid, tile), selection, q, k, v, sparse_kernel, only=["tma_t128_s64_w4_s"])
+    assert [name for name, _, _, _ in only] == ["tma_t128_s64_w4_s3", "tma_t128_s64_w4_s4"]
