@@ -43,10 +43,11 @@ def compare(model, args: tuple, kwargs: dict, device: str, sparsity: float, tile
     """Print explain(), compile time, peak memory, output error and step time of the model
     compiled with our backend (``tile``: the tile shape) against ``backend="inductor"``.
     Returns the sparse compiled model."""
+    tile = tuple(tile)
     sparse_model = torch.compile(model, backend="sparse_inductor")
     dense_model = torch.compile(model, backend="inductor")
     # min_tokens=0 so that tiny models are rewritten too (real sizes pass the default anyway).
-    with torch.no_grad(), sparse_inductor.sparsity(sparsity, min_tokens=0, tile=tuple(tile)):
+    with torch.no_grad(), sparse_inductor.sparsity(sparsity, min_tokens=0, tile=tile):
         print(sparse_inductor.explain(model, *args, **kwargs))
         sparse_s, sparse_peak = first_call(lambda: sparse_model(*args, **kwargs), device)
         dense_s, dense_peak = first_call(lambda: dense_model(*args, **kwargs), device)
@@ -60,7 +61,7 @@ def compare(model, args: tuple, kwargs: dict, device: str, sparsity: float, tile
     if device == "cuda":
         print(f"peak memory of a step: inductor {dense_peak / 2**30:.2f} GiB, "
               f"sparse_inductor {sparse_peak / 2**30:.2f} GiB")
-    print(f"output relative L2 vs dense at sparsity {sparsity}, tile {tuple(tile)}: {rel:.3e}")
+    print(f"output relative L2 vs dense at sparsity {sparsity}, tile {tile}: {rel:.3e}")
     print(f"denoising step: inductor {dense_ms:.1f} ms, sparse_inductor {sparse_ms:.1f} ms, "
           f"speedup {dense_ms / sparse_ms:.2f}x")
     return sparse_model

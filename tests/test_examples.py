@@ -34,8 +34,10 @@ def run_example(*argv) -> str:
 @pytest.mark.skipif(not conftest.BACKEND_INSTALLED, reason="package not pip-installed (the example names the backend)")
 def test_wan_t2v_tiny_runs():
     pytest.importorskip("diffusers")
-    out = run_example("wan_t2v.py", "--tiny", "--steps", "3")
+    # 128-token tiles (joint_attention's test runs the default tile through the same compare()).
+    out = run_example("wan_t2v.py", "--tiny", "--steps", "3", "--tile", "4", "4", "8")
     assert "4 attention site(s): 2 sparse, 2 dense" in out and "(5, 8, 8)" in out
+    assert "at sparsity 0.875, tile (4, 4, 8):" in out, out
     assert "denoising step: inductor" in out and "speedup" in out
     # The dense warm-up: step 0 at sparsity 0, the rest at 0.875.
     assert "step 0: sparsity 0.0 " in out and "step 2: sparsity 0.875" in out
