@@ -212,6 +212,23 @@ def kernel_for(layout, selection, B, H, scale):
     return kernel
 
 
+def unfused_pool(fn):
+    """``fn`` compiled and called with ``attention.POOL_IN_PERMUTATION = False``: v28's A/B, the
+    separate Q/K permutation and pool passes (the graph is traced and run under that value)."""
+    from sparse_inductor import attention
+
+    compiled = torch.compile(fn, fullgraph=True)
+
+    def run(*args):
+        attention.POOL_IN_PERMUTATION = False
+        try:
+            return compiled(*args)
+        finally:
+            attention.POOL_IN_PERMUTATION = True
+
+    return run
+
+
 def tile128_rows(q, k, v, grad, grid, sparsity, B, H, scale, only=None) -> list:
     """``sparse_compiled_t128`` / ``sparse_kernel_t128``: our path with (4, 4, 8) tiles of 128 tokens
     (KV blocks and query blocks of 128 rows) at the same sparsity, FLOPs from its own lists."""
@@ -223,6 +240,8 @@ def tile128_rows(q, k, v, grad, grid, sparsity, B, H, scale, only=None) -> list:
         lambda q, k, v: sparse_attention(q, k, v, grid, sparsity=sparsity, tile=tile, layout=layout), fullgraph=True)
     kernel = kernel_for(layout, selection, B, H, scale)
     rows = [("sparse_compiled_t128", compiled, (q, k, v), grad, flops),
+            ("sparse_compiled_t128_unfused", unfused_pool(lambda q, k, v: sparse_attention(
+                q, k, v, grid, sparsity=sparsity, tile=tile, layout=layout)), (q, k, v), grad, flops),
             ("sparse_kernel_t128", kernel, (q, k, v), grad, flops)]
     if only and not any(p.startswith("tma_t128") or "tma_t128".startswith(p) for p in only):
         return rows  # its setup compiles and runs every variant
@@ -327,6 +346,8 @@ def run_case(name, H, grid, sparsity, records, meta, with_flex=True, with_dense=
     impls = [("dense_sdpa", dense, (q, k, v), grad, dense_flops)] if with_dense else []
     impls += [("sparse_op", sparse_op, (q, k, v), grad, sparse_flops),
              ("sparse_compiled", sparse_compiled, (q, k, v), grad, sparse_flops),
+             ("sparse_compiled_unfused", unfused_pool(lambda q, k, v: sparse_attention(
+                 q, k, v, grid, sparsity=sparsity, tile=(4, 4, 4), layout=layout)), (q, k, v), grad, sparse_flops),
              ("sparse_compiled_gather", sparse_compiled_gather, (q, k, v), grad, sparse_flops),
              ("sparse_kernel", sparse_kernel, (q, k, v), grad, sparse_flops),
              ("selection", selection_compiled, (q, k), None, None),
@@ -380,8 +401,8 @@ def run_case(name, H, grid, sparsity, records, meta, with_flex=True, with_dense=
 
         impls.append(("fastvideo_pipeline", fastvideo_pipeline, (q, k, v), grad, sparse_flops))
 
-    if only:  # --only: the rows whose names start with one of these
-        impls = [x for x in impls if x[0].startswith(tuple(only))]
+    if only:  # --only: the rows whose names start with one of these ("name=": that row alone)
+        impls = [x for x in impls if any(x[0] == p[:-1] if p.endswith("=") else x[0].startswith(p) for p in only)]
     # Dense is measured once per case (at its first sparsity) and reused for the ratios.
     dense_ms = {r["pass"]: r["ms"] for r in records if r["case"] == name and r["impl"] == "dense_sdpa"}
     for impl, fn, inputs, impl_grad, flops in impls:
@@ -456,7 +477,7 @@ def main():
     parser.add_argument("--tile128", action="store_true",
                         help="also time our path with (4, 4, 8) tiles of 128 tokens (rows *_t128)")
     parser.add_argument("--only", nargs="*", help="time only the rows whose names start with these (e.g. dense_sdpa "
-                        "sparse_kernel tma_)")
+                        "sparse_kernel tma_); a name ending in '=' selects that row alone (sparse_compiled=)")
     parser.add_argument("--merge", action="store_true", help="keep other cases' rows of an existing results.json")
     parser.add_argument("--out-dir", default=os.path.dirname(os.path.abspath(__file__)))
     args = parser.parse_args()

@@ -133,4 +133,24 @@ v27d)  # FastVideo's kernel against ours at 0.75 and 0.9375 on both 480p grids
     > "$OUT/7_bench_fastvideo_sparsities.log" 2>&1
   echo "rc=$?"; grep -v Warn "$OUT/7_bench_fastvideo_sparsities.log" | grep -v 'warner(' | grep -v Autotune | grep '^\[\|relative L2' | tail -n 50
   ;;
+v28)  # tier; the pool fused into the Q/K permutation (NOTES v28) against the separate passes, 480p
+  step 1_tier 250 -m tier -n 4 tests/test_gpu_tier.py tests/test_tma_query_keep.py
+  echo "== 2_bench_v28 ($(date +%T))"
+  timeout 300 python benchmarks/bench_attention.py --cases wan1.3b-480p --sparsity 0.875 --no-flex --tile128 \
+    --only dense_sdpa sparse_compiled= sparse_compiled_unfused sparse_compiled_t128 selection= --out-dir "$OUT" \
+    > "$OUT/2_bench_v28.log" 2>&1
+  echo "rc=$?"; grep -v Warn "$OUT/2_bench_v28.log" | grep -v 'warner(' | grep -v Autotune | grep '^\[' | tail -n 30
+  ;;
+v28b)  # v28: kernels per pass (profile), the dividing grid
+  for t in "4 4 8" "4 4 4"; do
+    echo "== 3_profile_${t// /} ($(date +%T))"
+    timeout 100 python benchmarks/profile_compiled.py --tile $t > "$OUT/3_profile_${t// /}.log" 2>&1
+    echo "rc=$?"; grep -v Warn "$OUT/3_profile_${t// /}.log" | grep -A9 '^===='
+  done
+  echo "== 4_bench_v28_more ($(date +%T))"
+  timeout 330 python benchmarks/bench_attention.py --cases dividing-20x32x52 --sparsity 0.875 --no-flex \
+    --tile128 --only dense_sdpa sparse_compiled= sparse_compiled_unfused sparse_compiled_t128 --out-dir "$OUT" \
+    > "$OUT/4_bench_v28_more.log" 2>&1
+  echo "rc=$?"; grep -v Warn "$OUT/4_bench_v28_more.log" | grep -v 'warner(' | grep -v Autotune | grep '^\[' | tail -n 30
+  ;;
 esac

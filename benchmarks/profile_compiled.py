@@ -7,6 +7,7 @@ attention kernel (issue 22: selection <= 4 % of the compiled forward).
     PYTHONPATH=$PWD python benchmarks/profile_compiled.py --grid 21 45 80 --heads 40
     PYTHONPATH=$PWD python benchmarks/profile_compiled.py --query-keep 0.5      # v23: the kept-layout path
     PYTHONPATH=$PWD python benchmarks/profile_compiled.py --tile 4 4 8          # v25 / v26: 128-token tiles
+    PYTHONPATH=$PWD python benchmarks/profile_compiled.py --unfused             # v28's A/B: pool as its own pass
 """
 import argparse
 import math
@@ -38,7 +39,13 @@ def main():
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--query-keep", type=float, default=1.0)
     parser.add_argument("--tile", type=int, nargs=3, default=(4, 4, 4))
+    parser.add_argument("--unfused", action="store_true",
+                        help="separate Q/K permutation and pool passes (before v28), for the A/B")
     args = parser.parse_args()
+    if args.unfused:
+        from sparse_inductor import attention
+
+        attention.POOL_IN_PERMUTATION = False
     grid, H, D = tuple(args.grid), args.heads, 128
     N = math.prod(grid)
     g = torch.Generator(device="cuda").manual_seed(0)

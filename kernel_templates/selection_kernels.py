@@ -1,5 +1,6 @@
-"""Triton kernels of the coarse stage (DESIGN.md §3.2, §3.7): tile mean-pooling, top-k, the
-cumulative-mass cut and the query ranking of ``query_keep``.
+"""Triton kernels of the coarse stage (DESIGN.md §3.2, §3.7): tile mean-pooling (alone, or fused with
+the compact permutation of the TMA kernels), top-k, the cumulative-mass cut and the query ranking of
+``query_keep``.
 
 Both are memory- or launch-bound; their job is to avoid the several passes the same steps
 take as separate torch ops (gather, mask, reduce, two full sorts).
@@ -39,6 +40,39 @@ def pool_tiles_kernel(
     valid = offs < count
     q = _tile_rows(Q + b * stride_qb + h * stride_qh, rows, valid, stride_qn, offs_d, HEAD_DIM)
     k = _tile_rows(K + b * stride_kb + h * stride_kh, rows, valid, stride_kn, offs_d, HEAD_DIM)
+    out = (bh * NUM_TILES + m) * HEAD_DIM + offs_d
+    tl.store(Q_MEAN + out, tl.sum(q.to(tl.float32), 0) / count, mask=offs_d < HEAD_DIM)
+    tl.store(K_MEAN + out, tl.sum(k.to(tl.float32), 0) / count, mask=offs_d < HEAD_DIM)
+
+
+@triton.jit
+def compact_pool_kernel(
+    Q, K, SLOTS, COUNTS, TILE_OFFSETS, Q_COMPACT, K_COMPACT, Q_MEAN, K_MEAN,
+    H, NUM_TILES, NUM_ROWS, HEAD_DIM,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One tile of one head of Q and K copied into compact tile-major order and mean-pooled, in one
+    read: the rows ``pool_tiles_kernel`` loads are also stored at compact rows
+    ``TILE_OFFSETS[m] + j`` (``j < COUNTS[m]``) of ``Q_COMPACT`` / ``K_COMPACT``, contiguous
+    ``[B, H, NUM_ROWS, HEAD_DIM]``. The means are the same loads reduced the same way as in
+    ``pool_tiles_kernel``, so the selection does not depend on which of the two computed them."""
+    m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    count = tl.load(COUNTS + m)
+    rows = tl.load(SLOTS + m * BLOCK + offs)
+    valid = offs < count
+    q = _tile_rows(Q + b * stride_qb + h * stride_qh, rows, valid, stride_qn, offs_d, HEAD_DIM)
+    k = _tile_rows(K + b * stride_kb + h * stride_kh, rows, valid, stride_kn, offs_d, HEAD_DIM)
+    # int64: B * H * rows * D passes 2^31 at 720p with a batch of 2 or more.
+    dst = ((bh.to(tl.int64) * NUM_ROWS + tl.load(TILE_OFFSETS + m) + offs) * HEAD_DIM)[:, None] + offs_d[None, :]
+    mask = valid[:, None] & (offs_d < HEAD_DIM)[None, :]
+    tl.store(Q_COMPACT + dst, q, mask=mask)
+    tl.store(K_COMPACT + dst, k, mask=mask)
     out = (bh * NUM_TILES + m) * HEAD_DIM + offs_d
     tl.store(Q_MEAN + out, tl.sum(q.to(tl.float32), 0) / count, mask=offs_d < HEAD_DIM)
     tl.store(K_MEAN + out, tl.sum(k.to(tl.float32), 0) / count, mask=offs_d < HEAD_DIM)

@@ -74,6 +74,13 @@ if FORWARD_KERNEL not in FORWARD_KERNELS:
     raise ValueError(f"SPARSE_INDUCTOR_FORWARD_KERNEL must be one of {FORWARD_KERNELS}, got {FORWARD_KERNEL!r}")
 
 
+#: Whether the compact TMA path pools Q and K in the pass that permutes them (``ops.compact_pool``,
+#: benchmarks/NOTES.md v28) when the policy reads the tile means. ``False`` restores the separate
+#: permutation and pool (a graph built under either value keeps it: Dynamo guards on it); for
+#: benchmarks' A/B rows, not a user setting.
+POOL_IN_PERMUTATION = True
+
+
 def tma_forward_unsupported(q: Tensor, k: Tensor, v: Tensor, layout: TileLayout, policy, scale: float,
                             query_keep: float, key_padding_mask, causal_block_size) -> str | None:
     """Why the compact TMA forward (``ops.tma_block_sparse_attn_fwd``, or under ``query_keep < 1``
@@ -141,16 +148,21 @@ def use_tma_forward(q: Tensor, *args, forward_kernel: str | None = None) -> bool
 
 
 def _tma_attention(q: Tensor, k: Tensor, v: Tensor, layout: TileLayout, kv_num_blocks: Tensor,
-                   kv_indices: Tensor, scale: float, query_keep: float = 1.0) -> Tensor:
+                   kv_indices: Tensor, scale: float, query_keep: float = 1.0, qk_compact=None) -> Tensor:
     """The block-sparse op through the compact TMA kernels: Q, K, V permuted into compact
     tile-major order (under ``torch.compile`` a gather that Inductor fuses into the kernel that
     produces them); the output comes back in sequence order (the forward's store scatters it, through
     q's strides); the backward runs in compact order and dQ/dK/dV flow back through the permutation.
-    ``query_keep < 1``: :func:`_tma_query_keep_attention`."""
-    compact = compact_layout(layout)
-    if query_keep < 1.0:
-        return _tma_query_keep_attention(q, k, v, layout, compact, kv_num_blocks, kv_indices, scale, query_keep)
-    q_compact, k_compact, v_compact = (_CompactRows.apply(x, compact.positions, compact.rows) for x in (q, k, v))
+    ``qk_compact``: ``(compact layout, q_compact, k_compact)`` already made by :class:`_CompactPool`
+    (the selection's pooling pass). ``query_keep < 1``: :func:`_tma_query_keep_attention`."""
+    if qk_compact is not None:
+        compact, q_compact, k_compact = qk_compact
+        v_compact = _CompactRows.apply(v, compact.positions, compact.rows)
+    else:
+        compact = compact_layout(layout)
+        if query_keep < 1.0:
+            return _tma_query_keep_attention(q, k, v, layout, compact, kv_num_blocks, kv_indices, scale, query_keep)
+        q_compact, k_compact, v_compact = (_CompactRows.apply(x, compact.positions, compact.rows) for x in (q, k, v))
     out, _ = torch.ops.sparse_inductor.tma_block_sparse_attn_fwd(
         q, q_compact, k_compact, v_compact, layout.slots, compact_slots(compact), compact.counts,
         compact.tile_offsets, compact.positions, kv_num_blocks, kv_indices, scale, ops.KERNEL_VERSION)
@@ -191,6 +203,28 @@ class _CompactRows(torch.autograd.Function):
     def backward(ctx, grad):
         (rows,) = ctx.saved_tensors
         return grad.index_select(2, rows), None, None
+
+
+class _CompactPool(torch.autograd.Function):
+    """``q`` and ``k`` permuted into compact order as :class:`_CompactRows` does, plus their tile
+    means (no gradient: the selection is a discrete choice), from one read
+    (``sparse_inductor::compact_pool``); the gradients go back by the inverse permutation."""
+
+    @staticmethod
+    def forward(q, k, layout, compact):
+        return torch.ops.sparse_inductor.compact_pool(
+            q, k, layout.slots[: layout.num_video_tiles * layout.block_size], compact.counts, compact.tile_offsets,
+            compact.positions)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.mark_non_differentiable(output[2], output[3])
+        ctx.save_for_backward(inputs[3].rows)
+
+    @staticmethod
+    def backward(ctx, grad_q, grad_k, _q_mean, _k_mean):
+        (rows,) = ctx.saved_tensors
+        return grad_q.index_select(2, rows), grad_k.index_select(2, rows), None, None
 
 
 def resolve_policy(policy=None, sparsity=None):
@@ -257,20 +291,29 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, grid, *, tile, sparsity: f
         kv_slots, kv_counts = layout.slots.expand(B, -1), layout.counts.expand(B, -1)
     else:
         kv_slots, kv_counts = _valid_keys_first(layout, key_padding_mask.expand(B, -1, -1, -1))
+    tma = use_tma_forward(q, k, v, layout, policy, scale, query_keep, key_padding_mask, causal_block_size,
+                          forward_kernel=forward_kernel)
+    compact, means = None, None
+    if tma and query_keep >= 1.0 and not policy.static and POOL_IN_PERMUTATION:
+        # The policy reads the tile means: pool Q and K in the pass that permutes them (v28).
+        compact = compact_layout(layout)
+        q_compact, k_compact, q_mean, k_mean = _CompactPool.apply(q, k, layout, compact)
+        means = (q_mean, k_mean)
     with torch.no_grad():
         kv_num_blocks, kv_indices = select_tiles(q.detach(), k.detach(), layout, policy, scale,
-                                                 static_lists=static_lists, causal_block_size=causal_block_size)
+                                                 static_lists=static_lists, causal_block_size=causal_block_size,
+                                                 means=means)
     # is_compiling() first: Dynamo cannot trace the ContextVar read in recording().
     if record_as is None and not torch.compiler.is_compiling() and recording():
         record_as = "eager"
-    if use_tma_forward(q, k, v, layout, policy, scale, query_keep, key_padding_mask, causal_block_size,
-                       forward_kernel=forward_kernel):
+    if tma:
         if record_as is not None:
             q_rows = layout.counts if query_keep >= 1.0 else num_kept(query_keep, layout.counts).to(torch.int32)
             kv_num_blocks = torch.ops.sparse_inductor.record_selection(
                 kv_num_blocks, kv_indices, q_rows.expand(B, H, -1), layout.counts, layout.num_video_tiles,
                 f"{record_as}|{policy.describe()}")
-        return _tma_attention(q, k, v, layout, kv_num_blocks, kv_indices, scale, query_keep)
+        qk_compact = None if compact is None else (compact, q_compact, k_compact)
+        return _tma_attention(q, k, v, layout, kv_num_blocks, kv_indices, scale, query_keep, qk_compact)
     keep = None
     if query_keep < 1.0 and not _no_rows(B, H):
         keep = select_queries(q, layout, query_keep)

@@ -701,6 +701,36 @@ def _(q, k, slots, counts):
     return mean, torch.empty_like(mean)
 
 
+@torch.library.custom_op("sparse_inductor::compact_pool", mutates_args=())
+def compact_pool(q: Tensor, k: Tensor, slots: Tensor, counts: Tensor, tile_offsets: Tensor,
+                 positions: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``q`` and ``k`` (``[B, H, L, D]``, sequence order) in compact tile-major order
+    (``x.index_select(2, positions)``, contiguous) and their tile means (as :func:`pool_tiles`),
+    from one read of each: the compact TMA path's permutation and the coarse stage's pooling fused
+    (benchmarks/NOTES.md v28). ``slots`` int32 ``[M * S]``, ``counts`` / ``tile_offsets`` int32
+    ``[M]`` (the compact layout's), ``positions`` int64 ``[L]`` (its sequence position per compact
+    row). Returns ``(q_compact, k_compact, q_mean, k_mean)``. One Triton kernel on CUDA; on the CPU
+    the two ops it replaces, so both paths pool exactly as :func:`pool_tiles` does."""
+    if q.is_cuda:
+        q, k = _unit_feature_stride(q), _unit_feature_stride(k)
+        B, H, L, D = q.shape
+        q_compact, k_compact = q.new_empty((B, H, L, D)), k.new_empty((B, H, L, D))
+        q_mean = q.new_empty((B, H, counts.shape[0], D), dtype=torch.float32)
+        k_mean = torch.empty_like(q_mean)
+        triton_launch.compact_pool(q, k, slots.contiguous(), counts.contiguous(), tile_offsets.contiguous(),
+                                   q_compact, k_compact, q_mean, k_mean)
+        return q_compact, k_compact, q_mean, k_mean
+    q_mean, k_mean = pool_tiles(q, k, slots, counts)
+    return q.index_select(2, positions), k.index_select(2, positions), q_mean, k_mean
+
+
+@compact_pool.register_fake
+def _(q, k, slots, counts, tile_offsets, positions):
+    B, H, L, D = q.shape
+    mean = q.new_empty((B, H, counts.shape[0], D), dtype=stats_dtype(q.dtype))
+    return q.new_empty((B, H, L, D)), k.new_empty((B, H, L, D)), mean, torch.empty_like(mean)
+
+
 @torch.library.custom_op("sparse_inductor::rank_query_rows", mutates_args=())
 def rank_query_rows(q: Tensor, video_slots: Tensor, counts: Tensor, n_kept: Tensor) -> tuple[Tensor, Tensor]:
     """``query_keep``'s ranking of the query rows of every video tile (DESIGN.md §3.7): the query

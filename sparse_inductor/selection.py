@@ -192,7 +192,7 @@ def lists_from_mask(mask: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def select_tiles(q: Tensor, k: Tensor, layout, policy, scale: float, *, static_lists=None,
-                 causal_block_size: int | None = None) -> tuple[Tensor, Tensor]:
+                 causal_block_size: int | None = None, means=None) -> tuple[Tensor, Tensor]:
     """The coarse stage on sequence-order ``q, k`` (``[B, H, L, D]``) under a selection
     ``policy`` (:mod:`sparse_inductor.policies`). Returns ``(kv_num_blocks, kv_indices)``.
 
@@ -206,6 +206,10 @@ def select_tiles(q: Tensor, k: Tensor, layout, policy, scale: float, *, static_l
     block-causal mask the policy chooses among each row's allowed tiles (its budget counts only
     them), then every row's list is intersected with the allowed tiles and gets its own tile
     (:func:`sparse_inductor.reference.causal_token_mask` has the rules); lists are one entry wider.
+
+    ``means``: the tile means ``(q_mean, k_mean)`` if the caller has them already (the compact TMA
+    path pools in its permutation pass, ``ops.compact_pool``); else they are pooled here when the
+    policy asks.
     """
     from .causal import allowed_tiles, effective_block_size
     from .policies import SelectionContext
@@ -215,7 +219,7 @@ def select_tiles(q: Tensor, k: Tensor, layout, policy, scale: float, *, static_l
     B, H = q.shape[:2]
     device = q.device
     counts = layout.counts[:Mv]
-    def means():  # only policies that read q and k pay for the pooling
+    def pooled():  # only policies that read q and k pay for the pooling
         return torch.ops.sparse_inductor.pool_tiles(q, k, layout.slots[: Mv * S], counts)
 
     causal_block_size = effective_block_size(layout.grid, causal_block_size)
@@ -226,7 +230,8 @@ def select_tiles(q: Tensor, k: Tensor, layout, policy, scale: float, *, static_l
                              "(no text tokens)")
         allowed = allowed_tiles(layout.grid, layout.tile, causal_block_size, device)
     ctx = SelectionContext(grid=layout.grid, tile=layout.tile, counts=counts, scale=scale, batch=B, heads=H,
-                           device=device, means=means, static_lists=static_lists, allowed=allowed)
+                           device=device, means=pooled if means is None else means, static_lists=static_lists,
+                           allowed=allowed)
     num, idx = policy.lists(ctx)
     W = idx.shape[-1]
     if isinstance(W, int) and W == 0:  # e.g. every head Full or Skip: rows store no entries

@@ -149,6 +149,24 @@ def pool_tiles(q, k, slots, counts, q_mean, k_mean):
     )
 
 
+def compact_pool(q, k, slots, counts, tile_offsets, q_compact, k_compact, q_mean, k_mean):
+    """Fill ``q_compact``, ``k_compact`` (contiguous ``[B, H, L, D]``, compact tile-major rows) and
+    ``q_mean``, ``k_mean`` (fp32 contiguous ``[B, H, M, D]``) from ``q``, ``k`` (``[B, H, L, D]``,
+    sequence order, unit feature stride) in one pass; ``slots`` int32 ``[M * block]``."""
+    from kernel_templates.selection_kernels import compact_pool_kernel
+
+    B, H, L, D = q.shape
+    M = counts.shape[0]
+    if _no_programs((M, B * H)):
+        return
+    compact_pool_kernel[(M, B * H)](
+        q, k, slots, counts, tile_offsets, q_compact, k_compact, q_mean, k_mean, H, M, L, D,
+        *_strides3(q), *_strides3(k),
+        # 2 warps as the pool alone, so both reduce the same way (same layout, same tree).
+        BLOCK=slots.shape[0] // M, BLOCK_D=head_block(D), num_warps=2,
+    )
+
+
 def rank_query_rows(q, video_slots, counts, n_kept, tables, kept):
     """Fill ``tables`` (int32 ``[B, H, Mv, S]``) and ``kept`` (int8, same shape) with
     ``query_keep``'s ranking of each video tile's query rows (``ops.rank_query_rows``); ``q``

@@ -5,7 +5,8 @@ in every GPU session, before anything is timed.
 Paths covered: forward and backward kernels on partial tiles at D = 64 and 128 in fp16, bf16
 and fp32; the compact TMA forward as the op's path (128-token tiles included); joint text with a key-padding mask; query_keep (query blocks smaller than KV blocks);
 block-causal masks (selection kernels, per-token masking in kernels and templates);
-the selection kernels (pooling, top-k, the cumulative-mass cut) inside the op; the Inductor
+the selection kernels (pooling, alone and fused with the compact permutation, top-k, the
+cumulative-mass cut) inside the op; the Inductor
 templates (forward and backward, with and without query_keep); the backend on a small model
 with a per-head mix. The hypothesis sweeps of the other test files cover the same paths over
 random shapes on CPU (interpreter) and, marked slow, on the GPU. Skipped without CUDA.
@@ -130,6 +131,16 @@ def test_tma_forward_path(dtype, D):
                                 dtype=dtype, B=2, D=D, seed=D)
     check.hypothesis.inner_test(grid=(5, 10, 9), tile=(4, 4, 4), policy=si.CumulativeMass(0.8, min_tiles=1),
                                 dtype=dtype, B=1, D=D, seed=1)
+
+
+@pytest.mark.parametrize("tile", [(4, 4, 4), (4, 4, 8)])
+def test_compact_pool_kernel(tile):
+    """v28's fused permutation + pool at Wan-1.3B's 480p grid, bf16, D = 128, heads inner: compact
+    rows exactly ``index_select``'s, means exactly the pool kernel's."""
+    from test_selection import test_compact_pool_kernel_is_the_permutation_and_the_pool as check
+
+    check.hypothesis.inner_test(grid=(21, 30, 52), tile=tile, B=1, H=12, D=128, dtype=torch.bfloat16, seed=0,
+                                heads_inner=True)
 
 
 def test_tma_path_at_128_token_tiles():

@@ -89,6 +89,35 @@ def test_pool_kernel_matches_torch(grid, tile, B, H, D, dtype, seed, heads_inner
 
 
 @triton_only
+@given(grid=grids(300), tile=tiles, B=st.integers(1, 2), H=st.integers(1, 2), D=st.sampled_from([16, 40, 64]),
+       dtype=kernel_dtypes, seed=st.integers(0, 2**16), heads_inner=st.booleans())
+def test_compact_pool_kernel_is_the_permutation_and_the_pool(grid, tile, B, H, D, dtype, seed, heads_inner):
+    """The fused kernel of the compact TMA path (v28): its compact copies are exactly
+    ``index_select(2, positions)`` and its means exactly the pool kernel's (the selection must not
+    depend on which pass pooled), both within fp32 rounding of the float64 means."""
+    from sparse_inductor.compact_layout import compact_layout
+
+    g = torch.Generator().manual_seed(seed)
+    N = math.prod(grid)
+    shape = (B, N, H, D) if heads_inner else (B, H, N, D)
+    q, k = (torch.randn(*shape, generator=g).to(dtype).to(KERNEL_DEVICE) for _ in range(2))
+    if heads_inner:
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+    layout = tile_layout(grid, tile, device=KERNEL_DEVICE)
+    compact = compact_layout(layout)
+    q_c, k_c = (torch.full((B, H, N, D), float("nan"), dtype=dtype, device=KERNEL_DEVICE) for _ in range(2))
+    q_mean, k_mean, pq, pk = (torch.empty(B, H, layout.num_tiles, D, device=KERNEL_DEVICE) for _ in range(4))
+    triton_launch.compact_pool(q, k, layout.slots, layout.counts, compact.tile_offsets, q_c, k_c, q_mean, k_mean)
+    triton_launch.pool_tiles(q, k, layout.slots, layout.counts, pq, pk)
+    rows = layout.slots.clamp(min=0).long()
+    for x, got, mean, pooled in ((q, q_c, q_mean, pq), (k, k_c, k_mean, pk)):
+        assert torch.equal(got, x.index_select(2, compact.positions)), "compact rows differ from index_select"
+        assert torch.equal(mean, pooled), "the fused pass pools differently from the pool kernel"
+        want = pool_tiles(x.double().index_select(2, rows), layout.counts, layout.block_size)
+        torch.testing.assert_close(mean.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@triton_only
 @given(rows=st.integers(1, 6), cols=st.integers(1, 300), data=st.data(), seed=st.integers(0, 2**16),
        levels=st.sampled_from([3, 50, None]))
 def test_top_k_kernel_matches_sort(rows, cols, data, seed, levels):

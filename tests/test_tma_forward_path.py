@@ -225,6 +225,59 @@ def test_tma_path_compiles_and_equals_eager(tma_calls, dynamic):
         assert_close_rel(a, b, tol["grad"], f"compiled {name}")
 
 
+@pytest.mark.parametrize("policy,query_keep,fused", [
+    (si.TopK(0.5), 1.0, True), (si.CumulativeMass(0.8, min_tiles=1), 1.0, True),
+    (si.PerHead([si.TopK(0.75), si.Window(1, 1, 1)]), 1.0, True),
+    (si.Window(1, 1, 1), 1.0, False), (si.TopK(0.5), 0.5, False)])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_policies_reading_the_means_pool_in_the_permutation_pass(policy, query_keep, fused, compiled):
+    """v28: where the policy reads the tile means (not a static pattern) and every query row is
+    computed, Q and K are permuted and pooled by one op (``compact_pool``) and the separate pool op
+    does not run; static patterns keep the plain permutation (it fuses into the producer) and pool
+    nothing. Outputs and gradients equal the gather path's, eager and compiled."""
+    grid = (5, 6, 7)
+    q, k, v = _inputs(1, 2, math.prod(grid), 64, torch.float32, 11)
+    calls = {"compact_pool": 0, "pool_tiles": 0}
+
+    def counted(name):
+        real = getattr(torch.ops.sparse_inductor, name)
+
+        def call(*args):
+            calls[name] += 1
+            return real(*args)
+        return call
+
+    def f(q, k, v, kernel):
+        return sparse_attention(q, k, v, grid, tile=(4, 4, 4), policy=policy, query_keep=query_keep,
+                                forward_kernel=kernel)
+
+    want = f(q, k, v, "gather")
+    want_grads = torch.autograd.grad(want.square().sum(), (q, k, v))
+    if compiled:  # count the ops in the forward graph AOTAutograd hands to the compiler
+        from torch._dynamo.backends.common import aot_autograd
+
+        def forward_graph(gm, example_inputs):
+            for name in calls:
+                calls[name] += sum(f"sparse_inductor.{name}." in str(n.target) for n in gm.graph.nodes)
+            return gm
+
+        torch.compiler.reset()
+        got = torch.compile(f, fullgraph=True, backend=aot_autograd(fw_compiler=forward_graph))(q, k, v, "tma")
+    else:
+        with mock.patch.object(torch.ops.sparse_inductor, "compact_pool", counted("compact_pool")), \
+                mock.patch.object(torch.ops.sparse_inductor, "pool_tiles", counted("pool_tiles")):
+            got = f(q, k, v, "tma")
+    got_grads = torch.autograd.grad(got.square().sum(), (q, k, v))
+    if compiled:
+        torch.compiler.reset()
+    assert calls["compact_pool"] == int(fused), calls
+    assert calls["pool_tiles"] == int(not fused and not policy.static), calls
+    tol = REL_TOL[torch.float32]
+    assert_close_rel(got, want, tol["out"], "out vs the gather path")
+    for name, a, b in zip(("dq", "dk", "dv"), got_grads, want_grads):
+        assert_close_rel(a, b, tol["grad"], f"{name} vs the gather path")
+
+
 @pytest.mark.parametrize("forward_kernel,query_keep", [("auto", 1.0), ("auto", 0.5), ("tma", 0.5)])
 def test_kernel_choice_traces_fullgraph(forward_kernel, query_keep):
     """The choice itself traces without a graph break: the device check is a constant of the
