@@ -141,7 +141,10 @@ v28)  # tier; the pool fused into the Q/K permutation (NOTES v28) against the se
     > "$OUT/2_bench_v28.log" 2>&1
   echo "rc=$?"; grep -v Warn "$OUT/2_bench_v28.log" | grep -v 'warner(' | grep -v Autotune | grep '^\[' | tail -n 30
   ;;
-v28b)  # v28: kernels per pass (profile), the dividing grid
+v28b)  # v28: the passes alone (warps), kernels per pass (profile), the dividing grid
+  echo "== 3_compact_pool ($(date +%T))"
+  timeout 90 python benchmarks/bench_compact_pool.py > "$OUT/3_compact_pool.log" 2>&1
+  echo "rc=$?"; grep -v Warn "$OUT/3_compact_pool.log" | grep '^tile\|^device\|Error'
   for t in "4 4 8" "4 4 4"; do
     echo "== 3_profile_${t// /} ($(date +%T))"
     timeout 100 python benchmarks/profile_compiled.py --tile $t > "$OUT/3_profile_${t// /}.log" 2>&1
