@@ -1,6 +1,6 @@
 """v28's passes alone (GPU, CUDA-graph time): the fused Q/K permutation + pool (``compact_pool_kernel``) at
 2 / 4 / 8 warps, against what it replaces: Inductor's permutation of Q and K (``index_select``, compiled) plus
-the pool kernel (``pool_tiles_kernel``, 2 warps), at Wan-1.3B 480p (B=1, H=12, D=128, bf16), (4, 4, 4) and
+the pool kernel (``pool_tiles_kernel`` at ``triton_launch.pool_warps``), at Wan-1.3B 480p (B=1, H=12, D=128, bf16), (4, 4, 4) and
 (4, 4, 8) tiles. Prints ms, GB/s of the bytes each must move, and checks the fused outputs.
 
     PYTHONPATH=$PWD python benchmarks/bench_compact_pool.py
@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from kernel_templates.selection_kernels import compact_pool_kernel, pool_tiles_kernel  # noqa: E402
 from sparse_inductor.compact_layout import compact_layout  # noqa: E402
 from sparse_inductor.layout import tile_layout  # noqa: E402
-from sparse_inductor.triton_launch import head_block  # noqa: E402
+from sparse_inductor.triton_launch import head_block, pool_warps  # noqa: E402
 
 
 def gpu_ms(fn):
@@ -41,7 +41,7 @@ def main(grid=(21, 30, 52), H=12, D=128):
 
         def pool():
             pool_tiles_kernel[(M, H)](q, k, layout.slots, layout.counts, pm, pk, H, M, D, *q.stride()[:3],
-                                      *k.stride()[:3], BLOCK=S, BLOCK_D=head_block(D), num_warps=2)
+                                      *k.stride()[:3], BLOCK=S, BLOCK_D=head_block(D), num_warps=pool_warps(S))
 
         permute(q, k)
         t_perm, t_pool = gpu_ms(lambda: permute(q, k)), gpu_ms(pool)

@@ -142,6 +142,7 @@ v28)  # tier; the pool fused into the Q/K permutation (NOTES v28) against the se
   echo "rc=$?"; grep -v Warn "$OUT/2_bench_v28.log" | grep -v 'warner(' | grep -v Autotune | grep '^\[' | tail -n 30
   ;;
 v28b)  # v28: the passes alone (warps), kernels per pass (profile), the dividing grid
+  # (v28c: the same after the warps fix, with the 480p A/B first)
   echo "== 3_compact_pool ($(date +%T))"
   timeout 90 python benchmarks/bench_compact_pool.py > "$OUT/3_compact_pool.log" 2>&1
   echo "rc=$?"; grep -v Warn "$OUT/3_compact_pool.log" | grep '^tile\|^device\|Error'
@@ -155,5 +156,19 @@ v28b)  # v28: the passes alone (warps), kernels per pass (profile), the dividing
     --tile128 --only dense_sdpa sparse_compiled= sparse_compiled_unfused sparse_compiled_t128 --out-dir "$OUT" \
     > "$OUT/4_bench_v28_more.log" 2>&1
   echo "rc=$?"; grep -v Warn "$OUT/4_bench_v28_more.log" | grep -v 'warner(' | grep -v Autotune | grep '^\[' | tail -n 30
+  ;;
+v28c)  # v28 after the warps fix (4 warps at 128 slots): the passes alone, the 480p A/B, the (4, 4, 8) profile
+  step 4_tier_pool 120 -m tier tests/test_gpu_tier.py -k "compact_pool or tma_path_at_128 or tma_forward_path"
+  echo "== 5_compact_pool ($(date +%T))"
+  timeout 90 python benchmarks/bench_compact_pool.py > "$OUT/5_compact_pool.log" 2>&1
+  echo "rc=$?"; grep -v Warn "$OUT/5_compact_pool.log" | grep '^tile\|^device\|Error'
+  echo "== 6_bench_v28c ($(date +%T))"
+  timeout 260 python benchmarks/bench_attention.py --cases wan1.3b-480p --sparsity 0.875 --no-flex --tile128 \
+    --only dense_sdpa sparse_compiled= sparse_compiled_unfused sparse_compiled_t128 --out-dir "$OUT" \
+    > "$OUT/6_bench_v28c.log" 2>&1
+  echo "rc=$?"; grep -v Warn "$OUT/6_bench_v28c.log" | grep -v 'warner(' | grep -v Autotune | grep '^\[' | tail -n 30
+  echo "== 7_profile_448 ($(date +%T))"
+  timeout 100 python benchmarks/profile_compiled.py --tile 4 4 8 > "$OUT/7_profile_448.log" 2>&1
+  echo "rc=$?"; grep -v Warn "$OUT/7_profile_448.log" | grep -A9 '^===='
   ;;
 esac

@@ -145,8 +145,16 @@ def pool_tiles(q, k, slots, counts, q_mean, k_mean):
         return
     pool_tiles_kernel[(M, B * H)](
         q, k, slots, counts, q_mean, k_mean, H, M, D, *_strides3(q), *_strides3(k),
-        BLOCK=slots.shape[0] // M, BLOCK_D=head_block(D), num_warps=2,  # 2 measured best (0.095 ms at 480p)
+        BLOCK=slots.shape[0] // M, BLOCK_D=head_block(D), num_warps=pool_warps(slots.shape[0] // M),
     )
+
+
+def pool_warps(block: int) -> int:
+    """Warps of the pooling kernels (``pool_tiles_kernel``, ``compact_pool_kernel``), the same for both
+    so their means are bit-equal (the reduction's order follows the layout). Measured on the H200,
+    480p, D = 128 (benchmarks/NOTES.md v28): the fused kernel at 64 slots 0.112 / 0.116 / 0.173 ms at
+    2 / 4 / 8 warps, at 128 slots 0.174 / 0.117 / 0.131 (2 warps spill)."""
+    return 2 if block <= 64 else 4
 
 
 def compact_pool(q, k, slots, counts, tile_offsets, q_compact, k_compact, q_mean, k_mean):
@@ -162,8 +170,7 @@ def compact_pool(q, k, slots, counts, tile_offsets, q_compact, k_compact, q_mean
     compact_pool_kernel[(M, B * H)](
         q, k, slots, counts, tile_offsets, q_compact, k_compact, q_mean, k_mean, H, M, L, D,
         *_strides3(q), *_strides3(k),
-        # 2 warps as the pool alone, so both reduce the same way (same layout, same tree).
-        BLOCK=slots.shape[0] // M, BLOCK_D=head_block(D), num_warps=2,
+        BLOCK=slots.shape[0] // M, BLOCK_D=head_block(D), num_warps=pool_warps(slots.shape[0] // M),
     )
 
 
