@@ -199,6 +199,26 @@ def packed_setup(layout, selection, q, k, v, sparse_kernel):
             ("tma_packed_permute", lambda q, k, v: [to_compact(x, compact) for x in (q, k, v)], (q, k, v))]
 
 
+def tma_op_row(layout, selection, qkv, scale, grad, flops):
+    """``tma_op``: the compact TMA op alone (eager) on compact Q, K, V and a fixed selection, forward and
+    forward+backward: the kernels the compiled path runs (the forward, the backward's box lists, dQ,
+    dK/dV), plus the op's own small passes (delta, dO / LSE / delta into compact order), without the
+    selection or the Q/K/V permutation. The same-process kernel-only row against ``fastvideo_triton``."""
+    from sparse_inductor.compact_layout import compact_layout, compact_slots, to_compact
+    from sparse_inductor.ops import KERNEL_VERSION
+
+    compact = compact_layout(layout)
+    seq_q = qkv[0].detach()  # the op reads only its shape and strides (the output's layout)
+    tables = (layout.slots, compact_slots(compact), compact.counts, compact.tile_offsets, compact.positions,
+              selection.kv_num_blocks, selection.kv_indices, scale, KERNEL_VERSION)
+
+    def run(qc, kc, vc):
+        return torch.ops.sparse_inductor.tma_block_sparse_attn_fwd(seq_q, qc, kc, vc, *tables)[0]
+
+    inputs = tuple(to_compact(x, compact).contiguous() for x in qkv)
+    return ("tma_op", run, inputs, grad, flops)
+
+
 def kernel_for(layout, selection, B, H, scale):
     """Our attention kernel alone (no selection) on ``selection``'s lists, the layout's tables shared
     by every batch and head."""
@@ -379,6 +399,8 @@ def run_case(name, H, grid, sparsity, records, meta, with_flex=True, with_dense=
         for impl, fn, inputs in packed_setup(layout, selection, q, k, v, sparse_kernel):
             impls.append((impl, fn, inputs, None,
                           sparse_flops if impl.endswith(("kernel", "qreg", "devdesc", "unmerged")) else None))
+    if not only or any("tma_op".startswith(p.rstrip("=")) or p.startswith("tma_op") for p in only):
+        impls.append(tma_op_row(layout, selection, (q, k, v), scale, grad, sparse_flops))
     fastvideo = fastvideo_setup(layout, selection)
     if fastvideo is not None:
         tq_c, tk_c, tv_c, tg_c = (x.contiguous() for x in (tq, tk, tv, tgrad))

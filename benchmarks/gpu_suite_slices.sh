@@ -171,4 +171,19 @@ v28c)  # v28 after the warps fix (4 warps at 128 slots): the passes alone, the 4
   timeout 100 python benchmarks/profile_compiled.py --tile 4 4 8 > "$OUT/7_profile_448.log" 2>&1
   echo "rc=$?"; grep -v Warn "$OUT/7_profile_448.log" | grep -A9 '^===='
   ;;
+v28d)  # the whole tier after v28; our TMA op alone (fwd+bwd, same process) against FastVideo's kernels, dividing grid
+  wheels
+  step 8_tier 250 -m tier -n 4 tests/test_gpu_tier.py tests/test_tma_query_keep.py
+  echo "== 9_bench_tma_op_fastvideo ($(date +%T))"
+  timeout 300 python benchmarks/bench_attention.py --cases dividing-20x32x52 --sparsity 0.9375 0.875 --no-flex \
+    --only dense_sdpa sparse_compiled= tma_op fastvideo_triton --out-dir "$OUT" > "$OUT/9_bench_tma_op_fastvideo.log" 2>&1
+  echo "rc=$?"; grep -v Warn "$OUT/9_bench_tma_op_fastvideo.log" | grep -v 'warner(' | grep -v Autotune | grep '^\[\|relative L2' | tail -n 30
+  ;;
+v28e)  # the same rows at 480p
+  wheels
+  echo "== 10_bench_tma_op_fastvideo_480p ($(date +%T))"
+  timeout 300 python benchmarks/bench_attention.py --cases wan1.3b-480p --sparsity 0.9375 0.875 --no-flex \
+    --only dense_sdpa sparse_compiled= tma_op fastvideo_triton --out-dir "$OUT" > "$OUT/10_bench_tma_op_fastvideo_480p.log" 2>&1
+  echo "rc=$?"; grep -v Warn "$OUT/10_bench_tma_op_fastvideo_480p.log" | grep -v 'warner(' | grep -v Autotune | grep '^\[\|relative L2' | tail -n 30
+  ;;
 esac

@@ -118,3 +118,26 @@ def test_tile128_rows_compute_the_selections_attention(bench, capsys):
     # --only builds just the variants it names (each build compiles a kernel on the GPU).
     only = bench.tma_t128_setup(tile_layout(grid, tile), selection, q, k, v, sparse_kernel, only=["tma_t128_s64_w4_s"])
     assert [name for name, _, _, _ in only] == ["tma_t128_s64_w4_s3", "tma_t128_s64_w4_s4"]
+
+
+def test_tma_op_row_computes_the_selections_attention_and_gradients(bench):
+    """``tma_op`` (the same-process kernel-only fwd+bwd row against FastVideo's): the compact TMA op on
+    compact inputs, whose output is in sequence order and whose gradients come back in compact order."""
+    from sparse_inductor.compact_layout import compact_layout, to_compact
+
+    layout, selection, (q, k, v), _ = small_case()
+    mask = token_mask(selection.dense_mask(), layout.grid, layout.tile)
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
+    name, fn, inputs, row_grad, _ = bench.tma_op_row(layout, selection, (q, k, v), q.shape[-1] ** -0.5, grad, 1.0)
+    assert name == "tma_op" and row_grad is grad
+    leaf = [x.detach().requires_grad_() for x in inputs]
+    got = fn(*leaf)
+    q64, k64, v64 = (x.double().requires_grad_() for x in (q, k, v))
+    want = reference_attention(q64, k64, v64, mask)[0]
+    assert (got.double() - want).norm() / want.norm() < 1e-4
+    compact = compact_layout(layout)
+    got_grads = torch.autograd.grad(got, leaf, grad)
+    want_grads = torch.autograd.grad(want, (q64, k64, v64), grad.double())
+    for label, a, b in zip("qkv", got_grads, want_grads):
+        b = to_compact(b, compact)
+        assert (a.double() - b).norm() / b.norm() < 1e-4, f"d{label}"
