@@ -70,6 +70,12 @@ CASES = {
 }
 
 
+#: ``--cuda-graph``: every row timed as a CUDA graph replay (GPU time, no host launch overhead), forward
+#: and forward+backward, e.g. eager kernel rows against each other; a row that cannot be captured fails
+#: with its error printed.
+GRAPH_TIMING = False
+
+
 def bench(fn, warmup=25, rep=100):
     import triton.testing
 
@@ -432,11 +438,11 @@ def run_case(name, H, grid, sparsity, records, meta, with_flex=True, with_dense=
             try:
                 if pass_ == "fwd":
                     with torch.no_grad():
-                        timer = bench_gpu_time if impl == "selection" else bench
+                        timer = bench_gpu_time if impl == "selection" or GRAPH_TIMING else bench
                         ms = timer(lambda: fn(*inputs))
                 else:
                     leaf = tuple(x.detach().requires_grad_() for x in inputs)
-                    ms = bench(fwd_bwd(fn, leaf, impl_grad))
+                    ms = (bench_gpu_time if GRAPH_TIMING else bench)(fwd_bwd(fn, leaf, impl_grad))
             except Exception as e:
                 print(f"[{name}] {impl} {pass_} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
                 traceback.print_exc(limit=2)
@@ -501,10 +507,14 @@ def main():
     parser.add_argument("--only", nargs="*", help="time only the rows whose names start with these (e.g. dense_sdpa "
                         "sparse_kernel tma_); a name ending in '=' selects that row alone (sparse_compiled=)")
     parser.add_argument("--merge", action="store_true", help="keep other cases' rows of an existing results.json")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="time every row as a CUDA graph replay (GPU time), forward+backward included")
     parser.add_argument("--out-dir", default=os.path.dirname(os.path.abspath(__file__)))
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_attention.py needs a CUDA GPU")
+    global GRAPH_TIMING
+    GRAPH_TIMING = args.cuda_graph
     import triton
 
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,

@@ -186,4 +186,13 @@ v28e)  # the same rows at 480p
     --only dense_sdpa sparse_compiled= tma_op fastvideo_triton --out-dir "$OUT" > "$OUT/10_bench_tma_op_fastvideo_480p.log" 2>&1
   echo "rc=$?"; grep -v Warn "$OUT/10_bench_tma_op_fastvideo_480p.log" | grep -v 'warner(' | grep -v Autotune | grep '^\[\|relative L2' | tail -n 30
   ;;
+v28f)  # the tier without diffusers (as call 1); our TMA op and FastVideo's kernels as CUDA graphs, dividing 0.9375
+  step 11_tier 250 -m tier -n 4 -rA tests/test_gpu_tier.py tests/test_tma_query_keep.py
+  grep -c PASSED "$OUT/11_tier.log"; grep "FAILED\|ERROR" "$OUT/11_tier.log" | head
+  wheels
+  echo "== 12_graph_tma_op_fastvideo ($(date +%T))"
+  timeout 200 python benchmarks/bench_attention.py --cases dividing-20x32x52 --sparsity 0.9375 --no-flex --cuda-graph \
+    --only dense_sdpa tma_op fastvideo_triton --out-dir "$OUT" > "$OUT/12_graph_tma_op_fastvideo.log" 2>&1
+  echo "rc=$?"; grep -v Warn "$OUT/12_graph_tma_op_fastvideo.log" | grep -v 'warner(' | grep -v Autotune | grep '^\[\|relative L2\|rror' | tail -n 20
+  ;;
 esac
