@@ -55,7 +55,9 @@ def _transpose_block_lists(kv_num_blocks: Tensor, kv_indices: Tensor, num_kv_blo
     listed &= (kv_num_blocks != Mk).unsqueeze(-1)
     flat = ((bh * Mk + kv_indices.long()) * Mq + m).where(listed, B * H * Mk * Mq)
     flags = torch.zeros(B * H * Mk * Mq + 1, dtype=torch.int8, device=kv_indices.device)
-    flags[flat.reshape(-1)] = 1
+    # index_fill_, not ``flags[flat] = 1``: that copies a host scalar to the GPU on every call, which
+    # a CUDA graph cannot capture (found timing the TMA backward as a graph, NOTES v28).
+    flags.index_fill_(0, flat.reshape(-1), 1)
     # A full row (every KV block, entries not stored) flags its query block in every KV row.
     flags = flags[:-1].view(B, H, Mk, Mq)
     flags |= (kv_num_blocks == Mk).to(torch.int8).view(B, H, 1, Mq)
