@@ -195,4 +195,15 @@ v28f)  # the tier without diffusers (as call 1); our TMA op and FastVideo's kern
     --only dense_sdpa tma_op fastvideo_triton --out-dir "$OUT" > "$OUT/12_graph_tma_op_fastvideo.log" 2>&1
   echo "rc=$?"; grep -v Warn "$OUT/12_graph_tma_op_fastvideo.log" | grep -v 'warner(' | grep -v Autotune | grep '^\[\|relative L2\|rror' | tail -n 20
   ;;
+v29)  # next session first (NOTES "Next GPU run", fourteenth): the tier with time to finish and its slowest tests,
+  # the CUDA-graph capture fix, then our kernels alone against FastVideo's as CUDA graphs (the open row)
+  step 13_tier 400 -m tier -n 4 -rA --durations=15 tests/test_gpu_tier.py tests/test_tma_query_keep.py
+  grep -A16 "slowest" "$OUT/13_tier.log" | head -18
+  step 14_graph_capture 150 tests/test_tma_forward_path.py -k cuda_graph
+  wheels
+  echo "== 15_graph_tma_op_fastvideo ($(date +%T))"
+  timeout 300 python benchmarks/bench_attention.py --cases dividing-20x32x52 --sparsity 0.9375 0.875 --no-flex --cuda-graph \
+    --only dense_sdpa tma_op fastvideo_triton --out-dir "$OUT" > "$OUT/15_graph_tma_op_fastvideo.log" 2>&1
+  echo "rc=$?"; grep -v Warn "$OUT/15_graph_tma_op_fastvideo.log" | grep -v 'warner(' | grep -v Autotune | grep '^\[\|relative L2\|rror' | tail -n 20
+  ;;
 esac
