@@ -7,7 +7,7 @@ attention kernel (issue 22: selection <= 4 % of the compiled forward).
     PYTHONPATH=$PWD python benchmarks/profile_compiled.py --grid 21 45 80 --heads 40
     PYTHONPATH=$PWD python benchmarks/profile_compiled.py --query-keep 0.5      # v23: the kept-layout path
     PYTHONPATH=$PWD python benchmarks/profile_compiled.py --tile 4 4 8          # v25 / v26: 128-token tiles
-    PYTHONPATH=$PWD python benchmarks/profile_compiled.py --unfused             # v28's A/B: pool as its own pass
+    PYTHONPATH=$PWD python benchmarks/profile_compiled.py --unfused             # v28's A/B: the pool as its own pass
 """
 import argparse
 import math
@@ -40,7 +40,7 @@ def main():
     parser.add_argument("--query-keep", type=float, default=1.0)
     parser.add_argument("--tile", type=int, nargs=3, default=(4, 4, 4))
     parser.add_argument("--unfused", action="store_true",
-                        help="separate Q/K permutation and pool passes (before v28), for the A/B")
+                        help="separate Q/K permutation and pool passes (v28's A/B; the pool keeps v28's warps)")
     args = parser.parse_args()
     if args.unfused:
         from sparse_inductor import attention

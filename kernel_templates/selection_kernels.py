@@ -14,7 +14,9 @@ def _tile_rows(X_HEAD, rows, valid, stride_n, offs_d, HEAD_DIM):
     """The rows at sequence positions ``rows`` of one head (``[BLOCK, BLOCK_D]``), zero where not
     ``valid`` (a tile's padding slots) and past the head dim."""
     mask = valid[:, None] & (offs_d < HEAD_DIM)[None, :]
-    return tl.load(X_HEAD + rows[:, None] * stride_n + offs_d[None, :], mask=mask, other=0.0)
+    # int64 rows: a q sliced from a fused QKV projection has a sequence stride of 3 * H * D, and
+    # L * stride passes 2^31 at 1080p with 40 heads.
+    return tl.load(X_HEAD + rows.to(tl.int64)[:, None] * stride_n + offs_d[None, :], mask=mask, other=0.0)
 
 
 @triton.jit
@@ -31,8 +33,8 @@ def pool_tiles_kernel(
     """
     m = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    b = (bh // H).to(tl.int64)  # b * stride_qb passes 2^31 at 720p from a batch of 6
+    h = (bh % H).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
     count = tl.load(COUNTS + m)
@@ -68,7 +70,7 @@ def compact_pool_kernel(
     valid = offs < count
     q = _tile_rows(Q + b * stride_qb + h * stride_qh, rows, valid, stride_qn, offs_d, HEAD_DIM)
     k = _tile_rows(K + b * stride_kb + h * stride_kh, rows, valid, stride_kn, offs_d, HEAD_DIM)
-    # int64: B * H * rows * D passes 2^31 at 720p with a batch of 2 or more.
+    # int64: B * H * rows * D passes 2^31 at 720p (21x45x80, H = 40, D = 128) from a batch of 6.
     dst = ((bh.to(tl.int64) * NUM_ROWS + tl.load(TILE_OFFSETS + m) + offs) * HEAD_DIM)[:, None] + offs_d[None, :]
     mask = valid[:, None] & (offs_d < HEAD_DIM)[None, :]
     tl.store(Q_COMPACT + dst, q, mask=mask)

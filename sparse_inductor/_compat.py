@@ -132,6 +132,14 @@ def functorch_grad_active() -> bool:
     return any(i.key() in (TransformType.Grad, TransformType.Jvp) for i in retrieve_all_functorch_interpreters())
 
 
+def functorch_active() -> bool:
+    """Whether any ``torch.func`` transform (``vmap`` included) is active: the compact TMA path's
+    autograd.Functions (permutations into compact order) have no vmap rule."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
 def has_forward_grad(*tensors) -> bool:
     """Whether any tensor is a forward-mode AD dual (``torch.autograd.forward_ad``): custom ops
     without a forward formula would silently drop its tangent."""

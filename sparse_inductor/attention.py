@@ -76,8 +76,10 @@ if FORWARD_KERNEL not in FORWARD_KERNELS:
 
 #: Whether the compact TMA path pools Q and K in the pass that permutes them (``ops.compact_pool``,
 #: benchmarks/NOTES.md v28) when the policy reads the tile means. ``False`` restores the separate
-#: permutation and pool (a graph built under either value keeps it: Dynamo guards on it); for
-#: benchmarks' A/B rows, not a user setting.
+#: permutation and pool. Read when a graph is traced: Dynamo guards on it where it traces
+#: ``sparse_attention`` itself (``torch.compile`` of the API, the benchmarks' A/B rows), while a model
+#: compiled with ``backend="sparse_inductor"`` keeps the value of its first compile. For benchmarks,
+#: not a user setting (a module global: not per thread).
 POOL_IN_PERMUTATION = True
 
 
@@ -115,7 +117,7 @@ def tma_forward_unsupported(q: Tensor, k: Tensor, v: Tensor, layout: TileLayout,
         return "a q whose feature stride is not 1"
     if _no_rows(*q.shape[:2]):
         return "no batch or no heads"
-    if _compat.functorch_grad_active() or _compat.has_forward_grad(q, k, v):
+    if _compat.functorch_active() or _compat.has_forward_grad(q, k, v):
         return "a torch.func transform or forward-mode AD"
     return None
 
@@ -151,11 +153,13 @@ def _tma_attention(q: Tensor, k: Tensor, v: Tensor, layout: TileLayout, kv_num_b
                    kv_indices: Tensor, scale: float, query_keep: float = 1.0, qk_compact=None) -> Tensor:
     """The block-sparse op through the compact TMA kernels: Q, K, V permuted into compact
     tile-major order (under ``torch.compile`` a gather that Inductor fuses into the kernel that
-    produces them); the output comes back in sequence order (the forward's store scatters it, through
+    produces them; Q and K come from :class:`_CompactPool`, an opaque op, when the policy reads the
+    tile means); the output comes back in sequence order (the forward's store scatters it, through
     q's strides); the backward runs in compact order and dQ/dK/dV flow back through the permutation.
     ``qk_compact``: ``(compact layout, q_compact, k_compact)`` already made by :class:`_CompactPool`
     (the selection's pooling pass). ``query_keep < 1``: :func:`_tma_query_keep_attention`."""
     if qk_compact is not None:
+        assert query_keep >= 1.0, "the fused permutation + pool covers query_keep = 1 only"
         compact, q_compact, k_compact = qk_compact
         v_compact = _CompactRows.apply(v, compact.positions, compact.rows)
     else:
@@ -267,7 +271,9 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, grid, *, tile, sparsity: f
     The gather kernels make no permuted copy of Q, K, V or the output: they gather and scatter
     rows through the layout's slot table. Where the compact TMA kernels run
     (:func:`use_tma_forward`), Q, K and V are permuted into compact tile-major order first (fused
-    into their producer under ``torch.compile``; gradients flow back through the permutation).
+    into their producer under ``torch.compile``, except Q and K when the policy reads the tile means:
+    then one op permutes and pools them, ``ops.compact_pool``; gradients flow back through the
+    permutation).
     Either way the output comes back laid out like ``q``, except with ``query_keep < 1`` on the TMA
     kernels, where it is the (contiguous) gather that gives dropped rows their centre's output.
     """

@@ -687,7 +687,7 @@ def pool_tiles(q: Tensor, k: Tensor, slots: Tensor, counts: Tensor) -> tuple[Ten
     if q.is_cuda:
         q, k = _unit_feature_stride(q), _unit_feature_stride(k)
         B, H, _, D = q.shape
-        q_mean = q.new_empty((B, H, counts.shape[0], D), dtype=torch.float32)
+        q_mean = q.new_empty((B, H, counts.shape[0], D), dtype=stats_dtype(q.dtype))  # as the fake says
         k_mean = torch.empty_like(q_mean)
         triton_launch.pool_tiles(q, k, slots.contiguous(), counts.contiguous(), q_mean, k_mean)
         return q_mean, k_mean
@@ -717,7 +717,7 @@ def compact_pool(q: Tensor, k: Tensor, slots: Tensor, counts: Tensor, tile_offse
         q, k = _unit_feature_stride(q), _unit_feature_stride(k)
         B, H, L, D = q.shape
         q_compact, k_compact = q.new_empty((B, H, L, D)), k.new_empty((B, H, L, D))
-        q_mean = q.new_empty((B, H, counts.shape[0], D), dtype=torch.float32)
+        q_mean = q.new_empty((B, H, counts.shape[0], D), dtype=stats_dtype(q.dtype))  # as the fake says
         k_mean = torch.empty_like(q_mean)
         triton_launch.compact_pool(q, k, slots.contiguous(), counts.contiguous(), tile_offsets.contiguous(),
                                    q_compact, k_compact, q_mean, k_mean)

@@ -225,16 +225,19 @@ def test_tma_path_compiles_and_equals_eager(tma_calls, dynamic):
         assert_close_rel(a, b, tol["grad"], f"compiled {name}")
 
 
-@pytest.mark.parametrize("policy,query_keep,fused", [
-    (si.TopK(0.5), 1.0, True), (si.CumulativeMass(0.8, min_tiles=1), 1.0, True),
-    (si.PerHead([si.TopK(0.75), si.Window(1, 1, 1)]), 1.0, True),
-    (si.Window(1, 1, 1), 1.0, False), (si.TopK(0.5), 0.5, False)])
+@pytest.mark.parametrize("policy,query_keep,switch,fused", [
+    (si.TopK(0.5), 1.0, True, True), (si.CumulativeMass(0.8, min_tiles=1), 1.0, True, True),
+    (si.PerHead([si.TopK(0.75), si.Window(1, 1, 1)]), 1.0, True, True),
+    (si.Window(1, 1, 1), 1.0, True, False), (si.TopK(0.5), 0.5, True, False), (si.TopK(0.5), 1.0, False, False)])
 @pytest.mark.parametrize("compiled", [False, True])
-def test_policies_reading_the_means_pool_in_the_permutation_pass(policy, query_keep, fused, compiled):
+def test_policies_reading_the_means_pool_in_the_permutation_pass(policy, query_keep, switch, fused, compiled,
+                                                                 monkeypatch):
     """v28: where the policy reads the tile means (not a static pattern) and every query row is
     computed, Q and K are permuted and pooled by one op (``compact_pool``) and the separate pool op
     does not run; static patterns keep the plain permutation (it fuses into the producer) and pool
-    nothing. Outputs and gradients equal the gather path's, eager and compiled."""
+    nothing; ``POOL_IN_PERMUTATION = False`` (the benchmarks' A/B) gives the separate passes. Outputs
+    and gradients equal the gather path's, eager and compiled."""
+    monkeypatch.setattr(attention, "POOL_IN_PERMUTATION", switch)
     grid = (5, 6, 7)
     q, k, v = _inputs(1, 2, math.prod(grid), 64, torch.float32, 11)
     calls = {"compact_pool": 0, "pool_tiles": 0}
@@ -435,11 +438,15 @@ def test_op_backward_dq_mode_follows_env_unless_deterministic(monkeypatch, env, 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
 @pytest.mark.parametrize("tile", [(4, 4, 4), (4, 4, 8)])
-def test_tma_forward_and_backward_capture_in_a_cuda_graph(tile):
+def test_tma_forward_and_backward_capture_in_a_cuda_graph(tile, monkeypatch):
     """The TMA path's forward and backward make no host-to-device copy, so a CUDA graph captures them
     (``torch.compile(mode="reduce-overhead")`` training, benchmarks timed as graphs): the transposed
     lists of the backward copied a host scalar per call until the fourteenth session (NOTES v28). The
     replay equals the eager gradients."""
+    from sparse_inductor import ops
+
+    monkeypatch.setattr(ops, "TMA_BACKWARD_DQ_MODE", "separate")  # no atomics: bit-equal replays
+    monkeypatch.delenv("SPARSE_INDUCTOR_BACKWARD_DQ", raising=False)
     grid = (5, 6, 12)
     q, k, v = _inputs(1, 2, math.prod(grid), 64, torch.bfloat16, 3)
     grad = torch.randn(q.shape, device=q.device, dtype=q.dtype)
@@ -461,3 +468,20 @@ def test_tma_forward_and_backward_capture_in_a_cuda_graph(tile):
     torch.cuda.synchronize()
     for name, a, b in zip("qkv", got, want):
         assert torch.equal(a, b), f"d{name} from the graph differs from eager"
+
+
+@pytest.mark.parametrize("policy", [si.TopK(0.5), si.Window(1, 1, 1)])
+def test_vmap_over_a_tma_call_runs_and_equals_per_sample_calls(policy):
+    """torch.vmap where the TMA path would apply: its permutations into compact order (autograd
+    Functions without a vmap rule) raised; under any torch.func transform the call runs the gather
+    kernel instead, and says why."""
+    grid = (5, 6, 7)
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(3, 1, 2, math.prod(grid), 64, generator=g).to(DEVICE) for _ in range(3))
+
+    def f(q, k, v):
+        return sparse_attention(q, k, v, grid, tile=(4, 4, 4), policy=policy, forward_kernel="tma")
+
+    got = torch.vmap(f)(q, k, v)
+    want = torch.stack([f(q[i], k[i], v[i]) for i in range(3)])
+    assert_close_rel(got, want, REL_TOL[torch.float32]["out"], "vmap vs per-sample calls")
