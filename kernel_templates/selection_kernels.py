@@ -20,19 +20,11 @@ def _tile_rows(X_HEAD, rows, valid, stride_n, offs_d, HEAD_DIM):
 
 
 @triton.jit
-def pool_tiles_kernel(
-    Q, K, SLOTS, COUNTS, Q_MEAN, K_MEAN,
-    H, NUM_TILES, HEAD_DIM,
-    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """Mean of Q and K over the valid tokens of one tile of one head (fp32 accumulate).
-
-    ``SLOTS[m * BLOCK + j]``: sequence position of slot ``j`` of tile ``m``; the first
-    ``COUNTS[m]`` slots are valid. Means are written contiguous ``[B, H, NUM_TILES, HEAD_DIM]``.
-    """
-    m = tl.program_id(0)
-    bh = tl.program_id(1)
+def _tile_q_k(Q, K, SLOTS, COUNTS, m, bh, H, HEAD_DIM, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh,
+              stride_kn, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Tile ``m``'s rows of Q and K for program ``bh`` (``[BLOCK, BLOCK_D]`` each, zero past the tile's
+    count and the head dim), with the count and the row mask. ``SLOTS[m * BLOCK + j]``: sequence
+    position of slot ``j`` of tile ``m``; the first ``COUNTS[m]`` slots are valid."""
     b = (bh // H).to(tl.int64)  # b * stride_qb passes 2^31 at 720p from a batch of 6
     h = (bh % H).to(tl.int64)
     offs = tl.arange(0, BLOCK)
@@ -42,9 +34,32 @@ def pool_tiles_kernel(
     valid = offs < count
     q = _tile_rows(Q + b * stride_qb + h * stride_qh, rows, valid, stride_qn, offs_d, HEAD_DIM)
     k = _tile_rows(K + b * stride_kb + h * stride_kh, rows, valid, stride_kn, offs_d, HEAD_DIM)
+    return q, k, count, valid, offs, offs_d
+
+
+@triton.jit
+def _store_tile_means(Q_MEAN, K_MEAN, q, k, count, m, bh, NUM_TILES, offs_d, HEAD_DIM):
+    """The fp32 means of one tile's Q and K rows into contiguous ``[B, H, NUM_TILES, HEAD_DIM]``: the one
+    reduction both pooling kernels use, so their means are bit-equal at equal warps."""
     out = (bh * NUM_TILES + m) * HEAD_DIM + offs_d
     tl.store(Q_MEAN + out, tl.sum(q.to(tl.float32), 0) / count, mask=offs_d < HEAD_DIM)
     tl.store(K_MEAN + out, tl.sum(k.to(tl.float32), 0) / count, mask=offs_d < HEAD_DIM)
+
+
+@triton.jit
+def pool_tiles_kernel(
+    Q, K, SLOTS, COUNTS, Q_MEAN, K_MEAN,
+    H, NUM_TILES, HEAD_DIM,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Mean of Q and K over the valid tokens of one tile of one head (fp32 accumulate); program
+    ``(m, bh)`` is tile ``m`` of batch-head ``bh``."""
+    m = tl.program_id(0)
+    bh = tl.program_id(1)
+    q, k, count, _, _, offs_d = _tile_q_k(Q, K, SLOTS, COUNTS, m, bh, H, HEAD_DIM, stride_qb, stride_qh, stride_qn,
+                                          stride_kb, stride_kh, stride_kn, BLOCK, BLOCK_D)
+    _store_tile_means(Q_MEAN, K_MEAN, q, k, count, m, bh, NUM_TILES, offs_d, HEAD_DIM)
 
 
 @triton.jit
@@ -61,23 +76,14 @@ def compact_pool_kernel(
     ``pool_tiles_kernel``, so the selection does not depend on which of the two computed them."""
     m = tl.program_id(0)
     bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    offs = tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, BLOCK_D)
-    count = tl.load(COUNTS + m)
-    rows = tl.load(SLOTS + m * BLOCK + offs)
-    valid = offs < count
-    q = _tile_rows(Q + b * stride_qb + h * stride_qh, rows, valid, stride_qn, offs_d, HEAD_DIM)
-    k = _tile_rows(K + b * stride_kb + h * stride_kh, rows, valid, stride_kn, offs_d, HEAD_DIM)
+    q, k, count, valid, offs, offs_d = _tile_q_k(Q, K, SLOTS, COUNTS, m, bh, H, HEAD_DIM, stride_qb, stride_qh,
+                                                 stride_qn, stride_kb, stride_kh, stride_kn, BLOCK, BLOCK_D)
     # int64: B * H * rows * D passes 2^31 at 720p (21x45x80, H = 40, D = 128) from a batch of 6.
     dst = ((bh.to(tl.int64) * NUM_ROWS + tl.load(TILE_OFFSETS + m) + offs) * HEAD_DIM)[:, None] + offs_d[None, :]
     mask = valid[:, None] & (offs_d < HEAD_DIM)[None, :]
     tl.store(Q_COMPACT + dst, q, mask=mask)
     tl.store(K_COMPACT + dst, k, mask=mask)
-    out = (bh * NUM_TILES + m) * HEAD_DIM + offs_d
-    tl.store(Q_MEAN + out, tl.sum(q.to(tl.float32), 0) / count, mask=offs_d < HEAD_DIM)
-    tl.store(K_MEAN + out, tl.sum(k.to(tl.float32), 0) / count, mask=offs_d < HEAD_DIM)
+    _store_tile_means(Q_MEAN, K_MEAN, q, k, count, m, bh, NUM_TILES, offs_d, HEAD_DIM)
 
 
 @triton.jit
