@@ -200,6 +200,9 @@ v29)  # next session first (NOTES "Next GPU run", fourteenth): the tier with tim
   step 13_tier 400 -m tier -n 4 -rA --durations=15 tests/test_gpu_tier.py tests/test_tma_query_keep.py
   grep -A16 "slowest" "$OUT/13_tier.log" | head -18
   step 14_graph_capture 150 tests/test_tma_forward_path.py -k cuda_graph
+  echo "== 14b_compact_pool ($(date +%T))"  # the pooling kernels' shared-helper form, first time on a GPU
+  timeout 90 python benchmarks/bench_compact_pool.py > "$OUT/14b_compact_pool.log" 2>&1
+  echo "rc=$?"; grep -v Warn "$OUT/14b_compact_pool.log" | grep '^tile\|^device\|Error'
   wheels
   echo "== 15_graph_tma_op_fastvideo ($(date +%T))"
   timeout 300 python benchmarks/bench_attention.py --cases dividing-20x32x52 --sparsity 0.9375 0.875 --no-flex --cuda-graph \
