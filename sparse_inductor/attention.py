@@ -90,7 +90,8 @@ def tma_forward_unsupported(q: Tensor, k: Tensor, v: Tensor, layout: TileLayout,
     video-only self-attention with 16 to 128 slots per tile (128-slot tiles: the forward walks them
     in 64-row steps, NOTES v25, the backward runs them as 64-slot halves, v26), D 64 or 128, fp16 / bf16 / fp32, any
     ``query_keep`` (v23), without key padding, block-causal masks, full rows (a ``Full()`` policy
-    anywhere) or a scale that is not positive (the kernel scales the row maximum)."""
+    anywhere), a scale that is not positive (the kernel scales the row maximum), or a ``torch.func``
+    transform (``vmap`` included: its compact permutations have no vmap rule) or forward-mode AD."""
     from .selection import _has_text, _may_have_full_rows
 
     if _has_text(layout):

@@ -135,7 +135,7 @@ def block_sparse_bwd(grad_out, q, k, v, lse, delta, dq, dk, dv, q_slots, kv_slot
 
 
 def pool_tiles(q, k, slots, counts, q_mean, k_mean):
-    """Fill ``q_mean``, ``k_mean`` (fp32 contiguous ``[B, H, M, D]``) with the tile means of
+    """Fill ``q_mean``, ``k_mean`` (contiguous, fp32 or fp64 ``[B, H, M, D]``) with the tile means of
     ``q``, ``k`` (``[B, H, L, D]``, unit feature stride); ``slots`` int32 ``[M * block]``."""
     from kernel_templates.selection_kernels import pool_tiles_kernel
 
@@ -159,7 +159,7 @@ def pool_warps(block: int) -> int:
 
 def compact_pool(q, k, slots, counts, tile_offsets, q_compact, k_compact, q_mean, k_mean):
     """Fill ``q_compact``, ``k_compact`` (contiguous ``[B, H, L, D]``, compact tile-major rows) and
-    ``q_mean``, ``k_mean`` (fp32 contiguous ``[B, H, M, D]``) from ``q``, ``k`` (``[B, H, L, D]``,
+    ``q_mean``, ``k_mean`` (contiguous, fp32 or fp64 ``[B, H, M, D]``) from ``q``, ``k`` (``[B, H, L, D]``,
     sequence order, unit feature stride) in one pass; ``slots`` int32 ``[M * block]``."""
     from kernel_templates.selection_kernels import compact_pool_kernel
 
